@@ -1,0 +1,49 @@
+"""Regenerate the Python code for protos/ into service/.
+
+The proto path equals the Python package path (protos/nexus/v1 -> nexus.v1), so
+the generated absolute imports work from a checkout and from an installed wheel.
+The output is committed; CI regenerates it and fails on any difference.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_ROOT = ROOT / "protos"
+OUT = ROOT / "service"
+GENERATED_PACKAGE = OUT / "nexus" / "v1"
+
+
+def main() -> int:
+    from grpc_tools import protoc  # imported here: a dev-only dependency
+
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "nexus" / "v1").glob("*.proto"))
+    for stale in GENERATED_PACKAGE.glob("*_pb2*"):
+        stale.unlink()
+    include = Path(protoc.__file__).parent / "_proto"
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{include}",
+        f"--python_out={OUT}",
+        f"--grpc_python_out={OUT}",
+        f"--mypy_out={OUT}",
+        f"--mypy_grpc_out={OUT}",
+        f"--plugin=protoc-gen-mypy={shutil.which('protoc-gen-mypy')}",
+        f"--plugin=protoc-gen-mypy_grpc={shutil.which('protoc-gen-mypy_grpc')}",
+        *protos,
+    ]
+    status = protoc.main(args)
+    if status != 0:
+        return status
+    (GENERATED_PACKAGE / "__init__.py").write_text('"""Generated protobuf and gRPC code for nexus.v1 (see scripts/gen_protos.py)."""\n')
+    (GENERATED_PACKAGE / "py.typed").touch()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Settings of a Nexus process.
+
+Every setting has a documented default, an environment variable ``NEXUS_<NAME>``
+and a command-line flag ``--<name>`` (flags win over the environment). The
+field list below is the single source: the CLI builds its flags from it and the
+README's configuration table mirrors it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    """Per-user data directory: $XDG_DATA_HOME/nexus or ~/.local/share/nexus."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "nexus"
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = field(default="127.0.0.1", metadata={"help": "Address the gRPC server listens on."})
+    port: int = field(default=50051, metadata={"help": "gRPC port; 0 picks a free one."})
+    data_dir: Path = field(
+        default_factory=default_data_dir,
+        metadata={"help": "Directory of the embedded PostgreSQL and the generated JWT secret."},
+    )
+    database_url: str = field(
+        default="",
+        metadata={"help": "External PostgreSQL URL; when set, no embedded database is started."},
+    )
+    jwt_secret: str = field(
+        default="",
+        metadata={
+            "help": "HS256 secret for bearer tokens. Unset with the embedded database: generated into the "
+            "data directory."
+        },
+    )
+    jwt_public_key_file: str = field(
+        default="", metadata={"help": "PEM public key file; when set, RS256 tokens are accepted too."}
+    )
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus metrics port; 0 = off."})
+    pool_min_size: int = field(default=2, metadata={"help": "Database connections kept open."})
+    pool_max_size: int = field(default=16, metadata={"help": "Most database connections at once."})
+    statement_timeout_ms: int = field(
+        default=30_000,
+        metadata={"help": "Ceiling on any one database call; a shorter client deadline wins."},
+    )
+    slow_query_warn_ms: int = field(default=500, metadata={"help": "Log a warning for database calls slower than this."})
+    slow_query_error_ms: int = field(default=1000, metadata={"help": "Log an error for database calls slower than this."})
+    shutdown_grace_s: float = field(
+        default=10.0, metadata={"help": "Seconds in-flight calls may take to finish after SIGTERM/SIGINT."}
+    )
+    tls_cert_file: str = field(default="", metadata={"help": "PEM certificate chain; with tls_key_file enables TLS."})
+    tls_key_file: str = field(default="", metadata={"help": "PEM private key of tls_cert_file."})
+    tls_client_ca_file: str = field(
+        default="", metadata={"help": "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."}
+    )
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error."})
+
+    @property
+    def embedded(self) -> bool:
+        return not self.database_url
+
+    @property
+    def listen_address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def validate(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if not 0 < self.pool_min_size <= self.pool_max_size:
+            raise ValueError("need 0 < pool_min_size <= pool_max_size")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ValueError("log_level must be debug, info, warning or error")
+
+
+def env_var(name: str) -> str:
+    return f"NEXUS_{name.upper()}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per Config field; the environment supplies the defaults."""
+    for f in dataclasses.fields(Config):
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{f.metadata['help']} [env {env_var(f.name)}]",
+        )
+
+
+def from_sources(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Builds a Config from flags, then environment variables, then defaults."""
+    environ = dict(os.environ) if environ is None else environ
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(Config):
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None:
+            raw = environ.get(env_var(f.name))
+        if raw is None or raw == "":
+            continue
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "int":
+            values[f.name] = int(raw)
+        elif kind == "float":
+            values[f.name] = float(raw)
+        elif kind == "Path":
+            values[f.name] = Path(raw).expanduser()
+        else:
+            values[f.name] = raw
+    config = Config(**values)  # type: ignore[arg-type]
+    config.validate()
+    return config

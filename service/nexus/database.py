@@ -1,0 +1,105 @@
+"""Access to PostgreSQL: the connection pool and the one way the service calls it.
+
+Every RPC makes one call through ``Database``: the caller's deadline bounds it
+(asyncpg cancels the statement server-side when the time is up, so an expired
+call leaves nothing running), slow calls are logged, and any database error is
+translated into a ``NexusError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from nexus import errors
+
+log = logging.getLogger("nexus.database")
+
+# Monotonic time by which the current RPC must finish; set by the interceptor.
+call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("call_deadline", default=None)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for json_type in ("json", "jsonb"):
+        await conn.set_type_codec(json_type, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:
+    """A single connection with the service's codecs (for migrations, tools, tests)."""
+    conn = await asyncpg.connect(url, **kwargs)
+    await _init_connection(conn)
+    return conn
+
+
+class Database:
+    """A pool plus the service's calling conventions."""
+
+    def __init__(self, pool: asyncpg.Pool, statement_timeout_ms: int, slow_warn_ms: int, slow_error_ms: int) -> None:
+        self.pool = pool
+        self._ceiling_s = statement_timeout_ms / 1000
+        self._slow_warn_s = slow_warn_ms / 1000
+        self._slow_error_s = slow_error_ms / 1000
+
+    @classmethod
+    async def open(
+        cls, url: str, *, min_size: int, max_size: int, statement_timeout_ms: int, slow_warn_ms: int, slow_error_ms: int
+    ) -> Database:
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            # A server-side ceiling as well, in case the client side never gets to cancel.
+            server_settings={"statement_timeout": str(statement_timeout_ms), "application_name": "nexus"},
+        )
+        return cls(pool, statement_timeout_ms, slow_warn_ms, slow_error_ms)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    def _timeout(self) -> float:
+        deadline = call_deadline.get()
+        if deadline is None:
+            return self._ceiling_s
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise errors.DeadlineExceeded()
+        return min(remaining, self._ceiling_s)
+
+    async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._call(name, "fetch", query, args)
+
+    async def fetchrow(self, name: str, query: str, *args: Any) -> asyncpg.Record | None:
+        return await self._call(name, "fetchrow", query, args)
+
+    async def execute(self, name: str, query: str, *args: Any) -> str:
+        return await self._call(name, "execute", query, args)
+
+    async def _call(self, name: str, method: str, query: str, args: Sequence[Any]) -> Any:
+        timeout = self._timeout()
+        started = time.perf_counter()
+        try:
+            async with self.pool.acquire(timeout=timeout) as conn:
+                return await getattr(conn, method)(query, *args, timeout=max(timeout - (time.perf_counter() - started), 0.001))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+            raise errors.from_database(exc) from exc
+        finally:
+            elapsed = time.perf_counter() - started
+            if elapsed >= self._slow_warn_s:
+                level = logging.ERROR if elapsed >= self._slow_error_s else logging.WARNING
+                log.log(level, "event=slow_query query=%s duration_ms=%.1f", name, elapsed * 1000)
+
+    async def ping(self) -> None:
+        """Raises Unavailable unless a connection answers within two seconds."""
+        try:
+            async with self.pool.acquire(timeout=2) as conn:
+                await conn.fetchval("SELECT 1", timeout=2)
+        except Exception as exc:  # any failure to reach the database means "not serving"
+            raise errors.Unavailable() from exc

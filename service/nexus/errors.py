@@ -1,0 +1,174 @@
+"""Errors a call can end with, and the one place that maps them to gRPC.
+
+Servicers raise these; database errors are translated by ``from_database``;
+the interceptor turns any of them into a ``google.rpc.Status`` with rich details::
+
+    NexusError                      (INTERNAL unless a subclass says otherwise)
+    ├── InvalidArgument             INVALID_ARGUMENT + BadRequest(field)
+    ├── NotFound                    NOT_FOUND + ResourceInfo
+    ├── AlreadyExists               ALREADY_EXISTS
+    ├── Unauthenticated             UNAUTHENTICATED
+    ├── PermissionDenied            PERMISSION_DENIED
+    ├── FailedPrecondition          FAILED_PRECONDITION + PreconditionFailure(type)
+    ├── Unavailable                 UNAVAILABLE
+    └── DeadlineExceeded            DEADLINE_EXCEEDED
+
+Custom SQLSTATEs raised by the stored functions (see db/0001_interactions.sql):
+NX400 invalid argument, NX403 permission denied, NX404 not found,
+NX409 already exists, NX412 failed precondition (DETAIL = precondition type).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+
+log = logging.getLogger("nexus.errors")
+
+
+class NexusError(Exception):
+    """An unexpected failure."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+        self.message = message or (self.__doc__ or "").strip()
+
+    def details(self) -> list[any_pb2.Any]:
+        return []
+
+
+class InvalidArgument(NexusError):
+    """A request field is invalid."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+    def details(self) -> list[any_pb2.Any]:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.description)]
+        )
+        return [_pack(bad_request)]
+
+
+class NotFound(NexusError):
+    """The thing asked for does not exist, or the caller may not see it."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+    def details(self) -> list[any_pb2.Any]:
+        return [_pack(error_details_pb2.ResourceInfo(resource_name=self.field, description=self.message))]
+
+
+class AlreadyExists(NexusError):
+    """A request_id was already used with different arguments."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Unauthenticated(NexusError):
+    """The call carries no valid bearer token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(NexusError):
+    """The caller may not act as that user, or on that thing."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class FailedPrecondition(NexusError):
+    """The system is not in a state that allows the call."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, violation_type: str, message: str) -> None:
+        super().__init__(message)
+        self.violation_type = violation_type
+
+    def details(self) -> list[any_pb2.Any]:
+        failure = error_details_pb2.PreconditionFailure(
+            violations=[error_details_pb2.PreconditionFailure.Violation(type=self.violation_type, description=self.message)]
+        )
+        return [_pack(failure)]
+
+
+class Unavailable(NexusError):
+    """The database cannot be reached; retry with backoff."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(NexusError):
+    """The call's deadline passed before the database work finished; nothing was committed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+# SQLSTATE classes meaning "the database is not there right now".
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53")
+
+
+def from_database(exc: BaseException) -> NexusError:
+    """Translates an asyncpg / connection error into a NexusError."""
+    if isinstance(exc, NexusError):
+        return exc
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return DeadlineExceeded()
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = exc.sqlstate or ""
+        message = getattr(exc, "message", str(exc))
+        field = getattr(exc, "column_name", None) or ""
+        if sqlstate == "NX400":
+            return InvalidArgument(field, message)
+        if sqlstate == "NX403":
+            return PermissionDenied(message)
+        if sqlstate == "NX404":
+            return NotFound(message, field)
+        if sqlstate == "NX409" or sqlstate == "23505":
+            return AlreadyExists(message if sqlstate == "NX409" else "request_id was already used with different arguments")
+        if sqlstate == "NX412":
+            return FailedPrecondition(getattr(exc, "detail", None) or "FAILED_PRECONDITION", message)
+        if sqlstate == "57014":  # query_canceled: statement_timeout
+            return DeadlineExceeded()
+        if sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
+            return Unavailable()
+        log.error("event=unexpected_database_error sqlstate=%s error=%r", sqlstate, exc)
+        return NexusError(f"database error {sqlstate}")
+    if isinstance(exc, OSError | asyncpg.ConnectionDoesNotExistError):
+        return Unavailable()
+    log.error("event=unexpected_database_error error=%r", exc)
+    return NexusError()
+
+
+def to_status(error: NexusError) -> grpc.Status:
+    """The google.rpc.Status of an error, ready for ``context.abort_with_status``."""
+    from grpc_status import rpc_status
+
+    status = status_pb2.Status(code=_CODE_NUMBERS[error.code], message=error.message, details=error.details())
+    return rpc_status.to_status(status)
+
+
+_CODE_NUMBERS = {code: getattr(code_pb2, code.name) for code in grpc.StatusCode}

@@ -1,0 +1,144 @@
+"""The server interceptor every RPC passes through.
+
+For each call it: authenticates the bearer token (health and reflection are
+public), makes the caller's deadline visible to the database layer, turns any
+error into a google.rpc.Status with rich details (errors.to_status, the one
+mapping), and writes one structured log line plus metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from nexus import errors
+from nexus.auth import Authenticator, Principal, current_principal
+from nexus.database import call_deadline
+from nexus.metrics import RPC_CALLS, RPC_LATENCY
+
+log = logging.getLogger("nexus.rpc")
+
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+class RpcInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._authenticator = authenticator
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        public = method.startswith(PUBLIC_PREFIXES)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, public, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._server_stream(method, public, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # reflection's bidirectional stream: public, passed through
+
+    def _begin(self, public: bool, context: grpc.aio.ServicerContext) -> Principal | None:
+        principal = None
+        if not public:
+            principal = self._authenticator.authenticate(_authorization(context))
+            current_principal.set(principal)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            call_deadline.set(time.monotonic() + remaining)
+        return principal
+
+    def _unary(self, method: str, public: bool, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            principal = None
+            code = grpc.StatusCode.OK
+            try:
+                principal = self._begin(public, context)
+                return await behavior(request, context)
+            except BaseException as exc:
+                code, status = _failure(method, exc)
+                if status is None:
+                    raise
+                await context.abort_with_status(status)
+            finally:
+                _observe(method, code, time.perf_counter() - started, principal)
+
+        return handle
+
+    def _server_stream(
+        self, method: str, public: bool, behavior: Callable[..., AsyncIterator[Any]]
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            principal = None
+            code = grpc.StatusCode.OK
+            try:
+                principal = self._begin(public, context)
+                async for response in behavior(request, context):
+                    yield response
+            except BaseException as exc:
+                code, status = _failure(method, exc)
+                if status is None:
+                    raise
+                await context.abort_with_status(status)
+            finally:
+                _observe(method, code, time.perf_counter() - started, principal)
+
+        return handle
+
+
+def _failure(method: str, exc: BaseException) -> tuple[grpc.StatusCode, grpc.Status | None]:
+    """The status code to record, and the status to send (None: let it propagate)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED, None
+    if isinstance(exc, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN, None
+    if not isinstance(exc, errors.NexusError):
+        log.exception("event=rpc_internal_error method=%s", method)
+        exc = errors.NexusError()
+    return exc.code, errors.to_status(exc)
+
+
+def _observe(method: str, code: grpc.StatusCode, elapsed: float, principal: Principal | None) -> None:
+    RPC_CALLS.labels(method, code.name).inc()
+    RPC_LATENCY.labels(method).observe(elapsed)
+    if log.isEnabledFor(logging.INFO):
+        user = principal.subject if principal else "-"
+        service = principal.is_service if principal else False
+        log.info(
+            "event=rpc method=%s code=%s duration_ms=%.2f user=%s service=%s",
+            method, code.name, elapsed * 1000, user, service,
+        )

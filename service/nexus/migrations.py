@@ -1,0 +1,75 @@
+"""Schema migrations: the ordered ``NNNN_name.sql`` files of ``db/``.
+
+Each file is applied once, in its own transaction, and recorded with its
+SHA-256; an applied file whose content has since changed is an error, not a
+silent skip. A session advisory lock serialises migrators, so replicas that
+start together apply each file exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+
+log = logging.getLogger("nexus.migrations")
+
+# Arbitrary, fixed: the advisory lock key every Nexus migrator takes.
+MIGRATION_LOCK_KEY = 7_160_813_371_205
+
+
+class MigrationError(Exception):
+    """The database's migration history does not match the migration files."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations() -> list[Migration]:
+    files = resources.files("nexus.schema")
+    names = sorted(f.name for f in files.iterdir() if f.name.endswith(".sql"))
+    return [Migration(name, files.joinpath(name).read_text(encoding="utf-8")) for name in names]
+
+
+async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[str]:
+    """Applies pending migrations; returns the names applied (none: already up to date)."""
+    migrations = load_migrations() if migrations is None else migrations
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   name text PRIMARY KEY,
+                   checksum text NOT NULL,
+                   applied_time timestamptz NOT NULL DEFAULT now())"""
+        )
+        applied = {r["name"]: r["checksum"] for r in await conn.fetch("SELECT name, checksum FROM schema_migrations")}
+        newly_applied = []
+        for migration in migrations:
+            if migration.name in applied:
+                if applied[migration.name] != migration.checksum:
+                    raise MigrationError(
+                        f"migration {migration.name} was edited after it was applied "
+                        f"(recorded sha256 {applied[migration.name][:12]}…, file {migration.checksum[:12]}…); "
+                        "add a new migration instead"
+                    )
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (name, checksum) VALUES ($1, $2)", migration.name, migration.checksum
+                )
+            log.info("event=migration_applied name=%s", migration.name)
+            newly_applied.append(migration.name)
+        return newly_applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)

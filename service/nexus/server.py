@@ -1,0 +1,153 @@
+"""A running Nexus process: database, migrations, gRPC server, health, metrics.
+
+Start order: database (embedded or external) → migrations → pool → gRPC server
+→ health SERVING. Stop order is the reverse, with health NOT_SERVING first and
+in-flight calls given the grace period to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nexus import database, embedded, migrations
+from nexus.auth import Authenticator, load_or_create_secret
+from nexus.config import Config
+from nexus.interceptor import RpcInterceptor
+from nexus.metrics import serve_metrics
+from nexus.pagination import PageTokens
+from nexus.servicers.interaction import InteractionServicer
+from nexus.v1 import interaction_pb2, interaction_pb2_grpc
+
+log = logging.getLogger("nexus.server")
+
+SERVICE_NAMES = (interaction_pb2.DESCRIPTOR.services_by_name["InteractionService"].full_name,)
+HEALTH_PROBE_INTERVAL_S = 1.0
+
+
+def resolve_secret(config: Config) -> str:
+    """The HS256 secret: configured, or generated into the embedded data directory."""
+    if config.jwt_secret:
+        return config.jwt_secret
+    if config.embedded:
+        return load_or_create_secret(config.data_dir)
+    return ""
+
+
+def make_authenticator(config: Config) -> Authenticator:
+    public_key = Path(config.jwt_public_key_file).read_text() if config.jwt_public_key_file else None
+    return Authenticator(resolve_secret(config), public_key)
+
+
+class NexusServer:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.port = 0
+        self._embedded: embedded.EmbeddedPostgres | None = None
+        self._db: database.Database | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._probe: asyncio.Task[None] | None = None
+        self._stop_metrics: Callable[[], None] | None = None
+
+    @property
+    def database_url(self) -> str:
+        return self._embedded.url if self._embedded else self.config.database_url
+
+    async def start(self) -> None:
+        config = self.config
+        authenticator = make_authenticator(config)
+        if config.embedded:
+            self._embedded = await asyncio.to_thread(embedded.EmbeddedPostgres.start, config.data_dir)
+        conn = await database.connect(self.database_url)
+        try:
+            await migrations.migrate(conn)
+        finally:
+            await conn.close()
+        self._db = await database.Database.open(
+            self.database_url,
+            min_size=config.pool_min_size,
+            max_size=config.pool_max_size,
+            statement_timeout_ms=config.statement_timeout_ms,
+            slow_warn_ms=config.slow_query_warn_ms,
+            slow_error_ms=config.slow_query_error_ms,
+        )
+        token_key = (resolve_secret(config) or config.jwt_public_key_file).encode()
+        page_tokens = PageTokens(token_key)
+
+        server = grpc.aio.server(interceptors=[RpcInterceptor(authenticator)])
+        interaction_pb2_grpc.add_InteractionServiceServicer_to_server(InteractionServicer(self._db, page_tokens), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.port = self._bind(server)
+        await server.start()
+        self._server = server
+        if config.metrics_port:
+            db = self._db
+            self._stop_metrics = serve_metrics(config.host, config.metrics_port, lambda: db.pool)
+        await self._set_health(serving=True)
+        self._probe = asyncio.create_task(self._probe_database())
+        log.info("event=serving address=%s port=%d embedded=%s", config.host, self.port, config.embedded)
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        config = self.config
+        if not config.tls_cert_file:
+            return server.add_insecure_port(config.listen_address)
+        credentials = grpc.ssl_server_credentials(
+            [(Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes())],
+            root_certificates=Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None,
+            require_client_auth=bool(config.tls_client_ca_file),
+        )
+        return server.add_secure_port(config.listen_address, credentials)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, status)
+
+    async def _probe_database(self) -> None:
+        """Keeps health in step with the database: NOT_SERVING while it is unreachable."""
+        assert self._db is not None
+        serving = True
+        while True:
+            await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
+            try:
+                await self._db.ping()
+                healthy = True
+            except Exception:
+                healthy = False
+            if healthy != serving:
+                serving = healthy
+                await self._set_health(serving)
+                log.warning("event=database_health serving=%s", serving)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, then lets in-flight calls finish within the grace period."""
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._stop_metrics is not None:
+            self._stop_metrics()
+        if self._db is not None:
+            await self._db.close()
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
+        log.info("event=stopped")
+
+    async def wait_for_termination(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()

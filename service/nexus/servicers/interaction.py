@@ -1,0 +1,289 @@
+"""nexus.v1.InteractionService."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+import grpc
+
+from nexus import queries, validation
+from nexus.auth import current_principal
+from nexus.database import Database
+from nexus.errors import InvalidArgument
+from nexus.pagination import PageTokens, position_timestamp, timestamp_position
+from nexus.v1 import interaction_pb2 as pb
+from nexus.v1 import interaction_pb2_grpc
+
+PRIVACY_NAMES = {pb.PRIVACY_PUBLIC: "public", pb.PRIVACY_FOLLOWERS: "followers", pb.PRIVACY_PRIVATE: "private"}
+PRIVACY_VALUES = {name: value for value, name in PRIVACY_NAMES.items()}
+
+MAX_TITLE_CHARS = 300
+MAX_CONTENT_CHARS = 40_000
+MAX_NOTES_CHARS = 2000
+
+
+def counts_message(row: Mapping[str, Any], entry_id: str) -> pb.InteractionCounts:
+    return pb.InteractionCounts(
+        entry_id=entry_id,
+        resonance_count=row["resonance_count"],
+        amplification_count=row["amplification_count"],
+        branch_count=row["branch_count"],
+        share_count=row["share_count"],
+    )
+
+
+def entry_message(entry: Mapping[str, Any], counts: pb.InteractionCounts | None = None) -> pb.Entry:
+    entry_id = str(entry["entry_id"])
+    message = pb.Entry(
+        entry_id=entry_id,
+        author_id=entry["author_id"],
+        parent_entry_id=str(entry["parent_entry_id"] or ""),
+        root_entry_id=str(entry["root_entry_id"]),
+        depth=entry["depth"],
+        branch_order=entry["branch_order"],
+        type=entry["type"],
+        title=entry["title"],
+        content=entry["content"],
+        privacy=PRIVACY_VALUES[entry["privacy"]],
+        tags=entry["tags"],
+        counts=counts
+        or pb.InteractionCounts(entry_id=entry_id, branch_count=entry["branch_count"]),
+    )
+    message.metadata.update(entry["metadata"])
+    message.create_time.FromDatetime(entry["create_time"])
+    message.update_time.FromDatetime(entry["update_time"])
+    return message
+
+
+def interaction_message(row: Mapping[str, Any]) -> pb.Interaction:
+    message = pb.Interaction(user_id=row["user_id"], target_id=row["target_id"], action=row["action"], notes=row["notes"])
+    message.update_time.FromDatetime(row["update_time"])
+    message.create_time.FromDatetime(row["create_time"])
+    return message
+
+
+class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
+    def __init__(self, db: Database, page_tokens: PageTokens) -> None:
+        self._db = db
+        self._tokens = page_tokens
+
+    async def _create_entry(self, request: pb.CreateEntryRequest | pb.CreateBranchRequest, parent: Any) -> pb.Entry:
+        author_id = validation.user_id(request.author_id, "author_id")
+        current_principal.get().require_acting_as(author_id, "author_id")
+        row = await self._db.fetchrow(
+            "create_entry",
+            queries.CREATE_ENTRY,
+            author_id,
+            parent,
+            validation.word(request.type, "type"),
+            validation.text(request.title, "title", MAX_TITLE_CHARS),
+            validation.text(request.content, "content", MAX_CONTENT_CHARS),
+            validation.enum_value(request.privacy, "privacy", PRIVACY_NAMES, default="public"),
+            validation.tags(request.tags),
+            validation.metadata(request.metadata),
+            validation.request_id(request.request_id, required=False),
+        )
+        assert row is not None
+        return entry_message(row)
+
+    async def CreateEntry(self, request: pb.CreateEntryRequest, context: grpc.aio.ServicerContext) -> pb.CreateEntryResponse:
+        return pb.CreateEntryResponse(entry=await self._create_entry(request, None))
+
+    async def CreateBranch(self, request: pb.CreateBranchRequest, context: grpc.aio.ServicerContext) -> pb.CreateBranchResponse:
+        parent = validation.entry_id(request.parent_entry_id, "parent_entry_id")
+        return pb.CreateBranchResponse(entry=await self._create_entry(request, parent))
+
+    async def GetEntries(self, request: pb.GetEntriesRequest, context: grpc.aio.ServicerContext) -> pb.GetEntriesResponse:
+        entry_ids = validation.entry_ids(request.entry_ids, "entry_ids")
+        principal = current_principal.get()
+        viewer = validation.optional_user_id(request.viewer_id, "viewer_id")
+        if viewer is not None:
+            principal.require_acting_as(viewer, "viewer_id")
+        rows = await self._db.fetch(
+            "get_entries", queries.GET_ENTRIES, entry_ids, viewer if viewer is not None else principal.viewer, viewer
+        )
+        response = pb.GetEntriesResponse()
+        for row in rows:
+            entry_id = str(row["entry_id"])
+            response.entries.append(entry_message(row, counts_message(row, entry_id)))
+            if viewer is not None:
+                response.states.append(
+                    pb.UserInteractionState(
+                        entry_id=entry_id, has_resonated=row["has_resonated"], has_amplified=row["has_amplified"]
+                    )
+                )
+        return response
+
+    async def DeleteEntry(self, request: pb.DeleteEntryRequest, context: grpc.aio.ServicerContext) -> pb.DeleteEntryResponse:
+        user_id = validation.user_id(request.user_id, "user_id")
+        entry_id = validation.entry_id(request.entry_id, "entry_id")
+        current_principal.get().require_acting_as(user_id, "user_id")
+        await self._db.execute("delete_entry", queries.DELETE_ENTRY, user_id, entry_id)
+        return pb.DeleteEntryResponse()
+
+    async def _react(self, kind: str, request: Any, on: bool | None) -> asyncpg.Record:
+        """Toggles (on=None) or sets a reaction; returns the reaction_outcome row."""
+        user_id = validation.user_id(request.user_id, "user_id")
+        entry_id = validation.entry_id(request.entry_id, "entry_id")
+        current_principal.get().require_acting_as(user_id, "user_id")
+        if on is None:
+            row = await self._db.fetchrow("toggle_reaction", queries.TOGGLE_REACTION, kind, user_id, entry_id)
+        else:
+            row = await self._db.fetchrow("set_reaction", queries.SET_REACTION, kind, user_id, entry_id, on)
+        assert row is not None
+        return row
+
+    async def ToggleResonance(
+        self, request: pb.ToggleResonanceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ToggleResonanceResponse:
+        row = await self._react("resonance", request, None)
+        return pb.ToggleResonanceResponse(resonated=row["state"], counts=counts_message(row, request.entry_id))
+
+    async def SetResonance(self, request: pb.SetResonanceRequest, context: grpc.aio.ServicerContext) -> pb.SetResonanceResponse:
+        row = await self._react("resonance", request, request.resonated)
+        return pb.SetResonanceResponse(
+            resonated=row["state"], changed=row["changed"], counts=counts_message(row, request.entry_id)
+        )
+
+    async def ToggleAmplification(
+        self, request: pb.ToggleAmplificationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ToggleAmplificationResponse:
+        row = await self._react("amplification", request, None)
+        return pb.ToggleAmplificationResponse(amplified=row["state"], counts=counts_message(row, request.entry_id))
+
+    async def SetAmplification(
+        self, request: pb.SetAmplificationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetAmplificationResponse:
+        row = await self._react("amplification", request, request.amplified)
+        return pb.SetAmplificationResponse(
+            amplified=row["state"], changed=row["changed"], counts=counts_message(row, request.entry_id)
+        )
+
+    async def RecordShare(self, request: pb.RecordShareRequest, context: grpc.aio.ServicerContext) -> pb.RecordShareResponse:
+        user_id = validation.user_id(request.user_id, "user_id")
+        entry_id = validation.entry_id(request.entry_id, "entry_id")
+        request_id = validation.request_id(request.request_id, required=True)
+        current_principal.get().require_acting_as(user_id, "user_id")
+        row = await self._db.fetchrow("record_share", queries.RECORD_SHARE, user_id, entry_id, request_id)
+        assert row is not None
+        return pb.RecordShareResponse(counts=counts_message(row, request.entry_id), recorded=row["changed"])
+
+    async def GetBranchTree(self, request: pb.GetBranchTreeRequest, context: grpc.aio.ServicerContext) -> pb.GetBranchTreeResponse:
+        entry_id = validation.entry_id(request.root_entry_id, "root_entry_id")
+        if request.max_depth < 0:
+            raise InvalidArgument("max_depth", "must not be negative")
+        limit = validation.page_size(request.page_size)
+        principal = current_principal.get()
+        viewer = validation.optional_user_id(request.viewer_id, "viewer_id")
+        if viewer is not None:
+            principal.require_acting_as(viewer, "viewer_id")
+        else:
+            viewer = principal.viewer
+        scope = f"tree:{entry_id}:{request.max_depth}:{viewer}"
+        after = self._tokens.decode(scope, request.page_token)
+        if after is not None and not all(isinstance(i, int) for i in after):
+            raise InvalidArgument("page_token", "not a page token issued by this service")
+        rows = await self._db.fetch(
+            "branch_tree", queries.BRANCH_TREE, entry_id, viewer, request.max_depth or None, after, limit + 1
+        )
+        response = pb.GetBranchTreeResponse(
+            nodes=[
+                pb.BranchNode(
+                    entry_id=str(r["entry_id"]),
+                    parent_entry_id=str(r["parent_entry_id"] or ""),
+                    depth=r["depth"],
+                    branch_order=r["branch_order"],
+                    deleted=r["deleted"],
+                )
+                for r in rows[:limit]
+            ]
+        )
+        if len(rows) > limit:
+            response.next_page_token = self._tokens.encode(scope, list(rows[limit - 1]["tree_path"]))
+        return response
+
+    async def GetInteractionCounts(
+        self, request: pb.GetInteractionCountsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetInteractionCountsResponse:
+        entry_ids = validation.entry_ids(request.entry_ids, "entry_ids")
+        rows = await self._db.fetch("entry_counts", queries.ENTRY_COUNTS, entry_ids, current_principal.get().viewer)
+        return pb.GetInteractionCountsResponse(counts=[counts_message(r, str(r["entry_id"])) for r in rows])
+
+    async def GetUserInteractionStates(
+        self, request: pb.GetUserInteractionStatesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetUserInteractionStatesResponse:
+        user_id = validation.user_id(request.user_id, "user_id")
+        entry_ids = validation.entry_ids(request.entry_ids, "entry_ids")
+        current_principal.get().require_acting_as(user_id, "user_id")
+        rows = await self._db.fetch("user_interaction_states", queries.USER_INTERACTION_STATES, user_id, entry_ids)
+        return pb.GetUserInteractionStatesResponse(
+            states=[
+                pb.UserInteractionState(
+                    entry_id=str(r["entry_id"]), has_resonated=r["has_resonated"], has_amplified=r["has_amplified"]
+                )
+                for r in rows
+            ]
+        )
+
+    async def ListResonators(
+        self, request: pb.ListResonatorsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListResonatorsResponse:
+        entry_id = validation.entry_id(request.entry_id, "entry_id")
+        limit = validation.page_size(request.page_size)
+        scope = f"resonators:{entry_id}"
+        after = self._tokens.decode(scope, request.page_token)
+        after_time, after_user = (position_timestamp(after[0]), str(after[1])) if after else (None, None)
+        rows = await self._db.fetch(
+            "list_reactors",
+            queries.LIST_REACTORS,
+            "resonance",
+            entry_id,
+            current_principal.get().viewer,
+            after_time,
+            after_user,
+            limit + 1,
+        )
+        response = pb.ListResonatorsResponse(user_ids=[r["user_id"] for r in rows[:limit]])
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            response.next_page_token = self._tokens.encode(scope, [timestamp_position(last["create_time"]), last["user_id"]])
+        return response
+
+    async def RecordInteraction(
+        self, request: pb.RecordInteractionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordInteractionResponse:
+        user_id = validation.user_id(request.user_id, "user_id")
+        target_id = validation.opaque_id(request.target_id, "target_id")
+        action = validation.word(request.action, "action")
+        notes = validation.text(request.notes, "notes", MAX_NOTES_CHARS)
+        current_principal.get().require_acting_as(user_id, "user_id")
+        row = await self._db.fetchrow(
+            "record_interaction", queries.RECORD_INTERACTION, user_id, target_id, action, notes
+        )
+        assert row is not None
+        return pb.RecordInteractionResponse(interaction=interaction_message(row), created=row["created"])
+
+    async def ListInteractions(
+        self, request: pb.ListInteractionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListInteractionsResponse:
+        user_id = validation.user_id(request.user_id, "user_id")
+        action = validation.word(request.action, "action", required=False)
+        limit = validation.page_size(request.page_size)
+        current_principal.get().require_acting_as(user_id, "user_id")
+        scope = f"interactions:{user_id}:{action or ''}"
+        after = self._tokens.decode(scope, request.page_token)
+        after_time, after_target = (position_timestamp(after[0]), str(after[1])) if after else (None, None)
+        rows = await self._db.fetch(
+            "list_interactions", queries.LIST_INTERACTIONS, user_id, action, after_time, after_target, limit + 1
+        )
+        response = pb.ListInteractionsResponse(interactions=[interaction_message(r) for r in rows[:limit]])
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            response.next_page_token = self._tokens.encode(
+                scope, [timestamp_position(last["update_time"]), last["target_id"]]
+            )
+        return response
+
+

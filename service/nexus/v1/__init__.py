@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for nexus.v1 (see scripts/gen_protos.py)."""

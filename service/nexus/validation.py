@@ -1,0 +1,123 @@
+"""Request validation: each check names the request field it rejects.
+
+Validation happens before any database call, so bad input writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+
+from google.protobuf import json_format, struct_pb2
+
+from nexus.errors import InvalidArgument
+
+USER_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+_UUID_PATTERN = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_WORD_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_REQUEST_ID_PATTERN = re.compile(r"[\x21-\x7e]{1,64}")
+
+MAX_BATCH = 1000
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+def user_id(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(field, "required")
+    if not USER_ID_PATTERN.fullmatch(value):
+        raise InvalidArgument(field, "must be 1-128 characters of [A-Za-z0-9_.:@-]")
+    return value
+
+
+def optional_user_id(value: str, field: str) -> str | None:
+    return user_id(value, field) if value else None
+
+
+def opaque_id(value: str, field: str) -> str:
+    """An id from another system (a grant, an entry ...): same alphabet as user ids."""
+    return user_id(value, field)
+
+
+def entry_id(value: str, field: str) -> uuid.UUID:
+    if not value:
+        raise InvalidArgument(field, "required")
+    if not _UUID_PATTERN.fullmatch(value):
+        raise InvalidArgument(field, "must be a UUID")
+    return uuid.UUID(value)
+
+
+def entry_ids(values: Sequence[str], field: str) -> list[uuid.UUID]:
+    """Up to 1000 UUIDs; duplicates collapse to their first occurrence."""
+    if len(values) > MAX_BATCH:
+        raise InvalidArgument(field, f"at most {MAX_BATCH} ids per call")
+    return list(dict.fromkeys(entry_id(v, f"{field}[{i}]") for i, v in enumerate(values)))
+
+
+def word(value: str, field: str, *, required: bool = True) -> str | None:
+    """A short lowercase word: 1-32 chars of [a-z0-9_], starting with a letter."""
+    if not value:
+        if required:
+            raise InvalidArgument(field, "required")
+        return None
+    if not _WORD_PATTERN.fullmatch(value):
+        raise InvalidArgument(field, "must be 1-32 characters of [a-z0-9_] starting with a letter")
+    return value
+
+
+def text(value: str, field: str, max_chars: int) -> str:
+    if len(value) > max_chars:
+        raise InvalidArgument(field, f"at most {max_chars} characters")
+    if "\x00" in value:
+        raise InvalidArgument(field, "must not contain NUL characters")
+    return value
+
+
+def request_id(value: str, field: str = "request_id", *, required: bool) -> str | None:
+    if not value:
+        if required:
+            raise InvalidArgument(field, "required")
+        return None
+    if not _REQUEST_ID_PATTERN.fullmatch(value):
+        raise InvalidArgument(field, "must be 1-64 printable ASCII characters without spaces")
+    return value
+
+
+def tags(values: Iterable[str], field: str = "tags", *, max_tags: int = 32, max_chars: int = 64) -> list[str]:
+    """Distinct tags in first-seen order."""
+    unique = list(dict.fromkeys(values))
+    if len(unique) > max_tags:
+        raise InvalidArgument(field, f"at most {max_tags} tags")
+    for i, tag in enumerate(unique):
+        if not tag or len(tag) > max_chars or "\x00" in tag:
+            raise InvalidArgument(f"{field}[{i}]", f"must be 1-{max_chars} characters")
+    return unique
+
+
+def metadata(value: struct_pb2.Struct, field: str = "metadata", *, max_bytes: int = 16 * 1024) -> dict[str, object]:
+    """The Struct as a JSON object of at most max_bytes."""
+    as_dict: dict[str, object] = json_format.MessageToDict(value)
+    document = json.dumps(as_dict, separators=(",", ":"))
+    if len(document.encode()) > max_bytes:
+        raise InvalidArgument(field, f"at most {max_bytes // 1024} KiB as JSON")
+    if "\\u0000" in document:
+        raise InvalidArgument(field, "must not contain NUL characters")
+    return as_dict
+
+
+def enum_value(value: int, field: str, allowed: dict[int, str], *, default: str | None = None) -> str:
+    """Maps a proto enum number to its database name; 0 (UNSPECIFIED) takes the default."""
+    if value == 0 and default is not None:
+        return default
+    if value not in allowed:
+        raise InvalidArgument(field, f"unknown value {value}")
+    return allowed[value]
+
+
+def page_size(value: int, field: str = "page_size") -> int:
+    """0 means the default (50); above 1000 is coerced to 1000 (AIP-158)."""
+    if value < 0:
+        raise InvalidArgument(field, "must not be negative")
+    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)

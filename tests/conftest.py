@@ -1,0 +1,162 @@
+"""Test harness: a real PostgreSQL, a real Nexus server on port 0, real clients.
+
+The database is the embedded server (started once per session in a temporary
+directory) unless NEXUS_TEST_DATABASE_URL or NEXUS_DATABASE_URL names an
+external one. A template database is migrated once; each test gets its own
+copy (CREATE DATABASE ... TEMPLATE, tens of milliseconds) and its own server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+import pytest
+from grpc_status import rpc_status
+
+from nexus import database, embedded, migrations
+from nexus.auth import mint_token
+from nexus.config import Config
+from nexus.server import NexusServer
+from nexus.v1 import interaction_pb2_grpc
+
+JWT_SECRET = "test-secret-" + "x" * 32
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    external = os.environ.get("NEXUS_TEST_DATABASE_URL") or os.environ.get("NEXUS_DATABASE_URL")
+    if external:
+        yield external
+        return
+    data_dir = Path(tempfile.mkdtemp(prefix="nexus-test-pg-"))
+    pg = embedded.EmbeddedPostgres.start(data_dir)
+    try:
+        yield pg.url
+    finally:
+        pg.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def template_db(pg_admin_url: str) -> AsyncIterator[str]:
+    name = f"nexus_template_{os.getpid()}"
+    admin = await asyncpg.connect(pg_admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        conn = await database.connect(with_database(pg_admin_url, name))
+        try:
+            await migrations.migrate(conn)
+        finally:
+            await conn.close()
+        yield name
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+_db_numbers = itertools.count()
+
+
+@pytest.fixture
+async def db_url(pg_admin_url: str, template_db: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"nexus_test_{os.getpid()}_{next(_db_numbers)}"
+    admin = await asyncpg.connect(pg_admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        yield with_database(pg_admin_url, name)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to the test's database, for checking invariants."""
+    conn = await database.connect(db_url)
+    yield conn
+    await conn.close()
+
+
+def test_config(database_url: str, **overrides: object) -> Config:
+    values: dict[str, object] = dict(
+        database_url=database_url, port=0, jwt_secret=JWT_SECRET, pool_min_size=2, pool_max_size=16, log_level="warning"
+    )
+    values.update(overrides)
+    return Config(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def server(db_url: str) -> AsyncIterator[NexusServer]:
+    nexus = NexusServer(test_config(db_url))
+    await nexus.start()
+    yield nexus
+    await nexus.stop(grace=0)
+
+
+def token(subject: str, *, service: bool = False, ttl_s: int = 3600) -> str:
+    return mint_token(JWT_SECRET, subject, service=service, ttl_s=ttl_s)
+
+
+def auth(subject: str, *, service: bool = False) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token(subject, service=service)}"),)
+
+
+SERVICE = auth("backend", service=True)
+
+
+@dataclass
+class Clients:
+    channel: grpc.aio.Channel
+
+    @property
+    def interactions(self) -> interaction_pb2_grpc.InteractionServiceStub:
+        return interaction_pb2_grpc.InteractionServiceStub(self.channel)
+
+
+@pytest.fixture
+async def clients(server: NexusServer) -> AsyncIterator[Clients]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield Clients(channel)
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+async def rpc_error(call: object) -> grpc.aio.AioRpcError:
+    """Awaits a call that must fail; returns its error."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    return info.value
+
+
+def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    """The field names of the BadRequest detail of an INVALID_ARGUMENT error."""
+    from google.rpc import error_details_pb2
+
+    status = rpc_status.from_call(error)
+    assert status is not None, "no rich status details"
+    fields = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            fields.extend(v.field for v in bad_request.field_violations)
+    return fields
