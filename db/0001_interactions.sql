@@ -275,11 +275,11 @@ CREATE TYPE reaction_outcome AS (
     state boolean, changed boolean, resonance_count bigint, amplification_count bigint,
     branch_count bigint, share_count bigint);
 
-CREATE FUNCTION reaction_outcome(p_entry_id uuid, p_state boolean, p_changed boolean)
+CREATE FUNCTION reaction_outcome(e entries, p_state boolean, p_changed boolean)
 RETURNS reaction_outcome
 LANGUAGE sql STABLE AS $$
-    SELECT p_state, p_changed, c.resonance_count, c.amplification_count, c.branch_count, c.share_count
-    FROM entry_counts(ARRAY[p_entry_id], NULL) c
+    SELECT p_state, p_changed, c.resonance_count, c.amplification_count, e.branch_count, c.share_count
+    FROM counter_totals(e.entry_id) c
 $$;
 
 -- Sets a reaction on or off. INSERT ... ON CONFLICT waits for a concurrent
@@ -288,15 +288,16 @@ $$;
 CREATE FUNCTION set_reaction(p_kind reaction_kind, p_user_id text, p_entry_id uuid, p_on boolean)
 RETURNS reaction_outcome
 LANGUAGE plpgsql AS $$
+DECLARE
+    e entries := visible_entry(p_entry_id, p_user_id, 'entry_id');
 BEGIN
-    PERFORM visible_entry(p_entry_id, p_user_id, 'entry_id');
     IF p_on THEN
         INSERT INTO reactions (user_id, entry_id, kind) VALUES (p_user_id, p_entry_id, p_kind)
         ON CONFLICT DO NOTHING;
     ELSE
         DELETE FROM reactions WHERE user_id = p_user_id AND entry_id = p_entry_id AND kind = p_kind;
     END IF;
-    RETURN reaction_outcome(p_entry_id, p_on, FOUND);
+    RETURN reaction_outcome(e, p_on, FOUND);
 END $$;
 
 -- Flips a reaction. Linearizable per (user, entry, kind): an insert that finds
@@ -306,17 +307,18 @@ END $$;
 CREATE FUNCTION toggle_reaction(p_kind reaction_kind, p_user_id text, p_entry_id uuid)
 RETURNS reaction_outcome
 LANGUAGE plpgsql AS $$
+DECLARE
+    e entries := visible_entry(p_entry_id, p_user_id, 'entry_id');
 BEGIN
-    PERFORM visible_entry(p_entry_id, p_user_id, 'entry_id');
     LOOP
         INSERT INTO reactions (user_id, entry_id, kind) VALUES (p_user_id, p_entry_id, p_kind)
         ON CONFLICT DO NOTHING;
         IF FOUND THEN
-            RETURN reaction_outcome(p_entry_id, true, true);
+            RETURN reaction_outcome(e, true, true);
         END IF;
         DELETE FROM reactions WHERE user_id = p_user_id AND entry_id = p_entry_id AND kind = p_kind;
         IF FOUND THEN
-            RETURN reaction_outcome(p_entry_id, false, true);
+            RETURN reaction_outcome(e, false, true);
         END IF;
     END LOOP;
 END $$;
@@ -327,20 +329,20 @@ CREATE FUNCTION record_share(p_user_id text, p_entry_id uuid, p_request_id text)
 RETURNS reaction_outcome
 LANGUAGE plpgsql AS $$
 DECLARE
+    e            entries := visible_entry(p_entry_id, p_user_id, 'entry_id');
     shared_entry uuid;
 BEGIN
-    PERFORM visible_entry(p_entry_id, p_user_id, 'entry_id');
     INSERT INTO shares (user_id, request_id, entry_id) VALUES (p_user_id, p_request_id, p_entry_id)
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
-        RETURN reaction_outcome(p_entry_id, true, true);
+        RETURN reaction_outcome(e, true, true);
     END IF;
     SELECT entry_id INTO shared_entry FROM shares WHERE user_id = p_user_id AND request_id = p_request_id;
     IF shared_entry <> p_entry_id THEN
         RAISE EXCEPTION 'request_id % was already used for another entry', p_request_id
             USING ERRCODE = 'NX409', COLUMN = 'request_id';
     END IF;
-    RETURN reaction_outcome(p_entry_id, true, false);
+    RETURN reaction_outcome(e, true, false);
 END $$;
 
 -- Entries with counts and, when p_states_for is set, that user's states; in

@@ -1,4 +1,4 @@
-"""Regenerate the Python code for protos/ into service/.
+"""Regenerate the Python code for protos/ into service/ (or --out DIR).
 
 The proto path equals the Python package path (protos/nexus/v1 -> nexus.v1), so
 the generated absolute imports work from a checkout and from an installed wheel.
@@ -7,6 +7,7 @@ The output is committed; CI regenerates it and fails on any difference.
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -15,24 +16,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 OUT = ROOT / "service"
-GENERATED_PACKAGE = OUT / "nexus" / "v1"
 
 
-def main() -> int:
+def generate(out: Path) -> int:
     from grpc_tools import protoc  # imported here: a dev-only dependency
 
+    package = out / "nexus" / "v1"
+    package.mkdir(parents=True, exist_ok=True)
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "nexus" / "v1").glob("*.proto"))
-    for stale in GENERATED_PACKAGE.glob("*_pb2*"):
+    for stale in package.glob("*_pb2*"):
         stale.unlink()
     include = Path(protoc.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
-        f"--python_out={OUT}",
-        f"--grpc_python_out={OUT}",
-        f"--mypy_out={OUT}",
-        f"--mypy_grpc_out={OUT}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        f"--mypy_out={out}",
+        f"--mypy_grpc_out={out}",
         f"--plugin=protoc-gen-mypy={shutil.which('protoc-gen-mypy')}",
         f"--plugin=protoc-gen-mypy_grpc={shutil.which('protoc-gen-mypy_grpc')}",
         *protos,
@@ -40,10 +42,12 @@ def main() -> int:
     status = protoc.main(args)
     if status != 0:
         return status
-    (GENERATED_PACKAGE / "__init__.py").write_text('"""Generated protobuf and gRPC code for nexus.v1 (see scripts/gen_protos.py)."""\n')
-    (GENERATED_PACKAGE / "py.typed").touch()
+    (package / "__init__.py").write_text('"""Generated protobuf and gRPC code for nexus.v1 (see scripts/gen_protos.py)."""\n')
+    (package / "py.typed").touch()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=OUT, help="Output root (default: service/).")
+    sys.exit(generate(parser.parse_args().out))

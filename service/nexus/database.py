@@ -31,6 +31,12 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(json_type, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release hook. The default reset costs a round trip per call; pooled
+    connections here never hold session state (no SET, LISTEN, cursors or
+    session advisory locks), so there is nothing to reset."""
+
+
 async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:
     """A single connection with the service's codecs (for migrations, tools, tests)."""
     conn = await asyncpg.connect(url, **kwargs)
@@ -56,6 +62,7 @@ class Database:
             min_size=min_size,
             max_size=max_size,
             init=_init_connection,
+            reset=_keep_session,
             # A server-side ceiling as well, in case the client side never gets to cancel.
             server_settings={"statement_timeout": str(statement_timeout_ms), "application_name": "nexus"},
         )
@@ -86,7 +93,9 @@ class Database:
         timeout = self._timeout()
         started = time.perf_counter()
         try:
-            async with self.pool.acquire(timeout=timeout) as conn:
+            # No timeout on acquire (it would spawn a task per call): a call
+            # waiting for a connection past its deadline is cancelled by gRPC.
+            async with self.pool.acquire() as conn:
                 return await getattr(conn, method)(query, *args, timeout=max(timeout - (time.perf_counter() - started), 0.001))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
             raise errors.from_database(exc) from exc

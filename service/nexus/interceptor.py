@@ -9,6 +9,7 @@ mapping), and writes one structured log line plus metrics.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -132,9 +133,19 @@ def _failure(method: str, exc: BaseException) -> tuple[grpc.StatusCode, grpc.Sta
     return exc.code, errors.to_status(exc)
 
 
+@functools.cache
+def _call_counter(method: str, code: grpc.StatusCode) -> Any:
+    return RPC_CALLS.labels(method, code.name)
+
+
+@functools.cache
+def _latency_histogram(method: str) -> Any:
+    return RPC_LATENCY.labels(method)
+
+
 def _observe(method: str, code: grpc.StatusCode, elapsed: float, principal: Principal | None) -> None:
-    RPC_CALLS.labels(method, code.name).inc()
-    RPC_LATENCY.labels(method).observe(elapsed)
+    _call_counter(method, code).inc()
+    _latency_histogram(method).observe(elapsed)
     if log.isEnabledFor(logging.INFO):
         user = principal.subject if principal else "-"
         service = principal.is_service if principal else False

@@ -1,0 +1,30 @@
+# One command each: `make serve` sets up and runs the service on the embedded
+# database; `make test` sets up and runs the tests. Both need only Python 3.11.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup serve test bench protos lint
+
+$(BIN)/nexus: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/nexus
+
+serve: setup
+	$(BIN)/nexus serve
+
+test: setup
+	$(BIN)/pytest
+
+bench: setup
+	bash bench/run.sh
+
+protos: setup
+	$(BIN)/python scripts/gen_protos.py
+
+lint: setup
+	$(BIN)/buf lint

@@ -1,0 +1,73 @@
+"""``nexus seed``: a small demo world, created through the running server's RPCs.
+
+Users alice, bob, carol and dave; a few entries with a reply tree; likes,
+amplifications, a share and saved/applied states. Request ids make it safe to
+run twice: the second run changes nothing.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from nexus.auth import mint_token
+from nexus.config import Config
+from nexus.server import resolve_secret
+from nexus.v1 import interaction_pb2 as pb
+from nexus.v1 import interaction_pb2_grpc
+
+USERS = ("alice", "bob", "carol", "dave")
+
+ENTRIES = (
+    ("alice", "logbook", "First light", "Started the observatory log today.", pb.PRIVACY_PUBLIC, ["astronomy"]),
+    ("bob", "dream", "Glass city", "A city of glass under a green sky.", pb.PRIVACY_PUBLIC, ["dreams"]),
+    ("carol", "logbook", "Private notes", "Only for me.", pb.PRIVACY_PRIVATE, []),
+)
+
+# (author, index of the parent among created entries, content)
+REPLIES = (
+    ("bob", 0, "Which telescope?"),
+    ("alice", 3, "A 200 mm Dobsonian."),
+    ("carol", 0, "Clear skies!"),
+    ("dave", 1, "I had the same dream."),
+)
+
+
+async def seed(config: Config) -> int:
+    secret = resolve_secret(config)
+    if not secret:
+        print("seed needs the server's HS256 secret (NEXUS_JWT_SECRET)")
+        return 2
+    metadata = (("authorization", f"Bearer {mint_token(secret, 'seed', service=True)}"),)
+    async with grpc.aio.insecure_channel(f"{config.host}:{config.port}") as channel:
+        stub = interaction_pb2_grpc.InteractionServiceStub(channel)
+        entries: list[pb.Entry] = []
+        for i, (author, kind, title, content, privacy, tags) in enumerate(ENTRIES):
+            request = pb.CreateEntryRequest(
+                author_id=author, type=kind, title=title, content=content, privacy=privacy, tags=tags,
+                request_id=f"seed-entry-{i}",
+            )
+            entries.append((await stub.CreateEntry(request, metadata=metadata)).entry)
+        for i, (author, parent, content) in enumerate(REPLIES):
+            request = pb.CreateBranchRequest(
+                author_id=author, parent_entry_id=entries[parent].entry_id, type="reply", content=content,
+                request_id=f"seed-reply-{i}",
+            )
+            entries.append((await stub.CreateBranch(request, metadata=metadata)).entry)
+        public = [e for e in entries if e.privacy == pb.PRIVACY_PUBLIC]
+        for user in USERS:
+            for entry in public[: len(user)]:
+                await stub.SetResonance(
+                    pb.SetResonanceRequest(user_id=user, entry_id=entry.entry_id, resonated=True), metadata=metadata
+                )
+        await stub.SetAmplification(
+            pb.SetAmplificationRequest(user_id="carol", entry_id=entries[1].entry_id, amplified=True), metadata=metadata
+        )
+        await stub.RecordShare(
+            pb.RecordShareRequest(user_id="dave", entry_id=entries[0].entry_id, request_id="seed-share-0"), metadata=metadata
+        )
+        for user, target, action in (("alice", "grant-42", "saved"), ("bob", "grant-42", "applied")):
+            await stub.RecordInteraction(
+                pb.RecordInteractionRequest(user_id=user, target_id=target, action=action), metadata=metadata
+            )
+    print(f"seeded {len(entries)} entries for users {', '.join(USERS)}; root entry: {entries[0].entry_id}")
+    return 0

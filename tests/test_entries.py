@@ -1,0 +1,471 @@
+"""Entries and their branch trees: CreateEntry, CreateBranch, GetBranchTree,
+GetEntries and DeleteEntry, including retries and concurrent branching."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from conftest import SERVICE, Clients, auth, bad_request_fields, new_uuid, rpc_error
+from nexus.v1 import interaction_pb2 as pb
+
+
+def struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(value)
+    return message
+
+
+async def create_entry(clients: Clients, author: str = "alice", **fields: Any) -> pb.Entry:
+    fields.setdefault("type", "post")
+    request = pb.CreateEntryRequest(author_id=author, **fields)
+    return (await clients.interactions.CreateEntry(request, metadata=auth(author))).entry
+
+
+async def create_branch(clients: Clients, parent_id: str, author: str = "alice", **fields: Any) -> pb.Entry:
+    fields.setdefault("type", "reply")
+    request = pb.CreateBranchRequest(author_id=author, parent_entry_id=parent_id, **fields)
+    return (await clients.interactions.CreateBranch(request, metadata=auth(author))).entry
+
+
+async def delete_entry(clients: Clients, entry_id: str, user: str = "alice", metadata: Any = None) -> None:
+    request = pb.DeleteEntryRequest(user_id=user, entry_id=entry_id)
+    await clients.interactions.DeleteEntry(request, metadata=metadata or auth(user))
+
+
+async def get_entries(
+    clients: Clients, entry_ids: list[str], metadata: Any = SERVICE, viewer_id: str = ""
+) -> pb.GetEntriesResponse:
+    request = pb.GetEntriesRequest(entry_ids=entry_ids, viewer_id=viewer_id)
+    return await clients.interactions.GetEntries(request, metadata=metadata)
+
+
+async def branch_count(clients: Clients, entry_id: str) -> int:
+    (entry,) = (await get_entries(clients, [entry_id])).entries
+    return entry.counts.branch_count
+
+
+async def tree_page(clients: Clients, root_id: str, **fields: Any) -> pb.GetBranchTreeResponse:
+    request = pb.GetBranchTreeRequest(root_entry_id=root_id, **fields)
+    return await clients.interactions.GetBranchTree(request, metadata=SERVICE)
+
+
+async def tree_pages(clients: Clients, root_id: str, page_size: int, **fields: Any) -> list[list[pb.BranchNode]]:
+    """Every page of a tree listing, following next_page_token to the end."""
+    pages, token = [], ""
+    while True:
+        page = await tree_page(clients, root_id, page_size=page_size, page_token=token, **fields)
+        pages.append(list(page.nodes))
+        token = page.next_page_token
+        if not token:
+            return pages
+
+
+async def children_rows(db: asyncpg.Connection, parent_id: str) -> list[int]:
+    rows = await db.fetch("SELECT branch_order FROM entries WHERE parent_entry_id = $1 ORDER BY branch_order", parent_id)
+    return [r["branch_order"] for r in rows]
+
+
+async def counter_drift(db: asyncpg.Connection) -> int:
+    return await db.fetchval("SELECT count(*) FROM reconcile_entry_counters(false)")
+
+
+# The tree below, created in this (interleaved) order so that pre-order is not
+# creation order:
+#   root
+#   ├── a          (branch_order 0)
+#   │   ├── a0
+#   │   └── a1
+#   ├── b          (1)
+#   │   └── b0
+#   │       └── b00
+#   └── c          (2)
+TREE_CREATION_ORDER = [("a", "root"), ("b", "root"), ("a0", "a"), ("b0", "b"), ("c", "root"), ("a1", "a"), ("b00", "b0")]
+PRE_ORDER = ["root", "a", "a0", "a1", "b", "b0", "b00", "c"]
+
+
+async def build_tree(clients: Clients) -> dict[str, pb.Entry]:
+    """The tree above, by name."""
+    entries = {"root": await create_entry(clients, title="root")}
+    for name, parent in TREE_CREATION_ORDER:
+        entries[name] = await create_branch(clients, entries[parent].entry_id, title=name)
+    return entries
+
+
+def expected_node(entry: pb.Entry) -> pb.BranchNode:
+    return pb.BranchNode(
+        entry_id=entry.entry_id,
+        parent_entry_id=entry.parent_entry_id,
+        depth=entry.depth,
+        branch_order=entry.branch_order,
+    )
+
+
+def expected_nodes(entries: dict[str, pb.Entry], names: list[str]) -> list[pb.BranchNode]:
+    return [expected_node(entries[name]) for name in names]
+
+
+# CreateEntry
+
+
+async def test_create_entry_round_trips_every_field(clients: Clients) -> None:
+    metadata = struct({"mood": "calm", "score": 3, "nested": {"list": [1, "two", True], "none": None}})
+    entry = await create_entry(
+        clients, type="logbook", title="Day one", content="It began.", tags=["a", "b", "a", "c", "b"], metadata=metadata
+    )
+
+    assert (entry.author_id, entry.type, entry.title, entry.content) == ("alice", "logbook", "Day one", "It began.")
+    assert list(entry.tags) == ["a", "b", "c"]
+    assert entry.metadata == metadata
+    assert entry.privacy == pb.PRIVACY_PUBLIC
+    assert (entry.depth, entry.branch_order, entry.parent_entry_id) == (0, 0, "")
+    assert entry.root_entry_id == entry.entry_id
+    assert entry.counts == pb.InteractionCounts(entry_id=entry.entry_id)
+    assert entry.create_time.ToMicroseconds() > 0
+    assert entry.update_time == entry.create_time
+    assert (await get_entries(clients, [entry.entry_id])).entries == [entry]
+
+
+async def test_create_entry_keeps_an_explicit_privacy(clients: Clients) -> None:
+    entry = await create_entry(clients, privacy=pb.PRIVACY_FOLLOWERS)
+    assert entry.privacy == pb.PRIVACY_FOLLOWERS
+
+
+async def test_create_entry_retry_returns_the_original_and_writes_once(clients: Clients, db: asyncpg.Connection) -> None:
+    fields = dict(title="t", content="once", tags=["x"], request_id="req-1")
+    first = await create_entry(clients, **fields)
+    retry = await create_entry(clients, **fields)
+
+    assert retry == first
+    assert await db.fetchval("SELECT count(*) FROM entries WHERE request_id = 'req-1'") == 1
+
+
+async def test_create_entry_request_id_with_other_content_is_already_exists(
+    clients: Clients, db: asyncpg.Connection
+) -> None:
+    original = await create_entry(clients, content="first", request_id="req-1")
+
+    error = await rpc_error(create_entry(clients, content="second", request_id="req-1"))
+
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    rows = await db.fetch("SELECT entry_id::text, content FROM entries")
+    assert [tuple(r) for r in rows] == [(original.entry_id, "first")]
+
+
+async def test_concurrent_create_entry_with_one_request_id_creates_one_entry(
+    clients: Clients, db: asyncpg.Connection
+) -> None:
+    entries = await asyncio.gather(*(create_entry(clients, content="race", request_id="same") for _ in range(20)))
+
+    assert len({e.entry_id for e in entries}) == 1
+    assert await db.fetchval("SELECT count(*) FROM entries") == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "bad_field"),
+    [
+        (dict(type="Not A Word"), "type"),
+        (dict(title="x" * 301), "title"),
+        (dict(tags=["ok", ""]), "tags[1]"),
+        (dict(request_id="has space"), "request_id"),
+    ],
+)
+async def test_create_entry_rejects_bad_input_and_writes_nothing(
+    clients: Clients, db: asyncpg.Connection, fields: dict[str, Any], bad_field: str
+) -> None:
+    error = await rpc_error(create_entry(clients, **fields))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == [bad_field]
+    assert await db.fetchval("SELECT count(*) FROM entries") == 0
+
+
+async def test_create_entry_as_someone_else_is_permission_denied(clients: Clients) -> None:
+    request = pb.CreateEntryRequest(author_id="alice", type="post")
+    error = await rpc_error(clients.interactions.CreateEntry(request, metadata=auth("bob")))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# CreateBranch
+
+
+async def test_branches_are_numbered_in_creation_order(clients: Clients) -> None:
+    root = await create_entry(clients)
+    children = [await create_branch(clients, root.entry_id, author=author) for author in ("alice", "bob", "carol")]
+    grandchild = await create_branch(clients, children[1].entry_id, content="deeper")
+
+    assert [c.branch_order for c in children] == [0, 1, 2]
+    assert [c.author_id for c in children] == ["alice", "bob", "carol"]
+    for child in children:
+        assert (child.depth, child.parent_entry_id, child.root_entry_id) == (1, root.entry_id, root.entry_id)
+    assert (grandchild.depth, grandchild.branch_order) == (2, 0)
+    assert (grandchild.parent_entry_id, grandchild.root_entry_id) == (children[1].entry_id, root.entry_id)
+    assert await branch_count(clients, root.entry_id) == 3
+    assert await branch_count(clients, children[1].entry_id) == 1
+    assert await branch_count(clients, grandchild.entry_id) == 0
+
+
+async def test_create_branch_under_unknown_parent_is_not_found(clients: Clients, db: asyncpg.Connection) -> None:
+    error = await rpc_error(create_branch(clients, new_uuid()))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert await db.fetchval("SELECT count(*) FROM entries") == 0
+
+
+async def test_create_branch_under_deleted_parent_is_not_found(clients: Clients) -> None:
+    parent = await create_entry(clients)
+    await delete_entry(clients, parent.entry_id)
+
+    error = await rpc_error(create_branch(clients, parent.entry_id))
+
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_create_branch_under_someone_elses_private_entry_is_not_found(clients: Clients) -> None:
+    parent = await create_entry(clients, privacy=pb.PRIVACY_PRIVATE)
+    error = await rpc_error(create_branch(clients, parent.entry_id, author="bob"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_create_branch_retry_returns_the_original_and_counts_once(
+    clients: Clients, db: asyncpg.Connection
+) -> None:
+    parent = await create_entry(clients)
+    first = await create_branch(clients, parent.entry_id, content="reply", request_id="reply-1")
+    retry = await create_branch(clients, parent.entry_id, content="reply", request_id="reply-1")
+
+    assert retry == first
+    assert await children_rows(db, parent.entry_id) == [0]
+    assert await branch_count(clients, parent.entry_id) == 1
+
+
+async def test_create_branch_request_id_with_other_arguments_is_already_exists(
+    clients: Clients, db: asyncpg.Connection
+) -> None:
+    parent, other_parent = await create_entry(clients), await create_entry(clients)
+    await create_branch(clients, parent.entry_id, content="reply", request_id="reply-1")
+
+    for attempt in (
+        create_branch(clients, parent.entry_id, content="edited", request_id="reply-1"),
+        create_branch(clients, other_parent.entry_id, content="reply", request_id="reply-1"),
+    ):
+        assert (await rpc_error(attempt)).code() == grpc.StatusCode.ALREADY_EXISTS
+
+    assert await children_rows(db, parent.entry_id) == [0]
+    assert await children_rows(db, other_parent.entry_id) == []
+    assert await counter_drift(db) == 0
+
+
+async def test_concurrent_retries_of_one_branch_create_it_once(clients: Clients, db: asyncpg.Connection) -> None:
+    parent = await create_entry(clients)
+
+    branches = await asyncio.gather(
+        *(create_branch(clients, parent.entry_id, content="reply", request_id="reply-1") for _ in range(20))
+    )
+
+    assert len({b.entry_id for b in branches}) == 1
+    assert await children_rows(db, parent.entry_id) == [0]
+    assert await branch_count(clients, parent.entry_id) == 1
+
+
+async def test_concurrent_branches_get_every_order_exactly_once(clients: Clients, db: asyncpg.Connection) -> None:
+    children = 120
+    parent = await create_entry(clients)
+
+    async def reply(i: int) -> pb.Entry:
+        request = pb.CreateBranchRequest(author_id=f"user{i}", parent_entry_id=parent.entry_id, type="reply")
+        return (await clients.interactions.CreateBranch(request, metadata=SERVICE)).entry
+
+    branches = await asyncio.gather(*(reply(i) for i in range(children)))
+
+    assert sorted(b.branch_order for b in branches) == list(range(children))
+    assert await children_rows(db, parent.entry_id) == list(range(children))
+    assert await branch_count(clients, parent.entry_id) == children
+    assert await counter_drift(db) == 0
+    by_order = sorted(branches, key=lambda b: b.branch_order)
+    nodes = (await tree_page(clients, parent.entry_id, page_size=1000)).nodes
+    assert [n.entry_id for n in nodes] == [parent.entry_id, *(b.entry_id for b in by_order)]
+
+
+# GetBranchTree
+
+
+async def test_branch_tree_is_depth_first_pre_order(clients: Clients) -> None:
+    entries = await build_tree(clients)
+
+    page = await tree_page(clients, entries["root"].entry_id)
+
+    assert list(page.nodes) == expected_nodes(entries, PRE_ORDER)
+    assert page.next_page_token == ""
+
+
+@pytest.mark.parametrize(
+    ("top", "max_depth", "names"),
+    [
+        ("root", 1, ["root", "a", "b", "c"]),
+        ("root", 2, ["root", "a", "a0", "a1", "b", "b0", "c"]),
+        ("a", 0, ["a", "a0", "a1"]),
+        ("b", 0, ["b", "b0", "b00"]),
+        ("b", 1, ["b", "b0"]),
+        ("b0", 0, ["b0", "b00"]),
+        ("c", 0, ["c"]),
+        ("a1", 5, ["a1"]),
+    ],
+)
+async def test_branch_tree_of_a_subtree_and_limited_depth(
+    clients: Clients, top: str, max_depth: int, names: list[str]
+) -> None:
+    entries = await build_tree(clients)
+
+    page = await tree_page(clients, entries[top].entry_id, max_depth=max_depth)
+
+    assert list(page.nodes) == expected_nodes(entries, names)
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 3])
+async def test_branch_tree_pages_concatenate_to_the_full_listing(clients: Clients, page_size: int) -> None:
+    entries = await build_tree(clients)
+    full = list((await tree_page(clients, entries["root"].entry_id, page_size=1000)).nodes)
+
+    pages = await tree_pages(clients, entries["root"].entry_id, page_size)
+
+    assert [node for page in pages for node in page] == full
+    assert all(0 < len(page) <= page_size for page in pages)
+
+
+async def test_branch_tree_pages_of_a_limited_subtree(clients: Clients) -> None:
+    entries = await build_tree(clients)
+    pages = await tree_pages(clients, entries["b"].entry_id, page_size=1, max_depth=1)
+    assert [node for page in pages for node in page] == expected_nodes(entries, ["b", "b0"])
+
+
+async def test_branch_tree_rejects_a_garbage_page_token(clients: Clients) -> None:
+    root = await create_entry(clients)
+
+    error = await rpc_error(tree_page(clients, root.entry_id, page_token="not-a-token"))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == ["page_token"]
+
+
+async def test_branch_tree_rejects_a_page_token_of_another_tree(clients: Clients) -> None:
+    entries = await build_tree(clients)
+    token = (await tree_page(clients, entries["root"].entry_id, page_size=1)).next_page_token
+
+    error = await rpc_error(tree_page(clients, entries["a"].entry_id, page_token=token))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == ["page_token"]
+
+
+async def test_branch_tree_rejects_a_negative_max_depth(clients: Clients) -> None:
+    root = await create_entry(clients)
+    error = await rpc_error(tree_page(clients, root.entry_id, max_depth=-1))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == ["max_depth"]
+
+
+async def test_branch_tree_of_unknown_entry_is_not_found(clients: Clients) -> None:
+    error = await rpc_error(tree_page(clients, new_uuid()))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+# GetEntries
+
+
+async def test_get_entries_follows_the_order_asked_and_skips_unknown_ids(clients: Clients) -> None:
+    first, second, third = [await create_entry(clients, title=str(i)) for i in range(3)]
+
+    response = await get_entries(clients, [third.entry_id, new_uuid(), first.entry_id, second.entry_id])
+
+    assert [e.entry_id for e in response.entries] == [third.entry_id, first.entry_id, second.entry_id]
+    assert list(response.states) == []
+
+
+async def test_get_entries_returns_the_viewers_states_and_counts(clients: Clients) -> None:
+    liked, amplified, untouched = [await create_entry(clients, author="bob") for _ in range(3)]
+    await clients.interactions.ToggleResonance(
+        pb.ToggleResonanceRequest(user_id="alice", entry_id=liked.entry_id), metadata=auth("alice")
+    )
+    await clients.interactions.ToggleAmplification(
+        pb.ToggleAmplificationRequest(user_id="alice", entry_id=amplified.entry_id), metadata=auth("alice")
+    )
+    asked = [untouched.entry_id, liked.entry_id, amplified.entry_id]
+
+    response = await get_entries(clients, asked, metadata=auth("alice"), viewer_id="alice")
+
+    assert list(response.states) == [
+        pb.UserInteractionState(entry_id=untouched.entry_id),
+        pb.UserInteractionState(entry_id=liked.entry_id, has_resonated=True),
+        pb.UserInteractionState(entry_id=amplified.entry_id, has_amplified=True),
+    ]
+    assert [(e.counts.resonance_count, e.counts.amplification_count) for e in response.entries] == [(0, 0), (1, 0), (0, 1)]
+
+
+@pytest.mark.parametrize("privacy", [pb.PRIVACY_PRIVATE, pb.PRIVACY_FOLLOWERS])
+async def test_get_entries_hides_restricted_entries_from_others(clients: Clients, privacy: int) -> None:
+    restricted = await create_entry(clients, privacy=privacy)
+    public = await create_entry(clients)
+    asked = [restricted.entry_id, public.entry_id]
+
+    async def visible(metadata: Any, viewer_id: str = "") -> list[str]:
+        return [e.entry_id for e in (await get_entries(clients, asked, metadata, viewer_id)).entries]
+
+    assert await visible(auth("bob"), "bob") == [public.entry_id]
+    assert await visible(auth("bob")) == [public.entry_id]
+    assert await visible(SERVICE, "bob") == [public.entry_id]
+    assert await visible(auth("alice"), "alice") == asked
+    assert await visible(SERVICE) == asked
+
+
+async def test_get_entries_for_another_viewer_is_permission_denied(clients: Clients) -> None:
+    entry = await create_entry(clients)
+    error = await rpc_error(get_entries(clients, [entry.entry_id], metadata=auth("bob"), viewer_id="alice"))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# DeleteEntry
+
+
+async def test_delete_entry_keeps_its_place_in_the_tree(clients: Clients, db: asyncpg.Connection) -> None:
+    entries = await build_tree(clients)
+    before = list((await tree_page(clients, entries["root"].entry_id)).nodes)
+
+    await delete_entry(clients, entries["b"].entry_id)
+
+    assert (await get_entries(clients, [entries["b"].entry_id])).entries == []
+    after = list((await tree_page(clients, entries["root"].entry_id)).nodes)
+    assert [n.entry_id for n in after] == [n.entry_id for n in before]
+    assert [n.entry_id for n in after if n.deleted] == [entries["b"].entry_id]
+    assert await branch_count(clients, entries["root"].entry_id) == 3
+    remaining = [entries[name].entry_id for name in ("b0", "b00", "c")]
+    assert [e.entry_id for e in (await get_entries(clients, remaining)).entries] == remaining
+    row = await db.fetchrow("SELECT title, content FROM entries WHERE entry_id = $1", entries["b"].entry_id)
+    assert tuple(row) == ("", "")
+
+
+async def test_delete_entry_twice_is_not_found(clients: Clients) -> None:
+    entry = await create_entry(clients)
+    await delete_entry(clients, entry.entry_id)
+    error = await rpc_error(delete_entry(clients, entry.entry_id))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_delete_entry_by_another_user_is_permission_denied(clients: Clients) -> None:
+    entry = await create_entry(clients)
+
+    by_service_as_bob = await rpc_error(delete_entry(clients, entry.entry_id, user="bob", metadata=SERVICE))
+    bob_as_alice = await rpc_error(delete_entry(clients, entry.entry_id, user="alice", metadata=auth("bob")))
+
+    assert by_service_as_bob.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert bob_as_alice.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert [e.entry_id for e in (await get_entries(clients, [entry.entry_id])).entries] == [entry.entry_id]
+
+
+async def test_delete_unknown_entry_is_not_found(clients: Clients) -> None:
+    error = await rpc_error(delete_entry(clients, new_uuid()))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
