@@ -123,8 +123,8 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         await self._db.execute("delete_entry", queries.DELETE_ENTRY, user_id, entry_id)
         return pb.DeleteEntryResponse()
 
-    async def _react(self, kind: str, request: Any, on: bool | None) -> asyncpg.Record:
-        """Toggles (on=None) or sets a reaction; returns the reaction_outcome row."""
+    async def _react(self, kind: str, request: Any, on: bool | None) -> tuple[asyncpg.Record, pb.InteractionCounts]:
+        """Toggles (on=None) or sets a reaction; returns the reaction_outcome row and its counts."""
         user_id = validation.user_id(request.user_id, "user_id")
         entry_id = validation.entry_id(request.entry_id, "entry_id")
         current_principal.get().require_acting_as(user_id, "user_id")
@@ -133,33 +133,29 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         else:
             row = await self._db.fetchrow("set_reaction", queries.SET_REACTION, kind, user_id, entry_id, on)
         assert row is not None
-        return row
+        return row, counts_message(row, str(entry_id))
 
     async def ToggleResonance(
         self, request: pb.ToggleResonanceRequest, context: grpc.aio.ServicerContext
     ) -> pb.ToggleResonanceResponse:
-        row = await self._react("resonance", request, None)
-        return pb.ToggleResonanceResponse(resonated=row["state"], counts=counts_message(row, request.entry_id))
+        row, counts = await self._react("resonance", request, None)
+        return pb.ToggleResonanceResponse(resonated=row["state"], counts=counts)
 
     async def SetResonance(self, request: pb.SetResonanceRequest, context: grpc.aio.ServicerContext) -> pb.SetResonanceResponse:
-        row = await self._react("resonance", request, request.resonated)
-        return pb.SetResonanceResponse(
-            resonated=row["state"], changed=row["changed"], counts=counts_message(row, request.entry_id)
-        )
+        row, counts = await self._react("resonance", request, request.resonated)
+        return pb.SetResonanceResponse(resonated=row["state"], changed=row["changed"], counts=counts)
 
     async def ToggleAmplification(
         self, request: pb.ToggleAmplificationRequest, context: grpc.aio.ServicerContext
     ) -> pb.ToggleAmplificationResponse:
-        row = await self._react("amplification", request, None)
-        return pb.ToggleAmplificationResponse(amplified=row["state"], counts=counts_message(row, request.entry_id))
+        row, counts = await self._react("amplification", request, None)
+        return pb.ToggleAmplificationResponse(amplified=row["state"], counts=counts)
 
     async def SetAmplification(
         self, request: pb.SetAmplificationRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetAmplificationResponse:
-        row = await self._react("amplification", request, request.amplified)
-        return pb.SetAmplificationResponse(
-            amplified=row["state"], changed=row["changed"], counts=counts_message(row, request.entry_id)
-        )
+        row, counts = await self._react("amplification", request, request.amplified)
+        return pb.SetAmplificationResponse(amplified=row["state"], changed=row["changed"], counts=counts)
 
     async def RecordShare(self, request: pb.RecordShareRequest, context: grpc.aio.ServicerContext) -> pb.RecordShareResponse:
         user_id = validation.user_id(request.user_id, "user_id")
@@ -168,7 +164,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         current_principal.get().require_acting_as(user_id, "user_id")
         row = await self._db.fetchrow("record_share", queries.RECORD_SHARE, user_id, entry_id, request_id)
         assert row is not None
-        return pb.RecordShareResponse(counts=counts_message(row, request.entry_id), recorded=row["changed"])
+        return pb.RecordShareResponse(counts=counts_message(row, str(entry_id)), recorded=row["changed"])
 
     async def GetBranchTree(self, request: pb.GetBranchTreeRequest, context: grpc.aio.ServicerContext) -> pb.GetBranchTreeResponse:
         entry_id = validation.entry_id(request.root_entry_id, "root_entry_id")

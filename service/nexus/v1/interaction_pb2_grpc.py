@@ -192,7 +192,9 @@ class InteractionServiceServicer:
 
     def GetBranchTree(self, request, context):
         """Lists the tree under an entry depth-first in pre-order, siblings by
-        branch_order; the entry itself comes first.
+        branch_order; the entry itself comes first. Nodes the viewer may not see
+        are left out; their descendants stay, with parent_entry_id naming the
+        hidden node, so the shape of what is visible is kept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

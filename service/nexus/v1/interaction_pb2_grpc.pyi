@@ -66,7 +66,9 @@ class InteractionServiceStub:
     """
     GetBranchTree: _grpc.UnaryUnaryMultiCallable[_interaction_pb2.GetBranchTreeRequest, _interaction_pb2.GetBranchTreeResponse]
     """Lists the tree under an entry depth-first in pre-order, siblings by
-    branch_order; the entry itself comes first.
+    branch_order; the entry itself comes first. Nodes the viewer may not see
+    are left out; their descendants stay, with parent_entry_id naming the
+    hidden node, so the shape of what is visible is kept.
     """
     GetInteractionCounts: _grpc.UnaryUnaryMultiCallable[_interaction_pb2.GetInteractionCountsRequest, _interaction_pb2.GetInteractionCountsResponse]
     """Batch read of counts; entries the caller may not see are absent."""
@@ -117,7 +119,9 @@ class InteractionServiceAsyncStub(InteractionServiceStub):
     """
     GetBranchTree: _aio.UnaryUnaryMultiCallable[_interaction_pb2.GetBranchTreeRequest, _interaction_pb2.GetBranchTreeResponse]  # type: ignore[assignment]
     """Lists the tree under an entry depth-first in pre-order, siblings by
-    branch_order; the entry itself comes first.
+    branch_order; the entry itself comes first. Nodes the viewer may not see
+    are left out; their descendants stay, with parent_entry_id naming the
+    hidden node, so the shape of what is visible is kept.
     """
     GetInteractionCounts: _aio.UnaryUnaryMultiCallable[_interaction_pb2.GetInteractionCountsRequest, _interaction_pb2.GetInteractionCountsResponse]  # type: ignore[assignment]
     """Batch read of counts; entries the caller may not see are absent."""
@@ -225,7 +229,9 @@ class InteractionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_interaction_pb2.GetBranchTreeResponse, _abc.Awaitable[_interaction_pb2.GetBranchTreeResponse]]:
         """Lists the tree under an entry depth-first in pre-order, siblings by
-        branch_order; the entry itself comes first.
+        branch_order; the entry itself comes first. Nodes the viewer may not see
+        are left out; their descendants stay, with parent_entry_id naming the
+        hidden node, so the shape of what is visible is kept.
         """
 
     @_abc_1.abstractmethod
