@@ -210,6 +210,7 @@ async def test_bad_input_is_invalid_argument_naming_the_field_and_writes_nothing
     ("rpc", "overrides"),
     [
         pytest.param("CreateEntry", dict(title="t" * 300, content="c" * 40_000), id="title_300_content_40000"),
+        pytest.param("CreateEntry", dict(title="é" * 300), id="title_300_non_ascii_chars"),
         pytest.param("CreateEntry", dict(type="a" * 32), id="type_32_chars"),
         pytest.param("CreateEntry", dict(type="a1_b"), id="type_digits_underscore"),
         pytest.param("CreateEntry", dict(author_id="u" * 128), id="author_id_128_chars"),

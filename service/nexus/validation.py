@@ -98,8 +98,11 @@ def tags(values: Iterable[str], field: str = "tags", *, max_tags: int = 32, max_
 
 def metadata(value: struct_pb2.Struct, field: str = "metadata", *, max_bytes: int = 16 * 1024) -> dict[str, object]:
     """The Struct as a JSON object of at most max_bytes."""
-    as_dict: dict[str, object] = json_format.MessageToDict(value)
-    document = json.dumps(as_dict, separators=(",", ":"))
+    try:
+        as_dict: dict[str, object] = json_format.MessageToDict(value)
+        document = json.dumps(as_dict, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:
+        raise InvalidArgument(field, "must be valid JSON (no NaN or Infinity)") from exc
     if len(document.encode()) > max_bytes:
         raise InvalidArgument(field, f"at most {max_bytes // 1024} KiB as JSON")
     if "\\u0000" in document:

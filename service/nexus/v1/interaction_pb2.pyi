@@ -925,7 +925,7 @@ class RecordInteractionRequest(_message.Message):
     target_id: _builtins.str
     """1-128 chars of [A-Za-z0-9_.:@-]."""
     action: _builtins.str
-    """1-32 chars of [a-z_], starting with a letter."""
+    """1-32 chars of [a-z0-9_], starting with a letter."""
     notes: _builtins.str
     """At most 2000 characters."""
     def __init__(
