@@ -269,23 +269,24 @@ BEGIN
     WHERE entry_id = p_entry_id;
 END $$;
 
--- The outcome of a reaction or share call: the state after it, whether the
--- call changed anything, and the entry's counts read after the change.
+-- The outcome of a reaction or share call: whether the entry was found (and
+-- visible to the user), the state after the call, whether the call changed
+-- anything, and the entry's counts read after the change.
 CREATE TYPE reaction_outcome AS (
-    state boolean, changed boolean, resonance_count bigint, amplification_count bigint,
+    found boolean, state boolean, changed boolean, resonance_count bigint, amplification_count bigint,
     branch_count bigint, share_count bigint);
 
 CREATE FUNCTION reaction_outcome(e entries, p_state boolean, p_changed boolean)
 RETURNS reaction_outcome
 LANGUAGE sql STABLE AS $$
-    SELECT p_state, p_changed, c.resonance_count, c.amplification_count, e.branch_count, c.share_count
+    SELECT true, p_state, p_changed, c.resonance_count, c.amplification_count, e.branch_count, c.share_count
     FROM counter_totals(e.entry_id) c
 $$;
 
 -- Adds / removes one reaction row; true when this call changed it. INSERT ...
 -- ON CONFLICT waits for a concurrent uncommitted insert or delete of the same
 -- key, and DELETE for a concurrent delete: each acts on the latest committed
--- state, so calls on one (user, entry, kind) serialise.
+-- state.
 CREATE FUNCTION add_reaction(p_kind reaction_kind, p_user_id text, p_entry_id uuid) RETURNS boolean
 LANGUAGE sql AS $$
     WITH added AS (
@@ -301,36 +302,57 @@ LANGUAGE sql AS $$
     SELECT count(*) = 1 FROM removed
 $$;
 
-CREATE FUNCTION set_reaction(p_kind reaction_kind, p_user_id text, p_entry_id uuid, p_on boolean)
-RETURNS reaction_outcome
+-- Applies reaction writes in order, one outcome per item. p_ops[i] is
+-- 'toggle', 'on' or 'off'. The service coalesces concurrent calls into one
+-- batch (group commit); a batch of one is the plain call.
+--
+-- Deadlock freedom: the batch first locks the counter shards of all its items
+-- in (entry_id, shard) order, creating missing ones. Two batches that touch the
+-- same reaction row need the same shard, so reaction rows never contend
+-- between batches, and shard locks are always taken in one global order.
+--
+-- Toggles are linearizable per (user, entry, kind): an add that finds the row
+-- present turns into a remove, and a remove that finds it already gone retries
+-- the add on the newer state. Never "the insert did nothing, so report on".
+-- An entry that is missing, deleted or invisible to the user gives found =
+-- false for that item only.
+CREATE FUNCTION apply_reactions(p_ops text[], p_kinds reaction_kind[], p_user_ids text[], p_entry_ids uuid[])
+RETURNS SETOF reaction_outcome
 LANGUAGE plpgsql AS $$
 DECLARE
-    e       entries := visible_entry(p_entry_id, p_user_id, 'entry_id');
+    e       entries;
     changed boolean;
 BEGIN
-    -- Its own statement: the counts below are read by a later statement, whose
-    -- snapshot includes this change.
-    changed := CASE WHEN p_on THEN add_reaction(p_kind, p_user_id, p_entry_id)
-                    ELSE remove_reaction(p_kind, p_user_id, p_entry_id) END;
-    RETURN reaction_outcome(e, p_on, changed);
-END $$;
+    INSERT INTO entry_counter_shards AS s (entry_id, shard)
+    SELECT DISTINCT item.entry_id, counter_shard(item.user_id)
+    FROM unnest(p_user_ids, p_entry_ids) AS item (user_id, entry_id)
+    JOIN entries target ON target.entry_id = item.entry_id
+    WHERE target.delete_time IS NULL AND entry_visible(target, item.user_id)
+    ORDER BY 1, 2
+    ON CONFLICT (entry_id, shard) DO UPDATE SET resonance_count = s.resonance_count;
 
--- Flips a reaction. Linearizable per (user, entry, kind): an add that finds
--- the row present turns into a remove, and a remove that finds the row already
--- gone (a concurrent flip removed it) retries the add on the newer state.
--- Never "the insert did nothing, so report on".
-CREATE FUNCTION toggle_reaction(p_kind reaction_kind, p_user_id text, p_entry_id uuid)
-RETURNS reaction_outcome
-LANGUAGE plpgsql AS $$
-DECLARE
-    e entries := visible_entry(p_entry_id, p_user_id, 'entry_id');
-BEGIN
-    LOOP
-        IF add_reaction(p_kind, p_user_id, p_entry_id) THEN
-            RETURN reaction_outcome(e, true, true);
+    FOR i IN 1 .. cardinality(p_ops) LOOP
+        SELECT * INTO e FROM entries WHERE entry_id = p_entry_ids[i] AND delete_time IS NULL;
+        IF NOT FOUND OR NOT entry_visible(e, p_user_ids[i]) THEN
+            RETURN NEXT ROW(false, NULL, NULL, NULL, NULL, NULL, NULL)::reaction_outcome;
+            CONTINUE;
         END IF;
-        IF remove_reaction(p_kind, p_user_id, p_entry_id) THEN
-            RETURN reaction_outcome(e, false, true);
+        IF p_ops[i] = 'toggle' THEN
+            LOOP
+                IF add_reaction(p_kinds[i], p_user_ids[i], p_entry_ids[i]) THEN
+                    RETURN NEXT reaction_outcome(e, true, true);
+                    EXIT;
+                END IF;
+                IF remove_reaction(p_kinds[i], p_user_ids[i], p_entry_ids[i]) THEN
+                    RETURN NEXT reaction_outcome(e, false, true);
+                    EXIT;
+                END IF;
+            END LOOP;
+        ELSE
+            -- Its own statement, so the counts read next include this change.
+            changed := CASE WHEN p_ops[i] = 'on' THEN add_reaction(p_kinds[i], p_user_ids[i], p_entry_ids[i])
+                            ELSE remove_reaction(p_kinds[i], p_user_ids[i], p_entry_ids[i]) END;
+            RETURN NEXT reaction_outcome(e, p_ops[i] = 'on', changed);
         END IF;
     END LOOP;
 END $$;

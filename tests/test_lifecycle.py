@@ -125,12 +125,12 @@ async def reaction_lock(conn: asyncpg.Connection, user: str, entry_id: str) -> A
 
 
 async def nexus_toggles(conn: asyncpg.Connection, condition: str) -> int:
-    """Backends of the service (application_name 'nexus') on this database running toggle_reaction."""
+    """Backends of the service (application_name 'nexus') on this database running apply_reactions."""
     await conn.execute("SELECT pg_stat_clear_snapshot()")  # conn may be in a transaction, which caches the view
     return await conn.fetchval(
         f"""SELECT count(*) FROM pg_stat_activity
             WHERE application_name = 'nexus' AND datname = current_database()
-              AND query LIKE '%toggle_reaction%' AND {condition}"""
+              AND query LIKE '%apply_reactions%' AND {condition}"""
     )
 
 
@@ -383,7 +383,7 @@ async def test_slow_database_calls_are_logged(
         await in_flight
 
     slow = [r for r in caplog.records if r.name == "nexus.database" and "event=slow_query" in r.getMessage()]
-    toggles = [r for r in slow if "query=toggle_reaction" in r.getMessage()]
+    toggles = [r for r in slow if "query=apply_reactions" in r.getMessage()]
     assert [r.levelno for r in toggles] == [level], [r.getMessage() for r in slow]
     assert re.search(r"duration_ms=\d+\.\d", toggles[0].getMessage())
 

@@ -51,10 +51,12 @@ ANALYZE entries;
 PGBENCH_SCRIPTS = {
     "toggle_uniform": f"""\\set entry random(1, {BENCH_ENTRIES})
 \\set user random(1, {BENCH_USERS})
-SELECT * FROM toggle_reaction('resonance', 'bench-user-' || :user, CAST(md5('bench-entry-' || :entry) AS uuid));
+SELECT * FROM apply_reactions(ARRAY['toggle'], ARRAY['resonance']::reaction_kind[], ARRAY['bench-user-' || :user],
+                               ARRAY[CAST(md5('bench-entry-' || :entry) AS uuid)]);
 """,
     "toggle_hot": f"""\\set user random(1, {BENCH_USERS})
-SELECT * FROM toggle_reaction('resonance', 'bench-user-' || :user, CAST(md5('bench-entry-1') AS uuid));
+SELECT * FROM apply_reactions(ARRAY['toggle'], ARRAY['resonance']::reaction_kind[], ARRAY['bench-user-' || :user],
+                               ARRAY[CAST(md5('bench-entry-1') AS uuid)]);
 """,
     # 100 entries, the hot one among them, as the RPC sends them: one uuid[] parameter.
     "counts_100": f"""\\set first random(2, {BENCH_ENTRIES - 100})

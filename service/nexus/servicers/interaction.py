@@ -13,6 +13,7 @@ from nexus.auth import current_principal
 from nexus.database import Database
 from nexus.errors import InvalidArgument
 from nexus.pagination import PageTokens, position_timestamp, timestamp_position
+from nexus.reaction_writer import ReactionWriter
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import interaction_pb2_grpc
 
@@ -68,6 +69,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
     def __init__(self, db: Database, page_tokens: PageTokens) -> None:
         self._db = db
         self._tokens = page_tokens
+        self._reactions = ReactionWriter(db)
 
     async def _create_entry(self, request: pb.CreateEntryRequest | pb.CreateBranchRequest, parent: Any) -> pb.Entry:
         author_id = validation.user_id(request.author_id, "author_id")
@@ -128,11 +130,8 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         user_id = validation.user_id(request.user_id, "user_id")
         entry_id = validation.entry_id(request.entry_id, "entry_id")
         current_principal.get().require_acting_as(user_id, "user_id")
-        if on is None:
-            row = await self._db.fetchrow("toggle_reaction", queries.TOGGLE_REACTION, kind, user_id, entry_id)
-        else:
-            row = await self._db.fetchrow("set_reaction", queries.SET_REACTION, kind, user_id, entry_id, on)
-        assert row is not None
+        op = "toggle" if on is None else "on" if on else "off"
+        row = await self._reactions.apply(op, kind, user_id, entry_id)
         return row, counts_message(row, str(entry_id))
 
     async def ToggleResonance(

@@ -1,0 +1,81 @@
+"""Group commit of reaction writes: concurrent calls share database calls, yet
+each keeps the semantics of a call of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+from nexus import errors
+from nexus.database import Database
+from nexus.reaction_writer import ReactionWriter
+
+
+class CountingDatabase(Database):
+    """The real database, counting the calls made through it."""
+
+    calls = 0
+
+    async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
+        self.calls += 1
+        return await super().fetch(name, query, *args)
+
+
+@pytest.fixture
+async def counting_db(db_url: str) -> Any:
+    database = CountingDatabase(
+        await asyncpg.create_pool(db_url, min_size=1, max_size=4), statement_timeout_ms=30_000, slow_warn_ms=500, slow_error_ms=1000
+    )
+    yield database
+    await database.close()
+
+
+async def create_entry(db: asyncpg.Connection, author: str, privacy: str = "public") -> uuid.UUID:
+    row = await db.fetchrow(
+        "SELECT entry_id FROM create_entry($1, NULL, 'post', '', '', $2, '{}', '{}', NULL)", author, privacy
+    )
+    return row["entry_id"]
+
+
+async def test_concurrent_writes_share_calls_and_keep_per_user_order(
+    counting_db: CountingDatabase, db: asyncpg.Connection
+) -> None:
+    entry = await create_entry(db, "alice")
+    writer = ReactionWriter(counting_db, max_in_flight=2)
+    users = [f"user-{i % 50}" for i in range(400)]  # each user toggles 8 times, interleaved
+    outcomes = await asyncio.gather(*(writer.apply("toggle", "resonance", user, entry) for user in users))
+
+    assert counting_db.calls < len(users) / 4, "concurrent writes were not coalesced"
+    for user in set(users):
+        states = [o["state"] for o, u in zip(outcomes, users) if u == user]
+        assert states == [True, False] * 4, f"{user}'s toggles did not apply in arrival order"
+    rows = await db.fetchval("SELECT count(*) FROM reactions WHERE entry_id = $1", entry)
+    assert rows == 0
+    assert await db.fetchval("SELECT count(*) FROM reconcile_entry_counters(false)") == 0
+
+
+async def test_each_outcome_counts_its_own_change(counting_db: CountingDatabase, db: asyncpg.Connection) -> None:
+    entry = await create_entry(db, "alice")
+    writer = ReactionWriter(counting_db, max_in_flight=1)
+    outcomes = await asyncio.gather(*(writer.apply("on", "resonance", f"fan-{i}", entry) for i in range(100)))
+    # Applied one after another in arrival order, so the n-th sees n likes.
+    assert [o["resonance_count"] for o in outcomes] == list(range(1, 101))
+    assert all(o["changed"] for o in outcomes)
+
+
+async def test_a_missing_entry_fails_only_its_own_item(counting_db: CountingDatabase, db: asyncpg.Connection) -> None:
+    public = await create_entry(db, "alice")
+    private = await create_entry(db, "alice", "private")
+    writer = ReactionWriter(counting_db, max_in_flight=1)
+    targets = [public, uuid.uuid4(), private, public]
+    results = await asyncio.gather(
+        *(writer.apply("on", "amplification", "bob", target) for target in targets), return_exceptions=True
+    )
+    assert [type(r) for r in results[1:3]] == [errors.NotFound, errors.NotFound]
+    assert results[0]["changed"] and not results[3]["changed"]
+    assert await db.fetchval("SELECT count(*) FROM reactions") == 1
+    assert await db.fetchval("SELECT count(*) FROM entry_counter_shards WHERE entry_id = $1", private) == 0
