@@ -27,7 +27,7 @@ from nexus import database, embedded, migrations
 from nexus.auth import mint_token
 from nexus.config import Config
 from nexus.server import NexusServer
-from nexus.v1 import interaction_pb2_grpc
+from nexus.v1 import follow_pb2_grpc, interaction_pb2_grpc, token_pb2_grpc
 
 JWT_SECRET = "test-secret-" + "x" * 32
 
@@ -128,6 +128,14 @@ class Clients:
     @property
     def interactions(self) -> interaction_pb2_grpc.InteractionServiceStub:
         return interaction_pb2_grpc.InteractionServiceStub(self.channel)
+
+    @property
+    def follows(self) -> follow_pb2_grpc.FollowServiceStub:
+        return follow_pb2_grpc.FollowServiceStub(self.channel)
+
+    @property
+    def tokens(self) -> token_pb2_grpc.TokenServiceStub:
+        return token_pb2_grpc.TokenServiceStub(self.channel)
 
 
 @pytest.fixture

@@ -86,6 +86,9 @@ class Database:
     async def fetchrow(self, name: str, query: str, *args: Any) -> asyncpg.Record | None:
         return await self._call(name, "fetchrow", query, args)
 
+    async def fetchval(self, name: str, query: str, *args: Any) -> Any:
+        return await self._call(name, "fetchval", query, args)
+
     async def execute(self, name: str, query: str, *args: Any) -> str:
         return await self._call(name, "execute", query, args)
 

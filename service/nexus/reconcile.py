@@ -13,7 +13,11 @@ import asyncpg
 
 from nexus import queries
 
-RECONCILERS = (("entry_counters", queries.RECONCILE_ENTRY_COUNTERS),)
+RECONCILERS = (
+    ("entry_counters", queries.RECONCILE_ENTRY_COUNTERS),
+    ("follow_counters", queries.RECONCILE_FOLLOW_COUNTERS),
+    ("balances", queries.RECONCILE_BALANCES),
+)
 
 
 async def reconcile(conn: asyncpg.Connection, *, fix: bool) -> list[dict[str, Any]]:

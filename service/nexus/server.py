@@ -23,12 +23,25 @@ from nexus.config import Config
 from nexus.interceptor import RpcInterceptor
 from nexus.metrics import serve_metrics
 from nexus.pagination import PageTokens
+from nexus.servicers.follow import FollowServicer
 from nexus.servicers.interaction import InteractionServicer
-from nexus.v1 import interaction_pb2, interaction_pb2_grpc
+from nexus.servicers.token import TokenServicer
+from nexus.v1 import (
+    follow_pb2,
+    follow_pb2_grpc,
+    interaction_pb2,
+    interaction_pb2_grpc,
+    token_pb2,
+    token_pb2_grpc,
+)
 
 log = logging.getLogger("nexus.server")
 
-SERVICE_NAMES = (interaction_pb2.DESCRIPTOR.services_by_name["InteractionService"].full_name,)
+SERVICE_NAMES = tuple(
+    service.full_name
+    for module in (interaction_pb2, follow_pb2, token_pb2)
+    for service in module.DESCRIPTOR.services_by_name.values()
+)
 HEALTH_PROBE_INTERVAL_S = 1.0
 
 
@@ -84,6 +97,8 @@ class NexusServer:
 
         server = grpc.aio.server(interceptors=[RpcInterceptor(authenticator)])
         interaction_pb2_grpc.add_InteractionServiceServicer_to_server(InteractionServicer(self._db, page_tokens), server)
+        follow_pb2_grpc.add_FollowServiceServicer_to_server(FollowServicer(self._db, page_tokens), server)
+        token_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(self._db, page_tokens), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

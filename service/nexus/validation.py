@@ -56,6 +56,19 @@ def entry_ids(values: Sequence[str], field: str) -> list[uuid.UUID]:
     return list(dict.fromkeys(entry_id(v, f"{field}[{i}]") for i, v in enumerate(values)))
 
 
+def user_ids(values: Sequence[str], field: str) -> list[str]:
+    """Up to 1000 user ids; duplicates collapse to their first occurrence."""
+    if len(values) > MAX_BATCH:
+        raise InvalidArgument(field, f"at most {MAX_BATCH} ids per call")
+    return list(dict.fromkeys(user_id(v, f"{field}[{i}]") for i, v in enumerate(values)))
+
+
+def amount(value: int, field: str = "amount") -> int:
+    if value <= 0:
+        raise InvalidArgument(field, "must be greater than zero")
+    return value
+
+
 def word(value: str, field: str, *, required: bool = True) -> str | None:
     """A short lowercase word: 1-32 chars of [a-z0-9_], starting with a letter."""
     if not value:

@@ -1,0 +1,85 @@
+"""nexus.v1.FollowService."""
+
+from __future__ import annotations
+
+import grpc
+
+from nexus import queries, validation
+from nexus.auth import current_principal
+from nexus.database import Database
+from nexus.errors import InvalidArgument
+from nexus.pagination import PageTokens, position_timestamp, timestamp_position
+from nexus.v1 import follow_pb2 as pb
+from nexus.v1 import follow_pb2_grpc
+
+
+class FollowServicer(follow_pb2_grpc.FollowServiceServicer):
+    def __init__(self, db: Database, page_tokens: PageTokens) -> None:
+        self._db = db
+        self._tokens = page_tokens
+
+    async def _edge(self, name: str, query: str, request: pb.FollowRequest | pb.UnfollowRequest) -> bool:
+        """Follows or unfollows; returns whether the edge changed."""
+        follower = validation.user_id(request.follower_id, "follower_id")
+        followed = validation.user_id(request.followed_id, "followed_id")
+        if follower == followed:
+            raise InvalidArgument("followed_id", "a user cannot follow themselves")
+        current_principal.get().require_acting_as(follower, "follower_id")
+        changed: bool = await self._db.fetchval(name, query, follower, followed)
+        return changed
+
+    async def Follow(self, request: pb.FollowRequest, context: grpc.aio.ServicerContext) -> pb.FollowResponse:
+        return pb.FollowResponse(following=True, changed=await self._edge("follow", queries.FOLLOW, request))
+
+    async def Unfollow(self, request: pb.UnfollowRequest, context: grpc.aio.ServicerContext) -> pb.UnfollowResponse:
+        return pb.UnfollowResponse(following=False, changed=await self._edge("unfollow", queries.UNFOLLOW, request))
+
+    async def GetFollowCounts(
+        self, request: pb.GetFollowCountsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetFollowCountsResponse:
+        user_ids = validation.user_ids(request.user_ids, "user_ids")
+        rows = await self._db.fetch("follow_counts", queries.FOLLOW_COUNTS, user_ids)
+        return pb.GetFollowCountsResponse(
+            counts=[
+                pb.FollowCounts(user_id=r["user_id"], follower_count=r["follower_count"], following_count=r["following_count"])
+                for r in rows
+            ]
+        )
+
+    async def GetFollowStates(
+        self, request: pb.GetFollowStatesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetFollowStatesResponse:
+        user_id = validation.user_id(request.user_id, "user_id")
+        others = validation.user_ids(request.other_user_ids, "other_user_ids")
+        rows = await self._db.fetch("follow_states", queries.FOLLOW_STATES, user_id, others)
+        return pb.GetFollowStatesResponse(
+            states=[pb.FollowState(user_id=r["user_id"], following=r["following"], followed_by=r["followed_by"]) for r in rows]
+        )
+
+    async def _list(
+        self, name: str, query: str, request: pb.ListFollowersRequest | pb.ListFollowingRequest
+    ) -> tuple[list[str], str]:
+        """One page of user ids, newest edge first, and the next page's token."""
+        user_id = validation.user_id(request.user_id, "user_id")
+        limit = validation.page_size(request.page_size)
+        scope = f"{name}:{user_id}"
+        after = self._tokens.decode(scope, request.page_token)
+        after_time, after_user = (position_timestamp(after[0]), str(after[1])) if after else (None, None)
+        rows = await self._db.fetch(name, query, user_id, after_time, after_user, limit + 1)
+        token = ""
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            token = self._tokens.encode(scope, [timestamp_position(last["create_time"]), last["user_id"]])
+        return [r["user_id"] for r in rows[:limit]], token
+
+    async def ListFollowers(
+        self, request: pb.ListFollowersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListFollowersResponse:
+        user_ids, token = await self._list("list_followers", queries.LIST_FOLLOWERS, request)
+        return pb.ListFollowersResponse(user_ids=user_ids, next_page_token=token)
+
+    async def ListFollowing(
+        self, request: pb.ListFollowingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListFollowingResponse:
+        user_ids, token = await self._list("list_following", queries.LIST_FOLLOWING, request)
+        return pb.ListFollowingResponse(user_ids=user_ids, next_page_token=token)
