@@ -2,7 +2,9 @@
 # database; `make test` sets up and runs the tests. Both need only Python 3.11.
 PYTHON ?= python3
 VENV ?= .venv
-BIN := $(VENV)/bin
+BIN := $(abspath $(VENV))/bin
+# The virtualenv's tools (buf, protoc plugins) come first on PATH.
+export PATH := $(BIN):$(PATH)
 
 .PHONY: setup serve test bench protos lint
 

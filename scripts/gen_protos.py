@@ -8,6 +8,7 @@ The output is committed; CI regenerates it and fails on any difference.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 OUT = ROOT / "service"
+
+
+def tool(name: str) -> str:
+    """A console script of this environment (next to the interpreter), else from PATH."""
+    found = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if found is None:
+        raise SystemExit(f"{name} not found: pip install -e '.[dev]'")
+    return found
 
 
 def generate(out: Path) -> int:
@@ -35,8 +44,8 @@ def generate(out: Path) -> int:
         f"--grpc_python_out={out}",
         f"--mypy_out={out}",
         f"--mypy_grpc_out={out}",
-        f"--plugin=protoc-gen-mypy={shutil.which('protoc-gen-mypy')}",
-        f"--plugin=protoc-gen-mypy_grpc={shutil.which('protoc-gen-mypy_grpc')}",
+        f"--plugin=protoc-gen-mypy={tool('protoc-gen-mypy')}",
+        f"--plugin=protoc-gen-mypy_grpc={tool('protoc-gen-mypy_grpc')}",
         *protos,
     ]
     status = protoc.main(args)

@@ -4,6 +4,7 @@ so CI cannot forget them."""
 from __future__ import annotations
 
 import filecmp
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_buf_lint_passes() -> None:
-    buf = shutil.which("buf")
+    buf = shutil.which("buf", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     assert buf, "buf is not installed (pip install buf-bin, part of the dev extra)"
     result = subprocess.run([buf, "lint"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,4 +1,4 @@
-"""The ``nexus`` command: serve, migrate, token, health, seed, reconcile, bench."""
+"""The nexus command: serve, migrate, token, health, seed, reconcile, bench."""
 
 from __future__ import annotations
 
