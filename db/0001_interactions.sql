@@ -139,6 +139,8 @@ END $$;
 
 CREATE TRIGGER shares_append_only BEFORE UPDATE OR DELETE ON shares
 FOR EACH ROW EXECUTE FUNCTION forbid_share_changes();
+CREATE TRIGGER shares_not_truncated BEFORE TRUNCATE ON shares
+FOR EACH STATEMENT EXECUTE FUNCTION forbid_share_changes();
 
 -- May p_viewer see the entry? A NULL viewer is an internal service acting for
 -- no one in particular, which sees everything. Followers are treated like
@@ -302,7 +304,7 @@ LANGUAGE sql AS $$
     SELECT count(*) = 1 FROM removed
 $$;
 
--- Applies reaction writes in order, one outcome per item. p_ops[i] is
+-- Applies reaction writes in order, one (item, outcome) per item. p_ops[i] is
 -- 'toggle', 'on' or 'off'. The service coalesces concurrent calls into one
 -- batch (group commit); a batch of one is the plain call.
 --
@@ -316,8 +318,9 @@ $$;
 -- the add on the newer state. Never "the insert did nothing, so report on".
 -- An entry that is missing, deleted or invisible to the user gives found =
 -- false for that item only.
-CREATE FUNCTION apply_reactions(p_ops text[], p_kinds reaction_kind[], p_user_ids text[], p_entry_ids uuid[])
-RETURNS SETOF reaction_outcome
+CREATE FUNCTION apply_reactions(p_ops text[], p_kinds reaction_kind[], p_user_ids text[], p_entry_ids uuid[],
+                                OUT item integer, OUT outcome reaction_outcome)
+RETURNS SETOF record
 LANGUAGE plpgsql AS $$
 DECLARE
     e       entries;
@@ -332,19 +335,18 @@ BEGIN
     ON CONFLICT (entry_id, shard) DO UPDATE SET resonance_count = s.resonance_count;
 
     FOR i IN 1 .. cardinality(p_ops) LOOP
+        item := i;
         SELECT * INTO e FROM entries WHERE entry_id = p_entry_ids[i] AND delete_time IS NULL;
         IF NOT FOUND OR NOT entry_visible(e, p_user_ids[i]) THEN
-            RETURN NEXT ROW(false, NULL, NULL, NULL, NULL, NULL, NULL)::reaction_outcome;
-            CONTINUE;
-        END IF;
-        IF p_ops[i] = 'toggle' THEN
+            outcome := ROW(false, NULL, NULL, NULL, NULL, NULL, NULL);
+        ELSIF p_ops[i] = 'toggle' THEN
             LOOP
                 IF add_reaction(p_kinds[i], p_user_ids[i], p_entry_ids[i]) THEN
-                    RETURN NEXT reaction_outcome(e, true, true);
+                    outcome := reaction_outcome(e, true, true);
                     EXIT;
                 END IF;
                 IF remove_reaction(p_kinds[i], p_user_ids[i], p_entry_ids[i]) THEN
-                    RETURN NEXT reaction_outcome(e, false, true);
+                    outcome := reaction_outcome(e, false, true);
                     EXIT;
                 END IF;
             END LOOP;
@@ -352,8 +354,9 @@ BEGIN
             -- Its own statement, so the counts read next include this change.
             changed := CASE WHEN p_ops[i] = 'on' THEN add_reaction(p_kinds[i], p_user_ids[i], p_entry_ids[i])
                             ELSE remove_reaction(p_kinds[i], p_user_ids[i], p_entry_ids[i]) END;
-            RETURN NEXT reaction_outcome(e, p_ops[i] = 'on', changed);
+            outcome := reaction_outcome(e, p_ops[i] = 'on', changed);
         END IF;
+        RETURN NEXT;
     END LOOP;
 END $$;
 
@@ -491,6 +494,7 @@ CREATE FUNCTION reconcile_entry_counters(p_fix boolean)
 RETURNS TABLE (entry_id uuid, shard smallint, counter text, stored bigint, actual bigint)
 LANGUAGE plpgsql AS $$
 BEGIN
+    DROP TABLE IF EXISTS pg_temp.counter_drift;
     CREATE TEMP TABLE counter_drift ON COMMIT DROP AS
     WITH actual AS (
         SELECT r.entry_id, counter_shard(r.user_id) AS shard,

@@ -131,6 +131,7 @@ CREATE FUNCTION reconcile_follow_counters(p_fix boolean)
 RETURNS TABLE (user_id text, shard smallint, counter text, stored bigint, actual bigint)
 LANGUAGE plpgsql AS $$
 BEGIN
+    DROP TABLE IF EXISTS pg_temp.follow_drift;
     CREATE TEMP TABLE follow_drift ON COMMIT DROP AS
     WITH actual AS (
         SELECT f.followed_id AS user_id, counter_shard(f.follower_id) AS shard,

@@ -1,8 +1,9 @@
 -- The token ledger: balances that never go negative, an append-only ledger
 -- they always equal, atomic transfers, and request_id idempotency.
 --
--- NX412 with DETAIL INSUFFICIENT_FUNDS / BALANCE_OVERFLOW is mapped to
--- FAILED_PRECONDITION + PreconditionFailure(type); NX409 to ALREADY_EXISTS.
+-- Per-item failures come back as a status (see apply_token_operations); the
+-- service maps them to FAILED_PRECONDITION + PreconditionFailure(type) and
+-- ALREADY_EXISTS.
 
 CREATE TYPE token_kind AS ENUM ('credit', 'debit', 'transfer_in', 'transfer_out');
 
@@ -51,6 +52,8 @@ END $$;
 
 CREATE TRIGGER token_transactions_append_only BEFORE UPDATE OR DELETE ON token_transactions
 FOR EACH ROW EXECUTE FUNCTION forbid_ledger_changes();
+CREATE TRIGGER token_transactions_not_truncated BEFORE TRUNCATE ON token_transactions
+FOR EACH STATEMENT EXECUTE FUNCTION forbid_ledger_changes();
 
 -- The transactions of one request, in the order they were written (for a
 -- transfer: out, then in).
@@ -61,129 +64,121 @@ LANGUAGE sql STABLE AS $$
     ORDER BY asked.position
 $$;
 
--- Claims (p_user_id, p_request_id) for this call, naming the transactions it
--- will write. Returns the transaction ids of an earlier identical request (a
--- retry: the caller returns those), or NULL when this call is the first and
--- must do the work. A concurrent duplicate waits on the key until the first
--- attempt commits (then it is a retry) or rolls back (then it does the work).
--- The same request_id with different arguments is NX409.
-CREATE FUNCTION claim_request(p_user_id text, p_request_id text, p_fingerprint text, p_transaction_ids uuid[])
-RETURNS uuid[]
+-- Applies ledger operations in order, one or more result rows per item
+-- (tagged with its position): p_ops[i] is 'credit', 'deduct' or 'transfer'
+-- (p_user_ids[i] pays p_counterparties[i]). The service coalesces concurrent
+-- calls into one batch (group commit); a batch of one is the plain call.
+--
+-- status per item: 'ok' with its transactions (for a transfer: out, then in);
+-- or 'insufficient_funds', 'balance_overflow', 'request_conflict' (the
+-- request_id was used with other arguments) with no transaction. A failing
+-- item writes nothing: it checks before it moves anything and gives its
+-- request_id back.
+--
+-- Idempotency: each item first claims (initiator, request_id). A retry finds
+-- the claim and gets the original transactions. A concurrent duplicate in
+-- another batch waits: both batches lock the initiator's balance row below.
+--
+-- Deadlock freedom: every balance row the batch touches is locked up front in
+-- one statement, in user_id order (rows of new users are created at 0 for
+-- that and removed again at the end if nothing moved).
+CREATE FUNCTION apply_token_operations(
+    p_ops text[], p_user_ids text[], p_counterparties text[], p_amounts bigint[], p_reasons text[],
+    p_reference_ids text[], p_request_ids text[])
+RETURNS TABLE (item integer, status text, transaction_id uuid, user_id text, kind token_kind, amount bigint,
+               balance_after bigint, reason text, reference_id text, counterparty_user_id text,
+               request_id text, sequence bigint, create_time timestamptz)
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
-    earlier token_requests;
+    created_rows text[];
+    ids          uuid[];
+    earlier      token_requests;
+    fingerprint  text;
+    payer        text;
+    payee        text;
+    payer_balance  bigint;
+    payer_sequence bigint;
+    payee_balance  bigint;
+    payee_sequence bigint;
 BEGIN
-    INSERT INTO token_requests (user_id, request_id, fingerprint, transaction_ids)
-    VALUES (p_user_id, p_request_id, p_fingerprint, p_transaction_ids)
-    ON CONFLICT DO NOTHING;
-    IF FOUND THEN
-        RETURN NULL;
-    END IF;
-    SELECT * INTO earlier FROM token_requests WHERE user_id = p_user_id AND request_id = p_request_id;
-    IF earlier.fingerprint <> p_fingerprint THEN
-        RAISE EXCEPTION 'request_id % was already used with different arguments', p_request_id
-            USING ERRCODE = 'NX409', COLUMN = 'request_id';
-    END IF;
-    RETURN earlier.transaction_ids;
-END $$;
+    WITH locked AS (
+        INSERT INTO balances AS b (user_id, balance)
+        SELECT DISTINCT u, 0 FROM unnest(p_user_ids || p_counterparties) AS u WHERE u IS NOT NULL ORDER BY u
+        ON CONFLICT (user_id) DO UPDATE SET balance = b.balance
+        RETURNING b.user_id, b.xmax = 0 AS created)
+    SELECT coalesce(array_agg(locked.user_id) FILTER (WHERE locked.created), '{}') INTO created_rows FROM locked;
 
--- Moves p_delta into p_user_id's balance in one statement (creating the row
--- for a credit), which also takes the row lock; returns the new balance and
--- the sequence number of the ledger row to write. Refuses to go below zero
--- (INSUFFICIENT_FUNDS) or past the int64 range (BALANCE_OVERFLOW).
-CREATE FUNCTION move_balance(p_user_id text, p_delta bigint, OUT balance_after bigint, OUT sequence bigint)
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF p_delta > 0 THEN
-        INSERT INTO balances AS b (user_id, balance, last_sequence) VALUES (p_user_id, p_delta, 1)
-        ON CONFLICT (user_id) DO UPDATE
-            SET balance = b.balance + p_delta, last_sequence = b.last_sequence + 1, update_time = clock_timestamp()
-            WHERE b.balance <= 9223372036854775807 - p_delta
-        RETURNING b.balance, b.last_sequence INTO balance_after, sequence;
+    FOR i IN 1 .. cardinality(p_ops) LOOP
+        payer := CASE WHEN p_ops[i] = 'credit' THEN NULL ELSE p_user_ids[i] END;
+        payee := CASE p_ops[i] WHEN 'credit' THEN p_user_ids[i] WHEN 'transfer' THEN p_counterparties[i] END;
+        fingerprint := md5(jsonb_build_array(p_ops[i], p_counterparties[i], p_amounts[i], p_reasons[i],
+                                             p_reference_ids[i])::text);
+        ids := CASE WHEN p_ops[i] = 'transfer' THEN ARRAY[gen_random_uuid(), gen_random_uuid()]
+                    ELSE ARRAY[gen_random_uuid()] END;
+
+        INSERT INTO token_requests AS r (user_id, request_id, fingerprint, transaction_ids)
+        VALUES (p_user_ids[i], p_request_ids[i], fingerprint, ids)
+        ON CONFLICT DO NOTHING;
         IF NOT FOUND THEN
-            RAISE EXCEPTION 'the balance of % would overflow', p_user_id
-                USING ERRCODE = 'NX412', DETAIL = 'BALANCE_OVERFLOW';
+            SELECT * INTO earlier FROM token_requests r
+            WHERE r.user_id = p_user_ids[i] AND r.request_id = p_request_ids[i];
+            IF earlier.fingerprint <> fingerprint THEN
+                RETURN QUERY SELECT i, 'request_conflict', NULL::uuid, NULL, NULL::token_kind, NULL::bigint,
+                                    NULL::bigint, NULL, NULL, NULL, NULL, NULL::bigint, NULL::timestamptz;
+            ELSE
+                RETURN QUERY SELECT i, 'ok', t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after,
+                                    t.reason, t.reference_id, t.counterparty_user_id, t.request_id, t.sequence,
+                                    t.create_time
+                             FROM request_transactions(earlier.transaction_ids) t;
+            END IF;
+            CONTINUE;
         END IF;
-    ELSE
-        UPDATE balances AS b
-        SET balance = b.balance + p_delta, last_sequence = b.last_sequence + 1, update_time = clock_timestamp()
-        WHERE b.user_id = p_user_id AND b.balance + p_delta >= 0
-        RETURNING b.balance, b.last_sequence INTO balance_after, sequence;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'insufficient funds: % has less than %', p_user_id, -p_delta
-                USING ERRCODE = 'NX412', DETAIL = 'INSUFFICIENT_FUNDS';
+
+        IF payer IS NOT NULL AND (SELECT b.balance FROM balances b WHERE b.user_id = payer) < p_amounts[i] THEN
+            status := 'insufficient_funds';
+        ELSIF payee IS NOT NULL
+              AND (SELECT b.balance FROM balances b WHERE b.user_id = payee) > 9223372036854775807 - p_amounts[i] THEN
+            status := 'balance_overflow';
+        ELSE
+            status := 'ok';
         END IF;
-    END IF;
-END $$;
+        IF status <> 'ok' THEN
+            DELETE FROM token_requests r WHERE r.user_id = p_user_ids[i] AND r.request_id = p_request_ids[i];
+            RETURN QUERY SELECT i, status, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint,
+                                NULL, NULL, NULL, NULL, NULL::bigint, NULL::timestamptz;
+            CONTINUE;
+        END IF;
 
--- Credit or deduct. Returns the transaction (the original one for a retried
--- request_id).
-CREATE FUNCTION credit_or_deduct(p_user_id text, p_amount bigint, p_deduct boolean, p_reason text,
-                                 p_reference_id text, p_request_id text)
-RETURNS SETOF token_transactions
-LANGUAGE plpgsql AS $$
-DECLARE
-    id      uuid := gen_random_uuid();
-    earlier uuid[] := claim_request(p_user_id, p_request_id,
-                                    md5(jsonb_build_array(CASE WHEN p_deduct THEN 'deduct' ELSE 'credit' END,
-                                                          p_amount, p_reason, p_reference_id)::text),
-                                    ARRAY[id]);
-    moved   record;
-BEGIN
-    IF earlier IS NOT NULL THEN
-        RETURN QUERY SELECT * FROM request_transactions(earlier);
-        RETURN;
-    END IF;
-    moved := move_balance(p_user_id, CASE WHEN p_deduct THEN -p_amount ELSE p_amount END);
-    RETURN QUERY
-    INSERT INTO token_transactions (transaction_id, user_id, kind, amount, balance_after, reason, reference_id,
-                                    request_id, sequence)
-    VALUES (id, p_user_id, CASE WHEN p_deduct THEN 'debit' ELSE 'credit' END::token_kind, p_amount,
-            moved.balance_after, p_reason, p_reference_id, p_request_id, moved.sequence)
-    RETURNING *;
-END $$;
+        IF payer IS NOT NULL THEN
+            UPDATE balances b SET balance = b.balance - p_amounts[i], last_sequence = b.last_sequence + 1,
+                                  update_time = clock_timestamp()
+            WHERE b.user_id = payer RETURNING b.balance, b.last_sequence INTO payer_balance, payer_sequence;
+        END IF;
+        IF payee IS NOT NULL THEN
+            UPDATE balances b SET balance = b.balance + p_amounts[i], last_sequence = b.last_sequence + 1,
+                                  update_time = clock_timestamp()
+            WHERE b.user_id = payee RETURNING b.balance, b.last_sequence INTO payee_balance, payee_sequence;
+        END IF;
+        RETURN QUERY
+        INSERT INTO token_transactions AS t (transaction_id, user_id, kind, amount, balance_after, reason,
+                                             reference_id, counterparty_user_id, request_id, sequence)
+        SELECT leg.id, leg.user_id, leg.kind, p_amounts[i], leg.balance_after, p_reasons[i], p_reference_ids[i],
+               leg.counterparty, p_request_ids[i], leg.sequence
+        FROM (VALUES
+            (1, ids[1], payer, CASE WHEN p_ops[i] = 'transfer' THEN 'transfer_out' ELSE 'debit' END::token_kind,
+             payer_balance, payer_sequence, payee),
+            (2, ids[cardinality(ids)], payee,
+             CASE WHEN p_ops[i] = 'transfer' THEN 'transfer_in' ELSE 'credit' END::token_kind,
+             payee_balance, payee_sequence, payer)
+        ) AS leg (position, id, user_id, kind, balance_after, sequence, counterparty)
+        WHERE leg.user_id IS NOT NULL
+        ORDER BY leg.position
+        RETURNING i, 'ok', t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after, t.reason,
+                  t.reference_id, t.counterparty_user_id, t.request_id, t.sequence, t.create_time;
+    END LOOP;
 
--- Atomic transfer: both legs or neither. The two balance rows are locked in
--- user_id order (whichever leg that is comes first), so transfers in opposite
--- directions cannot deadlock. Returns the out and in transactions (the
--- original ones for a retry).
-CREATE FUNCTION transfer(p_from_user_id text, p_to_user_id text, p_amount bigint, p_reason text,
-                         p_reference_id text, p_request_id text)
-RETURNS SETOF token_transactions
-LANGUAGE plpgsql AS $$
-DECLARE
-    out_id  uuid := gen_random_uuid();
-    in_id   uuid := gen_random_uuid();
-    earlier uuid[];
-    out_leg record;
-    in_leg  record;
-BEGIN
-    IF p_from_user_id = p_to_user_id THEN
-        RAISE EXCEPTION 'cannot transfer to oneself' USING ERRCODE = 'NX400', COLUMN = 'to_user_id';
-    END IF;
-    earlier := claim_request(p_from_user_id, p_request_id,
-                             md5(jsonb_build_array('transfer', p_to_user_id, p_amount, p_reason,
-                                                   p_reference_id)::text),
-                             ARRAY[out_id, in_id]);
-    IF earlier IS NOT NULL THEN
-        RETURN QUERY SELECT * FROM request_transactions(earlier);
-        RETURN;
-    END IF;
-    IF p_from_user_id < p_to_user_id THEN
-        out_leg := move_balance(p_from_user_id, -p_amount);
-        in_leg := move_balance(p_to_user_id, p_amount);
-    ELSE
-        in_leg := move_balance(p_to_user_id, p_amount);
-        out_leg := move_balance(p_from_user_id, -p_amount);
-    END IF;
-    RETURN QUERY
-    INSERT INTO token_transactions (transaction_id, user_id, kind, amount, balance_after, reason, reference_id,
-                                    counterparty_user_id, request_id, sequence)
-    VALUES (out_id, p_from_user_id, 'transfer_out', p_amount, out_leg.balance_after, p_reason, p_reference_id,
-            p_to_user_id, p_request_id, out_leg.sequence),
-           (in_id, p_to_user_id, 'transfer_in', p_amount, in_leg.balance_after, p_reason, p_reference_id,
-            p_from_user_id, p_request_id, in_leg.sequence)
-    RETURNING *;
+    DELETE FROM balances b WHERE b.user_id = ANY (created_rows) AND b.last_sequence = 0;
 END $$;
 
 -- Balances in the order asked for; unknown users have 0 (and no update_time).
@@ -214,6 +209,7 @@ CREATE FUNCTION reconcile_balances(p_fix boolean)
 RETURNS TABLE (user_id text, sequence bigint, counter text, stored bigint, actual bigint)
 LANGUAGE plpgsql AS $$
 BEGIN
+    DROP TABLE IF EXISTS pg_temp.balance_drift;
     CREATE TEMP TABLE balance_drift ON COMMIT DROP AS
     WITH ledger AS (
         SELECT t.user_id,

@@ -52,6 +52,10 @@ class Config:
     )
     slow_query_warn_ms: int = field(default=500, metadata={"help": "Log a warning for database calls slower than this."})
     slow_query_error_ms: int = field(default=1000, metadata={"help": "Log an error for database calls slower than this."})
+    max_pending_rpcs: int = field(
+        default=10_000,
+        metadata={"help": "Calls gRPC queues before a handler takes them; beyond it calls are refused, not dropped."},
+    )
     shutdown_grace_s: float = field(
         default=10.0, metadata={"help": "Seconds in-flight calls may take to finish after SIGTERM/SIGINT."}
     )

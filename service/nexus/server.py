@@ -95,7 +95,14 @@ class NexusServer:
         token_key = (resolve_secret(config) or config.jwt_public_key_file).encode()
         page_tokens = PageTokens(token_key)
 
-        server = grpc.aio.server(interceptors=[RpcInterceptor(authenticator)])
+        server = grpc.aio.server(
+            interceptors=[RpcInterceptor(authenticator)],
+            # gRPC core's default backlog (1000) cancels calls of a larger burst.
+            options=[
+                ("grpc.server.max_pending_requests", config.max_pending_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", 3 * config.max_pending_rpcs),
+            ],
+        )
         interaction_pb2_grpc.add_InteractionServiceServicer_to_server(InteractionServicer(self._db, page_tokens), server)
         follow_pb2_grpc.add_FollowServiceServicer_to_server(FollowServicer(self._db, page_tokens), server)
         token_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(self._db, page_tokens), server)

@@ -11,9 +11,9 @@ import grpc
 from nexus import queries, validation
 from nexus.auth import current_principal
 from nexus.database import Database
-from nexus.errors import InvalidArgument
+from nexus.errors import InvalidArgument, NotFound
+from nexus.group_commit import GroupCommit
 from nexus.pagination import PageTokens, position_timestamp, timestamp_position
-from nexus.reaction_writer import ReactionWriter
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import interaction_pb2_grpc
 
@@ -69,7 +69,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
     def __init__(self, db: Database, page_tokens: PageTokens) -> None:
         self._db = db
         self._tokens = page_tokens
-        self._reactions = ReactionWriter(db)
+        self._reactions = GroupCommit(db, "apply_reactions", queries.APPLY_REACTIONS)
 
     async def _create_entry(self, request: pb.CreateEntryRequest | pb.CreateBranchRequest, parent: Any) -> pb.Entry:
         author_id = validation.user_id(request.author_id, "author_id")
@@ -126,13 +126,16 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         return pb.DeleteEntryResponse()
 
     async def _react(self, kind: str, request: Any, on: bool | None) -> tuple[asyncpg.Record, pb.InteractionCounts]:
-        """Toggles (on=None) or sets a reaction; returns the reaction_outcome row and its counts."""
+        """Toggles (on=None) or sets a reaction; returns its reaction_outcome and counts."""
         user_id = validation.user_id(request.user_id, "user_id")
         entry_id = validation.entry_id(request.entry_id, "entry_id")
         current_principal.get().require_acting_as(user_id, "user_id")
         op = "toggle" if on is None else "on" if on else "off"
-        row = await self._reactions.apply(op, kind, user_id, entry_id)
-        return row, counts_message(row, str(entry_id))
+        (row,) = await self._reactions.submit(op, kind, user_id, entry_id)
+        outcome = row["outcome"]
+        if not outcome["found"]:
+            raise NotFound(f"entry {entry_id} not found", "entry_id")
+        return outcome, counts_message(outcome, str(entry_id))
 
     async def ToggleResonance(
         self, request: pb.ToggleResonanceRequest, context: grpc.aio.ServicerContext

@@ -14,7 +14,8 @@ import grpc
 from nexus import queries, validation
 from nexus.auth import current_principal
 from nexus.database import Database
-from nexus.errors import InvalidArgument, PermissionDenied
+from nexus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
+from nexus.group_commit import GroupCommit
 from nexus.pagination import PageTokens
 from nexus.v1 import token_pb2 as pb
 from nexus.v1 import token_pb2_grpc
@@ -50,29 +51,41 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
     def __init__(self, db: Database, page_tokens: PageTokens) -> None:
         self._db = db
         self._tokens = page_tokens
+        self._ledger = GroupCommit(db, "apply_token_operations", queries.APPLY_TOKEN_OPERATIONS)
 
-    async def _credit_or_deduct(self, request: pb.CreditRequest | pb.DeductRequest, deduct: bool) -> pb.Transaction:
-        user_id = validation.user_id(request.user_id, "user_id")
+    async def _apply(
+        self, op: str, user_id: str, counterparty: str | None, request: Any
+    ) -> list[pb.Transaction]:
+        """Validates the shared fields, applies one ledger operation, returns its transactions."""
         amount = validation.amount(request.amount)
         reason = validation.text(request.reason, "reason", MAX_REASON_CHARS)
         reference_id = validation.text(request.reference_id, "reference_id", MAX_REFERENCE_CHARS)
         request_id = validation.request_id(request.request_id, required=True)
+        rows = await self._ledger.submit(op, user_id, counterparty, amount, reason, reference_id, request_id)
+        status = rows[0]["status"]
+        if status == "insufficient_funds":
+            raise FailedPrecondition("INSUFFICIENT_FUNDS", f"{user_id} has fewer than {amount} tokens")
+        if status == "balance_overflow":
+            raise FailedPrecondition("BALANCE_OVERFLOW", f"the balance of {counterparty or user_id} would overflow")
+        if status == "request_conflict":
+            raise AlreadyExists(f"request_id {request_id} was already used with different arguments")
+        return [transaction_message(r) for r in rows]
+
+    async def _credit_or_deduct(self, request: pb.CreditRequest | pb.DeductRequest, op: str) -> pb.Transaction:
+        user_id = validation.user_id(request.user_id, "user_id")
         principal = current_principal.get()
         principal.require_acting_as(user_id, "user_id")
-        if not deduct and not principal.is_service:
+        if op == "credit" and not principal.is_service:
             raise PermissionDenied("Credit mints tokens and needs a service token")
-        row = await self._db.fetchrow(
-            "credit_or_deduct", queries.CREDIT_OR_DEDUCT, user_id, amount, deduct, reason, reference_id, request_id
-        )
-        assert row is not None
-        return transaction_message(row)
+        (transaction,) = await self._apply(op, user_id, None, request)
+        return transaction
 
     async def Credit(self, request: pb.CreditRequest, context: grpc.aio.ServicerContext) -> pb.CreditResponse:
-        transaction = await self._credit_or_deduct(request, deduct=False)
+        transaction = await self._credit_or_deduct(request, "credit")
         return pb.CreditResponse(transaction=transaction, balance=transaction.balance_after)
 
     async def Deduct(self, request: pb.DeductRequest, context: grpc.aio.ServicerContext) -> pb.DeductResponse:
-        transaction = await self._credit_or_deduct(request, deduct=True)
+        transaction = await self._credit_or_deduct(request, "deduct")
         return pb.DeductResponse(transaction=transaction, balance=transaction.balance_after)
 
     async def Transfer(self, request: pb.TransferRequest, context: grpc.aio.ServicerContext) -> pb.TransferResponse:
@@ -80,15 +93,8 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         to_user = validation.user_id(request.to_user_id, "to_user_id")
         if from_user == to_user:
             raise InvalidArgument("to_user_id", "cannot transfer to oneself")
-        amount = validation.amount(request.amount)
-        reason = validation.text(request.reason, "reason", MAX_REASON_CHARS)
-        reference_id = validation.text(request.reference_id, "reference_id", MAX_REFERENCE_CHARS)
-        request_id = validation.request_id(request.request_id, required=True)
         current_principal.get().require_acting_as(from_user, "from_user_id")
-        rows = await self._db.fetch(
-            "transfer", queries.TRANSFER, from_user, to_user, amount, reason, reference_id, request_id
-        )
-        out_leg, in_leg = (transaction_message(r) for r in rows)
+        out_leg, in_leg = await self._apply("transfer", from_user, to_user, request)
         return pb.TransferResponse(
             transactions=[out_leg, in_leg], from_balance=out_leg.balance_after, to_balance=in_leg.balance_after
         )

@@ -1,5 +1,5 @@
-"""Group commit of reaction writes: concurrent calls share database calls, yet
-each keeps the semantics of a call of its own."""
+"""Group commit (with reaction writes): concurrent calls share database calls,
+yet each keeps the semantics of a call of its own."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from nexus import errors
 from nexus.database import Database
-from nexus.reaction_writer import ReactionWriter
+from nexus.group_commit import GroupCommit
+from nexus import queries
 
 
 class CountingDatabase(Database):
@@ -34,6 +34,16 @@ async def counting_db(db_url: str) -> Any:
     await database.close()
 
 
+def reaction_writer(db: Database, max_in_flight: int) -> GroupCommit:
+    return GroupCommit(db, "apply_reactions", queries.APPLY_REACTIONS, max_in_flight=max_in_flight)
+
+
+async def apply(writer: GroupCommit, op: str, kind: str, user: str, entry: uuid.UUID) -> Any:
+    """The outcome of one reaction write."""
+    (row,) = await writer.submit(op, kind, user, entry)
+    return row["outcome"]
+
+
 async def create_entry(db: asyncpg.Connection, author: str, privacy: str = "public") -> uuid.UUID:
     row = await db.fetchrow(
         "SELECT entry_id FROM create_entry($1, NULL, 'post', '', '', $2, '{}', '{}', NULL)", author, privacy
@@ -45,9 +55,9 @@ async def test_concurrent_writes_share_calls_and_keep_per_user_order(
     counting_db: CountingDatabase, db: asyncpg.Connection
 ) -> None:
     entry = await create_entry(db, "alice")
-    writer = ReactionWriter(counting_db, max_in_flight=2)
+    writer = reaction_writer(counting_db, max_in_flight=2)
     users = [f"user-{i % 50}" for i in range(400)]  # each user toggles 8 times, interleaved
-    outcomes = await asyncio.gather(*(writer.apply("toggle", "resonance", user, entry) for user in users))
+    outcomes = await asyncio.gather(*(apply(writer, "toggle", "resonance", user, entry) for user in users))
 
     assert counting_db.calls < len(users) / 4, "concurrent writes were not coalesced"
     for user in set(users):
@@ -60,8 +70,8 @@ async def test_concurrent_writes_share_calls_and_keep_per_user_order(
 
 async def test_each_outcome_counts_its_own_change(counting_db: CountingDatabase, db: asyncpg.Connection) -> None:
     entry = await create_entry(db, "alice")
-    writer = ReactionWriter(counting_db, max_in_flight=1)
-    outcomes = await asyncio.gather(*(writer.apply("on", "resonance", f"fan-{i}", entry) for i in range(100)))
+    writer = reaction_writer(counting_db, max_in_flight=1)
+    outcomes = await asyncio.gather(*(apply(writer, "on", "resonance", f"fan-{i}", entry) for i in range(100)))
     # Applied one after another in arrival order, so the n-th sees n likes.
     assert [o["resonance_count"] for o in outcomes] == list(range(1, 101))
     assert all(o["changed"] for o in outcomes)
@@ -70,12 +80,10 @@ async def test_each_outcome_counts_its_own_change(counting_db: CountingDatabase,
 async def test_a_missing_entry_fails_only_its_own_item(counting_db: CountingDatabase, db: asyncpg.Connection) -> None:
     public = await create_entry(db, "alice")
     private = await create_entry(db, "alice", "private")
-    writer = ReactionWriter(counting_db, max_in_flight=1)
+    writer = reaction_writer(counting_db, max_in_flight=1)
     targets = [public, uuid.uuid4(), private, public]
-    results = await asyncio.gather(
-        *(writer.apply("on", "amplification", "bob", target) for target in targets), return_exceptions=True
-    )
-    assert [type(r) for r in results[1:3]] == [errors.NotFound, errors.NotFound]
+    results = await asyncio.gather(*(apply(writer, "on", "amplification", "bob", target) for target in targets))
+    assert [r["found"] for r in results] == [True, False, False, True]
     assert results[0]["changed"] and not results[3]["changed"]
     assert await db.fetchval("SELECT count(*) FROM reactions") == 1
     assert await db.fetchval("SELECT count(*) FROM entry_counter_shards WHERE entry_id = $1", private) == 0
