@@ -73,9 +73,11 @@ CREATE TABLE shares (
 CREATE TABLE entry_counter_shards (
     entry_id            uuid NOT NULL,
     shard               smallint NOT NULL CHECK (shard BETWEEN 0 AND 63),
-    resonance_count     bigint NOT NULL DEFAULT 0 CHECK (resonance_count >= 0),
-    amplification_count bigint NOT NULL DEFAULT 0 CHECK (amplification_count >= 0),
-    share_count         bigint NOT NULL DEFAULT 0 CHECK (share_count >= 0),
+    -- integer: per shard that is ample, and sum(integer) aggregates as bigint
+    -- where sum(bigint) would go through numeric.
+    resonance_count     integer NOT NULL DEFAULT 0 CHECK (resonance_count >= 0),
+    amplification_count integer NOT NULL DEFAULT 0 CHECK (amplification_count >= 0),
+    share_count         integer NOT NULL DEFAULT 0 CHECK (share_count >= 0),
     PRIMARY KEY (entry_id, shard)
 ) WITH (fillfactor = 50);
 
@@ -511,10 +513,11 @@ BEGIN
         FROM actual a GROUP BY 1, 2
     ), compared AS (
         SELECT coalesce(a.entry_id, s.entry_id) AS entry_id, coalesce(a.shard, s.shard) AS shard,
-               coalesce(s.resonance_count, 0) AS stored_resonance, coalesce(a.resonance_count, 0) AS actual_resonance,
-               coalesce(s.amplification_count, 0) AS stored_amplification,
+               coalesce(s.resonance_count, 0)::bigint AS stored_resonance,
+               coalesce(a.resonance_count, 0) AS actual_resonance,
+               coalesce(s.amplification_count, 0)::bigint AS stored_amplification,
                coalesce(a.amplification_count, 0) AS actual_amplification,
-               coalesce(s.share_count, 0) AS stored_share, coalesce(a.share_count, 0) AS actual_share
+               coalesce(s.share_count, 0)::bigint AS stored_share, coalesce(a.share_count, 0) AS actual_share
         FROM actual_by_shard a FULL JOIN entry_counter_shards s ON s.entry_id = a.entry_id AND s.shard = a.shard
     )
     SELECT c.entry_id, c.shard, v.counter, v.stored, v.actual

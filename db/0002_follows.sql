@@ -18,8 +18,8 @@ CREATE INDEX follows_following ON follows (follower_id, create_time, followed_id
 CREATE TABLE follow_counter_shards (
     user_id         text NOT NULL,
     shard           smallint NOT NULL CHECK (shard BETWEEN 0 AND 63),
-    follower_count  bigint NOT NULL DEFAULT 0 CHECK (follower_count >= 0),
-    following_count bigint NOT NULL DEFAULT 0 CHECK (following_count >= 0),
+    follower_count  integer NOT NULL DEFAULT 0 CHECK (follower_count >= 0),
+    following_count integer NOT NULL DEFAULT 0 CHECK (following_count >= 0),
     PRIMARY KEY (user_id, shard)
 ) WITH (fillfactor = 50);
 
@@ -29,12 +29,12 @@ CREATE FUNCTION count_follow() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     edge  follows := CASE WHEN TG_OP = 'INSERT' THEN NEW ELSE OLD END;
-    delta bigint := CASE WHEN TG_OP = 'INSERT' THEN 1 ELSE -1 END;
+    delta integer := CASE WHEN TG_OP = 'INSERT' THEN 1 ELSE -1 END;
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO follow_counter_shards AS s (user_id, shard, follower_count, following_count)
-        SELECT * FROM (VALUES (edge.followed_id, counter_shard(edge.follower_id), 1::bigint, 0::bigint),
-                              (edge.follower_id, counter_shard(edge.followed_id), 0::bigint, 1::bigint)) AS v
+        SELECT * FROM (VALUES (edge.followed_id, counter_shard(edge.follower_id), 1, 0),
+                              (edge.follower_id, counter_shard(edge.followed_id), 0, 1)) AS v
         ORDER BY 1, 2
         ON CONFLICT (user_id, shard) DO UPDATE
             SET follower_count = s.follower_count + excluded.follower_count,
@@ -119,12 +119,17 @@ LANGUAGE sql STABLE AS $$
     LIMIT p_limit
 $$;
 
--- FOLLOWERS entries are now visible to the author's followers.
+CREATE FUNCTION follows_user(p_follower_id text, p_followed_id text) RETURNS boolean
+LANGUAGE sql STABLE
+RETURN EXISTS (SELECT FROM follows f WHERE f.follower_id = p_follower_id AND f.followed_id = p_followed_id);
+
+-- FOLLOWERS entries are now visible to the author's followers. The subquery
+-- stays inside follows_user, so this expression still inlines into the
+-- queries that use it, and only FOLLOWERS entries pay for the lookup.
 CREATE OR REPLACE FUNCTION entry_visible(e entries, p_viewer text) RETURNS boolean
 LANGUAGE sql STABLE
 RETURN p_viewer IS NULL OR e.privacy = 'public' OR e.author_id = p_viewer
-       OR (e.privacy = 'followers'
-           AND EXISTS (SELECT FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = e.author_id));
+       OR (e.privacy = 'followers' AND follows_user(p_viewer, e.author_id));
 
 -- Recounts every follow counter from the edges; with p_fix, repairs drift.
 CREATE FUNCTION reconcile_follow_counters(p_fix boolean)
@@ -148,8 +153,8 @@ BEGIN
     FROM actual_by_shard a
     FULL JOIN follow_counter_shards s ON s.user_id = a.user_id AND s.shard = a.shard
     CROSS JOIN LATERAL (VALUES
-        ('follower_count', coalesce(s.follower_count, 0), coalesce(a.follower_count, 0)),
-        ('following_count', coalesce(s.following_count, 0), coalesce(a.following_count, 0))) AS v (counter, stored, actual)
+        ('follower_count', coalesce(s.follower_count, 0)::bigint, coalesce(a.follower_count, 0)),
+        ('following_count', coalesce(s.following_count, 0)::bigint, coalesce(a.following_count, 0))) AS v (counter, stored, actual)
     WHERE v.stored <> v.actual;
 
     IF p_fix THEN

@@ -47,7 +47,7 @@ SELECT id, 'bench-author', id, 0, 0, '{{}}', 'post', 'bench', 'bench entry', 'pu
 FROM generate_series(1, {BENCH_ENTRIES}) n, CAST(md5('bench-entry-' || n) AS uuid) AS id
 ON CONFLICT DO NOTHING;
 SELECT count(*) FROM apply_token_operations(
-    (SELECT array_agg('credit') FROM generate_series(1, {BENCH_PAYERS})),
+    array_fill('credit'::text, ARRAY[{BENCH_PAYERS}]),
     (SELECT array_agg('bench-payer-' || n) FROM generate_series(1, {BENCH_PAYERS}) n),
     array_fill(NULL::text, ARRAY[{BENCH_PAYERS}]), array_fill(1000000000000::bigint, ARRAY[{BENCH_PAYERS}]),
     array_fill('bench funding'::text, ARRAY[{BENCH_PAYERS}]), array_fill(''::text, ARRAY[{BENCH_PAYERS}]),
