@@ -40,7 +40,7 @@ def reaction_writer(db: Database, max_in_flight: int) -> GroupCommit:
 
 async def apply(writer: GroupCommit, op: str, kind: str, user: str, entry: uuid.UUID) -> Any:
     """The outcome of one reaction write."""
-    (row,) = await writer.submit(op, kind, user, entry)
+    (row,) = await writer.submit((entry,), op, kind, user, entry)
     return row["outcome"]
 
 
@@ -87,3 +87,42 @@ async def test_a_missing_entry_fails_only_its_own_item(counting_db: CountingData
     assert results[0]["changed"] and not results[3]["changed"]
     assert await db.fetchval("SELECT count(*) FROM reactions") == 1
     assert await db.fetchval("SELECT count(*) FROM entry_counter_shards WHERE entry_id = $1", private) == 0
+
+
+class OverlapRecordingDatabase(Database):
+    """The real database, recording which entries the batches in flight write."""
+
+    in_flight: list[set[uuid.UUID]]
+    overlaps = 0
+    most_in_flight = 0
+
+    async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
+        entries = set(args[3])
+        if any(entries & other for other in self.in_flight):
+            self.overlaps += 1
+        self.in_flight.append(entries)
+        self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
+        try:
+            return await super().fetch(name, query, *args)
+        finally:
+            self.in_flight.remove(entries)
+
+
+async def test_batches_in_flight_never_share_a_key(db_url: str, db: asyncpg.Connection) -> None:
+    recording = OverlapRecordingDatabase(
+        await asyncpg.create_pool(db_url, min_size=1, max_size=4), statement_timeout_ms=30_000, slow_warn_ms=500, slow_error_ms=1000
+    )
+    recording.in_flight = []
+    try:
+        hot = await create_entry(db, "alice")
+        quiet = [await create_entry(db, "alice") for _ in range(20)]
+        writer = reaction_writer(recording, max_in_flight=4)
+        targets = [hot if i % 2 else quiet[i % 20] for i in range(600)]
+        outcomes = await asyncio.gather(*(apply(writer, "on", "resonance", f"fan-{i}", e) for i, e in enumerate(targets)))
+    finally:
+        await recording.close()
+    assert recording.overlaps == 0
+    assert recording.most_in_flight > 1, "quiet entries should still be written in parallel"
+    hot_counts = [o["resonance_count"] for o, e in zip(outcomes, targets) if e == hot]
+    assert hot_counts == list(range(1, 301)), "one key's writes must apply in arrival order"
+    assert await db.fetchval("SELECT count(*) FROM reconcile_entry_counters(false)") == 0
