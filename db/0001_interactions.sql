@@ -325,14 +325,25 @@ CREATE FUNCTION apply_reactions(p_ops text[], p_kinds reaction_kind[], p_user_id
 RETURNS SETOF record
 LANGUAGE plpgsql AS $$
 DECLARE
-    e       entries;
-    changed boolean;
+    e          entries;
+    state      boolean;
+    changed    boolean;
+    delta      integer;
+    -- Running counts per entry of the batch: summed from the shards once, on
+    -- the entry's first item, then carried through the batch's own changes
+    -- (re-summing per item would walk the versions this transaction adds).
+    seen       uuid[] := '{}';
+    resonances bigint[] := '{}';
+    amplifies  bigint[] := '{}';
+    shares     bigint[] := '{}';
+    slot       integer;
+    totals     record;
 BEGIN
     INSERT INTO entry_counter_shards AS s (entry_id, shard)
-    SELECT DISTINCT item.entry_id, counter_shard(item.user_id)
-    FROM unnest(p_user_ids, p_entry_ids) AS item (user_id, entry_id)
-    JOIN entries target ON target.entry_id = item.entry_id
-    WHERE target.delete_time IS NULL AND entry_visible(target, item.user_id)
+    SELECT DISTINCT asked.entry_id, counter_shard(asked.user_id)
+    FROM unnest(p_user_ids, p_entry_ids) AS asked (user_id, entry_id)
+    JOIN entries target ON target.entry_id = asked.entry_id
+    WHERE target.delete_time IS NULL AND entry_visible(target, asked.user_id)
     ORDER BY 1, 2
     ON CONFLICT (entry_id, shard) DO UPDATE SET resonance_count = s.resonance_count;
 
@@ -341,23 +352,43 @@ BEGIN
         SELECT * INTO e FROM entries WHERE entry_id = p_entry_ids[i] AND delete_time IS NULL;
         IF NOT FOUND OR NOT entry_visible(e, p_user_ids[i]) THEN
             outcome := ROW(false, NULL, NULL, NULL, NULL, NULL, NULL);
-        ELSIF p_ops[i] = 'toggle' THEN
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        slot := array_position(seen, e.entry_id);
+        IF slot IS NULL THEN
+            seen := seen || e.entry_id;
+            slot := cardinality(seen);
+            SELECT * INTO totals FROM counter_totals(e.entry_id);
+            resonances[slot] := totals.resonance_count;
+            amplifies[slot] := totals.amplification_count;
+            shares[slot] := totals.share_count;
+        END IF;
+
+        IF p_ops[i] = 'toggle' THEN
             LOOP
                 IF add_reaction(p_kinds[i], p_user_ids[i], p_entry_ids[i]) THEN
-                    outcome := reaction_outcome(e, true, true);
+                    state := true;
                     EXIT;
                 END IF;
                 IF remove_reaction(p_kinds[i], p_user_ids[i], p_entry_ids[i]) THEN
-                    outcome := reaction_outcome(e, false, true);
+                    state := false;
                     EXIT;
                 END IF;
             END LOOP;
+            changed := true;
         ELSE
-            -- Its own statement, so the counts read next include this change.
-            changed := CASE WHEN p_ops[i] = 'on' THEN add_reaction(p_kinds[i], p_user_ids[i], p_entry_ids[i])
+            state := p_ops[i] = 'on';
+            changed := CASE WHEN state THEN add_reaction(p_kinds[i], p_user_ids[i], p_entry_ids[i])
                             ELSE remove_reaction(p_kinds[i], p_user_ids[i], p_entry_ids[i]) END;
-            outcome := reaction_outcome(e, p_ops[i] = 'on', changed);
         END IF;
+        delta := CASE WHEN NOT changed THEN 0 WHEN state THEN 1 ELSE -1 END;
+        IF p_kinds[i] = 'resonance' THEN
+            resonances[slot] := resonances[slot] + delta;
+        ELSE
+            amplifies[slot] := amplifies[slot] + delta;
+        END IF;
+        outcome := ROW(true, state, changed, resonances[slot], amplifies[slot], e.branch_count, shares[slot]);
         RETURN NEXT;
     END LOOP;
 END $$;
@@ -527,10 +558,11 @@ BEGIN
                                ('share_count', c.stored_share, c.actual_share)) AS v (counter, stored, actual)
     WHERE v.stored <> v.actual
     UNION ALL
-    SELECT e.entry_id, NULL, 'branch_count', e.branch_count::bigint,
-           (SELECT count(*) FROM entries child WHERE child.parent_entry_id = e.entry_id)
+    SELECT e.entry_id, NULL, 'branch_count', e.branch_count::bigint, coalesce(children.count, 0)
     FROM entries e
-    WHERE e.branch_count <> (SELECT count(*) FROM entries child WHERE child.parent_entry_id = e.entry_id);
+    LEFT JOIN (SELECT child.parent_entry_id, count(*) AS count FROM entries child
+               WHERE child.parent_entry_id IS NOT NULL GROUP BY 1) children ON children.parent_entry_id = e.entry_id
+    WHERE e.branch_count <> coalesce(children.count, 0);
 
     IF p_fix THEN
         INSERT INTO entry_counter_shards AS s (entry_id, shard)
