@@ -1,8 +1,9 @@
 """``nexus seed``: a small demo world, created through the running server's RPCs.
 
 Users alice, bob, carol and dave; a few entries with a reply tree; likes,
-amplifications, a share and saved/applied states. Request ids make it safe to
-run twice: the second run changes nothing.
+amplifications, a share and saved/applied states; follows; 100 tokens each
+and a tip. Request ids and idempotent calls make it safe to run twice: the
+second run changes nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import grpc
 from nexus.auth import mint_token
 from nexus.config import Config
 from nexus.server import resolve_secret
+from nexus.v1 import follow_pb2, follow_pb2_grpc, token_pb2, token_pb2_grpc
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import interaction_pb2_grpc
 
@@ -69,5 +71,21 @@ async def seed(config: Config) -> int:
             await stub.RecordInteraction(
                 pb.RecordInteractionRequest(user_id=user, target_id=target, action=action), metadata=metadata
             )
+        follows = follow_pb2_grpc.FollowServiceStub(channel)
+        for follower, followed in (("bob", "alice"), ("carol", "alice"), ("alice", "bob"), ("dave", "carol")):
+            await follows.Follow(follow_pb2.FollowRequest(follower_id=follower, followed_id=followed), metadata=metadata)
+        tokens = token_pb2_grpc.TokenServiceStub(channel)
+        for user in USERS:
+            await tokens.Credit(
+                token_pb2.CreditRequest(user_id=user, amount=100, reason="welcome", request_id="seed-welcome"),
+                metadata=metadata,
+            )
+        await tokens.Transfer(
+            token_pb2.TransferRequest(
+                from_user_id="bob", to_user_id="alice", amount=10, reason="tip", reference_id=entries[0].entry_id,
+                request_id="seed-tip",
+            ),
+            metadata=metadata,
+        )
     print(f"seeded {len(entries)} entries for users {', '.join(USERS)}; root entry: {entries[0].entry_id}")
     return 0
