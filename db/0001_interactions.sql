@@ -145,8 +145,8 @@ CREATE TRIGGER shares_not_truncated BEFORE TRUNCATE ON shares
 FOR EACH STATEMENT EXECUTE FUNCTION forbid_share_changes();
 
 -- May p_viewer see the entry? A NULL viewer is an internal service acting for
--- no one in particular, which sees everything. Followers are treated like
--- everyone else until the follow graph exists.
+-- no one in particular, which sees everything. Until the follow graph exists
+-- (0002 redefines this), FOLLOWERS entries are for their author only.
 CREATE FUNCTION entry_visible(e entries, p_viewer text) RETURNS boolean
 LANGUAGE sql STABLE
 RETURN p_viewer IS NULL OR e.privacy = 'public' OR e.author_id = p_viewer;
@@ -188,6 +188,21 @@ LANGUAGE sql STABLE AS $$
     ORDER BY asked.position
 $$;
 
+-- The entry an earlier call with this request_id created (NULL: none); the
+-- same request_id with other arguments is NX409.
+CREATE FUNCTION earlier_entry(p_author_id text, p_request_id text, p_fingerprint text) RETURNS entries
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    existing entries;
+BEGIN
+    SELECT * INTO existing FROM entries WHERE author_id = p_author_id AND request_id = p_request_id;
+    IF FOUND AND existing.request_fingerprint <> p_fingerprint THEN
+        RAISE EXCEPTION 'request_id % was already used with different arguments', p_request_id
+            USING ERRCODE = 'NX409', COLUMN = 'request_id';
+    END IF;
+    RETURN existing;
+END $$;
+
 CREATE FUNCTION create_entry(
     p_author_id text, p_parent_entry_id uuid, p_type text, p_title text, p_content text,
     p_privacy privacy, p_tags text[], p_metadata jsonb, p_request_id text)
@@ -200,9 +215,17 @@ DECLARE
     existing entries;
     created  entries;
 BEGIN
+    -- A retry returns the original even if the parent has gone since.
+    existing := earlier_entry(p_author_id, p_request_id, fingerprint);
+    IF existing.entry_id IS NOT NULL THEN
+        RETURN NEXT existing;
+        RETURN;
+    END IF;
+
     IF p_parent_entry_id IS NOT NULL THEN
         -- Lock the parent: children of one parent are numbered one at a time,
-        -- and a retried request waits here for its first attempt to commit.
+        -- and a concurrent first attempt of the same request is waited for
+        -- here (and found just below).
         SELECT * INTO parent FROM entries
         WHERE entry_id = p_parent_entry_id AND delete_time IS NULL
         FOR NO KEY UPDATE;
@@ -216,16 +239,10 @@ BEGIN
         END IF;
     END IF;
 
-    IF p_request_id IS NOT NULL THEN
-        SELECT * INTO existing FROM entries WHERE author_id = p_author_id AND request_id = p_request_id;
-        IF FOUND THEN
-            IF existing.request_fingerprint <> fingerprint THEN
-                RAISE EXCEPTION 'request_id % was already used with different arguments', p_request_id
-                    USING ERRCODE = 'NX409', COLUMN = 'request_id';
-            END IF;
-            RETURN NEXT existing;
-            RETURN;
-        END IF;
+    existing := earlier_entry(p_author_id, p_request_id, fingerprint);
+    IF existing.entry_id IS NOT NULL THEN
+        RETURN NEXT existing;
+        RETURN;
     END IF;
 
     IF p_parent_entry_id IS NULL THEN
@@ -311,9 +328,10 @@ $$;
 -- batch (group commit); a batch of one is the plain call.
 --
 -- Deadlock freedom: the batch first locks the counter shards of all its items
--- in (entry_id, shard) order, creating missing ones. Two batches that touch the
--- same reaction row need the same shard, so reaction rows never contend
--- between batches, and shard locks are always taken in one global order.
+-- in (entry_id, shard) order, creating missing ones, and the loop writes only
+-- those shards (visibility is decided once, before the locks). Two batches
+-- that touch the same reaction row need the same shard, so reaction rows never
+-- contend between batches, and shard locks are taken in one global order.
 --
 -- Toggles are linearizable per (user, entry, kind): an add that finds the row
 -- present turns into a remove, and a remove that finds it already gone retries
@@ -338,19 +356,27 @@ DECLARE
     shares     bigint[] := '{}';
     slot       integer;
     totals     record;
+    -- Whether each item's entry exists and its user may see it, decided once:
+    -- the shards locked below are exactly those the loop will write.
+    allowed    boolean[];
 BEGIN
+    SELECT array_agg(target.entry_id IS NOT NULL AND target.delete_time IS NULL
+                     AND entry_visible(target, asked.user_id) ORDER BY asked.position)
+    INTO allowed
+    FROM unnest(p_user_ids, p_entry_ids) WITH ORDINALITY AS asked (user_id, entry_id, position)
+    LEFT JOIN entries target ON target.entry_id = asked.entry_id;
+
     INSERT INTO entry_counter_shards AS s (entry_id, shard)
     SELECT DISTINCT asked.entry_id, counter_shard(asked.user_id)
-    FROM unnest(p_user_ids, p_entry_ids) AS asked (user_id, entry_id)
-    JOIN entries target ON target.entry_id = asked.entry_id
-    WHERE target.delete_time IS NULL AND entry_visible(target, asked.user_id)
+    FROM unnest(p_user_ids, p_entry_ids, allowed) AS asked (user_id, entry_id, allowed)
+    WHERE asked.allowed
     ORDER BY 1, 2
     ON CONFLICT (entry_id, shard) DO UPDATE SET resonance_count = s.resonance_count;
 
     FOR i IN 1 .. cardinality(p_ops) LOOP
         item := i;
-        SELECT * INTO e FROM entries WHERE entry_id = p_entry_ids[i] AND delete_time IS NULL;
-        IF NOT FOUND OR NOT entry_visible(e, p_user_ids[i]) THEN
+        SELECT * INTO e FROM entries WHERE entry_id = p_entry_ids[i];
+        IF NOT allowed[i] THEN
             outcome := ROW(false, NULL, NULL, NULL, NULL, NULL, NULL);
             RETURN NEXT;
             CONTINUE;
@@ -399,15 +425,21 @@ CREATE FUNCTION record_share(p_user_id text, p_entry_id uuid, p_request_id text)
 RETURNS reaction_outcome
 LANGUAGE plpgsql AS $$
 DECLARE
-    e            entries := visible_entry(p_entry_id, p_user_id, 'entry_id');
+    e            entries;
     shared_entry uuid;
 BEGIN
-    INSERT INTO shares (user_id, request_id, entry_id) VALUES (p_user_id, p_request_id, p_entry_id)
-    ON CONFLICT DO NOTHING;
-    IF FOUND THEN
-        RETURN reaction_outcome(e, true, true);
-    END IF;
+    -- A retry returns the original outcome even if the entry has gone since.
     SELECT entry_id INTO shared_entry FROM shares WHERE user_id = p_user_id AND request_id = p_request_id;
+    IF NOT FOUND THEN
+        e := visible_entry(p_entry_id, p_user_id, 'entry_id');
+        INSERT INTO shares (user_id, request_id, entry_id) VALUES (p_user_id, p_request_id, p_entry_id)
+        ON CONFLICT DO NOTHING;
+        IF FOUND THEN
+            RETURN reaction_outcome(e, true, true);
+        END IF;
+        SELECT entry_id INTO shared_entry FROM shares WHERE user_id = p_user_id AND request_id = p_request_id;
+    END IF;
+    SELECT * INTO e FROM entries WHERE entry_id = p_entry_id;
     IF shared_entry <> p_entry_id THEN
         RAISE EXCEPTION 'request_id % was already used for another entry', p_request_id
             USING ERRCODE = 'NX409', COLUMN = 'request_id';

@@ -75,9 +75,10 @@ $$;
 -- item writes nothing: it checks before it moves anything and gives its
 -- request_id back.
 --
--- Idempotency: each item first claims (initiator, request_id). A retry finds
--- the claim and gets the original transactions. A concurrent duplicate in
--- another batch waits: both batches lock the initiator's balance row below.
+-- Idempotency: each item first claims (initiator, request_id); request ids
+-- are scoped to the initiating user. A retry finds the claim and gets the
+-- original transactions. A concurrent duplicate in another batch waits: both
+-- batches lock the initiator's balance row first.
 --
 -- Deadlock freedom: every balance row the batch touches is locked up front in
 -- one statement, in user_id order (rows of new users are created at 0 for

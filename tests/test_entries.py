@@ -469,3 +469,17 @@ async def test_delete_entry_by_another_user_is_permission_denied(clients: Client
 async def test_delete_unknown_entry_is_not_found(clients: Clients) -> None:
     error = await rpc_error(delete_entry(clients, new_uuid()))
     assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_retries_return_the_original_after_the_parent_is_deleted(clients: Clients) -> None:
+    stub = clients.interactions
+    parent = (await stub.CreateEntry(pb.CreateEntryRequest(author_id="alice", type="post"), metadata=SERVICE)).entry
+    request = pb.CreateBranchRequest(author_id="bob", parent_entry_id=parent.entry_id, type="reply", request_id="r1")
+    branch = (await stub.CreateBranch(request, metadata=SERVICE)).entry
+    share = pb.RecordShareRequest(user_id="carol", entry_id=parent.entry_id, request_id="s1")
+    assert (await stub.RecordShare(share, metadata=SERVICE)).recorded
+    await stub.DeleteEntry(pb.DeleteEntryRequest(user_id="alice", entry_id=parent.entry_id), metadata=SERVICE)
+
+    assert (await stub.CreateBranch(request, metadata=SERVICE)).entry.entry_id == branch.entry_id
+    retried = await stub.RecordShare(share, metadata=SERVICE)
+    assert not retried.recorded and retried.counts.share_count == 1

@@ -4,13 +4,15 @@ yet each keeps the semantics of a call of its own."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
 import asyncpg
 import pytest
 
-from nexus.database import Database
+from nexus import errors
+from nexus.database import Database, call_deadline
 from nexus.group_commit import GroupCommit
 from nexus import queries
 
@@ -126,3 +128,33 @@ async def test_batches_in_flight_never_share_a_key(db_url: str, db: asyncpg.Conn
     hot_counts = [o["resonance_count"] for o, e in zip(outcomes, targets) if e == hot]
     assert hot_counts == list(range(1, 301)), "one key's writes must apply in arrival order"
     assert await db.fetchval("SELECT count(*) FROM reconcile_entry_counters(false)") == 0
+
+
+async def test_a_caller_past_its_deadline_never_has_its_write_committed(
+    counting_db: CountingDatabase, db: asyncpg.Connection, db_url: str
+) -> None:
+    entry = await create_entry(db, "alice")
+    writer = reaction_writer(counting_db, max_in_flight=1)
+    blocker = await asyncpg.connect(db_url)
+    try:
+        # Hold every counter shard of the entry, so the batch waits on its pre-lock.
+        await blocker.execute("BEGIN")
+        await blocker.execute(
+            "INSERT INTO entry_counter_shards (entry_id, shard) SELECT $1, s FROM generate_series(0, 63) s", entry
+        )
+
+        async def write(user: str, seconds: float) -> Any:
+            call_deadline.set(time.monotonic() + seconds)
+            return await apply(writer, "on", "resonance", user, entry)
+
+        impatient = asyncio.create_task(write("impatient", 0.3))
+        patient = asyncio.create_task(write("patient", 30))
+        with pytest.raises(errors.DeadlineExceeded):
+            await impatient
+        await blocker.execute("ROLLBACK")
+        outcome = await patient
+    finally:
+        await blocker.close()
+    assert outcome["changed"] and outcome["resonance_count"] == 1
+    users = [r["user_id"] for r in await db.fetch("SELECT user_id FROM reactions WHERE entry_id = $1", entry)]
+    assert users == ["patient"]

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("health", "Exit 0 when the server at --host/--port answers SERVING.")
     sub = command("seed", "Create a small demo world through the running server.")
     sub = command("reconcile", "Recount every counter from its rows and print the drift found.")
-    sub.add_argument("--fix", action="store_true", help="Repair the drift found.")
+    sub.add_argument("--fix", action="store_true", help="Repair the drift found (run it while writes are quiesced).")
     sub = command("bench", "Load-test the running server and print figures (see README).")
     sub.add_argument("--duration", type=float, default=10.0, help="Seconds per scenario.")
     sub.add_argument("--concurrency", type=int, default=64, help="Calls in flight per scenario.")

@@ -96,8 +96,9 @@ class Database:
         timeout = self._timeout()
         started = time.perf_counter()
         try:
-            # No timeout on acquire (it would spawn a task per call): a call
-            # waiting for a connection past its deadline is cancelled by gRPC.
+            # No timeout on acquire (it would spawn a task per call): an RPC
+            # waiting for a connection past its deadline is cancelled by gRPC,
+            # and a group-commit batch keeps its callers' deadline on the query.
             async with self.pool.acquire() as conn:
                 return await getattr(conn, method)(query, *args, timeout=max(timeout - (time.perf_counter() - started), 0.001))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:

@@ -10,6 +10,8 @@ the interceptor turns any of them into a ``google.rpc.Status`` with rich details
     ├── Unauthenticated             UNAUTHENTICATED
     ├── PermissionDenied            PERMISSION_DENIED
     ├── FailedPrecondition          FAILED_PRECONDITION + PreconditionFailure(type)
+    ├── Aborted                     ABORTED (deadlock / serialization failure)
+    ├── ResourceExhausted           RESOURCE_EXHAUSTED
     ├── Unavailable                 UNAVAILABLE
     └── DeadlineExceeded            DEADLINE_EXCEEDED
 
@@ -109,6 +111,18 @@ class FailedPrecondition(NexusError):
         return [_pack(failure)]
 
 
+class Aborted(NexusError):
+    """The transaction was rolled back by a conflict with another; nothing was written, retry."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class ResourceExhausted(NexusError):
+    """Too many writes are queued; retry with backoff."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class Unavailable(NexusError):
     """The database cannot be reached; retry with backoff."""
 
@@ -147,8 +161,13 @@ def from_database(exc: BaseException) -> NexusError:
             return PermissionDenied(message)
         if sqlstate == "NX404":
             return NotFound(message, field)
-        if sqlstate == "NX409" or sqlstate == "23505":
-            return AlreadyExists(message if sqlstate == "NX409" else "request_id was already used with different arguments")
+        if sqlstate == "NX409":
+            return AlreadyExists(message)
+        if sqlstate == "23505" and getattr(exc, "constraint_name", None) == "entries_request":
+            # A request_id reused with another parent, caught by the unique index.
+            return AlreadyExists("request_id was already used with different arguments")
+        if sqlstate in ("40P01", "40001"):  # deadlock / serialization failure: rolled back, safe to retry
+            return Aborted()
         if sqlstate == "NX412":
             return FailedPrecondition(getattr(exc, "detail", None) or "FAILED_PRECONDITION", message)
         if sqlstate == "57014":  # query_canceled: statement_timeout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,8 +93,10 @@ class NexusServer:
             slow_warn_ms=config.slow_query_warn_ms,
             slow_error_ms=config.slow_query_error_ms,
         )
-        token_key = (resolve_secret(config) or config.jwt_public_key_file).encode()
-        page_tokens = PageTokens(token_key)
+        secret = resolve_secret(config)
+        if not secret:
+            log.warning("event=page_tokens_per_process reason='no NEXUS_JWT_SECRET: page tokens are valid on this process only'")
+        page_tokens = PageTokens(secret.encode() if secret else secrets.token_bytes(32))
 
         server = grpc.aio.server(
             interceptors=[RpcInterceptor(authenticator)],
