@@ -1,9 +1,11 @@
 """Group commit: concurrent writes of one kind applied by one database call.
 
 A call to an idle writer is sent at once (a batch of one: nothing waits for
-company). Calls that arrive while a batch is in flight queue, and each batch
-that finishes sends the whole queue — as far as keys allow — as one call of a
-batch function (``apply_reactions``, ``apply_token_operations``):
+company). Calls that arrive while batches are in flight queue; a finishing
+batch sends the whole queue (as far as keys allow), and once ``min_batch``
+calls are queued another batch may start beside those in flight (up to
+``max_in_flight``, so PostgreSQL works on several at once) — each as one call
+of a batch function (``apply_reactions``, ``apply_token_operations``):
 one round trip and one commit for many writes, which is what lets a viral
 entry or a hot merchant take writes at the database's pace rather than the
 pace of per-call overheads.
@@ -60,13 +62,14 @@ class _Item:
 class GroupCommit:
     def __init__(
         self, db: Database, name: str, query: str, *, max_batch: int = 256, max_in_flight: int = 4,
-        max_pending: int = 10_000,
+        min_batch: int = 8, max_pending: int = 10_000,
     ) -> None:
         self._db = db
         self._name = name
         self._query = query
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
+        self._min_batch = min_batch
         self._max_pending = max_pending
         self._pending: list[_Item] = []
         self._busy_keys: set[Hashable] = set()
@@ -79,7 +82,7 @@ class GroupCommit:
             raise ResourceExhausted(f"more than {self._max_pending} {self._name} writes are queued")
         item = _Item(arguments, frozenset(keys), call_deadline.get())
         self._pending.append(item)
-        if self._in_flight == 0:
+        if self._in_flight == 0 or len(self._pending) >= self._min_batch:
             self._dispatch()
         return await item.rows
 
