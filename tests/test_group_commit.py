@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -15,6 +15,9 @@ from nexus import errors
 from nexus.database import Database, call_deadline
 from nexus.group_commit import GroupCommit
 from nexus import queries
+
+
+DatabaseT = TypeVar("DatabaseT", bound=Database)
 
 
 class CountingDatabase(Database):
@@ -27,11 +30,13 @@ class CountingDatabase(Database):
         return await super().fetch(name, query, *args)
 
 
+async def open_database(kind: type[DatabaseT], db_url: str) -> DatabaseT:
+    return await kind.open(db_url, min_size=1, max_size=4, statement_timeout_ms=30_000, slow_warn_ms=500, slow_error_ms=1000)
+
+
 @pytest.fixture
 async def counting_db(db_url: str) -> Any:
-    database = CountingDatabase(
-        await asyncpg.create_pool(db_url, min_size=1, max_size=4), statement_timeout_ms=30_000, slow_warn_ms=500, slow_error_ms=1000
-    )
+    database = await open_database(CountingDatabase, db_url)
     yield database
     await database.close()
 
@@ -109,9 +114,7 @@ class OverlapRecordingDatabase(Database):
 
 
 async def test_batches_in_flight_never_share_a_key(db_url: str, db: asyncpg.Connection) -> None:
-    recording = OverlapRecordingDatabase(
-        await asyncpg.create_pool(db_url, min_size=1, max_size=4), statement_timeout_ms=30_000, slow_warn_ms=500, slow_error_ms=1000
-    )
+    recording = await open_database(OverlapRecordingDatabase, db_url)
     recording.in_flight = []
     try:
         hot = await create_entry(db, "alice")

@@ -10,7 +10,8 @@ import asyncpg
 import grpc
 import pytest
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error
+from conftest import JWT_SECRET, SERVICE, Clients, auth, bad_request_fields, rpc_error
+from nexus.pagination import PageTokens
 from nexus.v1 import interaction_pb2 as pb
 
 
@@ -214,3 +215,13 @@ async def test_concurrent_records_on_one_target_leave_exactly_one_row(clients: C
     latest = max(micros(r.interaction) for r in responses)
     assert micros(listed) == latest
     assert rows[0] in {(r.interaction.action, r.interaction.notes) for r in responses if micros(r.interaction) == latest}
+
+
+@pytest.mark.parametrize("position", [[1], [10**20, "x"], ["soon", "x"], [1, 2]])
+async def test_a_signed_token_with_a_malformed_position_is_invalid(clients: Clients, position: list[object]) -> None:
+    token = PageTokens(JWT_SECRET.encode()).encode("interactions:alice:", position)
+    error = await rpc_error(
+        clients.interactions.ListInteractions(pb.ListInteractionsRequest(user_id="alice", page_token=token), metadata=SERVICE)
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == ["page_token"]

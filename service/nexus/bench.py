@@ -209,12 +209,11 @@ def print_ratios(figures: dict[str, Figures]) -> None:
     print(f"{'pgbench counts_100 p50 (ms)':<42} {figures['pgbench counts_100 (c=1)'].p50_ms:5.3f}  (goal <= 1)")
 
 
-async def run_bench(config: Config, duration: float, concurrency: int) -> int:
+async def run_bench(config: Config, url: str, duration: float, concurrency: int) -> int:
     secret = resolve_secret(config)
     if not secret:
         print("bench needs the server's HS256 secret (NEXUS_JWT_SECRET)")
         return 2
-    url = config.database_url or embedded.EmbeddedPostgres.start(config.data_dir).url
     conn = await database.connect(url)
     try:
         await conn.execute(SETUP_SQL)

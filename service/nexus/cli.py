@@ -169,7 +169,8 @@ async def _seed(config: Config) -> int:
 async def _bench(config: Config, duration: float, concurrency: int) -> int:
     from nexus.bench import run_bench
 
-    return await run_bench(config, duration, concurrency)
+    with database_url(config) as url:
+        return await run_bench(config, url, duration, concurrency)
 
 
 if __name__ == "__main__":

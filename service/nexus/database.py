@@ -8,13 +8,12 @@ translated into a ``NexusError``.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import json
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import asyncpg
 
@@ -56,7 +55,7 @@ class Database:
     @classmethod
     async def open(
         cls, url: str, *, min_size: int, max_size: int, statement_timeout_ms: int, slow_warn_ms: int, slow_error_ms: int
-    ) -> Database:
+    ) -> Self:
         pool = await asyncpg.create_pool(
             url,
             min_size=min_size,
@@ -101,7 +100,7 @@ class Database:
             # and a group-commit batch keeps its callers' deadline on the query.
             async with self.pool.acquire() as conn:
                 return await getattr(conn, method)(query, *args, timeout=max(timeout - (time.perf_counter() - started), 0.001))
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             raise errors.from_database(exc) from exc
         finally:
             elapsed = time.perf_counter() - started

@@ -22,7 +22,6 @@ NX409 already exists, NX412 failed precondition (DETAIL = precondition type).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import asyncpg
@@ -149,7 +148,7 @@ def from_database(exc: BaseException) -> NexusError:
     """Translates an asyncpg / connection error into a NexusError."""
     if isinstance(exc, NexusError):
         return exc
-    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+    if isinstance(exc, TimeoutError):
         return DeadlineExceeded()
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = exc.sqlstate or ""

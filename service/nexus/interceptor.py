@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -60,34 +59,24 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         public = method.startswith(PUBLIC_PREFIXES)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, public, handler.unary_unary),
+                self._guard(method, public, handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
+            # Server streams here are coroutines that send with context.write()
+            # (grpc's health Watch), so the same guard wraps them.
             return grpc.unary_stream_rpc_method_handler(
-                self._server_stream(method, public, handler.unary_stream),
+                self._guard(method, public, handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler  # reflection's bidirectional stream: public, passed through
 
-    def _unary(self, method: str, public: bool, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _guard(self, method: str, public: bool, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with _RpcScope(self._authenticator, method, public, context):
                 return await behavior(request, context)
-
-        return handle
-
-    def _server_stream(self, method: str, public: bool, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        if not inspect.isasyncgenfunction(behavior):
-            # A coroutine that sends with context.write() (grpc's health Watch).
-            return self._unary(method, public, behavior)
-
-        async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with _RpcScope(self._authenticator, method, public, context):
-                async for response in behavior(request, context):
-                    yield response
 
         return handle
 

@@ -29,7 +29,7 @@ class PageTokens:
         mac = hmac.new(self._key, body, hashlib.sha256).digest()[:_MAC_BYTES]
         return base64.urlsafe_b64encode(body + mac).rstrip(b"=").decode()
 
-    def decode(self, scope: str, token: str, field: str = "page_token") -> list[Any] | None:
+    def decode(self, scope: str, token: str) -> list[Any] | None:
         """The position a token encodes, or None for an empty token (first page)."""
         if not token:
             return None
@@ -41,22 +41,32 @@ class PageTokens:
                 raise ValueError("bad signature")
             decoded = json.loads(body)
         except (ValueError, TypeError) as exc:
-            raise InvalidArgument(field, "not a page token issued by this service") from exc
+            raise _not_ours() from exc
         if not isinstance(decoded, list) or not decoded or decoded[0] != scope:
-            raise InvalidArgument(field, "page token belongs to a different list")
+            raise InvalidArgument("page_token", "page token belongs to a different list")
         return decoded[1:]
+
+    def encode_time_key(self, scope: str, time: datetime.datetime, key: str) -> str:
+        """A token for lists ordered by (time, key) descending."""
+        return self.encode(scope, [(time - _EPOCH) // _MICROSECOND, key])
+
+    def decode_time_key(self, scope: str, token: str) -> tuple[datetime.datetime | None, str | None]:
+        """The (time, key) position of a token from encode_time_key; (None, None) for the first page."""
+        position = self.decode(scope, token)
+        if position is None:
+            return None, None
+        if len(position) != 2 or not isinstance(position[0], int) or not isinstance(position[1], str):
+            raise _not_ours()
+        try:
+            return _EPOCH + position[0] * _MICROSECOND, position[1]
+        except OverflowError as exc:
+            raise _not_ours() from exc
+
+
+def _not_ours() -> InvalidArgument:
+    return InvalidArgument("page_token", "not a page token issued by this service")
+
 
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _MICROSECOND = datetime.timedelta(microseconds=1)
-
-
-def timestamp_position(value: datetime.datetime) -> int:
-    """A timestamptz as exact epoch microseconds, for a token position."""
-    return (value - _EPOCH) // _MICROSECOND
-
-
-def position_timestamp(value: Any, field: str = "page_token") -> datetime.datetime:
-    if not isinstance(value, int):
-        raise InvalidArgument(field, "not a page token issued by this service")
-    return _EPOCH + value * _MICROSECOND

@@ -8,7 +8,7 @@ from nexus import queries, validation
 from nexus.auth import current_principal
 from nexus.database import Database
 from nexus.errors import InvalidArgument
-from nexus.pagination import PageTokens, position_timestamp, timestamp_position
+from nexus.pagination import PageTokens
 from nexus.v1 import follow_pb2 as pb
 from nexus.v1 import follow_pb2_grpc
 
@@ -63,13 +63,12 @@ class FollowServicer(follow_pb2_grpc.FollowServiceServicer):
         user_id = validation.user_id(request.user_id, "user_id")
         limit = validation.page_size(request.page_size)
         scope = f"{name}:{user_id}"
-        after = self._tokens.decode(scope, request.page_token)
-        after_time, after_user = (position_timestamp(after[0]), str(after[1])) if after else (None, None)
+        after_time, after_user = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(name, query, user_id, after_time, after_user, limit + 1)
         token = ""
         if len(rows) > limit:
             last = rows[limit - 1]
-            token = self._tokens.encode(scope, [timestamp_position(last["create_time"]), last["user_id"]])
+            token = self._tokens.encode_time_key(scope, last["create_time"], last["user_id"])
         return [r["user_id"] for r in rows[:limit]], token
 
     async def ListFollowers(

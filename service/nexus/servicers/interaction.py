@@ -13,7 +13,7 @@ from nexus.auth import current_principal
 from nexus.database import Database
 from nexus.errors import InvalidArgument, NotFound
 from nexus.group_commit import GroupCommit
-from nexus.pagination import PageTokens, position_timestamp, timestamp_position
+from nexus.pagination import PageTokens
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import interaction_pb2_grpc
 
@@ -231,8 +231,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         entry_id = validation.entry_id(request.entry_id, "entry_id")
         limit = validation.page_size(request.page_size)
         scope = f"resonators:{entry_id}"
-        after = self._tokens.decode(scope, request.page_token)
-        after_time, after_user = (position_timestamp(after[0]), str(after[1])) if after else (None, None)
+        after_time, after_user = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(
             "list_reactors",
             queries.LIST_REACTORS,
@@ -246,7 +245,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         response = pb.ListResonatorsResponse(user_ids=[r["user_id"] for r in rows[:limit]])
         if len(rows) > limit:
             last = rows[limit - 1]
-            response.next_page_token = self._tokens.encode(scope, [timestamp_position(last["create_time"]), last["user_id"]])
+            response.next_page_token = self._tokens.encode_time_key(scope, last["create_time"], last["user_id"])
         return response
 
     async def RecordInteraction(
@@ -271,17 +270,14 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         limit = validation.page_size(request.page_size)
         current_principal.get().require_acting_as(user_id, "user_id")
         scope = f"interactions:{user_id}:{action or ''}"
-        after = self._tokens.decode(scope, request.page_token)
-        after_time, after_target = (position_timestamp(after[0]), str(after[1])) if after else (None, None)
+        after_time, after_target = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(
             "list_interactions", queries.LIST_INTERACTIONS, user_id, action, after_time, after_target, limit + 1
         )
         response = pb.ListInteractionsResponse(interactions=[interaction_message(r) for r in rows[:limit]])
         if len(rows) > limit:
             last = rows[limit - 1]
-            response.next_page_token = self._tokens.encode(
-                scope, [timestamp_position(last["update_time"]), last["target_id"]]
-            )
+            response.next_page_token = self._tokens.encode_time_key(scope, last["update_time"], last["target_id"])
         return response
 
 
