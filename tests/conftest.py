@@ -27,7 +27,7 @@ from nexus import database, embedded, migrations
 from nexus.auth import mint_token
 from nexus.config import Config
 from nexus.server import NexusServer
-from nexus.v1 import follow_pb2_grpc, interaction_pb2_grpc, token_pb2_grpc
+from nexus.v1 import follow_pb2_grpc, interaction_pb2_grpc, memory_pb2_grpc, token_pb2_grpc
 
 JWT_SECRET = "test-secret-" + "x" * 32
 
@@ -136,6 +136,10 @@ class Clients:
     @property
     def tokens(self) -> token_pb2_grpc.TokenServiceStub:
         return token_pb2_grpc.TokenServiceStub(self.channel)
+
+    @property
+    def memories(self) -> memory_pb2_grpc.MemoryServiceStub:
+        return memory_pb2_grpc.MemoryServiceStub(self.channel)
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ async def migrate(config: Config) -> int:
     with database_url(config) as url:
         conn = await database.connect(url)
         try:
-            applied = await migrations.migrate(conn)
+            applied = await migrations.migrate(conn, embedding_dim=config.embedding_dim)
         finally:
             await conn.close()
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'already up to date'}")

@@ -64,6 +64,29 @@ class Config:
     tls_client_ca_file: str = field(
         default="", metadata={"help": "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."}
     )
+    embedding_dim: int = field(
+        default=384,
+        metadata={"help": "Dimension of memory embeddings; fixed when the database is first migrated."},
+    )
+    search_exact_max_memories: int = field(
+        default=10_000,
+        metadata={
+            "help": "SearchMemories scans a user's memories exactly up to this many; above, it uses the HNSW index."
+        },
+    )
+    stream_buffer_events: int = field(
+        default=1024,
+        metadata={"help": "Events buffered per stream; a stream that falls further behind is served from the table."},
+    )
+    event_retention_hours: float = field(
+        default=72.0, metadata={"help": "How long stream events are kept for resuming (at least 24)."}
+    )
+    idempotency_retention_hours: float = field(
+        default=168.0, metadata={"help": "How long a CreateMemory request_id is remembered."}
+    )
+    maintenance_interval_s: float = field(
+        default=60.0, metadata={"help": "How often maintenance runs (on one replica at a time)."}
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error."})
 
     @property
@@ -82,6 +105,12 @@ class Config:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         if not 0 < self.pool_min_size <= self.pool_max_size:
             raise ValueError("need 0 < pool_min_size <= pool_max_size")
+        if not 1 <= self.embedding_dim <= 2000:
+            raise ValueError("embedding_dim must be 1-2000 (the most an HNSW index takes)")
+        if self.event_retention_hours < 24:
+            raise ValueError("event_retention_hours must be at least 24")
+        if self.stream_buffer_events < 1:
+            raise ValueError("stream_buffer_events must be at least 1")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError("log_level must be debug, info, warning or error")
 

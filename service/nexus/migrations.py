@@ -21,6 +21,9 @@ log = logging.getLogger("nexus.migrations")
 MIGRATION_LOCK_KEY = 7_160_813_371_205
 
 
+DEFAULT_EMBEDDING_DIM = 384
+
+
 class MigrationError(Exception):
     """The database's migration history does not match the migration files."""
 
@@ -41,11 +44,19 @@ def load_migrations() -> list[Migration]:
     return [Migration(name, files.joinpath(name).read_text(encoding="utf-8")) for name in names]
 
 
-async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[str]:
-    """Applies pending migrations; returns the names applied (none: already up to date)."""
+async def migrate(
+    conn: asyncpg.Connection, migrations: list[Migration] | None = None, *, embedding_dim: int = DEFAULT_EMBEDDING_DIM
+) -> list[str]:
+    """Applies pending migrations; returns the names applied (none: already up to date).
+
+    ``embedding_dim`` sizes the memory embeddings when their table is created
+    (migrations read it as ``nexus.embedding_dim``); for an existing table it
+    must match, since the vector indexes are built for one dimension.
+    """
     migrations = load_migrations() if migrations is None else migrations
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
+        await conn.execute("SELECT set_config('nexus.embedding_dim', $1, false)", str(embedding_dim))
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    name text PRIMARY KEY,
@@ -71,6 +82,19 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
                 )
             log.info("event=migration_applied name=%s", migration.name)
             newly_applied.append(migration.name)
+        await _check_embedding_dim(conn, embedding_dim)
         return newly_applied
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+
+
+async def _check_embedding_dim(conn: asyncpg.Connection, expected: int) -> None:
+    stored = await conn.fetchval(
+        """SELECT atttypmod FROM pg_attribute
+           WHERE attrelid = to_regclass('memories') AND attname = 'embedding'"""
+    )
+    if stored is not None and stored != expected:
+        raise MigrationError(
+            f"the memories table holds {stored}-dimensional embeddings, but the embedding dimension "
+            f"is set to {expected}; set NEXUS_EMBEDDING_DIM={stored} or use a new database"
+        )

@@ -29,8 +29,9 @@ class PageTokens:
         mac = hmac.new(self._key, body, hashlib.sha256).digest()[:_MAC_BYTES]
         return base64.urlsafe_b64encode(body + mac).rstrip(b"=").decode()
 
-    def decode(self, scope: str, token: str) -> list[Any] | None:
-        """The position a token encodes, or None for an empty token (first page)."""
+    def decode(self, scope: str, token: str, field: str = "page_token") -> list[Any] | None:
+        """The position a token encodes, or None for an empty token (first page).
+        ``field`` names the request field in errors."""
         if not token:
             return None
         try:
@@ -41,10 +42,20 @@ class PageTokens:
                 raise ValueError("bad signature")
             decoded = json.loads(body)
         except (ValueError, TypeError) as exc:
-            raise _not_ours() from exc
+            raise _not_ours(field) from exc
         if not isinstance(decoded, list) or not decoded or decoded[0] != scope:
-            raise InvalidArgument("page_token", "page token belongs to a different list")
+            raise InvalidArgument(field, "token belongs to a different list or stream")
         return decoded[1:]
+
+    def decode_as(self, scope: str, token: str, types: tuple[type, ...], field: str = "page_token") -> list[Any] | None:
+        """Like decode, for a position of exactly these types (a signed token of
+        another shape is still not ours)."""
+        position = self.decode(scope, token, field)
+        if position is None:
+            return None
+        if len(position) != len(types) or not all(type(v) is t for v, t in zip(position, types)):
+            raise _not_ours(field)
+        return position
 
     def encode_time_key(self, scope: str, time: datetime.datetime, key: str) -> str:
         """A token for lists ordered by (time, key) descending."""
@@ -52,20 +63,17 @@ class PageTokens:
 
     def decode_time_key(self, scope: str, token: str) -> tuple[datetime.datetime | None, str | None]:
         """The (time, key) position of a token from encode_time_key; (None, None) for the first page."""
-        position = self.decode(scope, token)
+        position = self.decode_as(scope, token, (int, str))
         if position is None:
             return None, None
-        if len(position) != 2 or not isinstance(position[0], int) or not isinstance(position[1], str):
-            raise _not_ours()
         try:
             return _EPOCH + position[0] * _MICROSECOND, position[1]
         except OverflowError as exc:
             raise _not_ours() from exc
 
 
-def _not_ours() -> InvalidArgument:
-    return InvalidArgument("page_token", "not a page token issued by this service")
-
+def _not_ours(field: str = "page_token") -> InvalidArgument:
+    return InvalidArgument(field, "not a token issued by this service")
 
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)

@@ -22,16 +22,21 @@ from nexus import database, embedded, migrations
 from nexus.auth import Authenticator, load_or_create_secret
 from nexus.config import Config
 from nexus.interceptor import RpcInterceptor
+from nexus.maintenance import Maintenance
 from nexus.metrics import serve_metrics
 from nexus.pagination import PageTokens
+from nexus.realtime import EventHub
 from nexus.servicers.follow import FollowServicer
 from nexus.servicers.interaction import InteractionServicer
+from nexus.servicers.memory import MemoryServicer
 from nexus.servicers.token import TokenServicer
 from nexus.v1 import (
     follow_pb2,
     follow_pb2_grpc,
     interaction_pb2,
     interaction_pb2_grpc,
+    memory_pb2,
+    memory_pb2_grpc,
     token_pb2,
     token_pb2_grpc,
 )
@@ -40,7 +45,7 @@ log = logging.getLogger("nexus.server")
 
 SERVICE_NAMES = tuple(
     service.full_name
-    for module in (interaction_pb2, follow_pb2, token_pb2)
+    for module in (interaction_pb2, follow_pb2, token_pb2, memory_pb2)
     for service in module.DESCRIPTOR.services_by_name.values()
 )
 HEALTH_PROBE_INTERVAL_S = 1.0
@@ -68,7 +73,9 @@ class NexusServer:
         self._db: database.Database | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._probe: asyncio.Task[None] | None = None
+        self._hub: EventHub | None = None
+        self.maintenance: Maintenance | None = None
+        self._background: list[asyncio.Task[None]] = []
         self._stop_metrics: Callable[[], None] | None = None
 
     @property
@@ -82,7 +89,7 @@ class NexusServer:
             self._embedded = await asyncio.to_thread(embedded.EmbeddedPostgres.start, config.data_dir)
         conn = await database.connect(self.database_url)
         try:
-            await migrations.migrate(conn)
+            await migrations.migrate(conn, embedding_dim=config.embedding_dim)
         finally:
             await conn.close()
         self._db = await database.Database.open(
@@ -97,6 +104,9 @@ class NexusServer:
         if not secret:
             log.warning("event=page_tokens_per_process reason='no NEXUS_JWT_SECRET: page tokens are valid on this process only'")
         page_tokens = PageTokens(secret.encode() if secret else secrets.token_bytes(32))
+        self._hub = EventHub(self.database_url, self._db, config.stream_buffer_events)
+        await self._hub.start()
+        self.maintenance = Maintenance(self._db, config)
 
         server = grpc.aio.server(
             interceptors=[RpcInterceptor(authenticator)],
@@ -109,6 +119,9 @@ class NexusServer:
         interaction_pb2_grpc.add_InteractionServiceServicer_to_server(InteractionServicer(self._db, page_tokens), server)
         follow_pb2_grpc.add_FollowServiceServicer_to_server(FollowServicer(self._db, page_tokens), server)
         token_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(self._db, page_tokens), server)
+        memory_pb2_grpc.add_MemoryServiceServicer_to_server(
+            MemoryServicer(self._db, page_tokens, self._hub, config), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -120,7 +133,10 @@ class NexusServer:
             db = self._db
             self._stop_metrics = serve_metrics(config.host, config.metrics_port, lambda: db.pool)
         await self._set_health(serving=True)
-        self._probe = asyncio.create_task(self._probe_database())
+        self._background = [
+            asyncio.create_task(self._probe_database()),
+            asyncio.create_task(self.maintenance.run_forever()),
+        ]
         log.info("event=serving address=%s port=%d embedded=%s", config.host, self.port, config.embedded)
 
     def _bind(self, server: grpc.aio.Server) -> int:
@@ -156,13 +172,16 @@ class NexusServer:
                 log.warning("event=database_health serving=%s", serving)
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, then lets in-flight calls finish within the grace period."""
+        """NOT_SERVING, streams ended with UNAVAILABLE (clients resume
+        elsewhere), then in-flight calls get the grace period to finish."""
         grace = self.config.shutdown_grace_s if grace is None else grace
-        if self._probe is not None:
-            self._probe.cancel()
+        for task in self._background:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+                await task
         await self._health.enter_graceful_shutdown()
+        if self._hub is not None:
+            await self._hub.close()
         if self._server is not None:
             await self._server.stop(grace)
         if self._stop_metrics is not None:

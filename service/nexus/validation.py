@@ -6,6 +6,7 @@ Validation happens before any database call, so bad input writes nothing.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Iterable, Sequence
@@ -39,6 +40,10 @@ def optional_user_id(value: str, field: str) -> str | None:
 def opaque_id(value: str, field: str) -> str:
     """An id from another system (a grant, an entry ...): same alphabet as user ids."""
     return user_id(value, field)
+
+
+def optional_opaque_id(value: str, field: str) -> str | None:
+    return opaque_id(value, field) if value else None
 
 
 def entry_id(value: str, field: str) -> uuid.UUID:
@@ -137,3 +142,26 @@ def page_size(value: int, field: str = "page_size") -> int:
     if value < 0:
         raise InvalidArgument(field, "must not be negative")
     return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def unit_interval(value: float, field: str) -> float:
+    """A score in 0..1."""
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        raise InvalidArgument(field, "must be between 0 and 1")
+    return value
+
+
+def embedding(values: Sequence[float], field: str, dim: int, *, required: bool) -> list[float] | None:
+    """A vector of exactly ``dim`` finite numbers, not all zero (no direction to compare)."""
+    if not values:
+        if required:
+            raise InvalidArgument(field, "required")
+        return None
+    if len(values) != dim:
+        raise InvalidArgument(field, f"must have {dim} dimensions, not {len(values)}")
+    vector = list(values)
+    if not all(math.isfinite(v) for v in vector):
+        raise InvalidArgument(field, "must hold finite numbers only")
+    if not any(vector):
+        raise InvalidArgument(field, "must not be all zeros")
+    return vector

@@ -120,9 +120,7 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         limit = validation.page_size(request.page_size)
         current_principal.get().require_acting_as(user_id, "user_id")
         scope = f"transactions:{user_id}"
-        after = self._tokens.decode(scope, request.page_token)
-        if after is not None and (len(after) != 1 or not isinstance(after[0], int)):
-            raise InvalidArgument("page_token", "not a page token issued by this service")
+        after = self._tokens.decode_as(scope, request.page_token, (int,))
         rows = await self._db.fetch(
             "list_transactions", queries.LIST_TRANSACTIONS, user_id, after[0] if after else None, limit + 1
         )

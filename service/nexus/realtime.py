@@ -1,0 +1,267 @@
+"""Realtime delivery: one LISTEN connection per process feeds every stream.
+
+The source of truth is the durable event log (``memory_events``, written in the
+transaction of each change and numbered per user 1, 2, 3 ... in commit order,
+see db/0004_memories.sql). NOTIFY is only a wake-up hint naming the user: it
+is lost while the listener is disconnected, so after every reconnect the hub
+re-reads the log from each feed's cursor, and streams never depend on a hint
+arriving.
+
+The hub keeps one ``_Feed`` per user with open streams: a cursor (the last
+event number it read) and the streams' ``Subscription`` buffers. On a hint it
+reads the new events of every hinted user in one query and offers each to the
+user's subscriptions. A buffer is bounded; when it is full the event is
+dropped and the subscription marked, and the stream serves itself from the
+log instead (see ``MemoryServicer._stream``), so a slow consumer costs a
+bounded amount of memory and still misses nothing.
+
+Broadcasts are ephemeral: a NOTIFY on another channel, fanned out to the
+user's broadcast subscriptions on every replica, dropped when a buffer is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+
+from nexus import queries
+from nexus.database import Database
+from nexus.errors import NexusError, Unavailable
+
+log = logging.getLogger("nexus.realtime")
+
+EVENTS_CHANNEL = "nexus_memory_events"
+BROADCASTS_CHANNEL = "nexus_broadcasts"
+# Events read per user per query, by the hub and by a stream catching up.
+READ_BATCH = 256
+# Users whose events the hub reads in one query.
+USERS_PER_READ = 1000
+RECONNECT_DELAYS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+class Subscription:
+    """One stream's bounded buffer of what the hub offers it."""
+
+    __slots__ = ("_buffer", "_capacity", "_ready", "overflowed", "closed")
+
+    def __init__(self, capacity: int) -> None:
+        self._buffer: collections.deque[Any] = collections.deque()
+        self._capacity = capacity
+        self._ready = asyncio.Event()
+        # Set when an offer was dropped; cleared by the stream before it reads the log.
+        self.overflowed = False
+        self.closed = False
+
+    def offer(self, item: Any) -> None:
+        if len(self._buffer) >= self._capacity:
+            self.overflowed = True
+        else:
+            self._buffer.append(item)
+        self._ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+    async def next(self) -> Any | None:
+        """The next buffered item; None once the buffer is drained after a drop.
+        Raises Unavailable when the server shuts down."""
+        while True:
+            if self.closed:
+                raise Unavailable("the server is shutting down; reconnect and resume")
+            if self._buffer:
+                return self._buffer.popleft()
+            if self.overflowed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+
+
+class _Feed:
+    __slots__ = ("cursor", "subscriptions", "hinted")
+
+    def __init__(self) -> None:
+        # The last event number the hub has read; None until a stream has
+        # read where the user's log stands (start_feed).
+        self.cursor: int | None = None
+        self.subscriptions: set[Subscription] = set()
+        self.hinted = False
+
+
+class EventHub:
+    def __init__(self, url: str, db: Database, buffer_events: int) -> None:
+        self._url = url
+        self._db = db
+        self._buffer_events = buffer_events
+        self._feeds: dict[str, _Feed] = {}
+        self._broadcasts: dict[str, set[Subscription]] = {}
+        self._hinted: set[str] = set()
+        self._wake = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    async def start(self) -> None:
+        await self._listen()
+        self._spawn(self._deliver())
+
+    async def close(self) -> None:
+        """Ends every stream (they end with UNAVAILABLE) and the listener."""
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for feed in self._feeds.values():
+            for subscription in feed.subscriptions:
+                subscription.close()
+        for subscriptions in self._broadcasts.values():
+            for subscription in subscriptions:
+                subscription.close()
+        if self._conn is not None and not self._conn.is_closed():
+            await self._conn.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the listener connection -------------------------------------------
+
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(self._url, server_settings={"application_name": "nexus-hub"})
+        await conn.add_listener(EVENTS_CHANNEL, self._on_event_hint)
+        await conn.add_listener(BROADCASTS_CHANNEL, self._on_broadcast)
+        conn.add_termination_listener(self._on_connection_lost)
+        self._conn = conn
+
+    def _on_connection_lost(self, conn: asyncpg.Connection) -> None:
+        if not self._closing:
+            log.warning("event=listener_lost")
+            self._spawn(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        while True:
+            await asyncio.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)])
+            attempt += 1
+            try:
+                await self._listen()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("event=listener_reconnect_failed attempt=%d error=%r", attempt, exc)
+                continue
+            # Hints sent while disconnected are lost: re-read every feed.
+            for user_id in self._feeds:
+                self._hint(user_id)
+            log.info("event=listener_reconnected attempts=%d feeds=%d", attempt, len(self._feeds))
+            return
+
+    def _on_event_hint(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        self._hint(payload.partition(" ")[0])
+
+    def _hint(self, user_id: str) -> None:
+        feed = self._feeds.get(user_id)
+        if feed is None:
+            return
+        feed.hinted = True
+        if feed.cursor is not None:
+            self._hinted.add(user_id)
+            self._wake.set()
+
+    def _on_broadcast(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+            subscriptions = self._broadcasts.get(message["user_id"], ())
+        except (ValueError, KeyError, TypeError):
+            log.warning("event=bad_broadcast payload_bytes=%d", len(payload))
+            return
+        for subscription in subscriptions:
+            subscription.offer(message)
+
+    # -- feeds ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def subscribe(self, user_id: str) -> Iterator[Subscription]:
+        """Registers a stream of the user's events for as long as the block runs.
+        Register before reading the log, then call start_feed."""
+        subscription = Subscription(self._buffer_events)
+        feed = self._feeds.get(user_id)
+        if feed is None:
+            feed = self._feeds[user_id] = _Feed()
+        feed.subscriptions.add(subscription)
+        try:
+            yield subscription
+        finally:
+            feed.subscriptions.discard(subscription)
+            if not feed.subscriptions and self._feeds.get(user_id) is feed:
+                del self._feeds[user_id]
+
+    def start_feed(self, user_id: str, last_event_seq: int) -> None:
+        """Tells the hub where the user's log stood when read after subscribe:
+        every later event commits after that read, so its hint reaches a
+        registered feed and the hub reads it from here."""
+        feed = self._feeds[user_id]
+        if feed.cursor is None:
+            feed.cursor = last_event_seq
+            if feed.hinted:
+                self._hint(user_id)
+
+    @contextlib.contextmanager
+    def subscribe_broadcasts(self, user_id: str) -> Iterator[Subscription]:
+        subscription = Subscription(self._buffer_events)
+        subscriptions = self._broadcasts.setdefault(user_id, set())
+        subscriptions.add(subscription)
+        try:
+            yield subscription
+        finally:
+            subscriptions.discard(subscription)
+            if not subscriptions and self._broadcasts.get(user_id) is subscriptions:
+                del self._broadcasts[user_id]
+
+    async def _deliver(self) -> None:
+        """Reads the events of hinted users and offers them to their streams."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            users = [u for u in self._hinted if u in self._feeds]
+            self._hinted.clear()
+            for start in range(0, len(users), USERS_PER_READ):
+                await self._read(users[start:start + USERS_PER_READ])
+
+    async def _read(self, hinted: list[str]) -> None:
+        # Feeds may have closed while earlier reads ran.
+        feeds = {u: f for u in hinted if (f := self._feeds.get(u)) is not None and f.cursor is not None}
+        for feed in feeds.values():
+            feed.hinted = False
+        users = list(feeds)
+        try:
+            rows = await self._db.fetch(
+                "memory_events_after", queries.MEMORY_EVENTS_AFTER, users, [f.cursor for f in feeds.values()], READ_BATCH
+            )
+        except NexusError as exc:
+            log.warning("event=hub_read_failed users=%d error=%r", len(users), exc)
+            await asyncio.sleep(RECONNECT_DELAYS_S[2])
+            for user_id in users:
+                self._hint(user_id)
+            return
+        read: collections.Counter[str] = collections.Counter()
+        for row in rows:
+            user_id = row["user_id"]
+            read[user_id] += 1
+            feed = self._feeds.get(user_id)
+            if feed is None or feed.cursor is None or row["seq"] <= feed.cursor:
+                continue
+            feed.cursor = row["seq"]
+            for subscription in feed.subscriptions:
+                subscription.offer(row)
+        for user_id, count in read.items():
+            if count == READ_BATCH:  # more to read
+                self._hint(user_id)
