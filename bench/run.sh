@@ -11,4 +11,5 @@ export NEXUS_HOST=127.0.0.1 NEXUS_PORT=${NEXUS_PORT:-50061} NEXUS_LOG_LEVEL=${NE
 SERVER=$!
 trap 'kill -TERM $SERVER; wait $SERVER' EXIT
 for _ in $(seq 1 60); do "$BIN/nexus" health >/dev/null 2>&1 && break; sleep 0.5; done
-"$BIN/nexus" bench --duration "${BENCH_DURATION:-10}" --concurrency "${BENCH_CONCURRENCY:-64}"
+"$BIN/nexus" bench --duration "${BENCH_DURATION:-10}" --concurrency "${BENCH_CONCURRENCY:-64}" \
+    --suite "${BENCH_SUITE:-all}" --server-pid "$SERVER"

@@ -50,12 +50,22 @@ CREATE TABLE memories (
 -- The embedding dimension is a setting of the service (NEXUS_EMBEDDING_DIM);
 -- the migrator passes it as nexus.embedding_dim. It is fixed once the table
 -- exists, because the vector indexes are built for one dimension.
+--
+-- Exact per-user search reads the user's vectors from a covering index
+-- (index-only: a few thousand contiguous pages instead of a random heap
+-- page per memory, ~10x faster for 10k memories). A B-tree entry holds at
+-- most 2704 bytes, so the index exists only for embeddings of up to 640
+-- dimensions; above that the exact search reads the heap.
 DO $$
 DECLARE
     dim integer := coalesce(nullif(current_setting('nexus.embedding_dim', true), ''), '384')::integer;
 BEGIN
     IF dim <> 384 THEN
         EXECUTE format('ALTER TABLE memories ALTER COLUMN embedding TYPE vector(%s)', dim);
+    END IF;
+    IF dim <= 640 THEN
+        CREATE INDEX memories_user_vectors ON memories (user_id, create_time)
+            INCLUDE (gravity_score, emotion_type, memory_id, embedding);
     END IF;
 END
 $$;
@@ -487,7 +497,7 @@ DECLARE
 BEGIN
     IF (SELECT memory_count FROM memory_users WHERE user_id = p_user_id) > p_exact_max THEN
         PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
-        PERFORM set_config('hnsw.ef_search', '100', true);
+        PERFORM set_config('hnsw.ef_search', '200', true);
         EXECUTE format('SELECT array_agg(memory_id) FROM (SELECT m.memory_id FROM memories m WHERE %s
                         ORDER BY m.embedding %s $2::vector LIMIT $6) nearest', filters, operator)
         INTO ids USING p_user_id, p_embedding, p_min_gravity, p_since, p_emotion_type, p_top_k;
@@ -630,8 +640,10 @@ BEGIN
                WHERE evolution_stage IN ('forming', 'active') AND update_time < now() - p_arc_dormant_after
                LIMIT p_batch LOOP
         PERFORM lock_memory_user(arc.user_id);
+        -- Checked again under the lock: a memory may have joined meanwhile.
         UPDATE memory_arcs SET evolution_stage = 'dormant', update_time = now()
         WHERE arc_id = arc.arc_id AND evolution_stage IN ('forming', 'active')
+          AND update_time < now() - p_arc_dormant_after
         RETURNING * INTO arc;
         IF FOUND THEN
             PERFORM emit_memory_event(arc.user_id, 'arc', 'updated', arc_document(arc));

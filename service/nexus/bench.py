@@ -11,6 +11,7 @@ scenario is bounded by --duration.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import random
@@ -209,19 +210,34 @@ def print_ratios(figures: dict[str, Figures]) -> None:
     print(f"{'pgbench counts_100 p50 (ms)':<42} {figures['pgbench counts_100 (c=1)'].p50_ms:5.3f}  (goal <= 1)")
 
 
-async def run_bench(config: Config, url: str, duration: float, concurrency: int) -> int:
+async def run_bench(config: Config, url: str, args: argparse.Namespace) -> int:
     secret = resolve_secret(config)
     if not secret:
         print("bench needs the server's HS256 secret (NEXUS_JWT_SECRET)")
         return 2
+    metadata = (("authorization", f"Bearer {mint_token(secret, 'bench', service=True)}"),)
+    target = f"{config.host}:{config.port}"
+    drift = 0
+    if args.suite in ("interactions", "all"):
+        drift = await run_interaction_bench(target, url, metadata, args.duration, args.concurrency)
+    if args.suite in ("memory", "all"):
+        from nexus.bench_memory import run_memory_bench
+
+        print()
+        await run_memory_bench(target, url, metadata, args.duration, args.concurrency, args.server_pid, args.event_rate)
+    return 0 if not drift else 1
+
+
+async def run_interaction_bench(
+    target: str, url: str, metadata: tuple[tuple[str, str], ...], duration: float, concurrency: int
+) -> int:
+    """The interaction, follow and token figures; returns the reconcile drift found."""
     conn = await database.connect(url)
     try:
         await conn.execute(SETUP_SQL)
     finally:
         await conn.close()
 
-    metadata = (("authorization", f"Bearer {mint_token(secret, 'bench', service=True)}"),)
-    target = f"{config.host}:{config.port}"
     figures: dict[str, Figures] = {}
     print(f"target {target}, {duration:.0f} s per scenario, {concurrency} calls in flight (8 for GetEntries)")
     async with grpc.aio.insecure_channel(target) as channel:
@@ -241,4 +257,4 @@ async def run_bench(config: Config, url: str, duration: float, concurrency: int)
     finally:
         await conn.close()
     print(f"invariants: reconcile drift {len(drift)} (must be 0)")
-    return 0 if not drift else 1
+    return len(drift)

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("bench", "Load-test the running server and print figures (see README).")
     sub.add_argument("--duration", type=float, default=10.0, help="Seconds per scenario.")
     sub.add_argument("--concurrency", type=int, default=64, help="Calls in flight per scenario.")
+    sub.add_argument("--suite", choices=("interactions", "memory", "all"), default="all", help="Which figures.")
+    sub.add_argument("--server-pid", type=int, help="The server's pid, to report its memory with 10k idle streams.")
+    sub.add_argument("--event-rate", type=int, default=1000, help="Events/s written during the delivery test.")
     return parser
 
 
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "reconcile": lambda: reconcile(config, args.fix),
         "token": lambda: token(config, args.sub, args.service, args.ttl),
         "seed": lambda: _seed(config),
-        "bench": lambda: _bench(config, args.duration, args.concurrency),
+        "bench": lambda: _bench(config, args),
     }
     result = runners[args.command]()
     if isinstance(result, int):
@@ -166,11 +169,11 @@ async def _seed(config: Config) -> int:
     return await seed(config)
 
 
-async def _bench(config: Config, duration: float, concurrency: int) -> int:
+async def _bench(config: Config, args: argparse.Namespace) -> int:
     from nexus.bench import run_bench
 
     with database_url(config) as url:
-        return await run_bench(config, url, duration, concurrency)
+        return await run_bench(config, url, args)
 
 
 if __name__ == "__main__":

@@ -122,10 +122,21 @@ def metadata(value: struct_pb2.Struct, field: str = "metadata", *, max_bytes: in
     except ValueError as exc:
         raise InvalidArgument(field, "must be valid JSON (no NaN or Infinity)") from exc
     if len(document.encode()) > max_bytes:
-        raise InvalidArgument(field, f"at most {max_bytes // 1024} KiB as JSON")
-    if "\\u0000" in document:
+        raise InvalidArgument(field, f"at most {max_bytes} bytes as JSON")
+    if _contains_nul(as_dict):
         raise InvalidArgument(field, "must not contain NUL characters")
     return as_dict
+
+
+def _contains_nul(value: object) -> bool:
+    """Whether a JSON value holds a NUL in any string (PostgreSQL text cannot)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_contains_nul(k) or _contains_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_contains_nul(v) for v in value)
+    return False
 
 
 def enum_value(value: int, field: str, allowed: dict[int, str], *, default: str | None = None) -> str:
