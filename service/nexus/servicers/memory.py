@@ -48,6 +48,7 @@ UPDATABLE_FIELDS = (
 MAX_CONTENT_CHARS = 20_000
 MAX_ID_CHARS = 128
 MAX_ENTITIES = 64
+MAX_TAGS = 64
 MAX_TOP_K = 1000
 DEFAULT_TOP_K = 10
 MAX_EVENT_NAME_CHARS = 64
@@ -180,7 +181,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             validation.unit_interval(request.gravity_score, "gravity_score"),
             validation.word(request.emotion_type, "emotion_type", required=False),
             validation.tags(request.entities, "entities", max_tags=MAX_ENTITIES, max_chars=MAX_ID_CHARS),
-            validation.tags(request.meta_tags, "meta_tags"),
+            validation.tags(request.meta_tags, "meta_tags", max_tags=MAX_TAGS),
             validation.enum_value(request.temporal_type, "temporal_type", _by_name(TEMPORAL_TYPES), default=None)
             if request.temporal_type
             else None,
@@ -235,7 +236,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 "entities",
                 lambda: validation.tags(memory.entities, "memory.entities", max_tags=MAX_ENTITIES, max_chars=MAX_ID_CHARS),
             ),
-            value("meta_tags", lambda: validation.tags(memory.meta_tags, "memory.meta_tags")),
+            value("meta_tags", lambda: validation.tags(memory.meta_tags, "memory.meta_tags", max_tags=MAX_TAGS)),
             value(
                 "temporal_type",
                 lambda: validation.enum_value(memory.temporal_type, "memory.temporal_type", _by_name(TEMPORAL_TYPES))
@@ -334,8 +335,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     ) -> pb.SetIdentityEntitiesResponse:
         user_id = self._owner(request.user_id)
         names = validation.tags(request.entities, "entities", max_tags=MAX_ENTITIES, max_chars=MAX_ID_CHARS)
-        distinct = list({name.lower(): name for name in reversed(names)}.values())[::-1]  # first spelling wins
-        entities = await self._db.fetchval("set_identity_entities", queries.SET_IDENTITY_ENTITIES, user_id, distinct)
+        distinct: dict[str, str] = {}
+        for name in names:
+            distinct.setdefault(name.lower(), name)  # the first spelling, in the order given
+        entities = await self._db.fetchval(
+            "set_identity_entities", queries.SET_IDENTITY_ENTITIES, user_id, list(distinct.values())
+        )
         return pb.SetIdentityEntitiesResponse(entities=entities)
 
     # -- streams --------------------------------------------------------------

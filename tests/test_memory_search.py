@@ -1,0 +1,498 @@
+"""MemoryService.SearchMemories: the caller's memories only, nearest first, for
+both metrics; recall against an exact search computed in SQL with index scans
+off — 1.0 on the exact path (users below search_exact_max_memories), >= 0.9 on
+the HNSW iterative-scan path; filters (min_gravity, since, emotion_type)
+applied before the limit on both paths, so a selective filter still yields
+top_k matches; top_k and embedding validation; memories without embeddings
+never returned; and the embedding dimension fixed by the first migration."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import itertools
+import math
+import os
+import random
+import struct
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+
+from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error, with_database
+from conftest import test_config as server_config  # aliased: pytest would collect test_config
+from nexus import database
+from nexus.migrations import MigrationError, migrate
+from nexus.server import NexusServer
+from nexus.v1 import memory_pb2 as pb
+from nexus.v1 import memory_pb2_grpc
+
+DIM = 384
+COSINE, L2 = pb.DISTANCE_METRIC_COSINE, pb.DISTANCE_METRIC_L2
+SQL_OPERATORS = {COSINE: "<=>", L2: "<->"}
+
+# --- helpers ------------------------------------------------------------------
+
+
+def f32(values: Sequence[float]) -> list[float]:
+    """The values as the float32s they become on the wire (repeated float)."""
+    return list(struct.unpack(f"{len(values)}f", struct.pack(f"{len(values)}f", *values)))
+
+
+def random_vector(rng: random.Random, dim: int = DIM, center: Sequence[float] | None = None, spread: float = 1.0) -> list[float]:
+    center = center or [0.0] * dim
+    return f32([c + rng.gauss(0, spread) for c in center])
+
+
+def literal(vector: Sequence[float]) -> str:
+    """pgvector's text form; repr of a float32 value parses back to exactly it."""
+    return "[" + ",".join(repr(x) for x in vector) + "]"
+
+
+def distance(a: Sequence[float], b: Sequence[float], metric: int) -> float:
+    if metric == L2:
+        return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
+    dot = sum(x * y for x, y in zip(a, b))
+    return 1 - dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def timestamp(value: datetime.datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+async def create(
+    stub: memory_pb2_grpc.MemoryServiceStub, user: str, content: str, embedding: Sequence[float] = (), **fields: Any
+) -> pb.Memory:
+    request = pb.CreateMemoryRequest(user_id=user, content=content, embedding=embedding, **fields)
+    return (await stub.CreateMemory(request, metadata=auth(user))).memory
+
+
+async def search(
+    stub: memory_pb2_grpc.MemoryServiceStub, user: str, embedding: Sequence[float], metadata: Any = None, **fields: Any
+) -> list[pb.SearchResult]:
+    request = pb.SearchMemoriesRequest(user_id=user, embedding=embedding, **fields)
+    return list((await stub.SearchMemories(request, metadata=metadata or auth(user))).results)
+
+
+async def exact_nearest(
+    conn: asyncpg.Connection,
+    user: str,
+    query: Sequence[float],
+    top_k: int = 10,
+    metric: int = COSINE,
+    min_gravity: float = 0.0,
+    since: datetime.datetime | None = None,
+    emotion_type: str | None = None,
+) -> list[tuple[str, float]]:
+    """The true answer: (memory_id, distance) nearest first, by a sequential
+    scan (conn has index scans disabled, see exact_connection)."""
+    rows = await conn.fetch(
+        f"""SELECT memory_id::text AS id, embedding {SQL_OPERATORS[metric]} $2::text::vector AS d
+            FROM memories
+            WHERE user_id = $1 AND embedding IS NOT NULL AND gravity_score >= $3
+              AND ($4::timestamptz IS NULL OR create_time >= $4) AND ($5::text IS NULL OR emotion_type = $5)
+            ORDER BY d, memory_id LIMIT $6""",
+        user, literal(query), min_gravity, since, emotion_type, top_k,
+    )  # fmt: skip
+    return [(r["id"], r["d"]) for r in rows]
+
+
+@contextlib.asynccontextmanager
+async def exact_connection(url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await database.connect(url)
+    try:
+        await conn.execute("SET enable_indexscan = off; SET enable_bitmapscan = off")
+        yield conn
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(url: str, **overrides: Any) -> AsyncIterator[memory_pb2_grpc.MemoryServiceStub]:
+    """A NexusServer of its own over url, and a MemoryService stub for it."""
+    server = NexusServer(server_config(url, **overrides))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield memory_pb2_grpc.MemoryServiceStub(channel)
+    finally:
+        await server.stop(grace=0)
+
+
+def assert_nearest_first(results: list[pb.SearchResult]) -> None:
+    distances = [r.distance for r in results]
+    assert distances == sorted(distances), distances
+
+
+def recall(got: list[pb.SearchResult], exact: list[tuple[str, float]]) -> float:
+    return len({r.memory.memory_id for r in got} & {i for i, _ in exact}) / len(exact)
+
+
+def assert_true_distances(got: list[pb.SearchResult], truth: dict[str, float]) -> None:
+    for r in got:
+        assert r.distance == pytest.approx(truth[r.memory.memory_id], rel=1e-5, abs=1e-6)
+
+
+# --- the caller's memories, nearest first -------------------------------------
+
+
+async def test_search_returns_only_the_callers_memories_nearest_first_for_both_metrics(clients: Clients) -> None:
+    rng = random.Random(7)
+    stub = clients.memories
+    query = random_vector(rng)
+    # Varied lengths, so cosine and L2 disagree on the order.
+    mine = [f32([x * rng.uniform(0.1, 10) for x in random_vector(rng)]) for _ in range(30)]
+    created = await asyncio.gather(*(create(stub, "alice", f"memory {i}", v) for i, v in enumerate(mine)))
+    await asyncio.gather(*(create(stub, "alice", f"no embedding {i}") for i in range(3)))
+    # Bob's memories are exactly the query: they would come first if they leaked.
+    await asyncio.gather(*(create(stub, "bob", f"bob {i}", query) for i in range(10)))
+    vectors = {m.memory_id: v for m, v in zip(created, mine)}
+
+    orders = {}
+    for metric in (pb.DISTANCE_METRIC_UNSPECIFIED, COSINE, L2):
+        results = await search(stub, "alice", query, top_k=100, metric=metric)
+        assert {r.memory.user_id for r in results} == {"alice"}
+        assert {r.memory.memory_id for r in results} == set(vectors)  # no memory without an embedding
+        assert_nearest_first(results)
+        truth = {i: distance(query, v, metric or COSINE) for i, v in vectors.items()}
+        assert_true_distances(results, truth)
+        orders[metric] = [r.memory.memory_id for r in results]
+        assert orders[metric] == sorted(truth, key=truth.__getitem__)
+        assert not any(r.memory.embedding for r in results)
+
+    assert orders[pb.DISTANCE_METRIC_UNSPECIFIED] == orders[COSINE]  # cosine is the default
+    assert orders[COSINE] != orders[L2]
+
+
+async def test_top_k_zero_means_ten_and_limits_the_nearest(clients: Clients) -> None:
+    rng = random.Random(8)
+    stub = clients.memories
+    await asyncio.gather(*(create(stub, "alice", f"m{i}", random_vector(rng)) for i in range(25)))
+    query = random_vector(rng)
+
+    everything = await search(stub, "alice", query, top_k=1000)
+    default = await search(stub, "alice", query)
+    three = await search(stub, "alice", query, top_k=3)
+
+    assert len(everything) == 25
+    assert [r.memory.memory_id for r in default] == [r.memory.memory_id for r in everything[:10]]
+    assert [r.memory.memory_id for r in three] == [r.memory.memory_id for r in everything[:3]]
+
+
+async def test_a_user_without_embedded_memories_gets_no_results(clients: Clients) -> None:
+    stub = clients.memories
+    await asyncio.gather(*(create(stub, "carol", f"plain {i}") for i in range(5)))
+    await create(stub, "dave", "dave's", random_vector(random.Random(9)))
+
+    assert await search(stub, "carol", random_vector(random.Random(10))) == []
+    assert await search(stub, "nobody", random_vector(random.Random(11)), metadata=SERVICE) == []
+
+
+async def test_a_service_may_search_for_any_user_and_a_user_only_for_themselves(clients: Clients) -> None:
+    stub = clients.memories
+    vector = random_vector(random.Random(12))
+    memory = await create(stub, "alice", "alice's", vector)
+
+    assert [r.memory.memory_id for r in await search(stub, "alice", vector, metadata=SERVICE)] == [memory.memory_id]
+    error = await rpc_error(search(stub, "alice", vector, metadata=auth("mallory")))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# --- validation -------------------------------------------------------------------
+
+GOOD = random_vector(random.Random(13))
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        pytest.param(dict(top_k=1001), "top_k", id="top_k-1001"),
+        pytest.param(dict(top_k=-1), "top_k", id="top_k-negative"),
+        pytest.param(dict(top_k=-(2**31)), "top_k", id="top_k-int32-min"),
+        pytest.param(dict(embedding=GOOD[:-1]), "embedding", id="embedding-383"),
+        pytest.param(dict(embedding=GOOD + [1.0]), "embedding", id="embedding-385"),
+        pytest.param(dict(embedding=[1.0] * 8), "embedding", id="embedding-8"),
+        pytest.param(dict(embedding=GOOD[:5] + [math.nan] + GOOD[6:]), "embedding", id="embedding-nan"),
+        pytest.param(dict(embedding=GOOD[:5] + [math.inf] + GOOD[6:]), "embedding", id="embedding-inf"),
+        pytest.param(dict(embedding=[0.0] * DIM), "embedding", id="embedding-zeros"),
+        pytest.param(dict(embedding=[]), "embedding", id="embedding-empty"),
+        pytest.param(dict(metric=7), "metric", id="metric-unknown"),
+        pytest.param(dict(min_gravity=1.5), "min_gravity", id="min_gravity-above-1"),
+        pytest.param(dict(emotion_type="Joy"), "emotion_type", id="emotion_type-not-lowercase"),
+    ],
+)
+async def test_bad_search_arguments_are_invalid_argument(clients: Clients, fields: dict[str, Any], field: str) -> None:
+    await create(clients.memories, "alice", "something", GOOD)
+    request = pb.SearchMemoriesRequest(user_id="alice", embedding=fields.pop("embedding", GOOD), **fields)
+
+    error = await rpc_error(clients.memories.SearchMemories(request, metadata=auth("alice")))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == [field]
+
+
+# --- recall against the exact answer, on a corpus of a few thousand memories ---
+
+BIG = "big"
+SMALL_USERS = ["u1", "u2", "u3", "u4"]
+SELECTIVE = 12  # embedded matches of each selective filter among BIG's memories
+
+
+@dataclass
+class Corpus:
+    url: str
+    centers: list[list[float]]
+    since: datetime.datetime  # only BIG's SELECTIVE "recent" memories are this new
+    rare_ids: set[str]  # BIG's embedded memories of emotion 'rare'
+    strong_ids: set[str]  # BIG's embedded memories of gravity >= 0.95
+    recent_ids: set[str]
+    unembedded_ids: set[str]
+
+    def query(self, rng: random.Random) -> list[float]:
+        return random_vector(rng, center=rng.choice(self.centers), spread=0.7)
+
+
+async def bulk_create(conn: asyncpg.Connection, rows: list[tuple[str, str, float, str | None, list[float]]]) -> list[str]:
+    """Creates memories through the stored function create_memory (the insert
+    rules, counts and events apply), all in one statement. The HNSW indexes are
+    dropped for it and rebuilt from their own definitions afterwards: building
+    takes seconds where thousands of graph inserts take tens of seconds."""
+    definitions = await conn.fetch(
+        """SELECT indexrelid::regclass::text AS name, pg_get_indexdef(indexrelid) AS definition
+           FROM pg_index JOIN pg_class ON pg_class.oid = indexrelid JOIN pg_am ON pg_am.oid = relam
+           WHERE indrelid = 'memories'::regclass AND amname = 'hnsw'"""
+    )
+    assert len(definitions) == 2
+    users, contents, gravities, emotions, vectors = zip(*rows)
+    async with conn.transaction():
+        for d in definitions:
+            await conn.execute(f"DROP INDEX {d['name']}")
+        created = await conn.fetch(
+            """SELECT create_memory(u, c, NULL, NULL, NULL, g, e, '{}', '{}', 'present', v::vector::real[], NULL)
+                      ->> 'memory_id'
+               FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[], $5::text[]) AS r(u, c, g, e, v)""",
+            users, contents, gravities, emotions, [literal(v) for v in vectors],
+        )  # fmt: skip
+        for d in definitions:
+            await conn.execute(d["definition"])
+    return [r[0] for r in created]
+
+
+def index_preferred(url: str) -> str:
+    """url, for a server whose queries take an ordered index scan over a sort
+    whenever they can. At this corpus size the planner would rather read the
+    user's rows and sort them (exact, and cheaper than an HNSW scan with the
+    service's large ef_search); for a large table it picks the index. This
+    stands in for the large table, so the HNSW iterative scan really answers
+    (wait_for_hnsw_scans checks that it did)."""
+    parts = urlsplit(url)  # asyncpg passes unknown query parameters on as settings
+    return urlunsplit(parts._replace(query="&".join(filter(None, [parts.query, "enable_sort=off"]))))
+
+
+@pytest.fixture(scope="module")
+async def corpus(pg_admin_url: str, template_db: str) -> AsyncIterator[Corpus]:
+    """One database for the recall tests (they only read it): BIG holds 1500
+    bulk memories plus some made through the RPC, four other users 250 each,
+    all clustered around 24 centers (as real embeddings are)."""
+    name = f"nexus_search_corpus_{os.getpid()}"
+    admin = await asyncpg.connect(pg_admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    url = with_database(pg_admin_url, name)
+    try:
+        rng = random.Random(2024)
+        centers = [[rng.gauss(0, 1) for _ in range(DIM)] for _ in range(24)]
+
+        def embedding() -> list[float]:
+            return random_vector(rng, center=rng.choice(centers), spread=0.7)
+
+        def row(user: str, i: int, gravity: float, emotion: str | None) -> tuple[str, str, float, str | None, list[float]]:
+            return user, f"{user} memory {i}", gravity, emotion, embedding()
+
+        ordinary = [row(BIG, i, rng.uniform(0, 0.79), rng.choice([None, "joy", "calm"])) for i in range(1500 - 2 * SELECTIVE)]
+        # Half of the rare ones have gravity >= 0.5, for a filter matching fewer than top_k.
+        rare = [row(BIG, i, 0.6 if i % 2 else 0.2, "rare") for i in range(SELECTIVE)]
+        strong = [row(BIG, i, rng.uniform(0.95, 1.0), None) for i in range(SELECTIVE)]
+        others = [row(u, i, rng.uniform(0, 0.79), rng.choice([None, "rare", "joy"])) for u in SMALL_USERS for i in range(250)]
+        conn = await database.connect(url)
+        try:
+            ids = await bulk_create(conn, ordinary + rare + strong + others)
+            rare_ids = set(ids[len(ordinary) : len(ordinary) + SELECTIVE])
+            strong_ids = set(ids[len(ordinary) + SELECTIVE : len(ordinary) + 2 * SELECTIVE])
+            async with serving(url) as stub:
+                await asyncio.gather(*(create(stub, "u1", f"rpc {i}", embedding()) for i in range(10)))
+                # Matching every filter but without an embedding: never returned.
+                unembedded = await asyncio.gather(
+                    *(create(stub, BIG, f"plain {i}", gravity_score=0.99, emotion_type="rare") for i in range(5))
+                )
+                since = await conn.fetchval("SELECT clock_timestamp()")
+                recent = await asyncio.gather(
+                    *(create(stub, BIG, f"recent {i}", embedding(), gravity_score=0.3) for i in range(SELECTIVE))
+                )
+            await conn.execute("ANALYZE memories")
+        finally:
+            await conn.close()
+        yield Corpus(
+            url, centers, since, rare_ids, strong_ids, {m.memory_id for m in recent}, {m.memory_id for m in unembedded}
+        )
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_exact_path_has_perfect_recall_for_every_user(corpus: Corpus) -> None:
+    rng = random.Random(1)
+    async with serving(corpus.url) as stub, exact_connection(corpus.url) as conn:
+        for user, metric in itertools.product([BIG, *SMALL_USERS], (COSINE, L2)):
+            for _ in range(4):
+                query = corpus.query(rng)
+                got = await search(stub, user, query, metadata=SERVICE, metric=metric)
+                exact = await exact_nearest(conn, user, query, metric=metric)
+                assert [r.memory.memory_id for r in got] == [i for i, _ in exact], (user, metric)
+                assert_true_distances(got, dict(exact))
+
+
+async def hnsw_scans(conn: asyncpg.Connection) -> int:
+    return await conn.fetchval(
+        """SELECT sum(idx_scan) FROM pg_stat_user_indexes
+           WHERE indexrelname IN ('memories_embedding_cosine', 'memories_embedding_l2')"""
+    )
+
+
+async def wait_for_hnsw_scans(conn: asyncpg.Connection, before: int) -> None:
+    """The searches really went through an HNSW index (backends publish their
+    statistics within seconds)."""
+    async with asyncio.timeout(20):
+        while await hnsw_scans(conn) == before:
+            await asyncio.sleep(0.1)
+
+
+async def plain_filtered_hnsw(conn: asyncpg.Connection, user: str, query: Sequence[float], emotion_type: str) -> int:
+    """How many of the 10 asked for a filtered HNSW scan without pgvector's
+    iterative scan finds: the filter runs on the ef_search candidates only."""
+    async with conn.transaction():
+        await conn.execute(
+            "SET LOCAL enable_indexscan = on; SET LOCAL enable_sort = off; "
+            "SET LOCAL hnsw.iterative_scan = off; SET LOCAL hnsw.ef_search = 100"
+        )
+        return len(
+            await conn.fetch(
+                """SELECT memory_id FROM memories WHERE user_id = $1 AND emotion_type = $3
+                   ORDER BY embedding <=> $2::text::vector LIMIT 10""",
+                user, literal(query), emotion_type,
+            )  # fmt: skip
+        )
+
+
+async def test_hnsw_path_recall_at_10_is_at_least_point_nine(corpus: Corpus) -> None:
+    rng = random.Random(2)
+    async with (
+        serving(index_preferred(corpus.url), search_exact_max_memories=10) as stub,
+        exact_connection(corpus.url) as conn,
+    ):
+        scans_before = await hnsw_scans(conn)
+        for metric in (COSINE, L2):
+            recalls = []
+            for _ in range(20):
+                query = corpus.query(rng)
+                got = await search(stub, BIG, query, metadata=SERVICE, metric=metric)
+                truth = await exact_nearest(conn, BIG, query, top_k=2000, metric=metric)
+                assert len(got) == 10
+                assert {r.memory.user_id for r in got} == {BIG}
+                assert_nearest_first(got)
+                assert_true_distances(got, dict(truth))
+                recalls.append(recall(got, truth[:10]))
+            assert sum(recalls) / len(recalls) >= 0.9, (metric, recalls)
+        await wait_for_hnsw_scans(conn, scans_before)
+
+
+@pytest.mark.parametrize("hnsw", [False, True], ids=["exact-path", "hnsw-path"])
+async def test_filters_apply_before_the_limit(corpus: Corpus, hnsw: bool) -> None:
+    """Each filter matches SELECTIVE (12) of BIG's ~1500 memories: top_k=10
+    must still bring 10, all matching (plain filtered HNSW brings ~0)."""
+    rng = random.Random(3)
+    filters: list[tuple[dict[str, Any], set[str]]] = [
+        (dict(emotion_type="rare"), corpus.rare_ids),
+        (dict(min_gravity=0.95), corpus.strong_ids),
+        (dict(since=corpus.since), corpus.recent_ids),
+    ]
+    url, exact_max = (index_preferred(corpus.url), 10) if hnsw else (corpus.url, 10_000)
+    async with serving(url, search_exact_max_memories=exact_max) as stub, exact_connection(corpus.url) as conn:
+        scans_before = await hnsw_scans(conn)
+        for (fields, matching), metric in itertools.product(filters, (COSINE, L2)):
+            for _ in range(3):
+                query = corpus.query(rng)
+                request_fields = {k: timestamp(v) if k == "since" else v for k, v in fields.items()}
+                got = await search(stub, BIG, query, metadata=SERVICE, metric=metric, **request_fields)
+                truth = await exact_nearest(conn, BIG, query, top_k=50, metric=metric, **fields)
+                assert {i for i, _ in truth} == matching
+                assert len(got) == 10, fields
+                assert {r.memory.memory_id for r in got} <= matching, fields
+                assert_nearest_first(got)
+                assert_true_distances(got, dict(truth))
+                if not hnsw:
+                    assert [r.memory.memory_id for r in got] == [i for i, _ in truth[:10]]
+                elif "emotion_type" in fields:  # the trap this avoids
+                    assert await plain_filtered_hnsw(conn, BIG, query, fields["emotion_type"]) < 10
+
+        # Fewer matches than top_k (6 rare memories of gravity >= 0.5): all of them.
+        query = corpus.query(rng)
+        got = await search(stub, BIG, query, metadata=SERVICE, emotion_type="rare", min_gravity=0.5)
+        exact = await exact_nearest(conn, BIG, query, emotion_type="rare", min_gravity=0.5)
+        assert len(exact) == SELECTIVE // 2
+        assert [r.memory.memory_id for r in got] == [i for i, _ in exact]
+
+        # Only memories without an embedding are this strong and rare: nothing.
+        assert await search(stub, BIG, corpus.query(rng), metadata=SERVICE, emotion_type="rare", min_gravity=0.98) == []
+        # Enough to hold every embedded memory but not the unembedded ones.
+        everything = await search(stub, BIG, corpus.query(rng), metadata=SERVICE, top_k=1000)
+        assert len(everything) == 1000
+        assert not {r.memory.memory_id for r in everything} & corpus.unembedded_ids
+        if hnsw:
+            await wait_for_hnsw_scans(conn, scans_before)
+
+
+# --- the embedding dimension -------------------------------------------------------
+
+
+async def test_embedding_dimension_is_fixed_by_the_first_migration(pg_admin_url: str) -> None:
+    name = f"nexus_dim8_{os.getpid()}"
+    admin = await asyncpg.connect(pg_admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(pg_admin_url, name)
+    try:
+        conn = await database.connect(url)
+        try:
+            await migrate(conn, embedding_dim=8)
+            assert await conn.fetchval(
+                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                "WHERE attrelid = 'memories'::regclass AND attname = 'embedding'"
+            ) == "vector(8)"
+
+            async with serving(url, embedding_dim=8) as stub:
+                memory = await create(stub, "alice", "eight", [float(i + 1) for i in range(8)])
+                got = await search(stub, "alice", [1.0] * 8)
+                assert [r.memory.memory_id for r in got] == [memory.memory_id]
+                for wrong in ([1.0] * DIM, [1.0] * 7):
+                    error = await rpc_error(create(stub, "alice", "wrong", wrong))
+                    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert bad_request_fields(error) == ["embedding"]
+            assert await conn.fetchval("SELECT count(*) FROM memories") == 1
+
+            with pytest.raises(MigrationError, match="8-dimensional"):
+                await migrate(conn, embedding_dim=DIM)
+            with pytest.raises(MigrationError):
+                await NexusServer(server_config(url)).start()  # the default, 384
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
