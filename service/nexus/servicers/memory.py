@@ -149,6 +149,12 @@ def _memory_id(value: str, field: str) -> uuid.UUID:
     return validation.entry_id(value, field)
 
 
+def _resume_token_expired() -> FailedPrecondition:
+    return FailedPrecondition(
+        "RESUME_TOKEN_EXPIRED", "events after this position are past retention; subscribe without a token and reload"
+    )
+
+
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     def __init__(self, db: Database, page_tokens: PageTokens, hub: EventHub, config: Config) -> None:
         self._db = db
@@ -377,10 +383,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 if position > row["last_event_seq"]:
                     raise InvalidArgument("resume_token", "ahead of this user's events (from another database?)")
                 if position < row["purged_event_seq"]:
-                    raise FailedPrecondition(
-                        "RESUME_TOKEN_EXPIRED",
-                        "events after this resume token are past retention; subscribe without a token and reload",
-                    )
+                    raise _resume_token_expired()
             await context.send_initial_metadata(((RESUME_TOKEN_METADATA, self._tokens.encode(scope, [position])),))
 
             async def send(event: Mapping[str, Any]) -> None:
@@ -397,6 +400,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                         "memory_events_after", queries.MEMORY_EVENTS_AFTER, [user_id], [position], READ_BATCH
                     )
                     for event in events:
+                        if event["seq"] != position + 1:  # the log is gapless but for retention
+                            raise _resume_token_expired()
                         await send(event)
                     if len(events) < READ_BATCH:
                         break
