@@ -21,12 +21,22 @@ CREATE TABLE memory_users (
     identity_entities text[] NOT NULL DEFAULT '{}'
 );
 
--- Locks the user's row (creating it on first use) until the transaction ends.
+-- Locks the user's row (creating it on first use) until the transaction
+-- ends. A row lock, not an upsert, so taking it writes no new row version.
 CREATE FUNCTION lock_memory_user(p_user_id text) RETURNS memory_users
-LANGUAGE sql AS $$
-    INSERT INTO memory_users (user_id) VALUES (p_user_id)
-    ON CONFLICT (user_id) DO UPDATE SET user_id = EXCLUDED.user_id
-    RETURNING *
+LANGUAGE plpgsql AS $$
+DECLARE
+    u memory_users;
+BEGIN
+    LOOP
+        SELECT * INTO u FROM memory_users WHERE user_id = p_user_id FOR UPDATE;
+        IF FOUND THEN
+            RETURN u;
+        END IF;
+        -- Waits for a concurrent first insert of the user, then locks that row.
+        INSERT INTO memory_users (user_id) VALUES (p_user_id) ON CONFLICT (user_id) DO NOTHING;
+    END LOOP;
+END
 $$;
 
 CREATE TABLE memories (
@@ -343,6 +353,7 @@ DECLARE
     fingerprint text;
     earlier     memory_requests;
     m           memories;
+    document    jsonb;
 BEGIN
     PERFORM lock_memory_user(p_user_id);
     IF p_request_id IS NOT NULL THEN
@@ -373,11 +384,12 @@ BEGIN
         VALUES (p_user_id, p_request_id, fingerprint, m.memory_id);
     END IF;
     UPDATE memory_users SET memory_count = memory_count + 1 WHERE user_id = p_user_id;
-    PERFORM emit_memory_event(p_user_id, 'memory', 'created', memory_document(m));
+    document := memory_document(m);
+    PERFORM emit_memory_event(p_user_id, 'memory', 'created', document);
     IF m.gravity_score >= 0.8 AND m.emotion_type IS NOT NULL THEN
         PERFORM build_arc(p_user_id, m.emotion_type);
     END IF;
-    RETURN memory_document(m);
+    RETURN document;
 END
 $$;
 
@@ -390,7 +402,8 @@ CREATE FUNCTION update_memory(
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    m memories;
+    m        memories;
+    document jsonb;
 BEGIN
     PERFORM lock_memory_user(p_user_id);
     UPDATE memories SET
@@ -410,11 +423,12 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory.memory_id', MESSAGE = 'memory not found';
     END IF;
-    PERFORM emit_memory_event(p_user_id, 'memory', 'updated', memory_document(m));
+    document := memory_document(m);
+    PERFORM emit_memory_event(p_user_id, 'memory', 'updated', document);
     IF m.gravity_score >= 0.8 AND m.emotion_type IS NOT NULL THEN
         PERFORM build_arc(p_user_id, m.emotion_type);
     END IF;
-    RETURN memory_document(m);
+    RETURN document;
 END
 $$;
 

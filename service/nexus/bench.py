@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +96,14 @@ class Figures:
         return f"{self.name:<36} {self.rps:>9.0f} rps   p50 {self.p50_ms:>7.2f} ms   p99 {self.p99_ms:>7.2f} ms   errors {self.errors}"
 
 
+def percentiles(samples: Sequence[float]) -> tuple[float, float]:
+    """p50 and p99 of the samples (0 for none)."""
+    if len(samples) < 2:
+        return (samples[0], samples[0]) if samples else (0.0, 0.0)
+    cuts = statistics.quantiles(samples, n=100)
+    return cuts[49], cuts[98]
+
+
 async def measure(name: str, call: Callable[[], Awaitable[object]], duration: float, concurrency: int) -> Figures:
     """Runs `call` from `concurrency` workers for `duration` seconds (after a short warm-up)."""
     latencies: list[float] = []
@@ -116,8 +124,8 @@ async def measure(name: str, call: Callable[[], Awaitable[object]], duration: fl
     began = time.perf_counter()
     await asyncio.gather(*(worker(began + duration, True) for _ in range(concurrency)))
     elapsed = time.perf_counter() - began
-    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
-    return Figures(name, len(latencies) / elapsed, cuts[49] * 1000, cuts[98] * 1000, failures)
+    p50, p99 = percentiles(latencies)
+    return Figures(name, len(latencies) / elapsed, p50 * 1000, p99 * 1000, failures)
 
 
 def run_pgbench(url: str, script: str, duration: float, clients: int) -> Figures:
@@ -131,8 +139,8 @@ def run_pgbench(url: str, script: str, duration: float, clients: int) -> Figures
             out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=logs, timeout=duration + 60)
             latencies_us = [int(line.split()[2]) for log in Path(logs).glob("pgbench_log.*") for line in log.read_text().splitlines()]
     tps = float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))  # type: ignore[union-attr]
-    cuts = statistics.quantiles(latencies_us, n=100)
-    return Figures(f"pgbench {script} (c={clients})", tps, cuts[49] / 1000, cuts[98] / 1000, 0)
+    p50_us, p99_us = percentiles(latencies_us)
+    return Figures(f"pgbench {script} (c={clients})", tps, p50_us / 1000, p99_us / 1000, 0)
 
 
 def rpc_scenarios(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> dict[str, Callable[[], Awaitable[object]]]:

@@ -29,7 +29,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from nexus import database
-from nexus.bench import measure
+from nexus.bench import measure, percentiles
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
 
@@ -75,11 +75,6 @@ SELECT array_agg(memory_id::text) FROM (
 """
 
 
-def _percentiles(samples: list[float]) -> tuple[float, float]:
-    cuts = statistics.quantiles(samples, n=100) if len(samples) > 1 else [samples[0] if samples else 0.0] * 99
-    return cuts[49], cuts[98]
-
-
 async def _load(conn: asyncpg.Connection) -> None:
     if await conn.fetchval("SELECT count(*) FROM memories WHERE user_id = $1", BIG_USER):
         return  # loaded by an earlier run on this database
@@ -112,7 +107,7 @@ async def _search_figures(
         )
         latencies.append(time.perf_counter() - started)
         recalls.append(len({r.memory.memory_id for r in response.results} & truth) / 10)
-    p50, p99 = _percentiles(latencies)
+    p50, p99 = percentiles(latencies)
     print(f"SearchMemories {label:<28} recall@10 {statistics.mean(recalls):.3f} (min {min(recalls):.1f})   "
           f"p50 {p50 * 1000:6.2f} ms   p99 {p99 * 1000:6.2f} ms")
 
@@ -130,7 +125,7 @@ async def _list_figures(stub: memory_pb2_grpc.MemoryServiceStub, metadata: tuple
             metadata=metadata,
         )
         latencies.append(time.perf_counter() - started)
-    p50, p99 = _percentiles(latencies)
+    p50, p99 = percentiles(latencies)
     print(f"ListMemories seed filter (7 days, >= 0.7, 50)  p50 {p50 * 1000:6.2f} ms   p99 {p99 * 1000:6.2f} ms  (RPC)")
 
 
@@ -196,7 +191,7 @@ async def _delivery_figures(target: str, url: str, metadata: tuple[tuple[str, st
         await asyncio.gather(*readers, return_exceptions=True)
         await _close_streams(channels, calls)
         await pool.close()
-    p50, p99 = _percentiles(latencies)
+    p50, p99 = percentiles(latencies)
     print(f"delivery commit -> client, {LIVE_SUBSCRIBERS} subscribers, {written / elapsed:.0f} events/s written: "
           f"received {len(latencies)}/{written}   p50 {p50 * 1000:6.2f} ms   p99 {p99 * 1000:6.2f} ms")
 

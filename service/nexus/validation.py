@@ -148,6 +148,11 @@ def enum_value(value: int, field: str, allowed: dict[int, str], *, default: str 
     return allowed[value]
 
 
+def optional_enum_value(value: int, field: str, allowed: dict[int, str]) -> str | None:
+    """Like enum_value, with 0 (UNSPECIFIED) meaning none."""
+    return enum_value(value, field, allowed) if value else None
+
+
 def page_size(value: int, field: str = "page_size") -> int:
     """0 means the default (50); above 1000 is coerced to 1000 (AIP-158)."""
     if value < 0:

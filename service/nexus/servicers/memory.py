@@ -40,6 +40,8 @@ SESSION_STATUSES = {
     "idle": pb.SESSION_STATUS_IDLE,
     "ended": pb.SESSION_STATUS_ENDED,
 }
+TEMPORAL_TYPE_NAMES = {number: name for name, number in TEMPORAL_TYPES.items()}
+SESSION_STATUS_NAMES = {number: name for name, number in SESSION_STATUSES.items()}
 METRICS = {pb.DISTANCE_METRIC_COSINE: "cosine", pb.DISTANCE_METRIC_L2: "l2"}
 UPDATABLE_FIELDS = (
     "content", "thread_id", "session_id", "memory_trace_id", "gravity_score", "emotion_type", "entities",
@@ -56,10 +58,6 @@ MAX_EVENT_NAME_CHARS = 64
 MAX_BROADCAST_PAYLOAD_BYTES = 7000
 # Initial metadata of a stream: the position it started at, as a resume token.
 RESUME_TOKEN_METADATA = "x-nexus-resume-token"
-
-
-def _by_name(mapping: Mapping[str, int]) -> dict[int, str]:
-    return {number: name for name, number in mapping.items()}
 
 
 def _timestamp(value: str | datetime.datetime) -> timestamp_pb2.Timestamp:
@@ -188,9 +186,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             validation.word(request.emotion_type, "emotion_type", required=False),
             validation.tags(request.entities, "entities", max_tags=MAX_ENTITIES, max_chars=MAX_ID_CHARS),
             validation.tags(request.meta_tags, "meta_tags", max_tags=MAX_TAGS),
-            validation.enum_value(request.temporal_type, "temporal_type", _by_name(TEMPORAL_TYPES), default=None)
-            if request.temporal_type
-            else None,
+            validation.optional_enum_value(request.temporal_type, "temporal_type", TEMPORAL_TYPE_NAMES),
             validation.embedding(request.embedding, "embedding", self._embedding_dim, required=False),
             validation.request_id(request.request_id, required=False),
         )
@@ -243,11 +239,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 lambda: validation.tags(memory.entities, "memory.entities", max_tags=MAX_ENTITIES, max_chars=MAX_ID_CHARS),
             ),
             value("meta_tags", lambda: validation.tags(memory.meta_tags, "memory.meta_tags", max_tags=MAX_TAGS)),
-            value(
+            value(  # cleared: inferred from the content again
                 "temporal_type",
-                lambda: validation.enum_value(memory.temporal_type, "memory.temporal_type", _by_name(TEMPORAL_TYPES))
-                if memory.temporal_type
-                else None,  # cleared: inferred from the content again
+                lambda: validation.optional_enum_value(memory.temporal_type, "memory.temporal_type", TEMPORAL_TYPE_NAMES),
             ),
             memory.identity_anchor,
             value(
@@ -444,16 +438,14 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def TouchSession(self, request: pb.TouchSessionRequest, context: grpc.aio.ServicerContext) -> pb.TouchSessionResponse:
         user_id = self._owner(request.user_id)
         session_id = validation.opaque_id(request.session_id, "session_id")
-        status = validation.enum_value(request.status, "status", _by_name(SESSION_STATUSES), default="active")
+        status = validation.enum_value(request.status, "status", SESSION_STATUS_NAMES, default="active")
         row = await self._db.fetchrow("touch_session", queries.TOUCH_SESSION, user_id, session_id, status)
         return pb.TouchSessionResponse(session=session_message(row))
 
     async def ListSessions(self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext) -> pb.ListSessionsResponse:
         user_id = self._owner(request.user_id)
         limit = validation.page_size(request.page_size)
-        status = (
-            validation.enum_value(request.status, "status", _by_name(SESSION_STATUSES)) if request.status else None
-        )
+        status = validation.optional_enum_value(request.status, "status", SESSION_STATUS_NAMES)
         scope = f"sessions:{user_id}:{status}"
         after_time, after_id = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(
