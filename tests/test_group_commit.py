@@ -130,31 +130,107 @@ async def test_batches_in_flight_never_share_a_key(db_url: str, db: asyncpg.Conn
     assert await db.fetchval("SELECT count(*) FROM reconcile_entry_counters(false)") == 0
 
 
-async def test_a_caller_past_its_deadline_never_has_its_write_committed(
+async def hold_counter_shards(conn: asyncpg.Connection, entry: uuid.UUID) -> None:
+    """Starts a transaction holding every counter shard of ``entry``: its reaction writes wait."""
+    await conn.execute("BEGIN")
+    await conn.execute(
+        "INSERT INTO entry_counter_shards (entry_id, shard) SELECT $1, s FROM generate_series(0, 63) s", entry
+    )
+
+
+async def wait_until_a_batch_waits_on_a_lock(db: asyncpg.Connection) -> None:
+    deadline = time.monotonic() + 10
+    while not await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%apply_reactions%' AND wait_event_type = 'Lock'"
+    ):
+        assert time.monotonic() < deadline, "no batch reached the database"
+        await asyncio.sleep(0.01)
+
+
+async def test_an_impatient_caller_stops_waiting_without_cutting_short_its_batch(
+    counting_db: CountingDatabase, db: asyncpg.Connection, db_url: str
+) -> None:
+    """Two callers in one batch: the first's deadline passes while the batch
+    waits on a lock. It gets DEADLINE_EXCEEDED (outcome unknown); the batch
+    is not cut short, so the patient caller's reply is the committed state."""
+    warmup, entry = await create_entry(db, "alice"), await create_entry(db, "alice")
+    writer = reaction_writer(counting_db, max_in_flight=1)
+    first_blocker, second_blocker = await asyncpg.connect(db_url), await asyncpg.connect(db_url)
+    try:
+        await hold_counter_shards(first_blocker, warmup)
+        await hold_counter_shards(second_blocker, entry)
+
+        async def write(user: str, target: uuid.UUID, seconds: float) -> Any:
+            call_deadline.set(time.monotonic() + seconds)
+            return await apply(writer, "toggle", "resonance", user, target)
+
+        first = asyncio.create_task(write("first", warmup, 30))  # in flight alone; the next two queue behind it
+        await wait_until_a_batch_waits_on_a_lock(db)
+        impatient = asyncio.create_task(write("impatient", entry, 2))
+        patient = asyncio.create_task(write("patient", entry, 30))
+        await asyncio.sleep(0)
+        await first_blocker.execute("ROLLBACK")
+        await first
+        with pytest.raises(errors.DeadlineExceeded, match="may or may not have been applied"):
+            await impatient
+        await second_blocker.execute("ROLLBACK")
+        outcome = await patient
+    finally:
+        await first_blocker.close()
+        await second_blocker.close()
+    assert counting_db.calls == 2, "impatient and patient were to share the second batch, sent once"
+    users = {r["user_id"] for r in await db.fetch("SELECT user_id FROM reactions WHERE entry_id = $1", entry)}
+    # The impatient caller's write was sent and its batch committed: unknown to it, applied once.
+    assert users == {"impatient", "patient"}
+    assert outcome["state"] and outcome["resonance_count"] == 2
+
+
+async def test_a_caller_whose_deadline_passes_before_its_batch_is_sent_writes_nothing(
     counting_db: CountingDatabase, db: asyncpg.Connection, db_url: str
 ) -> None:
     entry = await create_entry(db, "alice")
     writer = reaction_writer(counting_db, max_in_flight=1)
     blocker = await asyncpg.connect(db_url)
     try:
-        # Hold every counter shard of the entry, so the batch waits on its pre-lock.
-        await blocker.execute("BEGIN")
-        await blocker.execute(
-            "INSERT INTO entry_counter_shards (entry_id, shard) SELECT $1, s FROM generate_series(0, 63) s", entry
-        )
+        await hold_counter_shards(blocker, entry)
 
         async def write(user: str, seconds: float) -> Any:
             call_deadline.set(time.monotonic() + seconds)
             return await apply(writer, "on", "resonance", user, entry)
 
-        impatient = asyncio.create_task(write("impatient", 0.3))
-        patient = asyncio.create_task(write("patient", 30))
-        with pytest.raises(errors.DeadlineExceeded):
-            await impatient
+        first = asyncio.create_task(write("first", 30))
+        await wait_until_a_batch_waits_on_a_lock(db)
+        with pytest.raises(errors.DeadlineExceeded, match="nothing was written"):
+            await write("queued", 0.3)
         await blocker.execute("ROLLBACK")
-        outcome = await patient
+        await first
     finally:
         await blocker.close()
-    assert outcome["changed"] and outcome["resonance_count"] == 1
+    assert counting_db.calls == 1, "an item whose caller had gone was sent"
     users = [r["user_id"] for r in await db.fetch("SELECT user_id FROM reactions WHERE entry_id = $1", entry)]
-    assert users == ["patient"]
+    assert users == ["first"]
+
+
+async def test_a_batch_cut_off_by_a_lost_connection_fails_its_items_and_is_not_resent(
+    counting_db: CountingDatabase, db: asyncpg.Connection, db_url: str
+) -> None:
+    entry = await create_entry(db, "alice")
+    writer = reaction_writer(counting_db, max_in_flight=1)
+    blocker = await asyncpg.connect(db_url)
+    try:
+        await hold_counter_shards(blocker, entry)
+        cut_off = asyncio.create_task(apply(writer, "toggle", "resonance", "cut-off", entry))
+        await wait_until_a_batch_waits_on_a_lock(db)
+        await db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%apply_reactions%' "
+            "AND wait_event_type = 'Lock'"
+        )
+        with pytest.raises(errors.Unavailable):
+            await cut_off
+        await blocker.execute("ROLLBACK")
+        after = await apply(writer, "toggle", "resonance", "after", entry)
+    finally:
+        await blocker.close()
+    assert counting_db.calls == 2, "the failed batch was sent again"
+    users = [r["user_id"] for r in await db.fetch("SELECT user_id FROM reactions WHERE entry_id = $1", entry)]
+    assert users == ["after"] and after["resonance_count"] == 1

@@ -1,9 +1,16 @@
 """Access to PostgreSQL: the connection pool and the one way the service calls it.
 
 Every RPC makes one call through ``Database``: the caller's deadline bounds it
-(asyncpg cancels the statement server-side when the time is up, so an expired
-call leaves nothing running), slow calls are logged, and any database error is
-translated into a ``NexusError``.
+twice — asyncpg stops waiting and sends a cancel request when the time is up,
+and the session's ``statement_timeout`` (the remaining time rounded up to a
+step) ends the statement in the server even when that cancel request cannot
+get through (a stalled postmaster). Slow calls are logged, and any database
+error is translated into a ``NexusError``.
+
+What a failed call means for a write: an error the server reported (a
+constraint, a conflict, its own statement_timeout) means the statement was
+rolled back. A call that stopped waiting (its deadline) or lost its connection
+has an unknown outcome: the write may have committed.
 """
 
 from __future__ import annotations
@@ -23,6 +30,38 @@ log = logging.getLogger("nexus.database")
 
 # Monotonic time by which the current RPC must finish; set by the interceptor.
 call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("call_deadline", default=None)
+
+
+# Server-side bounds a call's remaining time is rounded up to (ms): a pooled
+# connection re-issues SET statement_timeout only when its step changes, so a
+# steady workload pays no extra round trip, and the server ends a statement at
+# most one step after its caller's deadline.
+STATEMENT_TIMEOUT_STEPS_MS = (250, 500, 1_000, 2_000, 4_000, 8_000, 15_000, 30_000, 60_000)
+
+
+class _Connection(asyncpg.Connection):
+    """A pooled connection that remembers its session's statement_timeout."""
+
+    __slots__ = ("statement_timeout_ms",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.statement_timeout_ms: int | None = None
+
+    async def bound_statements(self, timeout_ms: int, timeout_s: float) -> None:
+        """Makes the session's statement_timeout ``timeout_ms`` (a round trip only if it differs)."""
+        if self.statement_timeout_ms == timeout_ms:
+            return
+        self.statement_timeout_ms = None  # unknown until the server has answered
+        await self.execute(f"SET statement_timeout = {int(timeout_ms)}", timeout=timeout_s)
+        self.statement_timeout_ms = timeout_ms
+
+
+def statement_timeout_step(remaining_s: float, ceiling_ms: int) -> int:
+    """The server-side bound for a call with ``remaining_s`` left: the next step up, at most the ceiling."""
+    remaining_ms = remaining_s * 1000
+    step = next((step for step in STATEMENT_TIMEOUT_STEPS_MS if step >= remaining_ms), ceiling_ms)
+    return min(step, ceiling_ms)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -48,6 +87,7 @@ class Database:
 
     def __init__(self, pool: asyncpg.Pool, statement_timeout_ms: int, slow_warn_ms: int, slow_error_ms: int) -> None:
         self.pool = pool
+        self._ceiling_ms = statement_timeout_ms
         self._ceiling_s = statement_timeout_ms / 1000
         self._slow_warn_s = slow_warn_ms / 1000
         self._slow_error_s = slow_error_ms / 1000
@@ -62,6 +102,7 @@ class Database:
             max_size=max_size,
             init=_init_connection,
             reset=_keep_session,
+            connection_class=_Connection,
             # A server-side ceiling as well, in case the client side never gets to cancel.
             server_settings={"statement_timeout": str(statement_timeout_ms), "application_name": "nexus"},
         )
@@ -76,8 +117,16 @@ class Database:
             return self._ceiling_s
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise errors.DeadlineExceeded()
+            raise errors.DeadlineExceeded(errors.DeadlineExceeded.NOT_SENT)
         return min(remaining, self._ceiling_s)
+
+    @staticmethod
+    def _left(timeout: float, started: float) -> float:
+        """Seconds left of ``timeout`` since ``started``; DeadlineExceeded (nothing sent) if none."""
+        left = timeout - (time.perf_counter() - started)
+        if left <= 0:
+            raise errors.DeadlineExceeded(errors.DeadlineExceeded.NOT_SENT)
+        return left
 
     async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
         return await self._call(name, "fetch", query, args)
@@ -99,8 +148,16 @@ class Database:
             # waiting for a connection past its deadline is cancelled by gRPC,
             # and a group-commit batch keeps its callers' deadline on the query.
             async with self.pool.acquire() as conn:
-                return await getattr(conn, method)(query, *args, timeout=max(timeout - (time.perf_counter() - started), 0.001))
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                try:
+                    await conn.bound_statements(statement_timeout_step(self._left(timeout, started), self._ceiling_ms),
+                                                self._left(timeout, started))
+                    return await getattr(conn, method)(query, *args, timeout=self._left(timeout, started))
+                except asyncpg.InternalClientError:
+                    # The connection is in a state it cannot leave (an operation
+                    # cut short by a lost server): drop it, the pool opens a new one.
+                    conn.terminate()
+                    raise
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError) as exc:
             raise errors.from_database(exc) from exc
         finally:
             elapsed = time.perf_counter() - started

@@ -39,8 +39,9 @@ class NexusError(Exception):
     code = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str = "") -> None:
-        super().__init__(message or (self.__doc__ or "").strip())
-        self.message = message or (self.__doc__ or "").strip()
+        message = message or " ".join((self.__doc__ or "").split())
+        super().__init__(message)
+        self.message = message
 
     def details(self) -> list[any_pb2.Any]:
         return []
@@ -123,15 +124,21 @@ class ResourceExhausted(NexusError):
 
 
 class Unavailable(NexusError):
-    """The database cannot be reached; retry with backoff."""
+    """The database cannot be reached; retry with backoff. A write cut off by a
+    lost connection may or may not have been applied: retry it with the same
+    request_id where the RPC has one."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    REFUSED = "the database refused the call (nothing was written); retry with backoff"
 
 
 class DeadlineExceeded(NexusError):
-    """The call's deadline passed before the database work finished; nothing was committed."""
+    """The deadline passed before the database answered: a write may or may not
+    have been applied. Retry it with the same request_id where the RPC has one."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+    NOT_SENT = "the deadline passed before the call reached the database; nothing was written"
+    CANCELLED = "the database cancelled the statement at the deadline; nothing was written"
 
 
 def _pack(message: object) -> any_pb2.Any:
@@ -148,7 +155,7 @@ def from_database(exc: BaseException) -> NexusError:
     """Translates an asyncpg / connection error into a NexusError."""
     if isinstance(exc, NexusError):
         return exc
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError):  # stopped waiting: the outcome is unknown
         return DeadlineExceeded()
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = exc.sqlstate or ""
@@ -169,14 +176,15 @@ def from_database(exc: BaseException) -> NexusError:
             return Aborted()
         if sqlstate == "NX412":
             return FailedPrecondition(getattr(exc, "detail", None) or "FAILED_PRECONDITION", message)
-        if sqlstate == "57014":  # query_canceled: statement_timeout
-            return DeadlineExceeded()
+        # Below: errors the server reported, so the statement was rolled back.
+        if sqlstate == "57014":  # query_canceled: statement_timeout, or the cancel sent at the deadline
+            return DeadlineExceeded(DeadlineExceeded.CANCELLED)
         if sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
-            return Unavailable()
+            return Unavailable(Unavailable.REFUSED)
         log.error("event=unexpected_database_error sqlstate=%s error=%r", sqlstate, exc)
         return NexusError(f"database error {sqlstate}")
-    if isinstance(exc, OSError | asyncpg.ConnectionDoesNotExistError):
-        return Unavailable()
+    if isinstance(exc, OSError | asyncpg.ConnectionDoesNotExistError | asyncpg.InternalClientError):
+        return Unavailable()  # the connection broke mid-call: the outcome is unknown
     log.error("event=unexpected_database_error error=%r", exc)
     return NexusError()
 

@@ -23,11 +23,17 @@ other's row locks: a viral entry or a hot merchant gets one growing batch at a
 time, and items behind a busy key go out in a batch of their own. (Across
 processes the batch functions' lock ordering keeps them deadlock-free.)
 
-Deadlines: a batch runs under the earliest deadline of its callers, so a call
-past its deadline never has its write committed. If that deadline cuts the
-batch short, nothing was written: the expired callers get DEADLINE_EXCEEDED
-and the others go back to the head of the queue. A caller that has gone
-(cancelled, past its deadline) before its batch is sent is dropped from it.
+Deadlines and failures: a batch runs until the latest deadline of its
+callers, so one impatient caller never cuts short the others' writes; a caller
+whose own deadline passes stops waiting with DEADLINE_EXCEEDED (nothing was
+written if its item had not been sent yet; otherwise its outcome is unknown —
+the batch may still commit it). A batch is sent once and never re-sent: when it
+fails, every item gets the batch's error — an error PostgreSQL reported means
+nothing was written; a lost connection or a deadline means the outcome is
+unknown, and re-applying it blindly could apply a write twice (a toggle
+flipped back, an acknowledged state that is not the database's). A caller that
+has gone (cancelled, past its deadline) before its batch is sent is dropped
+from it.
 
 At most ``max_pending`` items wait; beyond that a call is refused with
 RESOURCE_EXHAUSTED rather than queued without bound.
@@ -56,6 +62,7 @@ class _Item:
     arguments: tuple[Any, ...]
     keys: frozenset[Hashable]
     deadline: float | None
+    sent: bool = False
     rows: asyncio.Future[list[asyncpg.Record]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -80,11 +87,19 @@ class GroupCommit:
         """Applies one item writing `keys`; returns its result rows."""
         if len(self._pending) >= self._max_pending:
             raise ResourceExhausted(f"more than {self._max_pending} {self._name} writes are queued")
-        item = _Item(arguments, frozenset(keys), call_deadline.get())
+        deadline = call_deadline.get()
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(DeadlineExceeded.NOT_SENT)
+        item = _Item(arguments, frozenset(keys), deadline)
         self._pending.append(item)
         if self._in_flight == 0 or len(self._pending) >= self._min_batch:
             self._dispatch()
-        return await item.rows
+        try:
+            async with asyncio.timeout(remaining):
+                return await item.rows
+        except TimeoutError:
+            raise DeadlineExceeded() if item.sent else DeadlineExceeded(DeadlineExceeded.NOT_SENT) from None
 
     def _dispatch(self) -> None:
         while self._in_flight < self._max_in_flight:
@@ -115,6 +130,7 @@ class GroupCommit:
                 blocked |= item.keys
         self._pending = waiting + self._pending[scanned:]
         for item in batch:
+            item.sent = True
             self._busy_keys |= item.keys
         return batch
 
@@ -128,23 +144,15 @@ class GroupCommit:
             self._dispatch()
 
     async def _send(self, batch: list[_Item]) -> None:
-        deadlines = [item.deadline for item in batch if item.deadline is not None]
-        call_deadline.set(min(deadlines) if deadlines else None)
+        deadlines = [item.deadline for item in batch]
+        call_deadline.set(None if None in deadlines else max(deadlines))  # type: ignore[type-var]
         try:
             rows = await self._db.fetch(self._name, self._query, *(list(column) for column in zip(*(i.arguments for i in batch))))
-        except DeadlineExceeded as exc:
-            now = time.monotonic()
-            expired = [i for i in batch if i.deadline is not None and i.deadline <= now]
-            if not expired:  # the statement ceiling, not a caller's deadline: fail them all
-                expired = batch
-            self._fail(expired, exc)
-            self._pending[:0] = [i for i in batch if i not in expired and not i.rows.done()]
-            return
         except BaseException as exc:
             if isinstance(exc, NexusError):
                 failure: NexusError = exc
             elif isinstance(exc, asyncio.CancelledError):
-                failure = Unavailable()
+                failure = Unavailable("the server is shutting down; the write's outcome is unknown")
             else:
                 log.exception("event=group_commit_failed function=%s items=%d", self._name, len(batch))
                 failure = NexusError()

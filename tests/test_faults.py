@@ -1,0 +1,176 @@
+"""Writes while the database stalls: every process of the test's PostgreSQL is
+stopped (SIGSTOP) while calls with mixed deadlines arrive, then resumed
+(SIGCONT).
+
+The promise under test: an acknowledged reply is never wrong and nothing is
+applied twice. A call that ends DEADLINE_EXCEEDED or UNAVAILABLE has an
+unknown outcome (its write may have committed); a call that ends OK must
+describe the state the database ends in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import uuid
+from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+import grpc
+import psutil
+import pytest
+
+from conftest import SERVICE, Clients, auth
+from nexus.v1 import interaction_pb2 as pb
+from nexus.v1 import token_pb2
+
+# Rounds per test: each stalls the database once. NEXUS_TEST_STALL_ROUNDS raises it for a longer hunt.
+ROUNDS = int(os.environ.get("NEXUS_TEST_STALL_ROUNDS", "4"))
+CALLS_PER_ROUND = 25
+STALL_S = 2.5
+SHORT_DEADLINE_S, LONG_DEADLINE_S = 1.0, 20.0
+OUTCOME_UNKNOWN = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}
+
+
+async def postgres_processes(db: asyncpg.Connection) -> list[psutil.Process]:
+    """The postmaster serving ``db`` and all its children (backends, background workers)."""
+    backend = psutil.Process(await db.fetchval("SELECT pg_backend_pid()"))
+    postmaster = backend.parent()
+    if postmaster is None:
+        pytest.skip("cannot find the postmaster of the test database")
+    return [postmaster, *postmaster.children()]
+
+
+@contextlib.asynccontextmanager
+async def stalled_database(db: asyncpg.Connection) -> AsyncIterator[None]:
+    """Every PostgreSQL process stopped for the block's duration (resumed even if it fails)."""
+    try:
+        processes = await postgres_processes(db)
+    except psutil.AccessDenied:
+        pytest.skip("the test database runs as another user: cannot stop its processes")
+    for process in processes:
+        process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGCONT)
+
+
+def deadline_of(call: int) -> float:
+    return SHORT_DEADLINE_S if call % 2 == 0 else LONG_DEADLINE_S
+
+
+async def replies_during_stall(db: asyncpg.Connection, calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Starts ``calls`` (factories of awaitables) with the database stopped and
+    resumes it after STALL_S; returns each call's reply or RpcError."""
+    async with stalled_database(db):
+        tasks = [asyncio.ensure_future(call()) for call in calls]
+        await asyncio.wait(tasks, timeout=STALL_S)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, grpc.aio.AioRpcError):
+            raise result
+    return results
+
+
+async def test_acknowledged_toggles_are_applied_exactly_once_across_a_stall(
+    clients: Clients, db: asyncpg.Connection
+) -> None:
+    stub = clients.interactions
+    for round_number in range(ROUNDS):
+        users = [f"stall-{round_number}-{i}" for i in range(CALLS_PER_ROUND)]
+        entries = []
+        for user in users:
+            request = pb.CreateEntryRequest(author_id=user, type="post", title="t", content="c")
+            entries.append((await stub.CreateEntry(request, metadata=auth(user), timeout=10)).entry.entry_id)
+
+        def toggle(call: int) -> Callable[[], Awaitable[pb.ToggleResonanceResponse]]:
+            request = pb.ToggleResonanceRequest(user_id=users[call], entry_id=entries[call])
+            return lambda: stub.ToggleResonance(request, metadata=auth(users[call]), timeout=deadline_of(call))
+
+        results = await replies_during_stall(db, [toggle(call) for call in range(CALLS_PER_ROUND)])
+
+        for call, result in enumerate(results):
+            row = await db.fetchval(
+                "SELECT count(*) FROM reactions WHERE user_id = $1 AND entry_id = $2 AND kind = 'resonance'",
+                users[call], uuid.UUID(entries[call]),
+            )
+            if isinstance(result, grpc.aio.AioRpcError):
+                assert result.code() in OUTCOME_UNKNOWN, f"call {call}: {result.code()} {result.details()}"
+                assert deadline_of(call) == SHORT_DEADLINE_S, f"call {call} outlived a stall shorter than its deadline"
+                continue
+            # One toggle of a pair nobody else touched: on, counted once, and so in the database.
+            assert (result.resonated, result.counts.resonance_count) == (True, 1), (
+                f"round {round_number} call {call} (deadline {deadline_of(call)} s) acknowledged "
+                f"resonated={result.resonated} count={result.counts.resonance_count}"
+            )
+            assert row == 1, f"round {round_number} call {call} acknowledged a resonance the database lacks"
+    assert await db.fetchval("SELECT count(*) FROM reconcile_entry_counters(false)") == 0
+
+
+async def test_acknowledged_credits_are_in_the_ledger_exactly_once_across_a_stall(
+    clients: Clients, db: asyncpg.Connection
+) -> None:
+    stub = clients.tokens
+    for round_number in range(ROUNDS):
+        user = f"payee-{round_number}"
+
+        def credit(call: int) -> Callable[[], Awaitable[token_pb2.CreditResponse]]:
+            request = token_pb2.CreditRequest(user_id=user, amount=call + 1, reason="stall", request_id=f"r{call}")
+            return lambda: stub.Credit(request, metadata=SERVICE, timeout=deadline_of(call))
+
+        results = await replies_during_stall(db, [credit(call) for call in range(CALLS_PER_ROUND)])
+
+        ledger = {
+            row["request_id"]: row["amount"]
+            for row in await db.fetch("SELECT request_id, amount FROM token_transactions WHERE user_id = $1", user)
+        }
+        assert await db.fetchval(
+            "SELECT count(*) FROM token_transactions WHERE user_id = $1", user
+        ) == len(ledger), "a request was applied twice"
+        for call, result in enumerate(results):
+            if isinstance(result, grpc.aio.AioRpcError):
+                assert result.code() in OUTCOME_UNKNOWN, f"call {call}: {result.code()} {result.details()}"
+                continue
+            assert ledger.get(f"r{call}") == call + 1, f"call {call} was acknowledged but is not in the ledger"
+        assert await db.fetchval("SELECT balance FROM balances WHERE user_id = $1", user) == sum(ledger.values())
+    assert await db.fetchval("SELECT count(*) FROM reconcile_balances(false)") == 0
+
+
+async def test_a_statement_ends_in_the_server_at_its_deadline_even_when_no_cancel_can_arrive(
+    clients: Clients, db: asyncpg.Connection, db_url: str
+) -> None:
+    """With the postmaster stopped, the cancel request sent at the deadline
+    cannot get through; the session's statement_timeout (set from the call's
+    remaining time) still ends the statement, instead of the 30 s ceiling."""
+    author = "lock-holder"
+    request = pb.CreateEntryRequest(author_id=author, type="post", title="t", content="c")
+    entry_id = (await clients.interactions.CreateEntry(request, metadata=auth(author), timeout=10)).entry.entry_id
+    blocker = await asyncpg.connect(db_url)
+    (postmaster, *_) = await postgres_processes(db)
+    try:
+        await blocker.execute("BEGIN")
+        await blocker.execute(
+            "INSERT INTO reactions (user_id, entry_id, kind) VALUES ('bob', $1, 'resonance')", uuid.UUID(entry_id)
+        )
+        postmaster.send_signal(signal.SIGSTOP)
+        toggle = pb.ToggleResonanceRequest(user_id="bob", entry_id=entry_id)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await clients.interactions.ToggleResonance(toggle, metadata=auth("bob"), timeout=1.0)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = asyncio.get_running_loop().time() + 5
+        while await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%apply_reactions%' AND state = 'active' "
+            "AND pid <> pg_backend_pid()"
+        ):
+            assert asyncio.get_running_loop().time() < deadline, "the statement outlived its deadline by 5 s"
+            await asyncio.sleep(0.05)
+    finally:
+        postmaster.send_signal(signal.SIGCONT)
+        await blocker.close()
+    assert await db.fetchval("SELECT count(*) FROM reactions WHERE entry_id = $1", uuid.UUID(entry_id)) == 0
