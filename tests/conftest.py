@@ -55,16 +55,21 @@ def pg_admin_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 async def template_db(pg_admin_url: str) -> AsyncIterator[str]:
     name = f"nexus_template_{os.getpid()}"
+    # No connection is held across the session: fault tests crash the server.
     admin = await asyncpg.connect(pg_admin_url)
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         await admin.execute(f'CREATE DATABASE "{name}"')
-        conn = await database.connect(with_database(pg_admin_url, name))
-        try:
-            await migrations.migrate(conn)
-        finally:
-            await conn.close()
-        yield name
+    finally:
+        await admin.close()
+    conn = await database.connect(with_database(pg_admin_url, name))
+    try:
+        await migrations.migrate(conn)
+    finally:
+        await conn.close()
+    yield name
+    admin = await asyncpg.connect(pg_admin_url)
+    try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
@@ -80,7 +85,11 @@ async def db_url(pg_admin_url: str, template_db: str) -> AsyncIterator[str]:
     admin = await asyncpg.connect(pg_admin_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-        yield with_database(pg_admin_url, name)
+    finally:
+        await admin.close()
+    yield with_database(pg_admin_url, name)
+    admin = await asyncpg.connect(pg_admin_url)
+    try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
@@ -91,7 +100,7 @@ async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A direct connection to the test's database, for checking invariants."""
     conn = await database.connect(db_url)
     yield conn
-    await conn.close()
+    conn.terminate()  # also fine when a fault test has broken the connection
 
 
 def test_config(database_url: str, **overrides: object) -> Config:

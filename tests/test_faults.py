@@ -1,6 +1,7 @@
-"""Writes while the database stalls: every process of the test's PostgreSQL is
-stopped (SIGSTOP) while calls with mixed deadlines arrive, then resumed
-(SIGCONT).
+"""Writes while the database stalls or crashes: every process of the test's
+PostgreSQL stopped (SIGSTOP) while calls with mixed deadlines arrive, then
+resumed (SIGCONT); a backend killed (SIGKILL, so PostgreSQL restarts every
+session and recovers) in the middle of a storm of writes.
 
 The promise under test: an acknowledged reply is never wrong and nothing is
 applied twice. A call that ends DEADLINE_EXCEEDED or UNAVAILABLE has an
@@ -15,8 +16,8 @@ import contextlib
 import os
 import signal
 import uuid
-from typing import Any
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import grpc
@@ -174,3 +175,98 @@ async def test_a_statement_ends_in_the_server_at_its_deadline_even_when_no_cance
         postmaster.send_signal(signal.SIGCONT)
         await blocker.close()
     assert await db.fetchval("SELECT count(*) FROM reactions WHERE entry_id = $1", uuid.UUID(entry_id)) == 0
+
+
+CRASH_STORM_CALLS = 600
+CRASH_AFTER_REPLIES = 100
+
+
+async def connect_when_back(db_url: str, timeout: float = 30) -> asyncpg.Connection:
+    """A new connection, once PostgreSQL accepts them again (bounded)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await asyncpg.connect(db_url)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def test_a_database_crash_mid_storm_loses_no_acknowledged_write_and_the_service_recovers(
+    clients: Clients, db: asyncpg.Connection, db_url: str
+) -> None:
+    stub, tokens = clients.interactions, clients.tokens
+    entries = []
+    for n in range(10):
+        request = pb.CreateEntryRequest(author_id="author", type="post", title=f"t{n}", content="c")
+        entries.append((await stub.CreateEntry(request, metadata=auth("author"), timeout=10)).entry.entry_id)
+
+    def write(n: int) -> Awaitable[Any]:
+        if n % 4 == 3:
+            credit = token_pb2.CreditRequest(user_id=f"payee-{n % 5}", amount=n, reason="storm", request_id=f"r{n}")
+            return tokens.Credit(credit, metadata=SERVICE, timeout=15)
+        like = pb.SetResonanceRequest(user_id=f"fan-{n}", entry_id=entries[n % 10], resonated=True)
+        return stub.SetResonance(like, metadata=auth(f"fan-{n}"), timeout=15)
+
+    replies = 0
+    enough_replies = asyncio.Event()
+    slots = asyncio.Semaphore(40)
+
+    async def one(n: int) -> Any:
+        nonlocal replies
+        async with slots:
+            try:
+                return await write(n)
+            except grpc.aio.AioRpcError as error:
+                return error
+            finally:
+                replies += 1
+                if replies == CRASH_AFTER_REPLIES:
+                    enough_replies.set()
+
+    storm = asyncio.gather(*(one(n) for n in range(CRASH_STORM_CALLS)))
+    await asyncio.wait_for(enough_replies.wait(), timeout=30)
+    victim = await db.fetchval(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'nexus' AND backend_type = 'client backend' LIMIT 1"
+    )
+    os.kill(victim, signal.SIGKILL)  # PostgreSQL ends every session and recovers
+    results = await asyncio.wait_for(storm, timeout=120)
+
+    failures = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert failures, "the crash happened after the storm: nothing was tested"
+    for failure in failures:
+        assert failure.code() in OUTCOME_UNKNOWN, f"{failure.code()}: {failure.details()}"
+
+    checker = await connect_when_back(db_url)
+    try:
+        for n, result in enumerate(results):
+            if isinstance(result, grpc.aio.AioRpcError):
+                continue
+            if n % 4 == 3:
+                count = await checker.fetchval(
+                    "SELECT count(*) FROM token_transactions WHERE user_id = $1 AND request_id = $2", f"payee-{n % 5}", f"r{n}"
+                )
+            else:
+                count = await checker.fetchval(
+                    "SELECT count(*) FROM reactions WHERE user_id = $1 AND entry_id = $2", f"fan-{n}",
+                    uuid.UUID(entries[n % 10]),
+                )
+            assert count == 1, f"write {n} was acknowledged but is not in the database once"
+        assert await checker.fetchval("SELECT count(*) FROM reconcile_entry_counters(false)") == 0
+        assert await checker.fetchval("SELECT count(*) FROM reconcile_balances(false)") == 0
+    finally:
+        await checker.close()
+
+    # The service reconnects by itself: a new write succeeds within a bounded wait.
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        try:
+            await stub.SetResonance(
+                pb.SetResonanceRequest(user_id="after", entry_id=entries[0], resonated=True), metadata=auth("after"), timeout=5
+            )
+            break
+        except grpc.aio.AioRpcError as error:
+            assert error.code() in OUTCOME_UNKNOWN, f"{error.code()}: {error.details()}"
+            assert asyncio.get_running_loop().time() < deadline, "the service did not recover within 30 s"
+            await asyncio.sleep(0.1)
