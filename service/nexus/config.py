@@ -67,7 +67,7 @@ class Config:
     tls_ca_file: str = field(
         default="",
         metadata={
-            "help": "Client commands (health, seed, bench): PEM CA bundle the server's certificate must chain to. "
+            "help": "Client commands (health, seed): PEM CA bundle the server's certificate must chain to. "
             "They connect with TLS when this, tls_client_cert_file or the server's tls_cert_file is set "
             "(trusting the system's CAs when this is unset)."
         },
