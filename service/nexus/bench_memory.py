@@ -21,6 +21,7 @@ import datetime
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -150,9 +151,13 @@ async def _stop_readers(phase: str, readers: list[asyncio.Task[None]]) -> None:
     for reader in readers:
         reader.cancel()
     results = await asyncio.gather(*readers, return_exceptions=True)
-    failed = [r for r in results if isinstance(r, Exception)]
+    failed = Counter(
+        r.code().name if isinstance(r, grpc.aio.AioRpcError) else type(r).__name__
+        for r in results if isinstance(r, Exception)
+    )
     if failed:
-        raise BenchFailed(f"{phase}: {len(failed)} of {len(readers)} streams failed (first: {failed[0]!r})")
+        codes = ", ".join(f"{code} {count}" for code, count in failed.most_common())
+        raise BenchFailed(f"{phase}: {failed.total()} of {len(readers)} streams failed ({codes})")
 
 
 async def _close_streams(channels: list[grpc.aio.Channel], calls: list[grpc.aio.UnaryStreamCall]) -> None:
