@@ -32,6 +32,11 @@ class Run:
     stderr: str
 
     @property
+    def output(self) -> str:
+        """Both streams, for failure messages."""
+        return f"exit code {self.code}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+
+    @property
     def error_line(self) -> str:
         """The one line a failing command prints on stderr (fails the test if there are more)."""
         lines = self.stderr.strip().splitlines()
@@ -89,14 +94,14 @@ async def test_token_with_an_external_database_and_no_secret_is_an_error() -> No
 async def test_token_ttl_must_be_positive() -> None:
     for ttl in ("-5", "0"):
         run = await run_nexus("token", "--sub", "alice", "--ttl", ttl, env=nexus_env(NEXUS_JWT_SECRET=JWT_SECRET))
-        assert run.code != 0, ttl
+        assert run.code != 0, (ttl, run.output)
         assert "--ttl must be a positive number of seconds" in run.error_line
         assert run.stdout == ""
 
 
 async def test_token_lives_for_its_ttl() -> None:
     run = await run_nexus("token", "--sub", "alice", "--ttl", "90", env=nexus_env(NEXUS_JWT_SECRET=JWT_SECRET))
-    assert run.code == 0, run.stderr
+    assert run.code == 0, run.output
     claims = jwt.decode(run.stdout.strip(), JWT_SECRET, algorithms=["HS256"])
     assert claims["sub"] == "alice" and claims["exp"] - claims["iat"] == 90
 
@@ -108,7 +113,7 @@ async def test_seed_and_health_with_the_server_down_print_one_line() -> None:
     port = free_port()
     for command in ("seed", "health"):
         run = await run_nexus(command, "--port", str(port), env=nexus_env(NEXUS_JWT_SECRET=JWT_SECRET))
-        assert run.code == 1, (command, run)
+        assert run.code == 1, (command, run.output)
         line = run.error_line
         assert line.startswith(f"nexus: cannot reach 127.0.0.1:{port} (UNAVAILABLE"), line
         assert "nexus serve" in line
@@ -119,14 +124,14 @@ async def test_seed_with_a_foreign_secret_prints_the_rpc_error_in_one_line(
 ) -> None:
     env = nexus_env(NEXUS_JWT_SECRET="not-the-server-secret-" + "y" * 32)
     run = await run_nexus("seed", "--port", str(server.port), env=env)
-    assert run.code == 1, run
+    assert run.code == 1, run.output
     assert run.error_line.startswith(f"nexus: 127.0.0.1:{server.port}: UNAUTHENTICATED: "), run.error_line
     assert await db.fetchval("SELECT count(*) FROM entries") == 0
 
 
 async def test_seed_through_a_running_server(server: NexusServer, db: asyncpg.Connection) -> None:
     run = await run_nexus("seed", "--port", str(server.port), env=nexus_env(NEXUS_JWT_SECRET=JWT_SECRET))
-    assert run.code == 0, run.stderr
+    assert run.code == 0, run.output
     assert await db.fetchval("SELECT count(*) FROM entries WHERE author_id = 'alice'") > 0
 
 
@@ -149,7 +154,7 @@ async def test_bench_against_an_unreachable_server_fails_before_writing_anything
     port = free_port()
     env = nexus_env(NEXUS_DATABASE_URL=db_url, NEXUS_JWT_SECRET=JWT_SECRET)
     run = await run_nexus("bench", "--disposable-database", "--port", str(port), *BENCH_QUICK, env=env)
-    assert run.code == 1, run
+    assert run.code == 1, run.output
     assert run.error_line.startswith(f"nexus: bench failed: cannot reach 127.0.0.1:{port}"), run.error_line
     assert run.stdout == ""
     assert await db.fetchval("SELECT count(*) FROM entries") == 0
@@ -159,7 +164,7 @@ async def test_bench_against_an_unreachable_server_fails_before_writing_anything
 async def test_bench_whose_calls_fail_names_the_phase_and_prints_no_ratio(server: NexusServer, db_url: str) -> None:
     env = nexus_env(NEXUS_DATABASE_URL=db_url, NEXUS_JWT_SECRET="not-the-server-secret-" + "y" * 32)
     run = await run_nexus("bench", "--disposable-database", "--port", str(server.port), *BENCH_QUICK, env=env)
-    assert run.code == 1, run
+    assert run.code == 1, run.output
     line = run.error_line
     assert line.startswith("nexus: bench failed: ToggleResonance uniform (100k): "), line
     assert "calls failed (UNAUTHENTICATED" in line
@@ -175,7 +180,7 @@ async def test_bench_runs_its_own_throwaway_server_and_leaves_the_configured_dat
     # The configured settings point at the test's database and a data dir: the bench must use neither.
     env = nexus_env(NEXUS_DATABASE_URL=db_url, NEXUS_DATA_DIR=data_dir, NEXUS_JWT_SECRET=JWT_SECRET, TMPDIR=scratch)
     run = await run_nexus("bench", *BENCH_QUICK, env=env, timeout=300)
-    assert run.code == 0, run
+    assert run.code == 0, run.output
     assert "ToggleResonance hot / uniform" in run.stdout and "reconcile drift 0" in run.stdout, run.stdout
     assert await db.fetchval("SELECT count(*) FROM entries") == 0
     assert not data_dir.exists()

@@ -176,23 +176,23 @@ def client_flags(pki: Pki, *, ca: bool = True, client_cert: KeyPair | None = Non
 async def test_nexus_health_over_tls_with_the_ca_and_not_without(tls_server: NexusServer, pki: Pki) -> None:
     port = str(tls_server.port)
     run = await run_nexus("health", "--port", port, *client_flags(pki), env=nexus_env())
-    assert run.code == 0, run
+    assert run.code == 0, run.output
     assert run.stdout.strip() == f"127.0.0.1:{port}: SERVING"
 
     plaintext = await run_nexus("health", "--port", port, env=nexus_env())
-    assert plaintext.code == 1, plaintext
+    assert plaintext.code == 1, plaintext.output
     assert plaintext.error_line.startswith(f"nexus: cannot reach 127.0.0.1:{port} (UNAVAILABLE"), plaintext.error_line
 
 
 async def test_nexus_health_under_mtls_needs_the_client_certificate(mtls_server: NexusServer, pki: Pki) -> None:
     port = str(mtls_server.port)
     run = await run_nexus("health", "--port", port, *client_flags(pki, client_cert=pki.client), env=nexus_env())
-    assert run.code == 0, run
+    assert run.code == 0, run.output
     assert run.stdout.strip() == f"127.0.0.1:{port}: SERVING"
 
     for flags in (client_flags(pki), client_flags(pki, client_cert=pki.stranger), []):
         refused_run = await run_nexus("health", "--port", port, *flags, env=nexus_env())
-        assert refused_run.code == 1, (flags, refused_run)
+        assert refused_run.code == 1, (flags, refused_run.output)
         assert refused_run.error_line.startswith(f"nexus: cannot reach 127.0.0.1:{port} (UNAVAILABLE"), flags
 
 
@@ -204,14 +204,14 @@ async def test_nexus_health_takes_the_settings_from_the_environment(mtls_server:
         NEXUS_TLS_CLIENT_CERT_FILE=pki.client.cert, NEXUS_TLS_CLIENT_KEY_FILE=pki.client.key,
     )
     run = await run_nexus("health", env=env)
-    assert run.code == 0, run
+    assert run.code == 0, run.output
     assert run.stdout.strip() == f"127.0.0.1:{mtls_server.port}: SERVING"
 
 
 async def test_nexus_seed_writes_through_mtls(mtls_server: NexusServer, pki: Pki, db: asyncpg.Connection) -> None:
     flags = client_flags(pki, client_cert=pki.client)
     run = await run_nexus("seed", "--port", str(mtls_server.port), *flags, env=nexus_env(NEXUS_JWT_SECRET=JWT_SECRET))
-    assert run.code == 0, run
+    assert run.code == 0, run.output
     assert await db.fetchval("SELECT count(*) FROM entries WHERE author_id = 'alice'") > 0
 
 
@@ -224,11 +224,11 @@ async def test_tls_server_name_checks_a_certificate_issued_for_another_name(db_u
         port = str(server.port)
         named = await run_nexus("health", "--port", port, *client_flags(pki), "--tls-server-name", "nexus.test",
                                 env=nexus_env())
-        assert named.code == 0, named
+        assert named.code == 0, named.output
         assert named.stdout.strip() == f"127.0.0.1:{port}: SERVING"
 
         unnamed = await run_nexus("health", "--port", port, *client_flags(pki), env=nexus_env())
-        assert unnamed.code == 1, unnamed
+        assert unnamed.code == 1, unnamed.output
         assert unnamed.error_line.startswith(f"nexus: cannot reach 127.0.0.1:{port}"), unnamed.error_line
     finally:
         await server.stop(grace=0)
