@@ -1,27 +1,41 @@
-"""``nexus bench``: load figures for a running server, measured in one run.
+"""``nexus bench``: load figures for a Nexus server, measured in one run.
+
+By default the bench starts its own server on 127.0.0.1, on a fresh embedded
+PostgreSQL in a temporary directory that it removes afterwards: bench data
+never lands in a database the bench did not create. ``--disposable-database``
+benches the configured server and writes into the configured database
+instead, which the flag declares disposable.
 
 Ceilings first, then the service, so the ratios compare like with like on a
 noisy shared machine:
 - transport ceiling: the standard health Check RPC (no database work);
 - database ceiling: pgbench calling the same stored functions the RPCs call.
 Then the invariants are checked (reconcile must find no drift).
-Every call goes to the configured host (127.0.0.1 by default) and every
-scenario is bounded by --duration.
+Every scenario is bounded by --duration. A bench that cannot reach its
+server, or any of whose calls fails, stops with one line saying so and prints
+no further figure or ratio: a ratio of failures is not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
+import os
 import random
 import re
+import secrets
+import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +44,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nexus import database, embedded
 from nexus.auth import mint_token
-from nexus.config import Config
+from nexus.client import ClientError, database_url, describe_rpc_error, server_address, service_metadata
+from nexus.config import Config, env_var
 from nexus.reconcile import reconcile
-from nexus.server import resolve_secret
 from nexus.v1 import follow_pb2, follow_pb2_grpc, interaction_pb2, interaction_pb2_grpc, token_pb2, token_pb2_grpc
 
 BENCH_ENTRIES = 100_000
@@ -84,16 +98,32 @@ def bench_entry_id(n: int) -> str:
     return str(uuid.UUID(hashlib.md5(f"bench-entry-{n}".encode()).hexdigest()))
 
 
+class BenchFailed(ClientError):
+    """The run cannot give trustworthy figures; the message says which phase and why."""
+
+    def __str__(self) -> str:
+        return f"bench failed: {self.args[0]}"
+
+
+@dataclass(frozen=True)
+class BenchTarget:
+    """The server under load and its database."""
+
+    address: str
+    database_url: str
+    metadata: tuple[tuple[str, str], ...]
+    server_pid: int | None
+
+
 @dataclass
 class Figures:
     name: str
     rps: float
     p50_ms: float
     p99_ms: float
-    errors: int
 
     def line(self) -> str:
-        return f"{self.name:<36} {self.rps:>9.0f} rps   p50 {self.p50_ms:>7.2f} ms   p99 {self.p99_ms:>7.2f} ms   errors {self.errors}"
+        return f"{self.name:<36} {self.rps:>9.0f} rps   p50 {self.p50_ms:>7.2f} ms   p99 {self.p99_ms:>7.2f} ms"
 
 
 def percentiles(samples: Sequence[float]) -> tuple[float, float]:
@@ -105,17 +135,22 @@ def percentiles(samples: Sequence[float]) -> tuple[float, float]:
 
 
 async def measure(name: str, call: Callable[[], Awaitable[object]], duration: float, concurrency: int) -> Figures:
-    """Runs `call` from `concurrency` workers for `duration` seconds (after a short warm-up)."""
+    """Runs `call` from `concurrency` workers for `duration` seconds (after a short warm-up).
+
+    Raises BenchFailed if any call failed, warm-up included.
+    """
     latencies: list[float] = []
-    failures = 0
+    failures: Counter[str] = Counter()
+    calls = 0
 
     async def worker(until: float, record: bool) -> None:
-        nonlocal failures
+        nonlocal calls
         while (started := time.perf_counter()) < until:
+            calls += 1
             try:
                 await call()
-            except grpc.aio.AioRpcError:
-                failures += record
+            except grpc.aio.AioRpcError as exc:
+                failures[exc.code().name] += 1
             if record:
                 latencies.append(time.perf_counter() - started)
 
@@ -124,8 +159,11 @@ async def measure(name: str, call: Callable[[], Awaitable[object]], duration: fl
     began = time.perf_counter()
     await asyncio.gather(*(worker(began + duration, True) for _ in range(concurrency)))
     elapsed = time.perf_counter() - began
+    if failures:
+        codes = ", ".join(f"{code} {count}" for code, count in failures.most_common())
+        raise BenchFailed(f"{name}: {failures.total()} of {calls} calls failed ({codes})")
     p50, p99 = percentiles(latencies)
-    return Figures(name, len(latencies) / elapsed, p50 * 1000, p99 * 1000, failures)
+    return Figures(name, len(latencies) / elapsed, p50 * 1000, p99 * 1000)
 
 
 def run_pgbench(url: str, script: str, duration: float, clients: int) -> Figures:
@@ -136,11 +174,16 @@ def run_pgbench(url: str, script: str, duration: float, clients: int) -> Figures
         args = [str(embedded.bin_dir() / "pgbench"), "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)),
                 "-T", str(max(int(duration), 1)), "--log", "-f", f.name, url]
         with tempfile.TemporaryDirectory() as logs:
-            out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=logs, timeout=duration + 60)
+            out = subprocess.run(args, capture_output=True, text=True, cwd=logs, timeout=duration + 60)
             latencies_us = [int(line.split()[2]) for log in Path(logs).glob("pgbench_log.*") for line in log.read_text().splitlines()]
+    name = f"pgbench {script} (c={clients})"
+    failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
+    if out.returncode or (failed and int(failed.group(1))):
+        detail = failed.group(0) if failed and int(failed.group(1)) else (out.stderr.strip().splitlines() or ["-"])[-1]
+        raise BenchFailed(f"{name}: pgbench exit code {out.returncode}: {detail}")
     tps = float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))  # type: ignore[union-attr]
     p50_us, p99_us = percentiles(latencies_us)
-    return Figures(f"pgbench {script} (c={clients})", tps, p50_us / 1000, p99_us / 1000, 0)
+    return Figures(name, tps, p50_us / 1000, p99_us / 1000)
 
 
 def rpc_scenarios(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> dict[str, Callable[[], Awaitable[object]]]:
@@ -218,21 +261,104 @@ def print_ratios(figures: dict[str, Figures]) -> None:
     print(f"{'pgbench counts_100 p50 (ms)':<42} {figures['pgbench counts_100 (c=1)'].p50_ms:5.3f}  (goal <= 1)")
 
 
-async def run_bench(config: Config, url: str, args: argparse.Namespace) -> int:
-    secret = resolve_secret(config)
-    if not secret:
-        print("bench needs the server's HS256 secret (NEXUS_JWT_SECRET)")
-        return 2
-    metadata = (("authorization", f"Bearer {mint_token(secret, 'bench', service=True)}"),)
-    target = f"{config.host}:{config.port}"
-    drift = 0
-    if args.suite in ("interactions", "all"):
-        drift = await run_interaction_bench(target, url, metadata, args.duration, args.concurrency)
-    if args.suite in ("memory", "all"):
-        from nexus.bench_memory import run_memory_bench
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-        print()
-        await run_memory_bench(target, url, metadata, args.duration, args.concurrency, args.server_pid, args.event_rate)
+
+async def _wait_until_serving(address: str, server: asyncio.subprocess.Process, timeout: float = 120.0) -> None:
+    """Polls the health Check until SERVING; fails if the server exits or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if server.returncode is not None:
+                raise BenchFailed(f"the bench's server exited with code {server.returncode} before serving")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                response = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            if time.monotonic() > deadline:
+                raise BenchFailed(f"the bench's server on {address} was not SERVING after {timeout:.0f} s")
+            await asyncio.sleep(0.2)
+
+
+# Settings the bench's own server does not take from the bench command: where it
+# listens, its database and secret (its own), TLS and metrics (off: plaintext load).
+OWN_SERVER_FIXED = {"host", "port", "data_dir", "database_url", "jwt_secret", "jwt_public_key_file", "metrics_port",
+                    "log_level"}
+
+
+@contextlib.asynccontextmanager
+async def throwaway_target(config: Config) -> AsyncIterator[BenchTarget]:
+    """A `nexus serve` of the bench's own on a fresh embedded PostgreSQL in a temporary
+    directory; the server is stopped and the directory removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="nexus-bench-") as data_dir:
+        pg = await asyncio.to_thread(embedded.EmbeddedPostgres.start, Path(data_dir))
+        try:
+            secret, port = secrets.token_urlsafe(32), _free_port()
+            env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+            for f in dataclasses.fields(config):
+                if f.name not in OWN_SERVER_FIXED and not f.name.startswith("tls_"):
+                    env[env_var(f.name)] = str(getattr(config, f.name))
+            # One log line per RPC would cost the server CPU the figures are about.
+            env.update(NEXUS_HOST="127.0.0.1", NEXUS_PORT=str(port), NEXUS_DATABASE_URL=pg.url,
+                       NEXUS_JWT_SECRET=secret, NEXUS_LOG_LEVEL="warning")
+            server = await asyncio.create_subprocess_exec(sys.executable, "-m", "nexus.cli", "serve", env=env)
+            try:
+                address = f"127.0.0.1:{port}"
+                await _wait_until_serving(address, server)
+                metadata = (("authorization", f"Bearer {mint_token(secret, 'bench', service=True)}"),)
+                yield BenchTarget(address, pg.url, metadata, server.pid)
+            finally:
+                if server.returncode is None:
+                    server.terminate()
+                    try:
+                        await asyncio.wait_for(server.wait(), 30)
+                    except TimeoutError:
+                        server.kill()
+                        await server.wait()
+        finally:
+            await asyncio.to_thread(pg.stop)
+
+
+@contextlib.asynccontextmanager
+async def configured_target(config: Config, server_pid: int | None) -> AsyncIterator[BenchTarget]:
+    """The configured server and database (`--disposable-database`); the server must answer
+    SERVING before anything is written."""
+    if config.client_tls:
+        raise BenchFailed("the bench speaks plaintext; bench a plaintext server (or leave out --disposable-database)")
+    address = server_address(config)
+    metadata = service_metadata(config, "bench")
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+        except grpc.aio.AioRpcError as exc:
+            raise BenchFailed(describe_rpc_error(address, exc)) from None
+    if response.status != health_pb2.HealthCheckResponse.SERVING:
+        raise BenchFailed(f"{address} is {health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)}")
+    with database_url(config) as url:
+        yield BenchTarget(address, url, metadata, server_pid)
+
+
+async def run_bench(config: Config, args: argparse.Namespace) -> int:
+    """Exit code 0 when every phase ran without a failed call and reconcile found no drift."""
+    target_context = configured_target(config, args.server_pid) if args.disposable_database else throwaway_target(config)
+    async with target_context as target:
+        try:
+            drift = 0
+            if args.suite in ("interactions", "all"):
+                drift = await run_interaction_bench(target.address, target.database_url, target.metadata,
+                                                    args.duration, args.concurrency)
+            if args.suite in ("memory", "all"):
+                from nexus.bench_memory import run_memory_bench
+
+                print()
+                await run_memory_bench(target.address, target.database_url, target.metadata, args.duration,
+                                       args.concurrency, target.server_pid, args.event_rate)
+        except grpc.aio.AioRpcError as exc:
+            raise BenchFailed(describe_rpc_error(target.address, exc)) from None
     return 0 if not drift else 1
 
 

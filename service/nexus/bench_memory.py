@@ -21,6 +21,7 @@ import datetime
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from nexus import database
-from nexus.bench import measure, percentiles
+from nexus.bench import BenchFailed, measure, percentiles
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
 
@@ -145,6 +146,20 @@ async def _open_streams(
     return channels, calls
 
 
+async def _stop_readers(phase: str, readers: list[asyncio.Task[None]]) -> None:
+    """Cancels the stream readers; a stream that had already failed fails the phase."""
+    for reader in readers:
+        reader.cancel()
+    results = await asyncio.gather(*readers, return_exceptions=True)
+    failed = Counter(
+        r.code().name if isinstance(r, grpc.aio.AioRpcError) else type(r).__name__
+        for r in results if isinstance(r, Exception)
+    )
+    if failed:
+        codes = ", ".join(f"{code} {count}" for code, count in failed.most_common())
+        raise BenchFailed(f"{phase}: {failed.total()} of {len(readers)} streams failed ({codes})")
+
+
 async def _close_streams(channels: list[grpc.aio.Channel], calls: list[grpc.aio.UnaryStreamCall]) -> None:
     for call in calls:
         call.cancel()
@@ -186,11 +201,13 @@ async def _delivery_figures(target: str, url: str, metadata: tuple[tuple[str, st
         while len(latencies) < written and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
     finally:
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        await _close_streams(channels, calls)
-        await pool.close()
+        try:
+            await _stop_readers("delivery", readers)
+        finally:
+            await _close_streams(channels, calls)
+            await pool.close()
+    if len(latencies) < written:
+        raise BenchFailed(f"delivery: {written - len(latencies)} of {written} events not received within 10 s")
     p50, p99 = percentiles(latencies)
     print(f"delivery commit -> client, {LIVE_SUBSCRIBERS} subscribers, {written / elapsed:.0f} events/s written: "
           f"received {len(latencies)}/{written}   p50 {p50 * 1000:6.2f} ms   p99 {p99 * 1000:6.2f} ms")
@@ -226,10 +243,10 @@ async def _create_figures(
         try:
             on = await measure(f"CreateMemory, {len(users)} streams open", create, duration, concurrency)
         finally:
-            for reader in readers:
-                reader.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
-            await _close_streams(channels, calls)
+            try:
+                await _stop_readers("CreateMemory with streams open", readers)
+            finally:
+                await _close_streams(channels, calls)
     print(on.line() + f"   events streamed {drained[0]}")
     print(f"{'CreateMemory streaming on / off':<42} {on.rps / off.rps:5.2f}  (goal >= 0.8)")
 

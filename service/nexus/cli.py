@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nexus import client, migrations
 from nexus import config as config_module
-from nexus import database, embedded, migrations
 from nexus.auth import mint_token
 from nexus.config import Config
-from nexus.server import NexusServer, resolve_secret
+from nexus.server import NexusServer
 
 log = logging.getLogger("nexus.cli")
 
@@ -44,26 +43,9 @@ async def serve(config: Config) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def database_url(config: Config) -> Iterator[str]:
-    """The configured external URL, or the embedded server's (started for the command if needed)."""
-    if not config.embedded:
-        yield config.database_url
-        return
-    pg = embedded.EmbeddedPostgres.start(config.data_dir)
-    try:
-        yield pg.url
-    finally:
-        pg.stop()
-
-
 async def migrate(config: Config) -> int:
-    with database_url(config) as url:
-        conn = await database.connect(url)
-        try:
-            applied = await migrations.migrate(conn, embedding_dim=config.embedding_dim)
-        finally:
-            await conn.close()
+    async with client.database_connection(config, create=True) as conn:
+        applied = await migrations.migrate(conn, embedding_dim=config.embedding_dim)
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'already up to date'}")
     return 0
 
@@ -71,12 +53,8 @@ async def migrate(config: Config) -> int:
 async def reconcile(config: Config, fix: bool) -> int:
     from nexus.reconcile import reconcile as run_reconcile
 
-    with database_url(config) as url:
-        conn = await database.connect(url)
-        try:
-            drift = await run_reconcile(conn, fix=fix)
-        finally:
-            await conn.close()
+    async with client.database_connection(config) as conn:
+        drift = await run_reconcile(conn, fix=fix)
     for row in drift:
         print(" ".join(f"{k}={v}" for k, v in row.items()))
     verb = "repaired" if fix else "found"
@@ -85,28 +63,17 @@ async def reconcile(config: Config, fix: bool) -> int:
 
 
 async def health_check(config: Config) -> int:
-    target = f"{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{config.port}"
-    if config.tls_cert_file:
-        channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials())
-    else:
-        channel = grpc.aio.insecure_channel(target)
-    async with channel:
-        try:
-            response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
-        except grpc.aio.AioRpcError as exc:
-            print(f"{target}: {exc.code().name} {exc.details()}")
-            return 1
+    async with client.open_channel(config) as channel:
+        response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-    print(f"{target}: {name}")
+    print(f"{client.server_address(config)}: {name}")
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def token(config: Config, subject: str, service: bool, ttl_s: int) -> int:
-    secret = resolve_secret(config)
-    if not secret:
-        print("no HS256 secret: set NEXUS_JWT_SECRET", file=sys.stderr)
-        return 2
-    print(mint_token(secret, subject, service=service, ttl_s=ttl_s))
+    if ttl_s <= 0:
+        raise client.ClientError(f"--ttl must be a positive number of seconds, not {ttl_s}")
+    print(mint_token(client.client_secret(config), subject, service=service, ttl_s=ttl_s))
     return 0
 
 
@@ -129,11 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("seed", "Create a small demo world through the running server.")
     sub = command("reconcile", "Recount every counter from its rows and print the drift found.")
     sub.add_argument("--fix", action="store_true", help="Repair the drift found (run it while writes are quiesced).")
-    sub = command("bench", "Load-test the running server and print figures (see README).")
+    sub = command("bench", "Load-test a throwaway server of its own and print figures (see README).")
     sub.add_argument("--duration", type=float, default=10.0, help="Seconds per scenario.")
     sub.add_argument("--concurrency", type=int, default=64, help="Calls in flight per scenario.")
     sub.add_argument("--suite", choices=("interactions", "memory", "all"), default="all", help="Which figures.")
-    sub.add_argument("--server-pid", type=int, help="The server's pid, to report its memory with 10k idle streams.")
+    sub.add_argument(
+        "--disposable-database", action="store_true",
+        help="Bench the server at --host/--port instead, writing bench data into the configured database "
+        "(NEXUS_DATABASE_URL or --data-dir), which this flag declares disposable.",
+    )
+    sub.add_argument("--server-pid", type=int, help="With --disposable-database: the server's pid, to report its "
+                     "memory with 10k idle streams.")
     sub.add_argument("--event-rate", type=int, default=1000, help="Events/s written during the delivery test.")
     return parser
 
@@ -155,12 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         "seed": lambda: _seed(config),
         "bench": lambda: _bench(config, args),
     }
-    result = runners[args.command]()
-    if isinstance(result, int):
-        return result
-    import uvloop
+    try:
+        result = runners[args.command]()
+        if isinstance(result, int):
+            return result
+        import uvloop
 
-    return uvloop.run(result)
+        return uvloop.run(result)
+    except client.ClientError as exc:
+        print(f"nexus: {exc}", file=sys.stderr)
+    except grpc.aio.AioRpcError as exc:
+        print(f"nexus: {client.describe_rpc_error(client.server_address(config), exc)}", file=sys.stderr)
+    return 1
 
 
 async def _seed(config: Config) -> int:
@@ -172,8 +151,7 @@ async def _seed(config: Config) -> int:
 async def _bench(config: Config, args: argparse.Namespace) -> int:
     from nexus.bench import run_bench
 
-    with database_url(config) as url:
-        return await run_bench(config, url, args)
+    return await run_bench(config, args)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,26 @@ class Config:
     tls_client_ca_file: str = field(
         default="", metadata={"help": "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."}
     )
+    tls_ca_file: str = field(
+        default="",
+        metadata={
+            "help": "Client commands (health, seed): PEM CA bundle the server's certificate must chain to. "
+            "They connect with TLS when this, tls_client_cert_file or the server's tls_cert_file is set "
+            "(trusting the system's CAs when this is unset)."
+        },
+    )
+    tls_client_cert_file: str = field(
+        default="",
+        metadata={"help": "Client commands: PEM certificate chain to present to an mTLS server; with tls_client_key_file."},
+    )
+    tls_client_key_file: str = field(default="", metadata={"help": "Client commands: PEM private key of tls_client_cert_file."})
+    tls_server_name: str = field(
+        default="",
+        metadata={
+            "help": "Client commands: the name the server's certificate must carry when it is not the host connected "
+            "to (e.g. 127.0.0.1 inside the container)."
+        },
+    )
     embedding_dim: int = field(
         default=384,
         metadata={"help": "Dimension of memory embeddings; fixed when the database is first migrated."},
@@ -94,6 +114,11 @@ class Config:
         return not self.database_url
 
     @property
+    def client_tls(self) -> bool:
+        """Whether client commands connect with TLS: any client TLS setting, or the server's own certificate."""
+        return bool(self.tls_ca_file or self.tls_client_cert_file or self.tls_cert_file)
+
+    @property
     def listen_address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
@@ -103,6 +128,10 @@ class Config:
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if bool(self.tls_client_cert_file) != bool(self.tls_client_key_file):
+            raise ValueError("tls_client_cert_file and tls_client_key_file must be set together")
+        if self.tls_server_name and not self.client_tls:
+            raise ValueError("tls_server_name needs TLS: set tls_ca_file")
         if not 0 < self.pool_min_size <= self.pool_max_size:
             raise ValueError("need 0 < pool_min_size <= pool_max_size")
         if not 1 <= self.embedding_dim <= 2000:

@@ -8,11 +8,8 @@ second run changes nothing.
 
 from __future__ import annotations
 
-import grpc
-
-from nexus.auth import mint_token
+from nexus.client import open_channel, service_metadata
 from nexus.config import Config
-from nexus.server import resolve_secret
 from nexus.v1 import follow_pb2, follow_pb2_grpc, token_pb2, token_pb2_grpc
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import interaction_pb2_grpc
@@ -35,12 +32,8 @@ REPLIES = (
 
 
 async def seed(config: Config) -> int:
-    secret = resolve_secret(config)
-    if not secret:
-        print("seed needs the server's HS256 secret (NEXUS_JWT_SECRET)")
-        return 2
-    metadata = (("authorization", f"Bearer {mint_token(secret, 'seed', service=True)}"),)
-    async with grpc.aio.insecure_channel(f"{config.host}:{config.port}") as channel:
+    metadata = service_metadata(config, "seed")
+    async with open_channel(config) as channel:
         stub = interaction_pb2_grpc.InteractionServiceStub(channel)
         entries: list[pb.Entry] = []
         for i, (author, kind, title, content, privacy, tags) in enumerate(ENTRIES):
