@@ -41,7 +41,7 @@ def entry_message(entry: Mapping[str, Any], counts: pb.InteractionCounts | None 
         entry_id=entry_id,
         author_id=entry["author_id"],
         parent_entry_id=str(entry["parent_entry_id"] or ""),
-        root_entry_id=str(entry["root_entry_id"]),
+        root_entry_id=str(entry["root_entry_id"] or ""),
         depth=entry["depth"],
         branch_order=entry["branch_order"],
         type=entry["type"],
