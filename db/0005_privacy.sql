@@ -15,19 +15,25 @@
 -- A deleted entry keeps its place (and id) in the tree as before: visibility
 -- is by privacy, not by deletion.
 
--- The id, if p_viewer may see that entry (NULL viewer: a service, sees all).
-CREATE FUNCTION entry_ref(p_entry_id uuid, p_viewer text) RETURNS uuid
-LANGUAGE sql STABLE
-RETURN CASE WHEN p_viewer IS NULL OR p_entry_id IS NULL THEN p_entry_id
-            ELSE (SELECT e.entry_id FROM entries e WHERE e.entry_id = p_entry_id AND entry_visible(e, p_viewer)) END;
+-- The entry's parent and root ids as p_viewer is shown them: NULL where the
+-- viewer may not see that entry (a NULL viewer, a service, sees all). Plain
+-- SQL, so it inlines into the queries that use it.
+CREATE FUNCTION visible_links(e entries, p_viewer text)
+RETURNS TABLE (parent_entry_id uuid, root_entry_id uuid)
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN entry_visible(parent, p_viewer) THEN e.parent_entry_id END,
+           CASE WHEN e.root_entry_id = e.entry_id OR entry_visible(root, p_viewer) THEN e.root_entry_id END
+    FROM (VALUES (e.parent_entry_id, e.root_entry_id)) AS link (parent_id, root_id)
+    LEFT JOIN entries parent ON parent.entry_id = link.parent_id
+    LEFT JOIN entries root ON root.entry_id = link.root_id
+$$;
 
--- The entry as p_viewer is shown it: parent and root ids only where visible.
+-- The whole entry as p_viewer is shown it (for the reply to a create).
 CREATE FUNCTION entry_as_seen(e entries, p_viewer text) RETURNS entries
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    e.parent_entry_id := entry_ref(e.parent_entry_id, p_viewer);
-    e.root_entry_id := CASE WHEN e.root_entry_id = e.entry_id THEN e.entry_id
-                            ELSE entry_ref(e.root_entry_id, p_viewer) END;
+    SELECT l.parent_entry_id, l.root_entry_id INTO e.parent_entry_id, e.root_entry_id
+    FROM visible_links(e, p_viewer) l;
     RETURN e;
 END $$;
 
@@ -50,7 +56,7 @@ LANGUAGE sql STABLE AS $$
     FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
     JOIN entries e ON e.entry_id = asked.entry_id
     CROSS JOIN LATERAL counter_totals(e.entry_id) c
-    CROSS JOIN LATERAL entry_as_seen(e, p_viewer) seen
+    CROSS JOIN LATERAL visible_links(e, p_viewer) seen
     WHERE e.delete_time IS NULL AND entry_visible(e, p_viewer)
     ORDER BY asked.position
 $$;
@@ -58,50 +64,55 @@ $$;
 -- Depth-first pre-order over the subtree of p_entry_id, after the node whose
 -- tree_path is p_after (NULL: from the start), at most p_max_depth levels
 -- below it (NULL: no limit), at most p_limit nodes. A node p_viewer may not
--- see is left out with its subtree, which follows it in pre-order; the
--- subtree's own nodes are never listed, so a page boundary (always a listed
--- node) never falls inside one.
+-- see is left out with its subtree: the scan resumes at the path of its next
+-- sibling, so a hidden subtree costs one index probe however large it is. A
+-- page ends on a listed node, never inside a hidden subtree.
 CREATE OR REPLACE FUNCTION branch_tree(p_entry_id uuid, p_viewer text, p_max_depth integer,
                                        p_after integer[], p_limit integer)
 RETURNS TABLE (entry_id uuid, parent_entry_id uuid, depth integer, branch_order integer,
                deleted boolean, tree_path integer[])
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    top    entries := visible_entry(p_entry_id, p_viewer, 'root_entry_id');
+    top       entries := visible_entry(p_entry_id, p_viewer, 'root_entry_id');
     -- The subtree is the tree_path range [top.tree_path, next sibling's path).
-    upper  integer[] := CASE WHEN top.depth = 0 THEN NULL
-                             ELSE top.tree_path[1:top.depth - 1] || (top.tree_path[top.depth] + 1) END;
-    hidden integer[];  -- the path of the last node left out: its subtree is skipped
-    node   entries;
-    listed integer := 0;
+    upper     integer[] := CASE WHEN top.depth = 0 THEN NULL
+                                ELSE top.tree_path[1:top.depth - 1] || (top.tree_path[top.depth] + 1) END;
+    from_path integer[] := coalesce(p_after, top.tree_path);
+    from_past boolean := p_after IS NOT NULL;  -- whether from_path itself was listed already
+    listed    integer := 0;
+    skipped   boolean;
+    node      entries;
 BEGIN
-    IF p_limit < 1 THEN
-        RETURN;
-    END IF;
-    FOR node IN
-        SELECT * FROM entries e
-        WHERE e.root_entry_id = top.root_entry_id
-          AND e.tree_path >= coalesce(p_after, top.tree_path)
-          AND (p_after IS NULL OR e.tree_path <> p_after)
-          AND (upper IS NULL OR e.tree_path < upper)
-          AND (p_max_depth IS NULL OR e.depth <= top.depth + p_max_depth)
-        ORDER BY e.tree_path
     LOOP
-        CONTINUE WHEN hidden IS NOT NULL AND node.tree_path[1:cardinality(hidden)] = hidden;
-        IF NOT entry_visible(node, p_viewer) THEN
-            hidden := node.tree_path;
-            CONTINUE;
-        END IF;
-        entry_id := node.entry_id;
-        -- Every other listed node's parent is listed too; the top's may be hidden.
-        parent_entry_id := CASE WHEN node.entry_id = top.entry_id THEN entry_ref(node.parent_entry_id, p_viewer)
-                                ELSE node.parent_entry_id END;
-        depth := node.depth;
-        branch_order := node.branch_order;
-        deleted := node.delete_time IS NOT NULL;
-        tree_path := node.tree_path;
-        RETURN NEXT;
-        listed := listed + 1;
-        EXIT WHEN listed = p_limit;
+        skipped := false;
+        FOR node IN
+            SELECT * FROM entries e
+            WHERE e.root_entry_id = top.root_entry_id
+              AND e.tree_path >= from_path
+              AND NOT (from_past AND e.tree_path = from_path)
+              AND (upper IS NULL OR e.tree_path < upper)
+              AND (p_max_depth IS NULL OR e.depth <= top.depth + p_max_depth)
+            ORDER BY e.tree_path
+            LIMIT p_limit - listed
+        LOOP
+            IF NOT entry_visible(node, p_viewer) THEN
+                from_path := node.tree_path[1:node.depth - 1] || (node.tree_path[node.depth] + 1);
+                from_past := false;
+                skipped := true;
+                EXIT;
+            END IF;
+            entry_id := node.entry_id;
+            -- Every other listed node's parent is listed too; the top's may be hidden.
+            parent_entry_id := CASE WHEN node.entry_id = top.entry_id
+                                    THEN (SELECT l.parent_entry_id FROM visible_links(top, p_viewer) l)
+                                    ELSE node.parent_entry_id END;
+            depth := node.depth;
+            branch_order := node.branch_order;
+            deleted := node.delete_time IS NOT NULL;
+            tree_path := node.tree_path;
+            RETURN NEXT;
+            listed := listed + 1;
+        END LOOP;
+        EXIT WHEN NOT skipped;  -- the page is full, or the subtree has no more nodes
     END LOOP;
 END $$;

@@ -378,26 +378,39 @@ async def test_rs256_user_token_may_not_act_as_another_user(rs256_clients: Clien
 LEEWAY_S = 30  # the default jwt_leeway_s, which the shared server runs with
 
 
-@pytest.mark.parametrize(
-    "skewed",
-    [
-        pytest.param({"exp": int(time.time()) - LEEWAY_S // 3}, id="expired_within_leeway"),
-        pytest.param({"nbf": int(time.time()) + LEEWAY_S // 3}, id="not_before_within_leeway"),
-        pytest.param({"iat": int(time.time()) + LEEWAY_S // 3}, id="issued_ahead_within_leeway"),
-    ],
-)
-async def test_a_token_within_the_clock_skew_leeway_is_accepted(clients: Clients, skewed: dict[str, int]) -> None:
-    credentials = bearer(hs256({**claims(), **skewed}))
+def relative(**offsets_s: int) -> Callable[[], dict[str, Any]]:
+    """Claims built when the test runs (not when it is collected): alice's,
+    with these time claims at now + offset seconds."""
+    def build() -> dict[str, Any]:
+        now = int(time.time())
+        return {"sub": ALICE, "iat": now, "exp": now + 3600, **{k: now + v for k, v in offsets_s.items()}}
+
+    return build
+
+
+SKEWED = {
+    "expired_within_leeway": relative(exp=-LEEWAY_S // 3),
+    "not_before_within_leeway": relative(nbf=LEEWAY_S // 3),
+    "issued_ahead_within_leeway": relative(iat=LEEWAY_S // 3),
+}
+
+
+@pytest.mark.parametrize("skewed", SKEWED.values(), ids=SKEWED.keys())
+async def test_a_token_within_the_clock_skew_leeway_is_accepted(
+    clients: Clients, skewed: Callable[[], dict[str, Any]]
+) -> None:
+    credentials = bearer(hs256(skewed()))
     assert await outcome(send(clients, "RecordInteraction", "", ALICE, credentials)) == OK
 
 
+YEAR_2100 = 4_102_444_800  # far enough ahead that only the type can make these fail
 NOT_NUMBERS: dict[str, dict[str, Any]] = {
-    "exp_numeric_string": {"exp": str(int(time.time()) + 3600)},
-    "exp_float_string": {"exp": f"{time.time() + 3600:.3f}"},
+    "exp_numeric_string": {"exp": str(YEAR_2100)},
+    "exp_float_string": {"exp": f"{YEAR_2100}.5"},
     "exp_bool": {"exp": True},
-    "exp_list": {"exp": [int(time.time()) + 3600]},
-    "iat_string": {"iat": str(int(time.time()))},
-    "nbf_string": {"nbf": str(int(time.time()) - 10)},
+    "exp_list": {"exp": [YEAR_2100]},
+    "iat_string": {"iat": "1700000000"},
+    "nbf_string": {"nbf": "1700000000"},
 }
 
 
@@ -426,18 +439,16 @@ async def strict_clients(db_url: str) -> AsyncIterator[Clients]:
         await nexus.stop(grace=0)
 
 
-def lifetime(ttl_s: int, *, iat: bool = True) -> dict[str, Any]:
-    now = int(time.time())
-    return {"sub": ALICE, "exp": now + ttl_s, **({"iat": now} if iat else {})}
+def without_iat(claims_of: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    return lambda: {k: v for k, v in claims_of().items() if k != "iat"}
 
 
 STRICT_CASES = {  # token: (outcome on the strict server, on the default one: 30 s leeway, no cap)
-    "lifetime_at_the_cap": (lifetime(MAX_LIFETIME_S), OK, OK),
-    "lifetime_over_the_cap": (lifetime(MAX_LIFETIME_S + 60), UNAUTHENTICATED, OK),
-    "lifetime_unknown_without_iat": (lifetime(60, iat=False), UNAUTHENTICATED, OK),
-    "expired_beyond_the_smaller_leeway": (claims(ttl_s=-LEEWAY_S // 3), UNAUTHENTICATED, OK),
-    "issued_in_the_future_beyond_both": ({**lifetime(60), "iat": int(time.time()) + 4 * LEEWAY_S}, UNAUTHENTICATED,
-                                         UNAUTHENTICATED),
+    "lifetime_at_the_cap": (relative(exp=MAX_LIFETIME_S), OK, OK),
+    "lifetime_over_the_cap": (relative(exp=MAX_LIFETIME_S + 60), UNAUTHENTICATED, OK),
+    "lifetime_unknown_without_iat": (without_iat(relative(exp=60)), UNAUTHENTICATED, OK),
+    "expired_beyond_the_smaller_leeway": (relative(exp=-LEEWAY_S // 3), UNAUTHENTICATED, OK),
+    "issued_in_the_future_beyond_both": (relative(iat=4 * LEEWAY_S), UNAUTHENTICATED, UNAUTHENTICATED),
 }
 
 
@@ -445,11 +456,11 @@ STRICT_CASES = {  # token: (outcome on the strict server, on the default one: 30
 async def test_leeway_and_lifetime_cap_are_configurable(
     clients: Clients,
     strict_clients: Clients,
-    payload: dict[str, Any],
+    payload: Callable[[], dict[str, Any]],
     on_strict: grpc.StatusCode,
     on_default: grpc.StatusCode,
 ) -> None:
-    credentials = bearer(hs256(payload))
+    credentials = bearer(hs256(payload()))
     assert await outcome(send(strict_clients, "RecordInteraction", "", ALICE, credentials)) == on_strict
     assert await outcome(send(clients, "RecordInteraction", "", ALICE, credentials)) == on_default
 
