@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import JWT_SECRET, SERVICE, Clients, NexusServer, auth, rpc_error, token
 from conftest import test_config as server_config
+from nexus.config import from_sources
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2 as mpb
 from test_validation import shared, snapshot  # noqa: F401  (shared: the module-scoped server fixture)
@@ -487,3 +488,21 @@ async def test_a_stream_ends_unauthenticated_when_its_token_expires(strict_clien
     assert ended >= expires + STRICT_LEEWAY_S - 0.05, ended - expires
     late = memories.CreateMemory(mpb.CreateMemoryRequest(user_id=ALICE, content="too late"), metadata=credentials)
     assert (await rpc_error(late)).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    ("environ", "valid"),
+    [
+        ({"NEXUS_JWT_LEEWAY_S": "0", "NEXUS_JWT_MAX_LIFETIME_S": "900"}, True),
+        ({"NEXUS_JWT_LEEWAY_S": "-1"}, False),
+        ({"NEXUS_JWT_LEEWAY_S": "301"}, False),
+        ({"NEXUS_JWT_MAX_LIFETIME_S": "-60"}, False),
+    ],
+)
+def test_jwt_time_settings_are_validated(environ: dict[str, str], valid: bool) -> None:
+    if valid:
+        config = from_sources(environ=environ)
+        assert (config.jwt_leeway_s, config.jwt_max_lifetime_s) == (0.0, 900.0)
+    else:
+        with pytest.raises(ValueError, match="jwt_"):
+            from_sources(environ=environ)

@@ -66,7 +66,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.unary_stream is not None:
             # Server streams here are coroutines that send with context.write()
-            # (grpc's health Watch too), so the same guard wraps them.
+            # (grpc's health Watch), so the same guard wraps them.
             return grpc.unary_stream_rpc_method_handler(
                 self._guard(method, public, MethodMetrics(method, "server_stream"), handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
