@@ -12,6 +12,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from conftest import SERVICE, Clients, auth, bad_request_fields, new_uuid, rpc_error
+from nexus.pagination import scope_key
 from nexus.v1 import follow_pb2 as fpb
 from nexus.v1 import interaction_pb2 as pb
 
@@ -381,6 +382,21 @@ async def test_a_services_page_token_is_not_accepted_for_a_user_named_none(clien
     continued = pb.GetBranchTreeRequest(root_entry_id=root_id, page_size=1, page_token=own.next_page_token)
     page = await clients.interactions.GetBranchTree(continued, metadata=auth("None"))
     assert [n.entry_id for n in page.nodes] == [entries["a"].entry_id]
+
+
+TRICKY_SCOPES = [
+    ("tree", "e", 0, None), ("tree", "e", 0, "None"), ("tree", "e", 0, ""), ("tree", "e", 0, "\\0"),
+    ("patterns", "a", "b:c"), ("patterns", "a:b", "c"), ("patterns", "a\\", ":c"), ("patterns", "a\\:", "c"),
+    ("x", "\\"), ("x", "\\\\"), ("x", ":"), ("x", "\\:"), ("x", None, None), ("x", "\\0:\\0"),
+]
+
+
+def test_page_token_scopes_never_share_a_key() -> None:
+    keys = [scope_key(scope) for scope in TRICKY_SCOPES]
+    assert len(set(keys)) == len(keys), keys
+    # Scopes of plain parts keep the key earlier versions wrote: their tokens stay valid.
+    assert scope_key(("events", "memory", "alice")) == "events:memory:alice"
+    assert scope_key(("tree", "e", 2, "bob")) == "tree:e:2:bob"
 
 
 async def test_branch_tree_rejects_a_negative_max_depth(clients: Clients) -> None:

@@ -6,9 +6,9 @@ replayed against another list, and a garbage or edited token is rejected as
 INVALID_ARGUMENT rather than reaching the database.
 
 A scope is a tuple of its parts (``("tree", entry_id, max_depth, viewer)``),
-encoded as a JSON array: parts are never joined into one string, so no user id
-(which may contain ``:``, or be the word ``None``) can make two scopes equal,
-and "no viewer" (None, JSON null) differs from every user id.
+written into the token as one string by ``scope_key``, which no two scopes
+share: a user id may contain ``:`` or be the word ``None``, so parts are
+escaped, and "no viewer" (None) has a spelling no string part can have.
 """
 
 from __future__ import annotations
@@ -27,12 +27,22 @@ _MAC_BYTES = 16
 Scope: TypeAlias = tuple[str | int | None, ...]
 
 
+def scope_key(scope: Scope) -> str:
+    """The parts joined by ``:``, each with ``\\`` and ``:`` escaped and None
+    written ``\\0``: decodable, hence never the same for two scopes. A scope
+    of plain parts keeps the key earlier versions wrote, so their tokens (a
+    stream's resume token lives for days) stay valid across an upgrade."""
+    return ":".join(
+        "\\0" if part is None else str(part).replace("\\", "\\\\").replace(":", "\\:") for part in scope
+    )
+
+
 class PageTokens:
     def __init__(self, key: bytes) -> None:
         self._key = hashlib.sha256(b"nexus page tokens\0" + key).digest()
 
     def encode(self, scope: Scope, position: list[Any]) -> str:
-        body = json.dumps([list(scope), *position], separators=(",", ":")).encode()
+        body = json.dumps([scope_key(scope), *position], separators=(",", ":")).encode()
         mac = hmac.new(self._key, body, hashlib.sha256).digest()[:_MAC_BYTES]
         return base64.urlsafe_b64encode(body + mac).rstrip(b"=").decode()
 
@@ -50,7 +60,7 @@ class PageTokens:
             decoded = json.loads(body)
         except (ValueError, TypeError) as exc:
             raise _not_ours(field) from exc
-        if not isinstance(decoded, list) or not decoded or decoded[0] != list(scope):
+        if not isinstance(decoded, list) or not decoded or decoded[0] != scope_key(scope):
             raise InvalidArgument(field, "token belongs to a different list or stream")
         return decoded[1:]
 
