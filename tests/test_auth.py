@@ -4,10 +4,14 @@ No or invalid token: UNAUTHENTICATED. A user token acting as someone else:
 PERMISSION_DENIED, nothing written. A service token acts for anyone. Counts and
 resonator lists are public for entries the caller may see. Health and
 reflection need no token. RS256 tokens are accepted with a configured key.
+Time claims get a configurable clock-skew leeway and must be numbers; an
+operator may cap token lifetimes; a stream ends UNAUTHENTICATED when its token
+expires.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -28,7 +32,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import JWT_SECRET, SERVICE, Clients, NexusServer, auth, rpc_error, token
 from conftest import test_config as server_config
+from nexus.config import from_sources
 from nexus.v1 import interaction_pb2 as pb
+from nexus.v1 import memory_pb2 as mpb
 from test_validation import shared, snapshot  # noqa: F401  (shared: the module-scoped server fixture)
 
 ALICE, BOB = "alice", "bob"
@@ -366,3 +372,137 @@ async def test_rs256_user_token_may_not_act_as_another_user(rs256_clients: Clien
     credentials = bearer(jwt.encode(claims(sub=BOB), rsa_keys["configured"], algorithm="RS256"))
     error = await rpc_error(send(rs256_clients, "RecordInteraction", "", ALICE, credentials))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# ------------------------------------------- clock skew, lifetimes, streams
+
+LEEWAY_S = 30  # the default jwt_leeway_s, which the shared server runs with
+
+
+def relative(**offsets_s: int) -> Callable[[], dict[str, Any]]:
+    """Claims built when the test runs (not when it is collected): alice's,
+    with these time claims at now + offset seconds."""
+    def build() -> dict[str, Any]:
+        now = int(time.time())
+        return {"sub": ALICE, "iat": now, "exp": now + 3600, **{k: now + v for k, v in offsets_s.items()}}
+
+    return build
+
+
+SKEWED = {
+    "expired_within_leeway": relative(exp=-LEEWAY_S // 3),
+    "not_before_within_leeway": relative(nbf=LEEWAY_S // 3),
+    "issued_ahead_within_leeway": relative(iat=LEEWAY_S // 3),
+}
+
+
+@pytest.mark.parametrize("skewed", SKEWED.values(), ids=SKEWED.keys())
+async def test_a_token_within_the_clock_skew_leeway_is_accepted(
+    clients: Clients, skewed: Callable[[], dict[str, Any]]
+) -> None:
+    credentials = bearer(hs256(skewed()))
+    assert await outcome(send(clients, "RecordInteraction", "", ALICE, credentials)) == OK
+
+
+YEAR_2100 = 4_102_444_800  # far enough ahead that only the type can make these fail
+NOT_NUMBERS: dict[str, dict[str, Any]] = {
+    "exp_numeric_string": {"exp": str(YEAR_2100)},
+    "exp_float_string": {"exp": f"{YEAR_2100}.5"},
+    "exp_bool": {"exp": True},
+    "exp_list": {"exp": [YEAR_2100]},
+    "iat_string": {"iat": "1700000000"},
+    "nbf_string": {"nbf": "1700000000"},
+}
+
+
+@pytest.mark.parametrize("claim", NOT_NUMBERS.values(), ids=NOT_NUMBERS.keys())
+async def test_time_claims_must_be_numbers(clients: Clients, db: asyncpg.Connection, claim: dict[str, Any]) -> None:
+    before = await snapshot(db)
+    error = await rpc_error(send(clients, "RecordInteraction", "", ALICE, bearer(hs256({**claims(), **claim}))))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+    assert await snapshot(db) == before
+
+
+STRICT_LEEWAY_S = 1
+MAX_LIFETIME_S = 3600
+
+
+@pytest.fixture
+async def strict_clients(db_url: str) -> AsyncIterator[Clients]:
+    """A server with a 1 s leeway and tokens capped at an hour."""
+    config = server_config(db_url, jwt_leeway_s=STRICT_LEEWAY_S, jwt_max_lifetime_s=MAX_LIFETIME_S)
+    nexus = NexusServer(config)
+    await nexus.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{nexus.port}") as channel:
+            yield Clients(channel)
+    finally:
+        await nexus.stop(grace=0)
+
+
+def without_iat(claims_of: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    return lambda: {k: v for k, v in claims_of().items() if k != "iat"}
+
+
+STRICT_CASES = {  # token: (outcome on the strict server, on the default one: 30 s leeway, no cap)
+    "lifetime_at_the_cap": (relative(exp=MAX_LIFETIME_S), OK, OK),
+    "lifetime_over_the_cap": (relative(exp=MAX_LIFETIME_S + 60), UNAUTHENTICATED, OK),
+    "lifetime_unknown_without_iat": (without_iat(relative(exp=60)), UNAUTHENTICATED, OK),
+    "expired_beyond_the_smaller_leeway": (relative(exp=-LEEWAY_S // 3), UNAUTHENTICATED, OK),
+    "issued_in_the_future_beyond_both": (relative(iat=4 * LEEWAY_S), UNAUTHENTICATED, UNAUTHENTICATED),
+}
+
+
+@pytest.mark.parametrize(("payload", "on_strict", "on_default"), STRICT_CASES.values(), ids=STRICT_CASES.keys())
+async def test_leeway_and_lifetime_cap_are_configurable(
+    clients: Clients,
+    strict_clients: Clients,
+    payload: Callable[[], dict[str, Any]],
+    on_strict: grpc.StatusCode,
+    on_default: grpc.StatusCode,
+) -> None:
+    credentials = bearer(hs256(payload()))
+    assert await outcome(send(strict_clients, "RecordInteraction", "", ALICE, credentials)) == on_strict
+    assert await outcome(send(clients, "RecordInteraction", "", ALICE, credentials)) == on_default
+
+
+async def test_a_stream_ends_unauthenticated_when_its_token_expires(strict_clients: Clients) -> None:
+    """A stream opened with a 3 s token delivers while the token is valid, then
+    ends with UNAUTHENTICATED (not before exp + leeway); the same token, cached
+    by the server, is refused for new calls from then on."""
+    from nexus.v1 import memory_pb2 as mpb
+
+    expires = int(time.time()) + 3
+    credentials = bearer(hs256({"sub": ALICE, "iat": int(time.time()), "exp": expires}))
+    memories = strict_clients.memories
+    call = memories.SubscribeMemories(mpb.SubscribeMemoriesRequest(user_id=ALICE), metadata=credentials)
+    await asyncio.wait_for(call.initial_metadata(), 10)
+    await memories.CreateMemory(mpb.CreateMemoryRequest(user_id=ALICE, content="while valid"), metadata=credentials)
+    event = await asyncio.wait_for(call.read(), 10)
+    assert event.memory.content == "while valid"
+
+    error = await asyncio.wait_for(rpc_error(call.read()), expires + STRICT_LEEWAY_S + 10 - time.time())
+    ended = time.time()
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+    assert "expired" in error.details()
+    assert ended >= expires + STRICT_LEEWAY_S - 0.05, ended - expires
+    late = memories.CreateMemory(mpb.CreateMemoryRequest(user_id=ALICE, content="too late"), metadata=credentials)
+    assert (await rpc_error(late)).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    ("environ", "valid"),
+    [
+        ({"NEXUS_JWT_LEEWAY_S": "0", "NEXUS_JWT_MAX_LIFETIME_S": "900"}, True),
+        ({"NEXUS_JWT_LEEWAY_S": "-1"}, False),
+        ({"NEXUS_JWT_LEEWAY_S": "301"}, False),
+        ({"NEXUS_JWT_MAX_LIFETIME_S": "-60"}, False),
+    ],
+)
+def test_jwt_time_settings_are_validated(environ: dict[str, str], valid: bool) -> None:
+    if valid:
+        config = from_sources(environ=environ)
+        assert (config.jwt_leeway_s, config.jwt_max_lifetime_s) == (0.0, 900.0)
+    else:
+        with pytest.raises(ValueError, match="jwt_"):
+            from_sources(environ=environ)

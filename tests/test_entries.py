@@ -12,6 +12,8 @@ import pytest
 from google.protobuf import struct_pb2
 
 from conftest import SERVICE, Clients, auth, bad_request_fields, new_uuid, rpc_error
+from nexus.pagination import scope_key
+from nexus.v1 import follow_pb2 as fpb
 from nexus.v1 import interaction_pb2 as pb
 
 
@@ -362,6 +364,41 @@ async def test_branch_tree_rejects_a_page_token_of_another_tree(clients: Clients
     assert bad_request_fields(error) == ["page_token"]
 
 
+async def test_a_services_page_token_is_not_accepted_for_a_user_named_none(clients: Clients) -> None:
+    """A service lists with no viewer; a user whose id is literally "None" must
+    not be able to continue that listing (or any other viewer's)."""
+    entries = await build_tree(clients)
+    root_id = entries["root"].entry_id
+    service_token = (await tree_page(clients, root_id, page_size=1)).next_page_token
+    as_none = pb.GetBranchTreeRequest(root_entry_id=root_id, page_size=1, page_token=service_token)
+
+    error = await rpc_error(clients.interactions.GetBranchTree(as_none, metadata=auth("None")))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == ["page_token"]
+    own = await clients.interactions.GetBranchTree(
+        pb.GetBranchTreeRequest(root_entry_id=root_id, page_size=1), metadata=auth("None")
+    )
+    continued = pb.GetBranchTreeRequest(root_entry_id=root_id, page_size=1, page_token=own.next_page_token)
+    page = await clients.interactions.GetBranchTree(continued, metadata=auth("None"))
+    assert [n.entry_id for n in page.nodes] == [entries["a"].entry_id]
+
+
+TRICKY_SCOPES = [
+    ("tree", "e", 0, None), ("tree", "e", 0, "None"), ("tree", "e", 0, ""), ("tree", "e", 0, "\\0"),
+    ("patterns", "a", "b:c"), ("patterns", "a:b", "c"), ("patterns", "a\\", ":c"), ("patterns", "a\\:", "c"),
+    ("x", "\\"), ("x", "\\\\"), ("x", ":"), ("x", "\\:"), ("x", None, None), ("x", "\\0:\\0"),
+]
+
+
+def test_page_token_scopes_never_share_a_key() -> None:
+    keys = [scope_key(scope) for scope in TRICKY_SCOPES]
+    assert len(set(keys)) == len(keys), keys
+    # Scopes of plain parts keep the key earlier versions wrote: their tokens stay valid.
+    assert scope_key(("events", "memory", "alice")) == "events:memory:alice"
+    assert scope_key(("tree", "e", 2, "bob")) == "tree:e:2:bob"
+
+
 async def test_branch_tree_rejects_a_negative_max_depth(clients: Clients) -> None:
     root = await create_entry(clients)
     error = await rpc_error(tree_page(clients, root.entry_id, max_depth=-1))
@@ -483,3 +520,131 @@ async def test_retries_return_the_original_after_the_parent_is_deleted(clients: 
     assert (await stub.CreateBranch(request, metadata=SERVICE)).entry.entry_id == branch.entry_id
     retried = await stub.RecordShare(share, metadata=SERVICE)
     assert not retried.recorded and retried.counts.share_count == 1
+
+
+# Privacy: ids of entries a viewer may not see never reach that viewer
+
+
+async def viewed_tree(clients: Clients, root_id: str, viewer: str | None, page_size: int = 100) -> list[pb.BranchNode]:
+    """Every node of the tree as the viewer (None: a service) is shown it, page by page."""
+    metadata = SERVICE if viewer is None else auth(viewer)
+    nodes: list[pb.BranchNode] = []
+    token = ""
+    while True:
+        request = pb.GetBranchTreeRequest(root_entry_id=root_id, page_size=page_size, page_token=token)
+        page = await clients.interactions.GetBranchTree(request, metadata=metadata)
+        nodes.extend(page.nodes)
+        token = page.next_page_token
+        if not token:
+            return nodes
+
+
+# A conversation with one restricted reply (its privacy is the case under test);
+# (name, parent, author, privacy), in creation order, None = the restricted one:
+#   root               alice, public
+#   ├── first          bob, public
+#   ├── hidden         alice, restricted
+#   │   ├── under      alice, public
+#   │   │   └── deeper alice, public
+#   │   └── beside     alice, public
+#   └── last           bob, public
+RESTRICTED_CONVERSATION = [
+    ("first", "root", "bob", pb.PRIVACY_PUBLIC),
+    ("hidden", "root", "alice", None),
+    ("under", "hidden", "alice", pb.PRIVACY_PUBLIC),
+    ("beside", "hidden", "alice", pb.PRIVACY_PUBLIC),
+    ("deeper", "under", "alice", pb.PRIVACY_PUBLIC),
+    ("last", "root", "bob", pb.PRIVACY_PUBLIC),
+]
+
+
+async def restricted_conversation(clients: Clients, restricted: int) -> dict[str, pb.Entry]:
+    entries = {"root": await create_entry(clients, title="root")}
+    for name, parent, author, privacy in RESTRICTED_CONVERSATION:
+        entries[name] = await create_branch(
+            clients, entries[parent].entry_id, author=author, title=name,
+            privacy=restricted if privacy is None else privacy,
+        )
+    return entries
+
+
+RESTRICTED = [pb.PRIVACY_PRIVATE, pb.PRIVACY_FOLLOWERS]
+
+
+@pytest.mark.parametrize("privacy", RESTRICTED, ids=["private", "followers"])
+@pytest.mark.parametrize("page_size", [1, 2, 100])
+async def test_branch_tree_leaves_out_a_hidden_entry_with_its_subtree(
+    clients: Clients, privacy: int, page_size: int
+) -> None:
+    entries = await restricted_conversation(clients, privacy)
+    root_id = entries["root"].entry_id
+    everything = expected_nodes(entries, ["root", "first", "hidden", "under", "deeper", "beside", "last"])
+
+    assert await viewed_tree(clients, root_id, None, page_size) == everything
+    assert await viewed_tree(clients, root_id, "alice", page_size) == everything
+    seen_by_bob = await viewed_tree(clients, root_id, "bob", page_size)
+    assert seen_by_bob == expected_nodes(entries, ["root", "first", "last"])
+    hidden_ids = {entries[name].entry_id for name in ("hidden", "under", "deeper", "beside")}
+    assert not hidden_ids & {i for node in seen_by_bob for i in (node.entry_id, node.parent_entry_id)}
+
+
+@pytest.mark.parametrize("privacy", RESTRICTED, ids=["private", "followers"])
+async def test_branch_tree_of_an_entry_under_a_hidden_parent_does_not_name_it(clients: Clients, privacy: int) -> None:
+    entries = await restricted_conversation(clients, privacy)
+    under = entries["under"]
+
+    seen_by_bob = await viewed_tree(clients, under.entry_id, "bob")
+    assert seen_by_bob == [
+        pb.BranchNode(entry_id=under.entry_id, parent_entry_id="", depth=2, branch_order=0),
+        expected_node(entries["deeper"]),
+    ]
+    assert (await viewed_tree(clients, under.entry_id, "alice"))[0].parent_entry_id == entries["hidden"].entry_id
+
+
+@pytest.mark.parametrize("privacy", RESTRICTED, ids=["private", "followers"])
+async def test_get_entries_names_a_parent_only_if_the_viewer_may_see_it(clients: Clients, privacy: int) -> None:
+    entries = await restricted_conversation(clients, privacy)
+    ids = [entries[name].entry_id for name in ("under", "first")]
+
+    def parents(response: pb.GetEntriesResponse) -> list[tuple[str, str, str]]:
+        return [(e.entry_id, e.parent_entry_id, e.root_entry_id) for e in response.entries]
+
+    root_id, hidden_id = entries["root"].entry_id, entries["hidden"].entry_id
+    assert parents(await get_entries(clients, ids, auth("bob"))) == [(ids[0], "", root_id), (ids[1], root_id, root_id)]
+    assert parents(await get_entries(clients, ids, auth("bob"), viewer_id="bob")) == parents(
+        await get_entries(clients, ids, auth("bob"))
+    )
+    for owner_or_service in (auth("alice"), SERVICE):
+        assert parents(await get_entries(clients, ids, owner_or_service)) == [
+            (ids[0], hidden_id, root_id), (ids[1], root_id, root_id)
+        ]
+    as_bob_by_service = await get_entries(clients, ids, SERVICE, viewer_id="bob")
+    assert parents(as_bob_by_service) == parents(await get_entries(clients, ids, auth("bob")))
+
+
+async def test_get_entries_and_create_branch_name_a_root_only_if_the_viewer_may_see_it(clients: Clients) -> None:
+    """carol follows alice and replies publicly under alice's followers-only
+    post; dave does not follow alice: he sees carol's reply and may answer it,
+    but is never told the id of alice's post."""
+    await clients.follows.Follow(fpb.FollowRequest(follower_id="carol", followed_id="alice"), metadata=auth("carol"))
+    root = await create_entry(clients, privacy=pb.PRIVACY_FOLLOWERS)
+    reply = await create_branch(clients, root.entry_id, author="carol")
+    assert (reply.parent_entry_id, reply.root_entry_id) == (root.entry_id, root.entry_id)
+
+    (seen,) = (await get_entries(clients, [reply.entry_id], auth("dave"))).entries
+    assert (seen.parent_entry_id, seen.root_entry_id) == ("", "")
+    answer = await create_branch(clients, reply.entry_id, author="dave")
+    assert (answer.parent_entry_id, answer.root_entry_id) == (reply.entry_id, "")
+    (again,) = (await get_entries(clients, [answer.entry_id], auth("carol"))).entries
+    assert (again.parent_entry_id, again.root_entry_id) == (reply.entry_id, root.entry_id)
+
+
+async def test_branch_count_counts_every_reply_seen_or_not(clients: Clients, db: asyncpg.Connection) -> None:
+    """A count names no entry; it allocates branch_order, so it equals the children."""
+    entries = await restricted_conversation(clients, pb.PRIVACY_PRIVATE)
+    root_id = entries["root"].entry_id
+    for caller in (auth("bob"), auth("alice"), SERVICE):
+        (root,) = (await get_entries(clients, [root_id], caller)).entries
+        assert root.counts.branch_count == 3
+    assert await children_rows(db, root_id) == [0, 1, 2]
+    assert await counter_drift(db) == 0

@@ -17,7 +17,6 @@ import signal
 import socket
 import sys
 import tempfile
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -386,34 +385,6 @@ async def test_slow_database_calls_are_logged(
     toggles = [r for r in slow if "query=apply_reactions" in r.getMessage()]
     assert [r.levelno for r in toggles] == [level], [r.getMessage() for r in slow]
     assert re.search(r"duration_ms=\d+\.\d", toggles[0].getMessage())
-
-
-def metric_lines(text: str, name: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith(name)]
-
-
-async def test_prometheus_metrics_are_served_on_metrics_port(db_url: str) -> None:
-    port = free_port()
-    async with running_server(nexus_config(db_url, metrics_port=port)) as channel:
-        await create_entry(channel)
-        await create_entry(channel)
-        bad = pb.GetEntriesRequest(entry_ids=["not-a-uuid"])
-        assert (await rpc_error(stub(channel).GetEntries(bad, metadata=SERVICE))).code() == grpc.StatusCode.INVALID_ARGUMENT
-
-        def scrape() -> str:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-                return response.read().decode()
-
-        text = await asyncio.to_thread(scrape)
-
-    calls = metric_lines(text, "nexus_rpc_calls_total{")
-    # The registry is process-wide, so other tests' calls count too: check the labelled series exist.
-    for method, code in (("CreateEntry", "OK"), ("GetEntries", "INVALID_ARGUMENT")):
-        labels = (f'method="/nexus.v1.InteractionService/{method}"', f'code="{code}"')
-        assert any(all(label in line for label in labels) for line in calls), (labels, calls)
-    assert metric_lines(text, "nexus_rpc_duration_seconds_bucket{"), "no latency histogram"
-    pool = metric_lines(text, "nexus_db_pool_connections ")
-    assert pool and float(pool[0].split()[1]) >= 1, pool
 
 
 async def test_one_structured_log_line_per_rpc(clients: Clients, caplog: pytest.LogCaptureFixture) -> None:

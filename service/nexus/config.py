@@ -43,6 +43,14 @@ class Config:
     jwt_public_key_file: str = field(
         default="", metadata={"help": "PEM public key file; when set, RS256 tokens are accepted too."}
     )
+    jwt_leeway_s: float = field(
+        default=30.0,
+        metadata={"help": "Clock skew allowed on a token's exp, nbf and iat, in seconds."},
+    )
+    jwt_max_lifetime_s: float = field(
+        default=0.0,
+        metadata={"help": "Longest token lifetime (exp - iat) accepted, in seconds; tokens must then carry iat. 0 = no cap."},
+    )
     metrics_port: int = field(default=0, metadata={"help": "Prometheus metrics port; 0 = off."})
     pool_min_size: int = field(default=2, metadata={"help": "Database connections kept open."})
     pool_max_size: int = field(default=16, metadata={"help": "Most database connections at once."})
@@ -140,6 +148,10 @@ class Config:
             raise ValueError("event_retention_hours must be at least 24")
         if self.stream_buffer_events < 1:
             raise ValueError("stream_buffer_events must be at least 1")
+        if not 0 <= self.jwt_leeway_s <= 300:
+            raise ValueError("jwt_leeway_s must be 0-300")
+        if self.jwt_max_lifetime_s < 0:
+            raise ValueError("jwt_max_lifetime_s must not be negative (0 = no cap)")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError("log_level must be debug, info, warning or error")
 

@@ -4,6 +4,11 @@ A token is ``base64url(json([scope, position...]) + hmac)``. The scope binds it
 to the list it came from (method and the list's owner), so a token cannot be
 replayed against another list, and a garbage or edited token is rejected as
 INVALID_ARGUMENT rather than reaching the database.
+
+A scope is a tuple of its parts (``("tree", entry_id, max_depth, viewer)``),
+written into the token as one string by ``scope_key``, which no two scopes
+share: a user id may contain ``:`` or be the word ``None``, so parts are
+escaped, and "no viewer" (None) has a spelling no string part can have.
 """
 
 from __future__ import annotations
@@ -13,23 +18,35 @@ import datetime
 import hashlib
 import hmac
 import json
-from typing import Any
+from typing import Any, TypeAlias
 
 from nexus.errors import InvalidArgument
 
 _MAC_BYTES = 16
+
+Scope: TypeAlias = tuple[str | int | None, ...]
+
+
+def scope_key(scope: Scope) -> str:
+    """The parts joined by ``:``, each with ``\\`` and ``:`` escaped and None
+    written ``\\0``: decodable, hence never the same for two scopes. A scope
+    of plain parts keeps the key earlier versions wrote, so their tokens (a
+    stream's resume token lives for days) stay valid across an upgrade."""
+    return ":".join(
+        "\\0" if part is None else str(part).replace("\\", "\\\\").replace(":", "\\:") for part in scope
+    )
 
 
 class PageTokens:
     def __init__(self, key: bytes) -> None:
         self._key = hashlib.sha256(b"nexus page tokens\0" + key).digest()
 
-    def encode(self, scope: str, position: list[Any]) -> str:
-        body = json.dumps([scope, *position], separators=(",", ":")).encode()
+    def encode(self, scope: Scope, position: list[Any]) -> str:
+        body = json.dumps([scope_key(scope), *position], separators=(",", ":")).encode()
         mac = hmac.new(self._key, body, hashlib.sha256).digest()[:_MAC_BYTES]
         return base64.urlsafe_b64encode(body + mac).rstrip(b"=").decode()
 
-    def decode(self, scope: str, token: str, field: str = "page_token") -> list[Any] | None:
+    def decode(self, scope: Scope, token: str, field: str = "page_token") -> list[Any] | None:
         """The position a token encodes, or None for an empty token (first page).
         ``field`` names the request field in errors."""
         if not token:
@@ -43,11 +60,11 @@ class PageTokens:
             decoded = json.loads(body)
         except (ValueError, TypeError) as exc:
             raise _not_ours(field) from exc
-        if not isinstance(decoded, list) or not decoded or decoded[0] != scope:
+        if not isinstance(decoded, list) or not decoded or decoded[0] != scope_key(scope):
             raise InvalidArgument(field, "token belongs to a different list or stream")
         return decoded[1:]
 
-    def decode_as(self, scope: str, token: str, types: tuple[type, ...], field: str = "page_token") -> list[Any] | None:
+    def decode_as(self, scope: Scope, token: str, types: tuple[type, ...], field: str = "page_token") -> list[Any] | None:
         """Like decode, for a position of exactly these types (a signed token of
         another shape is still not ours)."""
         position = self.decode(scope, token, field)
@@ -57,11 +74,11 @@ class PageTokens:
             raise _not_ours(field)
         return position
 
-    def encode_time_key(self, scope: str, time: datetime.datetime, key: str) -> str:
+    def encode_time_key(self, scope: Scope, time: datetime.datetime, key: str) -> str:
         """A token for lists ordered by (time, key) descending."""
         return self.encode(scope, [(time - _EPOCH) // _MICROSECOND, key])
 
-    def decode_time_key(self, scope: str, token: str) -> tuple[datetime.datetime | None, str | None]:
+    def decode_time_key(self, scope: Scope, token: str) -> tuple[datetime.datetime | None, str | None]:
         """The (time, key) position of a token from encode_time_key; (None, None) for the first page."""
         position = self.decode_as(scope, token, (int, str))
         if position is None:

@@ -4,7 +4,11 @@ Each is a single call of a stored function (db/*.sql), so each RPC is one
 database round trip.
 """
 
-CREATE_ENTRY = "SELECT * FROM create_entry($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+# The created entry as its author is shown it (db/0005_privacy.sql: a root the author may not see is not named).
+CREATE_ENTRY = (
+    "SELECT seen.* FROM create_entry($1, $2, $3, $4, $5, $6, $7, $8, $9) AS created"
+    " CROSS JOIN LATERAL entry_as_seen(created, $1) AS seen"
+)
 GET_ENTRIES = "SELECT * FROM get_entries($1, $2, $3)"
 DELETE_ENTRY = "SELECT delete_entry($1, $2)"
 APPLY_REACTIONS = "SELECT * FROM apply_reactions($1, $2, $3, $4)"

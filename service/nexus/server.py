@@ -16,12 +16,12 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from nexus import database, embedded, migrations
 from nexus.auth import Authenticator, load_or_create_secret
 from nexus.config import Config
 from nexus.interceptor import RpcInterceptor
+from nexus.introspection import HealthServicer, enable_reflection
 from nexus.maintenance import Maintenance
 from nexus.metrics import serve_metrics
 from nexus.pagination import PageTokens
@@ -62,7 +62,9 @@ def resolve_secret(config: Config) -> str:
 
 def make_authenticator(config: Config) -> Authenticator:
     public_key = Path(config.jwt_public_key_file).read_text() if config.jwt_public_key_file else None
-    return Authenticator(resolve_secret(config), public_key)
+    return Authenticator(
+        resolve_secret(config), public_key, leeway_s=config.jwt_leeway_s, max_lifetime_s=config.jwt_max_lifetime_s
+    )
 
 
 class NexusServer:
@@ -72,7 +74,7 @@ class NexusServer:
         self._embedded: embedded.EmbeddedPostgres | None = None
         self._db: database.Database | None = None
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         self._hub: EventHub | None = None
         self.maintenance: Maintenance | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -123,9 +125,7 @@ class NexusServer:
             MemoryServicer(self._db, page_tokens, self._hub, config), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), server)
         self.port = self._bind(server)
         await server.start()
         self._server = server

@@ -62,7 +62,7 @@ class FollowServicer(follow_pb2_grpc.FollowServiceServicer):
         """One page of user ids, newest edge first, and the next page's token."""
         user_id = validation.user_id(request.user_id, "user_id")
         limit = validation.page_size(request.page_size)
-        scope = f"{name}:{user_id}"
+        scope = (name, user_id)
         after_time, after_user = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(name, query, user_id, after_time, after_user, limit + 1)
         token = ""

@@ -41,7 +41,7 @@ def entry_message(entry: Mapping[str, Any], counts: pb.InteractionCounts | None 
         entry_id=entry_id,
         author_id=entry["author_id"],
         parent_entry_id=str(entry["parent_entry_id"] or ""),
-        root_entry_id=str(entry["root_entry_id"]),
+        root_entry_id=str(entry["root_entry_id"] or ""),
         depth=entry["depth"],
         branch_order=entry["branch_order"],
         type=entry["type"],
@@ -179,7 +179,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
             principal.require_acting_as(viewer, "viewer_id")
         else:
             viewer = principal.viewer
-        scope = f"tree:{entry_id}:{request.max_depth}:{viewer}"
+        scope = ("tree", str(entry_id), request.max_depth, viewer)
         after = self._tokens.decode(scope, request.page_token)
         if after is not None and not all(isinstance(i, int) for i in after):
             raise InvalidArgument("page_token", "not a page token issued by this service")
@@ -230,7 +230,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
     ) -> pb.ListResonatorsResponse:
         entry_id = validation.entry_id(request.entry_id, "entry_id")
         limit = validation.page_size(request.page_size)
-        scope = f"resonators:{entry_id}"
+        scope = ("resonators", str(entry_id))
         after_time, after_user = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(
             "list_reactors",
@@ -269,7 +269,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         action = validation.word(request.action, "action", required=False)
         limit = validation.page_size(request.page_size)
         current_principal.get().require_acting_as(user_id, "user_id")
-        scope = f"interactions:{user_id}:{action or ''}"
+        scope = ("interactions", user_id, action)
         after_time, after_target = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(
             "list_interactions", queries.LIST_INTERACTIONS, user_id, action, after_time, after_target, limit + 1

@@ -260,7 +260,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def ListMemories(self, request: pb.ListMemoriesRequest, context: grpc.aio.ServicerContext) -> pb.ListMemoriesResponse:
         user_id = self._owner(request.user_id)
         limit = validation.page_size(request.page_size)
-        scope = f"memories:{user_id}"
+        scope = ("memories", user_id)
         after_time, after_id = self._tokens.decode_time_key(scope, request.page_token)
         documents = await self._db.fetch(
             "list_memories",
@@ -312,7 +312,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def ListArcs(self, request: pb.ListArcsRequest, context: grpc.aio.ServicerContext) -> pb.ListArcsResponse:
         user_id = self._owner(request.user_id)
         limit = validation.page_size(request.page_size)
-        scope = f"arcs:{user_id}"
+        scope = ("arcs", user_id)
         after_time, after_id = self._tokens.decode_time_key(scope, request.page_token)
         documents = await self._db.fetch(
             "list_arcs",
@@ -365,7 +365,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         so nothing is skipped or repeated. A gap in what the hub offers (it
         dropped events for a full buffer, or they committed before the feed
         started) is filled from the log."""
-        scope = f"events:{topic}:{user_id}"
+        scope = ("events", topic, user_id)
         start = self._tokens.decode_as(scope, resume_token, (int,), field="resume_token")
         with self._hub.subscribe(user_id) as subscription:
             row = await self._db.fetchrow("memory_stream_position", queries.MEMORY_STREAM_POSITION, user_id)
@@ -446,7 +446,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         user_id = self._owner(request.user_id)
         limit = validation.page_size(request.page_size)
         status = validation.optional_enum_value(request.status, "status", SESSION_STATUS_NAMES)
-        scope = f"sessions:{user_id}:{status}"
+        scope = ("sessions", user_id, status)
         after_time, after_id = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(
             "list_sessions", queries.LIST_SESSIONS, user_id, status, after_time, after_id, limit + 1
@@ -470,7 +470,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         user_id = self._owner(request.user_id)
         limit = validation.page_size(request.page_size)
         pattern_type = validation.text(request.pattern_type, "pattern_type", 64) or None
-        scope = f"patterns:{user_id}:{pattern_type}"
+        scope = ("patterns", user_id, pattern_type)
         after = self._tokens.decode_as(scope, request.page_token, (float, str))
         rows = await self._db.fetch(
             "list_patterns", queries.LIST_PATTERNS, user_id, pattern_type, *(after or (None, None)), limit + 1

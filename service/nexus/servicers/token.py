@@ -119,7 +119,7 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         user_id = validation.user_id(request.user_id, "user_id")
         limit = validation.page_size(request.page_size)
         current_principal.get().require_acting_as(user_id, "user_id")
-        scope = f"transactions:{user_id}"
+        scope = ("transactions", user_id)
         after = self._tokens.decode_as(scope, request.page_token, (int,))
         rows = await self._db.fetch(
             "list_transactions", queries.LIST_TRANSACTIONS, user_id, after[0] if after else None, limit + 1

@@ -62,7 +62,10 @@ class InteractionCounts(_message.Message):
     resonance_count: _builtins.int
     amplification_count: _builtins.int
     branch_count: _builtins.int
-    """Number of direct children (deleted children keep their place)."""
+    """Number of direct children: every child, deleted ones (which keep their
+    place) and ones the viewer may not see included. It allocates branch_order,
+    so it always equals the children; it is a count, and names no entry.
+    """
     share_count: _builtins.int
     def __init__(
         self,
@@ -132,9 +135,11 @@ class Entry(_message.Message):
     entry_id: _builtins.str
     author_id: _builtins.str
     parent_entry_id: _builtins.str
-    """Empty for a root entry."""
+    """Empty for a root entry, and when the viewer may not see the parent."""
     root_entry_id: _builtins.str
-    """The root of the tree; equals entry_id for a root entry."""
+    """The root of the tree; equals entry_id for a root entry. Empty when the
+    viewer may not see the root.
+    """
     depth: _builtins.int
     branch_order: _builtins.int
     """Position among the parent's children: 0, 1, 2 ...; 0 for a root entry."""
@@ -666,6 +671,10 @@ class BranchNode(_message.Message):
     DELETED_FIELD_NUMBER: _builtins.int
     entry_id: _builtins.str
     parent_entry_id: _builtins.str
+    """A node listed before this one (maybe on an earlier page); for the
+    requested entry itself, empty for a root or when the viewer may not see
+    its parent.
+    """
     depth: _builtins.int
     branch_order: _builtins.int
     deleted: _builtins.bool

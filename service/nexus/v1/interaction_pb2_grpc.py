@@ -192,9 +192,11 @@ class InteractionServiceServicer:
 
     def GetBranchTree(self, request, context):
         """Lists the tree under an entry depth-first in pre-order, siblings by
-        branch_order; the entry itself comes first. Nodes the viewer may not see
-        are left out; their descendants stay, with parent_entry_id naming the
-        hidden node, so the shape of what is visible is kept.
+        branch_order; the entry itself comes first. A conversation continues only
+        through entries the viewer may see: an entry the viewer may not see is left
+        out with its whole subtree, so no listed node names a hidden one. The
+        requested entry's own parent_entry_id is empty when the viewer may not see
+        that parent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -66,9 +66,11 @@ class InteractionServiceStub:
     """
     GetBranchTree: _grpc.UnaryUnaryMultiCallable[_interaction_pb2.GetBranchTreeRequest, _interaction_pb2.GetBranchTreeResponse]
     """Lists the tree under an entry depth-first in pre-order, siblings by
-    branch_order; the entry itself comes first. Nodes the viewer may not see
-    are left out; their descendants stay, with parent_entry_id naming the
-    hidden node, so the shape of what is visible is kept.
+    branch_order; the entry itself comes first. A conversation continues only
+    through entries the viewer may see: an entry the viewer may not see is left
+    out with its whole subtree, so no listed node names a hidden one. The
+    requested entry's own parent_entry_id is empty when the viewer may not see
+    that parent.
     """
     GetInteractionCounts: _grpc.UnaryUnaryMultiCallable[_interaction_pb2.GetInteractionCountsRequest, _interaction_pb2.GetInteractionCountsResponse]
     """Batch read of counts; entries the caller may not see are absent."""
@@ -119,9 +121,11 @@ class InteractionServiceAsyncStub(InteractionServiceStub):
     """
     GetBranchTree: _aio.UnaryUnaryMultiCallable[_interaction_pb2.GetBranchTreeRequest, _interaction_pb2.GetBranchTreeResponse]  # type: ignore[assignment]
     """Lists the tree under an entry depth-first in pre-order, siblings by
-    branch_order; the entry itself comes first. Nodes the viewer may not see
-    are left out; their descendants stay, with parent_entry_id naming the
-    hidden node, so the shape of what is visible is kept.
+    branch_order; the entry itself comes first. A conversation continues only
+    through entries the viewer may see: an entry the viewer may not see is left
+    out with its whole subtree, so no listed node names a hidden one. The
+    requested entry's own parent_entry_id is empty when the viewer may not see
+    that parent.
     """
     GetInteractionCounts: _aio.UnaryUnaryMultiCallable[_interaction_pb2.GetInteractionCountsRequest, _interaction_pb2.GetInteractionCountsResponse]  # type: ignore[assignment]
     """Batch read of counts; entries the caller may not see are absent."""
@@ -229,9 +233,11 @@ class InteractionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_interaction_pb2.GetBranchTreeResponse, _abc.Awaitable[_interaction_pb2.GetBranchTreeResponse]]:
         """Lists the tree under an entry depth-first in pre-order, siblings by
-        branch_order; the entry itself comes first. Nodes the viewer may not see
-        are left out; their descendants stay, with parent_entry_id naming the
-        hidden node, so the shape of what is visible is kept.
+        branch_order; the entry itself comes first. A conversation continues only
+        through entries the viewer may see: an entry the viewer may not see is left
+        out with its whole subtree, so no listed node names a hidden one. The
+        requested entry's own parent_entry_id is empty when the viewer may not see
+        that parent.
         """
 
     @_abc_1.abstractmethod
