@@ -158,8 +158,11 @@ def build(source: Path, build_dir: Path = DEFAULT_BUILD_DIR) -> Path:
         shutil.rmtree(wrapper_dir)
         _make_readable_by_all(staging)
         (staging / "COMPLETE").write_text(f"{source.name}\n{version}")
-        shutil.rmtree(target, ignore_errors=True)  # an interrupted earlier attempt
-        staging.rename(target)
+        if (target / "COMPLETE").is_file():  # a concurrent run finished first: keep its copy
+            shutil.rmtree(staging)
+        else:
+            shutil.rmtree(target, ignore_errors=True)  # an interrupted earlier attempt
+            staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
