@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from nexus import errors
+from nexus import errors, validation
 from nexus.auth import Authenticator, Principal, current_principal
 from nexus.database import call_deadline
 from nexus.metrics import RPC_CALLS, RPC_LATENCY
@@ -60,7 +61,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._guard(method, public, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_decoder(method, handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -68,7 +69,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             # (grpc's health Watch), so the same guard wraps them.
             return grpc.unary_stream_rpc_method_handler(
                 self._guard(method, public, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_decoder(method, handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler  # reflection's bidirectional stream: public, passed through
@@ -76,9 +77,25 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
     def _guard(self, method: str, public: bool, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with _RpcScope(self._authenticator, method, public, context):
+                if isinstance(request, errors.InvalidArgument):  # from _decoder
+                    raise request
                 return await behavior(request, context)
 
         return handle
+
+
+def _decoder(method: str, deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """The request deserializer, except that a request it cannot decode becomes
+    the InvalidArgument the guard raises (after authentication), where grpc
+    would answer UNKNOWN with the decoder's internal message."""
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return validation.undecodable_request(method, deserialize, data)
+
+    return decode
 
 
 class _RpcScope:
