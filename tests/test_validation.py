@@ -469,6 +469,7 @@ NOT_UTF8_USER_ID = b"\x0a\x02\xff\xfe"  # field 1 (user_id / author_id), 2 bytes
         pytest.param(
             "/nexus.v1.InteractionService/CreateEntry", NOT_UTF8_USER_ID + b"\x12\x04post", "author_id", id="not-utf8-among-valid"
         ),
+        pytest.param("/nexus.v1.MemoryService/CreateMemory", b"\x12\x03\xed\xa0\x80", "content", id="surrogate"),
         pytest.param("/nexus.v1.TokenService/Credit", b"\xff\xff\xff\xff", "", id="not-protobuf"),
         pytest.param("/nexus.v1.FollowService/Follow", b"\x0a\x05ab", "", id="truncated"),
     ],
