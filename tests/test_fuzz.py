@@ -224,7 +224,7 @@ def odd_value(field: descriptor.FieldDescriptor, seed: Seed, depth: int) -> st.S
 def field_value(field: descriptor.FieldDescriptor, seed: Seed, depth: int) -> st.SearchStrategy[Any]:
     valid = valid_value(field, seed)
     odd = odd_value(field, seed, depth)
-    if field.is_repeated and field.type != descriptor.FieldDescriptor.TYPE_MESSAGE:
+    if field.is_repeated:
         lists = st.lists(odd, max_size=5) | st.builds(lambda v, n: [v] * n, odd, st.sampled_from([33, 65, 385, 1001]))
         if field.name == "embedding":
             lists |= st.builds(lambda v: [v] * DIM, odd)  # the right length, odd values
@@ -250,6 +250,9 @@ def build(message: Message, fields: dict[str, Any]) -> Message:
                 setattr(message, name, value)
         elif field.message_type.full_name == "google.protobuf.Struct":
             getattr(message, name).update(value)
+        elif field.is_repeated:
+            for item in value:
+                build(getattr(message, name).add(), item)
         else:
             build(getattr(message, name), value)
     return message
@@ -259,7 +262,9 @@ def build(message: Message, fields: dict[str, Any]) -> Message:
 
 
 @pytest.fixture(scope="module")
-async def fuzz_target(shared: tuple[Clients, asyncpg.Connection]) -> AsyncIterator[tuple[Clients, asyncpg.Connection, Seed, str]]:
+async def fuzz_target(
+    shared: tuple[Clients, asyncpg.Connection],
+) -> AsyncIterator[tuple[Clients, asyncpg.Connection, Seed, str]]:
     """The shared server, the fuzzer's seeded things, and a query checksumming every table."""
     clients, db = shared
     api = clients.interactions
@@ -274,10 +279,13 @@ async def fuzz_target(shared: tuple[Clients, asyncpg.Connection]) -> AsyncIterat
             interaction_pb2.RecordInteractionRequest(user_id=USER, target_id=f"t{i}", action="saved"), metadata=SERVICE
         )
         await clients.tokens.Credit(token_pb2.CreditRequest(user_id=USER, amount=10, request_id=f"seed{i}"), metadata=SERVICE)
-    tokens = (
-        (await api.ListInteractions(interaction_pb2.ListInteractionsRequest(user_id=USER, page_size=1), metadata=SERVICE)).next_page_token,
-        (await clients.tokens.ListTransactions(token_pb2.ListTransactionsRequest(user_id=USER, page_size=1), metadata=SERVICE)).next_page_token,
-    )  # fmt: skip
+    interactions = await api.ListInteractions(
+        interaction_pb2.ListInteractionsRequest(user_id=USER, page_size=1), metadata=SERVICE
+    )
+    transactions = await clients.tokens.ListTransactions(
+        token_pb2.ListTransactionsRequest(user_id=USER, page_size=1), metadata=SERVICE
+    )
+    tokens = (interactions.next_page_token, transactions.next_page_token)  # real tokens, for other lists
     assert all(tokens)
     tables = await db.fetch(
         "SELECT table_name FROM information_schema.tables"
