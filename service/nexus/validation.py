@@ -202,8 +202,8 @@ def timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime.datetime:
 
 
 def embedding(values: Sequence[float], field: str, dim: int, *, required: bool) -> list[float] | None:
-    """A vector of exactly ``dim`` finite numbers with a direction: not all
-    zero, and a squared length within MIN_SQUARED_NORM .. MAX_SQUARED_NORM."""
+    """A vector of exactly ``dim`` finite numbers with a direction: a squared
+    length within MIN_SQUARED_NORM .. MAX_SQUARED_NORM (so not all zeros)."""
     if not values:
         if required:
             raise InvalidArgument(field, "required")
@@ -213,10 +213,10 @@ def embedding(values: Sequence[float], field: str, dim: int, *, required: bool) 
     vector = list(values)
     if not all(math.isfinite(v) for v in vector):
         raise InvalidArgument(field, "must hold finite numbers only")
-    if not any(vector):
-        raise InvalidArgument(field, "must not be all zeros")
     if not MIN_SQUARED_NORM <= math.fsum(v * v for v in vector) <= MAX_SQUARED_NORM:
-        raise InvalidArgument(field, "the sum of its squares must be within 2^-126 .. 2^127 (float32 range)")
+        raise InvalidArgument(
+            field, "must have a direction: not all zeros, the sum of its squares within 2^-126 .. 2^127 (float32)"
+        )
     return vector
 
 
