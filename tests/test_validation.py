@@ -1,14 +1,20 @@
-"""Input validation of every InteractionService RPC.
+"""Input validation of every InteractionService RPC, and odd input on any service.
 
 Bad input is INVALID_ARGUMENT with a BadRequest detail naming the field, and
 nothing is written. Each case changes one field of a request that is otherwise
 valid (test_base_requests_succeed proves it), and that names the seeded entry,
 so a request that slipped past validation would really write something.
+
+The last part holds the odd input of any service that once answered INTERNAL
+or UNKNOWN: Timestamps out of range, Structs nested past the limit or past
+protobuf's decoding depth, requests that cannot be decoded at all, embeddings
+whose cosine is undefined (see also test_fuzz.py).
 """
 
 from __future__ import annotations
 
 import base64
+import math
 import random
 import uuid
 from collections.abc import AsyncIterator
@@ -17,11 +23,13 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
 
 from conftest import SERVICE, Clients, NexusServer, bad_request_fields, new_uuid, rpc_error, with_database
 from conftest import test_config as server_config
 from nexus import database
 from nexus.v1 import interaction_pb2 as pb
+from nexus.v1 import memory_pb2 as memory_pb
 
 USER = "alice"
 ENTRY = "$entry"  # stands for the seeded entry's id (also inside strings, for unique request ids)
@@ -325,3 +333,224 @@ async def test_page_token_of_another_list_is_invalid_argument(
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert names(bad_request_fields(error), "page_token")
     assert await snapshot(db) == before
+
+
+# ------------------------------- odd input on any service: never INTERNAL / UNKNOWN
+
+MEMORY_USER = "odd_input"
+DIM = 384
+EMBEDDING = [((i * 37) % 11 - 5) / 7 for i in range(DIM)]
+MEMORY_TABLES = ("memories", "memory_events", "memory_requests")
+
+
+def nested(depth: int, *, lists: bool = False) -> dict[str, Any]:
+    """A Struct value of ``depth`` levels of objects (or of arrays in one object)."""
+    value: Any = "leaf"
+    for _ in range(depth - 1):
+        value = [value] if lists else {"k": value}
+    return {"k": value}
+
+
+async def memory_snapshot(db: asyncpg.Connection) -> list[str]:
+    return [r[0] for t in MEMORY_TABLES for r in await db.fetch(f"SELECT t::text FROM {t} t ORDER BY 1")]
+
+
+@pytest.fixture
+async def memory_id(shared: tuple[Clients, asyncpg.Connection]) -> str:
+    response = await shared[0].memories.CreateMemory(
+        memory_pb.CreateMemoryRequest(user_id=MEMORY_USER, content="seed", embedding=EMBEDDING), metadata=SERVICE
+    )
+    return response.memory.memory_id
+
+
+def since_request(rpc: str, seconds: int, nanos: int) -> Any:
+    since = timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+    if rpc == "ListMemories":
+        return memory_pb.ListMemoriesRequest(user_id=MEMORY_USER, since=since)
+    return memory_pb.SearchMemoriesRequest(user_id=MEMORY_USER, embedding=EMBEDDING, since=since)
+
+
+@pytest.mark.parametrize("rpc", ["ListMemories", "SearchMemories"])
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [
+        pytest.param(253402300800, 0, id="year-10000"),
+        pytest.param(-62135596801, 0, id="before-year-1"),
+        pytest.param(2**62, 0, id="seconds-2^62"),
+        pytest.param(-(2**62), 0, id="seconds-minus-2^62"),
+        pytest.param(0, -5, id="nanos-negative"),
+        pytest.param(0, 1_000_000_000, id="nanos-one-second"),
+        pytest.param(0, 2_000_000_000, id="nanos-2e9"),
+    ],
+)
+async def test_a_timestamp_out_of_range_is_invalid_argument_naming_it(
+    shared: Any, memory_id: str, rpc: str, seconds: int, nanos: int
+) -> None:
+    error = await rpc_error(getattr(shared[0].memories, rpc)(since_request(rpc, seconds, nanos), metadata=SERVICE))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert bad_request_fields(error) == ["since"]
+
+
+@pytest.mark.parametrize("rpc", ["ListMemories", "SearchMemories"])
+async def test_timestamps_at_the_ends_of_the_range_are_accepted(shared: Any, memory_id: str, rpc: str) -> None:
+    def found(response: Any) -> list[str]:
+        memories = response.memories if rpc == "ListMemories" else [r.memory for r in response.results]
+        return [m.memory_id for m in memories]
+
+    call = getattr(shared[0].memories, rpc)
+    assert memory_id in found(await call(since_request(rpc, -62135596800, 0), metadata=SERVICE))  # 0001-01-01
+    assert found(await call(since_request(rpc, 253402300799, 999_999_999), metadata=SERVICE)) == []  # 9999-12-31
+
+
+STRUCT_RPCS = [("CreateEntry", "metadata"), ("CreateBranch", "metadata"), ("PublishBroadcast", "payload")]
+
+
+def struct_request(rpc: str, entry_id: str, value: dict[str, Any]) -> Any:
+    if rpc == "PublishBroadcast":
+        request = memory_pb.PublishBroadcastRequest(user_id=MEMORY_USER, event="typing")
+        request.payload.update(value)
+        return request
+    return build(rpc, entry_id, metadata=value)
+
+
+async def struct_call(clients: Clients, rpc: str, request: Any) -> Any:
+    api = clients.memories if rpc == "PublishBroadcast" else clients.interactions
+    return await getattr(api, rpc)(request, metadata=SERVICE)
+
+
+@pytest.mark.parametrize(("rpc", "field"), STRUCT_RPCS)
+@pytest.mark.parametrize(
+    ("depth", "lists"),
+    [
+        pytest.param(33, False, id="33-objects"),  # decodes; over the limit
+        pytest.param(34, False, id="34-objects"),  # past protobuf's decoding depth
+        pytest.param(45, False, id="45-objects"),
+        pytest.param(200, False, id="200-objects"),
+        pytest.param(33, True, id="33-arrays"),
+        pytest.param(60, True, id="60-arrays"),
+    ],
+)
+async def test_a_struct_nested_too_deeply_is_invalid_argument_naming_it(
+    shared: Any, entry_id: str, rpc: str, field: str, depth: int, lists: bool
+) -> None:
+    clients, db = shared
+    before = await snapshot(db)
+    error = await rpc_error(struct_call(clients, rpc, struct_request(rpc, entry_id, nested(depth, lists=lists))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert bad_request_fields(error) == [field]
+    assert "upb" not in error.details()
+    assert await snapshot(db) == before
+
+
+async def test_a_struct_of_32_levels_is_stored_and_reads_back(shared: Any, entry_id: str) -> None:
+    clients, _ = shared
+    for value in (nested(32), nested(32, lists=True)):
+        request = struct_request("CreateEntry", entry_id, value)
+        request.request_id = ""
+        created = await struct_call(clients, "CreateEntry", request)
+        read = await clients.interactions.GetEntries(pb.GetEntriesRequest(entry_ids=[created.entry.entry_id]), metadata=SERVICE)
+        assert json_format.MessageToDict(read.entries[0].metadata) == value
+    await struct_call(clients, "PublishBroadcast", struct_request("PublishBroadcast", entry_id, nested(32)))
+
+
+def raw_call(clients: Clients, method: str, data: bytes, metadata: Any = SERVICE, *, stream: bool = False) -> Any:
+    """A call whose request bytes are sent as they are (no client-side encoding)."""
+    multicallable = clients.channel.unary_stream if stream else clients.channel.unary_unary
+    return multicallable(method)(data, metadata=metadata)
+
+
+NOT_UTF8_USER_ID = b"\x0a\x02\xff\xfe"  # field 1 (user_id / author_id), 2 bytes that are not UTF-8
+
+
+@pytest.mark.parametrize(
+    ("method", "data", "field"),
+    [
+        pytest.param("/nexus.v1.InteractionService/CreateEntry", NOT_UTF8_USER_ID, "author_id", id="not-utf8-string"),
+        pytest.param(
+            "/nexus.v1.InteractionService/CreateEntry", NOT_UTF8_USER_ID + b"\x12\x04post", "author_id", id="not-utf8-among-valid"
+        ),
+        pytest.param("/nexus.v1.MemoryService/CreateMemory", b"\x12\x03\xed\xa0\x80", "content", id="surrogate"),
+        pytest.param("/nexus.v1.TokenService/Credit", b"\xff\xff\xff\xff", "", id="not-protobuf"),
+        pytest.param("/nexus.v1.FollowService/Follow", b"\x0a\x05ab", "", id="truncated"),
+    ],
+)
+async def test_an_undecodable_request_is_invalid_argument_with_no_decoder_internals(
+    shared: Any, method: str, data: bytes, field: str
+) -> None:
+    clients, db = shared
+    before = await snapshot(db)
+    error = await rpc_error(raw_call(clients, method, data))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert bad_request_fields(error) == [field]
+    assert "upb" not in error.details() and "parsing" not in error.details()
+    assert await snapshot(db) == before
+
+
+async def test_an_undecodable_stream_request_ends_the_stream_with_invalid_argument(shared: Any) -> None:
+    call = raw_call(shared[0], "/nexus.v1.MemoryService/SubscribeMemories", NOT_UTF8_USER_ID, stream=True)
+    error = await rpc_error(call.read())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == ["user_id"]
+
+
+async def test_an_undecodable_request_without_a_token_is_unauthenticated(shared: Any) -> None:
+    error = await rpc_error(raw_call(shared[0], "/nexus.v1.InteractionService/CreateEntry", NOT_UTF8_USER_ID, metadata=()))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+EMBEDDING_RPCS = [("CreateMemory", "embedding"), ("UpdateMemory", "memory.embedding"), ("SearchMemories", "embedding")]
+
+
+def embedding_request(rpc: str, memory_id: str, embedding: list[float]) -> Any:
+    if rpc == "CreateMemory":
+        return memory_pb.CreateMemoryRequest(user_id=MEMORY_USER, content="odd vector", embedding=embedding)
+    if rpc == "UpdateMemory":
+        return memory_pb.UpdateMemoryRequest(
+            memory=memory_pb.Memory(user_id=MEMORY_USER, memory_id=memory_id, embedding=embedding),
+            update_mask=field_mask_pb2.FieldMask(paths=["embedding"]),
+        )
+    return memory_pb.SearchMemoriesRequest(user_id=MEMORY_USER, embedding=embedding)
+
+
+@pytest.mark.parametrize(("rpc", "field"), EMBEDDING_RPCS)
+@pytest.mark.parametrize(
+    "embedding",
+    [
+        pytest.param([1e-45] * DIM, id="subnormal"),  # squares underflow to 0 in float32: NaN cosine
+        pytest.param([1e-21] * DIM, id="squares-sum-below-float32-normal"),
+        pytest.param([1e20] * DIM, id="squares-overflow-float32"),
+        pytest.param([3e38] + [0.0] * (DIM - 1), id="one-huge-value"),
+        pytest.param([0.0] * DIM, id="zeros"),
+    ],
+)
+async def test_an_embedding_without_a_direction_is_invalid_argument(
+    shared: Any, memory_id: str, rpc: str, field: str, embedding: list[float]
+) -> None:
+    clients, db = shared
+    before = await memory_snapshot(db)
+    error = await rpc_error(getattr(clients.memories, rpc)(embedding_request(rpc, memory_id, embedding), metadata=SERVICE))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert bad_request_fields(error) == [field]
+    assert await memory_snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "embedding",
+    [
+        pytest.param([1e-20] * DIM, id="tiny"),  # squares are float32 subnormals, their sum is not
+        pytest.param([6e17] * DIM, id="huge"),  # squares sum to 1.4e38, under 2^127
+        pytest.param([-1.0] + [0.0] * (DIM - 1), id="one-axis"),
+    ],
+)
+async def test_an_embedding_near_the_limits_is_stored_and_its_distances_are_numbers(
+    shared: Any, memory_id: str, embedding: list[float]
+) -> None:
+    clients, _ = shared
+    await clients.memories.CreateMemory(embedding_request("CreateMemory", memory_id, embedding), metadata=SERVICE)
+    for metric in (memory_pb.DISTANCE_METRIC_COSINE, memory_pb.DISTANCE_METRIC_L2):
+        for query in (embedding, EMBEDDING):
+            response = await clients.memories.SearchMemories(
+                memory_pb.SearchMemoriesRequest(user_id=MEMORY_USER, embedding=query, metric=metric, top_k=1000), metadata=SERVICE
+            )
+            assert response.results
+            assert not any(math.isnan(r.distance) for r in response.results)

@@ -17,8 +17,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from nexus import errors
+from nexus import errors, validation
 from nexus.auth import Authenticator, Principal, current_principal
 from nexus.database import call_deadline
 from nexus.metrics import MethodMetrics
@@ -61,7 +62,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._guard(method, public, MethodMetrics(method, "unary"), handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_decoder(method, handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -69,7 +70,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             # (grpc's health Watch), so the same guard wraps them.
             return grpc.unary_stream_rpc_method_handler(
                 self._guard(method, public, MethodMetrics(method, "server_stream"), handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_decoder(method, handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler  # reflection's bidirectional stream: public, passed through
@@ -81,12 +82,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
             async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with _RpcScope(self._authenticator, method, public, metrics, context):
+                    _raise_if_undecodable(request)
                     return await behavior(request, context)
 
             return handle
 
         async def handle_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with _RpcScope(self._authenticator, method, public, metrics, context) as principal:
+                _raise_if_undecodable(request)
                 # A stream outliving its token would deliver forever: it ends
                 # when the token lapses, and the client reconnects with a fresh one.
                 expiry = asyncio.timeout_at(_loop_time(principal.expires_at) if principal else None)
@@ -123,6 +126,25 @@ class _CountingContext:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
+
+
+def _raise_if_undecodable(request: Any) -> None:
+    if isinstance(request, errors.InvalidArgument):  # from _decoder
+        raise request
+
+
+def _decoder(method: str, deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """The request deserializer, except that a request it cannot decode becomes
+    the InvalidArgument the guard raises (after authentication), where grpc
+    would answer UNKNOWN with the decoder's internal message."""
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return validation.undecodable_request(method, deserialize, data)
+
+    return decode
 
 
 class _RpcScope:

@@ -5,13 +5,15 @@ Validation happens before any database call, so bad input writes nothing.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import descriptor_pool, empty_pb2, json_format, message, struct_pb2, timestamp_pb2, unknown_fields
 
 from nexus.errors import InvalidArgument
 
@@ -23,6 +25,16 @@ _REQUEST_ID_PATTERN = re.compile(r"[\x21-\x7e]{1,64}")
 MAX_BATCH = 1000
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# Levels of objects and arrays in a Struct ({"a": [1]} is 2). Protobuf decoders
+# stop at 100 nested messages (about 33 Struct levels), and a stored Struct must
+# still decode when a response wraps it one or two messages deeper.
+MAX_STRUCT_DEPTH = 32
+# pgvector's cosine distance divides by the float32 sums of squares of both
+# vectors (src/vector.c): one that underflows to 0 or overflows to infinity
+# there gives NaN distances. A squared length within float32's normal range,
+# with room for the rounding of that float32 sum, keeps every distance defined.
+MIN_SQUARED_NORM = 2.0**-126
+MAX_SQUARED_NORM = 2.0**127
 
 
 def user_id(value: str, field: str) -> str:
@@ -123,9 +135,20 @@ def metadata(value: struct_pb2.Struct, field: str = "metadata", *, max_bytes: in
         raise InvalidArgument(field, "must be valid JSON (no NaN or Infinity)") from exc
     if len(document.encode()) > max_bytes:
         raise InvalidArgument(field, f"at most {max_bytes} bytes as JSON")
+    if _nesting(as_dict) > MAX_STRUCT_DEPTH:
+        raise InvalidArgument(field, f"at most {MAX_STRUCT_DEPTH} levels of nested objects and arrays")
     if _contains_nul(as_dict):
         raise InvalidArgument(field, "must not contain NUL characters")
     return as_dict
+
+
+def _nesting(value: object) -> int:
+    """Levels of objects and arrays in a JSON value: 0 for a scalar, 1 for {"a": 1}."""
+    if isinstance(value, dict):
+        return 1 + max(map(_nesting, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_nesting, value), default=0)
+    return 0
 
 
 def _contains_nul(value: object) -> bool:
@@ -167,8 +190,20 @@ def unit_interval(value: float, field: str) -> float:
     return value
 
 
+def timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime.datetime:
+    """A Timestamp that both Python and PostgreSQL can hold: 0001-01-01 to
+    9999-12-31 UTC (protobuf's own range), nanos 0..999999999."""
+    try:
+        return value.ToDatetime(tzinfo=datetime.timezone.utc)
+    except ValueError as exc:  # ToDatetime checks protobuf's range
+        raise InvalidArgument(
+            field, "must be 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z, nanos 0..999999999"
+        ) from exc
+
+
 def embedding(values: Sequence[float], field: str, dim: int, *, required: bool) -> list[float] | None:
-    """A vector of exactly ``dim`` finite numbers, not all zero (no direction to compare)."""
+    """A vector of exactly ``dim`` finite numbers with a direction: a squared
+    length within MIN_SQUARED_NORM .. MAX_SQUARED_NORM (so not all zeros)."""
     if not values:
         if required:
             raise InvalidArgument(field, "required")
@@ -178,6 +213,45 @@ def embedding(values: Sequence[float], field: str, dim: int, *, required: bool) 
     vector = list(values)
     if not all(math.isfinite(v) for v in vector):
         raise InvalidArgument(field, "must hold finite numbers only")
-    if not any(vector):
-        raise InvalidArgument(field, "must not be all zeros")
+    if not MIN_SQUARED_NORM <= math.fsum(v * v for v in vector) <= MAX_SQUARED_NORM:
+        raise InvalidArgument(
+            field, "must have a direction: not all zeros, the sum of its squares within 2^-126 .. 2^127 (float32)"
+        )
     return vector
+
+
+def undecodable_request(method: str, deserialize: Callable[[bytes], Any], data: bytes) -> InvalidArgument:
+    """The error for a request of ``method`` ("/package.Service/Method") that
+    ``deserialize`` rejected: a string that is not UTF-8, a Struct nested past
+    the decoder's depth limit, or bytes that are no protobuf message at all.
+    Names the top-level field at fault, found by decoding each field alone."""
+    try:
+        top_level = unknown_fields.UnknownFieldSet(empty_pb2.Empty.FromString(data))
+    except message.DecodeError:
+        return InvalidArgument("", "the request is not a valid protobuf message")
+    request_type = descriptor_pool.Default().FindMethodByName(method.lstrip("/").replace("/", ".")).input_type
+    for item in top_level:
+        field = request_type.fields_by_number.get(item.field_number)
+        if field is None or item.wire_type != _LENGTH_DELIMITED:
+            continue
+        try:
+            deserialize(_varint(item.field_number << 3 | _LENGTH_DELIMITED) + _varint(len(item.data)) + item.data)
+        except message.DecodeError:
+            return InvalidArgument(
+                field.name, f"cannot be decoded: a string that is not UTF-8, or a Struct nested too deeply "
+                f"(at most {MAX_STRUCT_DEPTH} levels)"
+            )
+    return InvalidArgument("", "the request cannot be decoded")
+
+
+_LENGTH_DELIMITED = 2
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 encoding of a non-negative integer."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

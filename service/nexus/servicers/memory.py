@@ -140,7 +140,7 @@ def _arc_event(row: Mapping[str, Any], resume_token: str) -> pb.SubscribeArcsRes
 
 
 def _since(request: Any) -> datetime.datetime | None:
-    return request.since.ToDatetime(tzinfo=datetime.timezone.utc) if request.HasField("since") else None
+    return validation.timestamp(request.since, "since") if request.HasField("since") else None
 
 
 def _memory_id(value: str, field: str) -> uuid.UUID:
