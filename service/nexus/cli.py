@@ -17,7 +17,7 @@ from nexus import config as config_module
 from nexus import database, embedded, migrations
 from nexus.auth import mint_token
 from nexus.config import Config
-from nexus.server import NexusServer, resolve_secret
+from nexus.server import ListenError, NexusServer, resolve_secret
 
 log = logging.getLogger("nexus.cli")
 
@@ -33,7 +33,14 @@ def setup_logging(level: str) -> None:
 
 async def serve(config: Config) -> int:
     server = NexusServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except Exception as exc:
+        await server.stop(grace=0)  # whatever had started (the embedded database, the pool) stops again
+        if not isinstance(exc, ListenError):
+            raise
+        print(f"nexus: {exc}", file=sys.stderr)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
