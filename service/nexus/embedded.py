@@ -140,6 +140,7 @@ class EmbeddedPostgres:
         self._lock_path = data_dir / OWNER_LOCK_FILE
         self._owner_lock: TextIO | None = None
         self._control = threading.Lock()  # one start / restart / stop at a time
+        self._stopped = False  # by stop(): a restart still queued behind it must not start it again
 
     @classmethod
     def start(cls, data_dir: Path) -> EmbeddedPostgres:
@@ -186,7 +187,7 @@ class EmbeddedPostgres:
         take ownership over); True when it started it. A first start initialises
         the data directory; a restart after a crash runs PostgreSQL's crash recovery."""
         with self._control:
-            if _running_postmaster(self.pgdata) is not None or not self._claim_ownership():
+            if self._stopped or _running_postmaster(self.pgdata) is not None or not self._claim_ownership():
                 return False
             stale = _read_postmaster_pid(self.pgdata)
             if stale is not None:
@@ -201,6 +202,7 @@ class EmbeddedPostgres:
         its owner has exited) and gives up ownership; a database already down is
         only logged."""
         with self._control:
+            self._stopped = True
             if not self._claim_ownership():
                 log.info("event=embedded_postgres_left_running pgdata=%s reason='owned by another process'", self.pgdata)
                 return
