@@ -25,6 +25,7 @@ from conftest import JWT_SECRET, SERVICE
 from conftest import test_config as nexus_config  # aliased: pytest would collect test_config
 from nexus.config import Config
 from nexus.embedded import EmbeddedPostgres
+from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
 from test_lifecycle import (  # noqa: F401  (pg_dir: the fixture)
     NOT_SERVING,
@@ -142,6 +143,48 @@ async def test_killed_embedded_postmaster_is_restarted_and_acknowledged_writes_s
         assert await existing_entries(channel, acknowledged) == set(acknowledged)
         # Toggling off proves the resonance acknowledged before the kill is still there.
         assert not (await toggle(channel, "bob", resonated, timeout=5)).resonated
+
+
+async def test_backend_orphaned_by_the_killed_postmaster_is_killed_before_the_restart(pg_dir: Path) -> None:
+    """A backend busy computing never notices its postmaster died and could still write
+    WAL: a new postmaster must not start beside it."""
+    server = NexusServer(Config(data_dir=pg_dir, port=0, jwt_secret=JWT_SECRET, log_level="warning"))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            conn = await asyncpg.connect(server.database_url, timeout=10)
+            observer = await asyncpg.connect(server.database_url, timeout=10)
+            backend = await conn.fetchval("SELECT pg_backend_pid()")
+            busy = asyncio.ensure_future(conn.fetchval("SELECT count(*) FROM generate_series(1, 100000000000)"))
+            try:
+
+                async def computing() -> bool:
+                    state = "SELECT state FROM pg_stat_activity WHERE pid = $1"
+                    return await observer.fetchval(state, backend) == "active"
+
+                await eventually(computing, "the backend to be busy")
+                postmaster = postmaster_pid(pg_dir / "pg")
+                assert postmaster is not None
+                os.kill(postmaster, signal.SIGKILL)
+
+                async def postmaster_dead() -> bool:
+                    return not process_alive(postmaster)
+
+                await eventually(postmaster_dead, "the postmaster to die", timeout=5)
+                assert process_alive(backend), "the busy backend exited with its postmaster"
+
+                await wait_for_health(channel, NOT_SERVING)
+                await wait_for_health(channel, SERVING, timeout=RECOVERY_BOUND_S)
+                assert not process_alive(backend)
+                assert await create_entry(channel)
+            finally:
+                busy.cancel()
+                conn.terminate()
+                observer.terminate()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(backend, signal.SIGKILL)
+    finally:
+        await server.stop(grace=0)
 
 
 async def test_stale_postmaster_pid_naming_a_live_process_is_cleared(pg_dir: Path) -> None:
