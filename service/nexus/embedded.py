@@ -30,6 +30,7 @@ import fcntl
 import logging
 import signal
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -107,16 +108,20 @@ def _clear_dead_cluster(pgdata: Path) -> None:
 
 
 def _start_postgres(pgdata: Path) -> None:
-    """Initialises (first time) and starts the server; blocking, about a second."""
-    try:
-        server = get_server(pgdata, cleanup_mode=None)
-        # get_server hands back its cached handle when this process started the server before.
-        with server._lock:
-            server.ensure_postgres_running()
-    except subprocess.TimeoutExpired:
-        # pg_ctl gave up waiting (a long crash recovery); the server keeps starting and
-        # callers wait for it to be ready.
-        log.warning("event=embedded_postgres_slow_start pgdata=%s", pgdata)
+    """Initialises (first time) and starts the server; blocking, about a second.
+
+    From a child process: embedded-postgres forks to run pg_ctl as its own system
+    user when we are root, and a fork of a process with gRPC threads can crash
+    before it execs (grpc/grpc#13998). Python starts this child with vfork, which
+    is safe."""
+    command = [sys.executable, "-m", "nexus.embedded", str(pgdata)]
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=READY_WAIT_S)
+    if result.returncode == 0:
+        return
+    if _running_postmaster(pgdata) is None:
+        raise RuntimeError(f"could not start the embedded PostgreSQL of {pgdata}: {result.stderr[-2000:]}")
+    # pg_ctl gave up waiting (a long crash recovery): the server keeps starting, callers wait for it.
+    log.warning("event=embedded_postgres_slow_start pgdata=%s", pgdata)
 
 
 def _wait_until_gone(pgdata: Path, timeout: float) -> bool:
@@ -228,3 +233,7 @@ class EmbeddedPostgres:
         except psutil.NoSuchProcess:
             pass  # it exited on its own meanwhile
         log.info("event=embedded_postgres_stopped pgdata=%s", self.pgdata)
+
+
+if __name__ == "__main__":  # the child process of _start_postgres
+    get_server(Path(sys.argv[1]), cleanup_mode=None)  # initialises (first time) and starts the server

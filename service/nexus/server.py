@@ -190,8 +190,10 @@ class NexusServer:
         it (see nexus.embedded); the pool replaces dead connections when next acquired."""
         assert self._db is not None
         serving = True
+        delay = HEALTH_PROBE_INTERVAL_S
         while True:
-            await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
+            await asyncio.sleep(delay)
+            delay = HEALTH_PROBE_INTERVAL_S
             try:
                 await self._db.ping()
                 healthy = True
@@ -203,7 +205,8 @@ class NexusServer:
                 log.warning("event=database_health serving=%s", serving)
             if not healthy and self._embedded is not None:
                 try:
-                    await asyncio.to_thread(self._embedded.restart_if_down)
+                    if await asyncio.to_thread(self._embedded.restart_if_down):
+                        delay = 0  # probe the restarted database at once
                 except Exception as exc:  # retried at the next probe
                     log.error("event=embedded_postgres_restart_failed error=%r", exc)
 
