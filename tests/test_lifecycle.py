@@ -308,8 +308,7 @@ async def test_database_outage_gives_unavailable_and_recovers_without_restart(pg
             assert (await rpc_error(call())).code() == grpc.StatusCode.UNAVAILABLE
         await wait_for_health(channel, NOT_SERVING)
 
-        # Restarted from another process: an in-process EmbeddedPostgres.start() after stop() does not
-        # start it (see test_embedded_postgres_restarts_in_the_same_process).
+        # Restarted from another process, as the operator of an external database would.
         assert await start_embedded_elsewhere(pg_dir) == pg.url
         await wait_for_health(channel, SERVING)
         response = await stub(channel).GetEntries(get_entry, metadata=SERVICE, timeout=5)

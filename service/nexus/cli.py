@@ -16,7 +16,7 @@ from nexus import client, migrations
 from nexus import config as config_module
 from nexus.auth import mint_token
 from nexus.config import Config
-from nexus.server import NexusServer
+from nexus.server import ListenError, NexusServer
 
 log = logging.getLogger("nexus.cli")
 
@@ -32,7 +32,14 @@ def setup_logging(level: str) -> None:
 
 async def serve(config: Config) -> int:
     server = NexusServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except Exception as exc:
+        await server.stop(grace=0)  # whatever had started (the embedded database, the pool) stops again
+        if not isinstance(exc, ListenError):
+            raise
+        print(f"nexus: {exc}", file=sys.stderr)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

