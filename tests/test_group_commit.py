@@ -4,8 +4,10 @@ yet each keeps the semantics of a call of its own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import asyncpg
@@ -130,12 +132,19 @@ async def test_batches_in_flight_never_share_a_key(db_url: str, db: asyncpg.Conn
     assert await db.fetchval("SELECT count(*) FROM reconcile_entry_counters(false)") == 0
 
 
-async def hold_counter_shards(conn: asyncpg.Connection, entry: uuid.UUID) -> None:
-    """Starts a transaction holding every counter shard of ``entry``: its reaction writes wait."""
-    await conn.execute("BEGIN")
-    await conn.execute(
-        "INSERT INTO entry_counter_shards (entry_id, shard) SELECT $1, s FROM generate_series(0, 63) s", entry
-    )
+@contextlib.asynccontextmanager
+async def counter_shards_held(db_url: str, entry: uuid.UUID) -> AsyncIterator[asyncpg.Connection]:
+    """A connection whose open transaction holds every counter shard of
+    ``entry``: reaction writes to it wait until that transaction ends."""
+    blocker = await asyncpg.connect(db_url)
+    try:
+        await blocker.execute("BEGIN")
+        await blocker.execute(
+            "INSERT INTO entry_counter_shards (entry_id, shard) SELECT $1, s FROM generate_series(0, 63) s", entry
+        )
+        yield blocker
+    finally:
+        await blocker.close()
 
 
 async def wait_until_a_batch_waits_on_a_lock(db: asyncpg.Connection) -> None:
@@ -147,6 +156,16 @@ async def wait_until_a_batch_waits_on_a_lock(db: asyncpg.Connection) -> None:
         await asyncio.sleep(0.01)
 
 
+async def apply_within(writer: GroupCommit, seconds: float, op: str, user: str, entry: uuid.UUID) -> Any:
+    """``apply`` by a caller whose deadline is ``seconds`` away."""
+    call_deadline.set(time.monotonic() + seconds)
+    return await apply(writer, op, "resonance", user, entry)
+
+
+async def reactors(db: asyncpg.Connection, entry: uuid.UUID) -> set[str]:
+    return {r["user_id"] for r in await db.fetch("SELECT user_id FROM reactions WHERE entry_id = $1", entry)}
+
+
 async def test_an_impatient_caller_stops_waiting_without_cutting_short_its_batch(
     counting_db: CountingDatabase, db: asyncpg.Connection, db_url: str
 ) -> None:
@@ -155,33 +174,21 @@ async def test_an_impatient_caller_stops_waiting_without_cutting_short_its_batch
     is not cut short, so the patient caller's reply is the committed state."""
     warmup, entry = await create_entry(db, "alice"), await create_entry(db, "alice")
     writer = reaction_writer(counting_db, max_in_flight=1)
-    first_blocker, second_blocker = await asyncpg.connect(db_url), await asyncpg.connect(db_url)
-    try:
-        await hold_counter_shards(first_blocker, warmup)
-        await hold_counter_shards(second_blocker, entry)
-
-        async def write(user: str, target: uuid.UUID, seconds: float) -> Any:
-            call_deadline.set(time.monotonic() + seconds)
-            return await apply(writer, "toggle", "resonance", user, target)
-
-        first = asyncio.create_task(write("first", warmup, 30))  # in flight alone; the next two queue behind it
+    async with counter_shards_held(db_url, warmup) as first_blocker, counter_shards_held(db_url, entry) as second_blocker:
+        first = asyncio.create_task(apply_within(writer, 30, "toggle", "first", warmup))  # in flight alone
         await wait_until_a_batch_waits_on_a_lock(db)
-        impatient = asyncio.create_task(write("impatient", entry, 2))
-        patient = asyncio.create_task(write("patient", entry, 30))
-        await asyncio.sleep(0)
+        impatient = asyncio.create_task(apply_within(writer, 2, "toggle", "impatient", entry))
+        patient = asyncio.create_task(apply_within(writer, 30, "toggle", "patient", entry))
+        await asyncio.sleep(0)  # both queue behind the first batch
         await first_blocker.execute("ROLLBACK")
         await first
         with pytest.raises(errors.DeadlineExceeded, match="may or may not have been applied"):
             await impatient
         await second_blocker.execute("ROLLBACK")
         outcome = await patient
-    finally:
-        await first_blocker.close()
-        await second_blocker.close()
     assert counting_db.calls == 2, "impatient and patient were to share the second batch, sent once"
-    users = {r["user_id"] for r in await db.fetch("SELECT user_id FROM reactions WHERE entry_id = $1", entry)}
     # The impatient caller's write was sent and its batch committed: unknown to it, applied once.
-    assert users == {"impatient", "patient"}
+    assert await reactors(db, entry) == {"impatient", "patient"}
     assert outcome["state"] and outcome["resonance_count"] == 2
 
 
@@ -190,25 +197,15 @@ async def test_a_caller_whose_deadline_passes_before_its_batch_is_sent_writes_no
 ) -> None:
     entry = await create_entry(db, "alice")
     writer = reaction_writer(counting_db, max_in_flight=1)
-    blocker = await asyncpg.connect(db_url)
-    try:
-        await hold_counter_shards(blocker, entry)
-
-        async def write(user: str, seconds: float) -> Any:
-            call_deadline.set(time.monotonic() + seconds)
-            return await apply(writer, "on", "resonance", user, entry)
-
-        first = asyncio.create_task(write("first", 30))
+    async with counter_shards_held(db_url, entry) as blocker:
+        first = asyncio.create_task(apply_within(writer, 30, "on", "first", entry))
         await wait_until_a_batch_waits_on_a_lock(db)
         with pytest.raises(errors.DeadlineExceeded, match="nothing was written"):
-            await write("queued", 0.3)
+            await apply_within(writer, 0.3, "on", "queued", entry)
         await blocker.execute("ROLLBACK")
         await first
-    finally:
-        await blocker.close()
     assert counting_db.calls == 1, "an item whose caller had gone was sent"
-    users = [r["user_id"] for r in await db.fetch("SELECT user_id FROM reactions WHERE entry_id = $1", entry)]
-    assert users == ["first"]
+    assert await reactors(db, entry) == {"first"}
 
 
 async def test_a_batch_cut_off_by_a_lost_connection_fails_its_items_and_is_not_resent(
@@ -216,9 +213,7 @@ async def test_a_batch_cut_off_by_a_lost_connection_fails_its_items_and_is_not_r
 ) -> None:
     entry = await create_entry(db, "alice")
     writer = reaction_writer(counting_db, max_in_flight=1)
-    blocker = await asyncpg.connect(db_url)
-    try:
-        await hold_counter_shards(blocker, entry)
+    async with counter_shards_held(db_url, entry) as blocker:
         cut_off = asyncio.create_task(apply(writer, "toggle", "resonance", "cut-off", entry))
         await wait_until_a_batch_waits_on_a_lock(db)
         await db.execute(
@@ -229,8 +224,5 @@ async def test_a_batch_cut_off_by_a_lost_connection_fails_its_items_and_is_not_r
             await cut_off
         await blocker.execute("ROLLBACK")
         after = await apply(writer, "toggle", "resonance", "after", entry)
-    finally:
-        await blocker.close()
     assert counting_db.calls == 2, "the failed batch was sent again"
-    users = [r["user_id"] for r in await db.fetch("SELECT user_id FROM reactions WHERE entry_id = $1", entry)]
-    assert users == ["after"] and after["resonance_count"] == 1
+    assert await reactors(db, entry) == {"after"} and after["resonance_count"] == 1
