@@ -244,7 +244,13 @@ async def test_server_after_a_killed_server_adopts_then_stops_the_database(pg_di
     log_file = tmp_path / "second.log"
     async with serving(serve_env(pg_dir, free_port()), log_file) as (second, channel):
         assert postmaster_pid(pgdata) == orphaned, "the running database was restarted instead of adopted"
+        assert "owner=True" in log_file.read_text(), "the adopting server does not own the database"
         assert await existing_entries(channel, [entry_id]) == {entry_id}
+        # A one-shot command on the same data directory uses the database and leaves it to its owner.
+        code, output = await run_cli("reconcile", env=serve_env(pg_dir, free_port()))
+        assert code == 0, output
+        assert postmaster_pid(pgdata) == orphaned and process_alive(orphaned), "a one-shot command stopped the database"
+        assert await health_status(channel) == SERVING
         second.send_signal(signal.SIGTERM)
         assert await exit_code(second, 30, log_file) == 0
     assert not process_alive(orphaned)
@@ -266,6 +272,31 @@ async def test_second_server_on_a_data_dir_uses_the_database_without_owning_it(p
         assert await existing_entries(owner_channel, [entry_id]) == {entry_id}
         owner.send_signal(signal.SIGTERM)
         assert await exit_code(owner, 30, owner_log) == 0
+    assert not process_alive(postmaster)
+    await wait_until_no_cluster_processes(pgdata)
+
+
+async def test_an_owner_stopping_first_leaves_the_database_to_the_server_still_using_it(
+    pg_dir: Path, tmp_path: Path
+) -> None:
+    pgdata = pg_dir / "pg"
+    owner_log, sharer_log = tmp_path / "owner.log", tmp_path / "sharer.log"
+    async with serving(serve_env(pg_dir, free_port()), owner_log) as (owner, _):
+        postmaster = postmaster_pid(pgdata)
+        async with serving(serve_env(pg_dir, free_port()), sharer_log) as (sharer, channel):
+            owner.send_signal(signal.SIGTERM)
+            assert await exit_code(owner, 30, owner_log) == 0
+            assert "in use by another process" in owner_log.read_text()
+            assert postmaster_pid(pgdata) == postmaster and postmaster is not None and process_alive(postmaster)
+            assert await health_status(channel) == SERVING
+            await create_entry(channel)  # no outage: the database never went down
+
+            async def owns_it() -> bool:
+                return "event=embedded_postgres_owned" in sharer_log.read_text()
+
+            await eventually(owns_it, "the remaining server to take ownership")
+            sharer.send_signal(signal.SIGTERM)
+            assert await exit_code(sharer, 30, sharer_log) == 0
     assert not process_alive(postmaster)
     await wait_until_no_cluster_processes(pgdata)
 

@@ -177,7 +177,7 @@ async def test_an_impatient_caller_stops_waiting_without_cutting_short_its_batch
     async with counter_shards_held(db_url, warmup) as first_blocker, counter_shards_held(db_url, entry) as second_blocker:
         first = asyncio.create_task(apply_within(writer, 30, "toggle", "first", warmup))  # in flight alone
         await wait_until_a_batch_waits_on_a_lock(db)
-        impatient = asyncio.create_task(apply_within(writer, 2, "toggle", "impatient", entry))
+        impatient = asyncio.create_task(apply_within(writer, 4, "toggle", "impatient", entry))
         patient = asyncio.create_task(apply_within(writer, 30, "toggle", "patient", entry))
         await asyncio.sleep(0)  # both queue behind the first batch
         await first_blocker.execute("ROLLBACK")

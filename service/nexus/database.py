@@ -71,8 +71,9 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool release hook. The default reset costs a round trip per call; pooled
-    connections here never hold session state (no SET, LISTEN, cursors or
-    session advisory locks), so there is nothing to reset."""
+    connections here hold no session state to reset (no LISTEN, cursors or
+    session advisory locks) but their statement_timeout, which _Connection
+    tracks and every call sets to its own bound."""
 
 
 async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:

@@ -3,9 +3,15 @@
 Nexus starts it when no external database URL is configured and keeps its data in
 ``<data_dir>/pg``.
 
-Ownership — whoever serves a data directory owns its database. The owner is the
-one process holding an exclusive ``flock`` on ``<data_dir>/pg.owner.lock``; the
-kernel releases it when that process exits, however it exits (kill -9 included).
+Ownership — whoever serves a data directory owns its database. Two ``flock``s
+in the data directory, which the kernel releases when a process exits, however
+it exits (kill -9 included):
+
+- ``pg.users.lock``, held shared by every process using the database;
+- ``pg.owner.lock``, held exclusively by its one owner. Every user takes it
+  whenever it is free (at start, and the server's health probe each second), so
+  a server that adopts a database left running by a killed server owns it.
+
 The owner:
 
 - starts the database, or adopts the one a previous owner left running;
@@ -14,13 +20,12 @@ The owner:
   write WAL, and lock files naming a zombie or a reused pid) is cleared first,
   then PostgreSQL's crash recovery replays the WAL, so every acknowledged commit
   is kept;
-- stops it on shutdown (fast shutdown: open sessions end).
+- stops it on shutdown (fast shutdown: open sessions end) — unless another
+  process still uses it (a second ``nexus serve``; ``nexus migrate`` while a
+  server starts): then it leaves it running and gives up ownership, which the
+  other process takes at once.
 
-Any other process on the same data directory (a second ``nexus serve``,
-``nexus migrate`` while a server runs) finds the lock held and uses the database
-without owning it: it never starts, restarts or stops it while the owner lives,
-and takes ownership over when it needs to (the database is down, or it is
-shutting down) and the owner has exited.
+A process that does not own the database never starts, restarts or stops it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -48,6 +54,7 @@ with warnings.catch_warnings():
 log = logging.getLogger("nexus.embedded")
 
 OWNER_LOCK_FILE = "pg.owner.lock"
+USERS_LOCK_FILE = "pg.users.lock"
 READY_WAIT_S = 60.0  # how long start() waits for the database to accept connections
 STOP_WAIT_S = 60.0  # how long a fast shutdown may take (pg_ctl's default) before an immediate one
 _POLL_S = 0.05
@@ -149,6 +156,9 @@ class EmbeddedPostgres:
         self.url = ""
         self._lock_path = data_dir / OWNER_LOCK_FILE
         self._owner_lock: TextIO | None = None
+        self._users_lock_path = data_dir / USERS_LOCK_FILE
+        self._users_lock: TextIO | None = self._users_lock_path.open("a")
+        fcntl.flock(self._users_lock, fcntl.LOCK_SH)  # waits while an owner shuts the database down
         self._control = threading.Lock()  # one start / restart / stop at a time
         self._stopped = False  # by stop(): a restart still queued behind it must not start it again
 
@@ -174,9 +184,12 @@ class EmbeddedPostgres:
     def owner(self) -> bool:
         return self._owner_lock is not None
 
-    def _claim_ownership(self) -> bool:
-        """Takes ownership unless another live process holds it; True when this process owns the database."""
+    def claim_ownership(self) -> bool:
+        """Takes ownership unless another live process holds it (or this one has
+        stopped using the database); True when this process owns the database."""
         if self._owner_lock is None:
+            if self._stopped:
+                return False
             lock_file = self._lock_path.open("a")
             try:
                 fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -197,7 +210,8 @@ class EmbeddedPostgres:
         take ownership over); True when it started it. A first start initialises
         the data directory; a restart after a crash runs PostgreSQL's crash recovery."""
         with self._control:
-            if self._stopped or _running_postmaster(self.pgdata) is not None or not self._claim_ownership():
+            owned = self.claim_ownership()  # also when adopting a running database
+            if self._stopped or not owned or _running_postmaster(self.pgdata) is not None:
                 return False
             stale = _read_postmaster_pid(self.pgdata)
             if stale is not None:
@@ -208,22 +222,40 @@ class EmbeddedPostgres:
             return True
 
     def stop(self) -> None:
-        """Stops the database if this process owns it (or can take ownership over:
-        its owner has exited) and gives up ownership; a database already down is
-        only logged."""
+        """Stops the database if this process owns it and no other process uses
+        it, and gives up ownership; a database already down is only logged."""
         with self._control:
             self._stopped = True
-            if not self._claim_ownership():
+            if self._users_lock is not None:
+                self._users_lock.close()  # this process no longer uses it
+                self._users_lock = None
+            if not self.owner:
                 log.info("event=embedded_postgres_left_running pgdata=%s reason='owned by another process'", self.pgdata)
                 return
             try:
-                postmaster = _running_postmaster(self.pgdata)
-                if postmaster is None:
-                    log.warning("event=embedded_postgres_already_down pgdata=%s", self.pgdata)
-                    return
-                self._shut_down(postmaster)
+                with self._sole_use() as sole:
+                    if not sole:
+                        log.info("event=embedded_postgres_left_running pgdata=%s reason='in use by another process'",
+                                 self.pgdata)
+                        return
+                    postmaster = _running_postmaster(self.pgdata)
+                    if postmaster is None:
+                        log.warning("event=embedded_postgres_already_down pgdata=%s", self.pgdata)
+                        return
+                    self._shut_down(postmaster)
             finally:
                 self._release_ownership()
+
+    @contextlib.contextmanager
+    def _sole_use(self) -> Iterator[bool]:
+        """Whether no other process uses the database; while True, none can start to."""
+        with self._users_lock_path.open("a") as users:
+            try:
+                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True  # closing the file releases the lock
 
     def _shut_down(self, postmaster: PostmasterInfo) -> None:
         """Fast shutdown (SIGINT, what ``pg_ctl -m fast stop`` sends); an immediate

@@ -145,9 +145,18 @@ class GroupCommit:
 
     async def _send(self, batch: list[_Item]) -> None:
         deadlines = [item.deadline for item in batch]
-        call_deadline.set(None if None in deadlines else max(deadlines))  # type: ignore[type-var]
+        deadline = None if None in deadlines else max(deadlines)  # type: ignore[type-var]
+        call_deadline.set(deadline)
         try:
-            rows = await self._db.fetch(self._name, self._query, *(list(column) for column in zip(*(i.arguments for i in batch))))
+            # Bounded as a whole, waiting for a connection included: a batch must
+            # not hold its keys past every caller's deadline.
+            async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+                rows = await self._db.fetch(
+                    self._name, self._query, *(list(column) for column in zip(*(i.arguments for i in batch)))
+                )
+        except TimeoutError:  # the outcome is unknown if the statement was sent
+            self._fail(batch, DeadlineExceeded())
+            return
         except BaseException as exc:
             if isinstance(exc, NexusError):
                 failure: NexusError = exc

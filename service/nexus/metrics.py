@@ -91,9 +91,9 @@ class PoolCollector(Collector):
 
 def serve_metrics(host: str, port: int, pool: Callable[[], asyncpg.Pool | None]) -> Callable[[], None]:
     """Starts the /metrics HTTP endpoint; returns a function that stops it."""
+    server, thread = start_http_server(port, addr=host)  # first: a port in use leaves nothing registered
     collector = PoolCollector(pool)
     REGISTRY.register(collector)
-    server, thread = start_http_server(port, addr=host)
 
     def stop() -> None:
         server.shutdown()

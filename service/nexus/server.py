@@ -140,7 +140,10 @@ class NexusServer:
         self._server = server
         if config.metrics_port:
             db = self._db
-            self._stop_metrics = serve_metrics(config.host, config.metrics_port, lambda: db.pool)
+            try:
+                self._stop_metrics = serve_metrics(config.host, config.metrics_port, lambda: db.pool)
+            except OSError as exc:
+                raise ListenError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc.strerror}") from None
         await self._set_health(serving=True)
         self._background = [
             asyncio.create_task(self._probe_database()),
@@ -203,12 +206,17 @@ class NexusServer:
                 serving = healthy
                 await self._set_health(serving)
                 log.warning("event=database_health serving=%s", serving)
-            if not healthy and self._embedded is not None:
+            if self._embedded is None:
+                continue
+            if not healthy:
                 try:
                     if await asyncio.to_thread(self._embedded.restart_if_down):
                         delay = 0  # probe the restarted database at once
                 except Exception as exc:  # retried at the next probe
                     log.error("event=embedded_postgres_restart_failed error=%r", exc)
+            elif not self._embedded.owner:
+                # The owner has gone and left the database to this process.
+                await asyncio.to_thread(self._embedded.claim_ownership)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, streams ended with UNAVAILABLE (clients resume
