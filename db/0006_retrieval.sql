@@ -133,6 +133,14 @@ LANGUAGE sql STABLE
 RETURN coalesce((SELECT i.indisvalid AND i.indisready FROM pg_index i
                  WHERE i.indexrelid = to_regclass(memory_vector_index_name(p_user_id))), false);
 
+-- Whether a search of the user goes through their own index: they have more
+-- than p_exact_max memories (the service's search_exact_max_memories) and
+-- the index is ready.
+CREATE FUNCTION memory_vector_index_usable(p_user_id text, p_exact_max integer) RETURNS boolean
+LANGUAGE sql STABLE
+RETURN coalesce((SELECT u.memory_count > p_exact_max FROM memory_users u WHERE u.user_id = p_user_id), false)
+       AND memory_vector_index_ready(p_user_id);
+
 -- The DDL maintenance runs (outside a transaction, CONCURRENTLY) for users
 -- above p_min_memories without a valid index: the drop of a failed earlier
 -- build, if any, then the build.
@@ -152,14 +160,14 @@ $$;
 
 -- (memory_id, distance) of the user's embedded memories matching the filters,
 -- nearest first: the p_limit nearest (all of them when NULL). Exact, unless
--- the search is by cosine, a limit is given and the user has an index of
--- their own: then the index is scanned with pgvector's iterative scan (it
+-- the search is by cosine, a limit is given and the user's own index is
+-- usable (memory_vector_index_usable): then the index is scanned with pgvector's iterative scan (it
 -- keeps going until enough rows pass the filters) for 4 x p_limit (at least
 -- 40) candidates, which are re-ranked by their full-precision distance; if
 -- it finds fewer than p_limit, the exact scan answers instead.
 CREATE FUNCTION memory_vector_distances(
     p_user_id text, p_embedding real[], p_metric text, p_limit integer, p_min_gravity double precision,
-    p_since timestamptz, p_emotion_type text)
+    p_since timestamptz, p_emotion_type text, p_exact_max integer)
 RETURNS TABLE (memory_id uuid, distance double precision)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -171,7 +179,7 @@ DECLARE
     ids       uuid[];
     distances double precision[];
 BEGIN
-    IF p_metric = 'cosine' AND p_limit IS NOT NULL AND memory_vector_index_ready(p_user_id) THEN
+    IF p_metric = 'cosine' AND p_limit IS NOT NULL AND memory_vector_index_usable(p_user_id, p_exact_max) THEN
         PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
         PERFORM set_config('hnsw.ef_search', '200', true);
         PERFORM set_config('enable_sort', 'off', true);  -- the index order, not a sort of the user's rows
@@ -206,13 +214,14 @@ $$;
 --                   normalised over the candidates and mixed,
 --                   score = p_vector_weight * vector + (1 - p_vector_weight) * text, in 0..1.
 --                   Candidates: all the user's matching memories (searched
---                   exactly), or for a user with an index of their own the
+--                   exactly), or when the user's own index is usable the
 --                   100 (at least top_k) nearest plus the 100 best by text.
 DROP FUNCTION search_memories(text, real[], text, integer, double precision, timestamptz, text, integer);
 
 CREATE FUNCTION search_memories(
     p_user_id text, p_embedding real[], p_query text, p_metric text, p_top_k integer,
-    p_min_gravity double precision, p_since timestamptz, p_emotion_type text, p_vector_weight double precision)
+    p_min_gravity double precision, p_since timestamptz, p_emotion_type text, p_vector_weight double precision,
+    p_exact_max integer)
 RETURNS TABLE (document jsonb, distance double precision, text_score double precision, score double precision)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -223,7 +232,8 @@ BEGIN
         RETURN QUERY
             SELECT memory_document(m), v.distance, NULL::double precision,
                    CASE p_metric WHEN 'cosine' THEN 1 - v.distance ELSE -v.distance END
-            FROM memory_vector_distances(p_user_id, p_embedding, p_metric, p_top_k, p_min_gravity, p_since, p_emotion_type) v
+            FROM memory_vector_distances(p_user_id, p_embedding, p_metric, p_top_k, p_min_gravity, p_since, p_emotion_type,
+                                         p_exact_max) v
             JOIN memories m USING (memory_id)
             ORDER BY v.distance, m.memory_id;
     ELSIF p_embedding IS NULL THEN
@@ -234,13 +244,13 @@ BEGIN
             JOIN memories m USING (memory_id)
             ORDER BY t.text_score DESC, m.memory_id;
     ELSE
-        IF p_metric = 'cosine' AND memory_vector_index_ready(p_user_id) THEN
+        IF p_metric = 'cosine' AND memory_vector_index_usable(p_user_id, p_exact_max) THEN
             pool := greatest(p_top_k, 100);
         END IF;
         RETURN QUERY
             WITH nearest AS (
                 SELECT * FROM memory_vector_distances(p_user_id, p_embedding, p_metric, pool, p_min_gravity, p_since,
-                                                      p_emotion_type)
+                                                      p_emotion_type, p_exact_max)
             ), lexical AS (
                 SELECT * FROM memory_text_scores(p_user_id, p_query, p_min_gravity, p_since, p_emotion_type) s
                 ORDER BY s.text_score DESC, s.memory_id LIMIT pool

@@ -162,6 +162,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         self._embedding_dim = config.embedding_dim
         self._embedder = embedder.from_config(config.embedder)
         self._hybrid_vector_weight = config.hybrid_vector_weight
+        self._exact_search_max = config.search_exact_max_memories
 
     def _owner(self, value: str, field: str = "user_id") -> str:
         """The request's user, whom the caller must be (or a service)."""
@@ -325,6 +326,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             _since(request),
             emotion_type,
             self._hybrid_vector_weight,
+            self._exact_search_max,
         )
         return pb.SearchMemoriesResponse(
             results=[
