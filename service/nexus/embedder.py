@@ -52,7 +52,10 @@ class Embedder:
     def embed_batch(self, texts: Sequence[str]) -> list[list[float] | None]:
         """Blocking. None for a text the model has no tokens for (it would
         embed as zeros, which no distance can rank)."""
-        vectors = self._model.embed(list(texts), norm=True)
+        import numpy  # with the wordllama extra
+
+        with numpy.errstate(invalid="ignore", divide="ignore"):  # a text without tokens: zeros / 0
+            vectors = self._model.embed(list(texts), norm=True)
         result: list[list[float] | None] = []
         for vector in vectors.tolist():
             usable = len(vector) == self.dim and all(math.isfinite(x) for x in vector) and any(vector)
