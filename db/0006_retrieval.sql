@@ -9,9 +9,17 @@
 -- that user's corpus only.
 --
 -- Vectors: a user with at most search_exact_max_memories memories is searched
--- exactly (recall 1). Maintenance gives each larger user an HNSW index of
+-- exactly (recall 1). Maintenance gives each larger user a vector index of
 -- their own (partial on user_id, over halfvec to halve its size), built
--- concurrently; until it is valid that user is searched exactly too.
+-- concurrently; until it is valid that user is searched exactly too. The
+-- index is IVFFlat, not HNSW: built from the user's own rows (k-means over
+-- what is there, so not the seed's empty-table IVFFlat problem) it takes
+-- seconds where HNSW takes minutes, an insert costs one distance per list
+-- instead of a graph search, and on clustered vectors it keeps recall where
+-- HNSW loses whole clusters (measured on the bench's 100k user: recall@10
+-- 1.00 with 16 of 316 lists probed, against 0.89-0.95 for HNSW at m 16-32
+-- with a query at recall 0 in every setting). Its lists are fixed at build
+-- time, so maintenance rebuilds it when the user has outgrown them.
 
 CREATE EXTENSION IF NOT EXISTS btree_gin;
 
@@ -118,7 +126,8 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 ------------------------------------------------------------------------------
--- Vector indexes: one partial HNSW index per large user, cosine over halfvec.
+-- Vector indexes: one partial IVFFlat index per large user, cosine over
+-- halfvec, with ceil(sqrt(n)) lists for n memories at build time.
 
 DROP INDEX memories_embedding_cosine;
 DROP INDEX memories_embedding_l2;
@@ -141,30 +150,49 @@ LANGUAGE sql STABLE
 RETURN coalesce((SELECT u.memory_count > p_exact_max FROM memory_users u WHERE u.user_id = p_user_id), false)
        AND memory_vector_index_ready(p_user_id);
 
--- The DDL maintenance runs (outside a transaction, CONCURRENTLY) for users
--- above p_min_memories without a valid index: the drop of a failed earlier
--- build, if any, then the build.
+-- The DDL maintenance runs (outside a transaction, CONCURRENTLY), in order,
+-- for users above p_min_memories: a missing index is built; a failed earlier
+-- build is dropped and built again; an index the user has outgrown (four
+-- times the memories its lists were sized for, so sqrt(n) lists would be
+-- twice as many) gets new lists and is rebuilt in place.
 CREATE FUNCTION memory_vector_indexes_due(p_min_memories integer)
-RETURNS TABLE (user_id text, drop_statement text, create_statement text)
+RETURNS TABLE (user_id text, statements text[])
 LANGUAGE sql STABLE AS $$
     SELECT u.user_id,
-           CASE WHEN to_regclass(memory_vector_index_name(u.user_id)) IS NOT NULL
-                THEN format('DROP INDEX CONCURRENTLY IF EXISTS %I', memory_vector_index_name(u.user_id)) END,
-           format('CREATE INDEX CONCURRENTLY %I ON memories USING hnsw ((embedding::halfvec(%s)) halfvec_cosine_ops) '
-                  'WHERE user_id = %L', memory_vector_index_name(u.user_id), dim.d, u.user_id)
-    FROM memory_users u,
-         (SELECT atttypmod AS d FROM pg_attribute WHERE attrelid = 'memories'::regclass AND attname = 'embedding') dim
-    WHERE u.memory_count > p_min_memories AND NOT memory_vector_index_ready(u.user_id)
+           CASE
+               WHEN i.indexrelid IS NULL THEN ARRAY[build]
+               WHEN NOT (i.indisvalid AND i.indisready)
+                   THEN ARRAY[format('DROP INDEX CONCURRENTLY IF EXISTS %I', name), build]
+               ELSE ARRAY[format('ALTER INDEX %I SET (lists = %s)', name, lists),
+                          format('REINDEX INDEX CONCURRENTLY %I', name)]
+           END
+    FROM memory_users u
+    CROSS JOIN LATERAL (SELECT memory_vector_index_name(u.user_id) AS name,
+                               ceil(sqrt(u.memory_count))::integer AS lists) sized
+    CROSS JOIN LATERAL (
+        SELECT format('CREATE INDEX CONCURRENTLY %I ON memories USING ivfflat ((embedding::halfvec(%s)) '
+                      'halfvec_cosine_ops) WITH (lists = %s) WHERE user_id = %L', sized.name, a.atttypmod, sized.lists,
+                      u.user_id) AS build
+        FROM pg_attribute a WHERE a.attrelid = 'memories'::regclass AND a.attname = 'embedding') ddl
+    LEFT JOIN pg_index i ON i.indexrelid = to_regclass(sized.name)
+    LEFT JOIN LATERAL (
+        SELECT o.option_value::integer AS built_lists
+        FROM pg_class c, pg_options_to_table(c.reloptions) o
+        WHERE c.oid = i.indexrelid AND o.option_name = 'lists') current ON true
+    WHERE u.memory_count > p_min_memories
+      AND (i.indexrelid IS NULL OR NOT (i.indisvalid AND i.indisready)
+           OR u.memory_count > 4 * current.built_lists * current.built_lists)
     ORDER BY u.memory_count DESC
 $$;
 
 -- (memory_id, distance) of the user's embedded memories matching the filters,
 -- nearest first: the p_limit nearest (all of them when NULL). Exact, unless
 -- the search is by cosine, a limit is given and the user's own index is
--- usable (memory_vector_index_usable): then the index is scanned with pgvector's iterative scan (it
--- keeps going until enough rows pass the filters) for 4 x p_limit (at least
--- 40) candidates, which are re-ranked by their full-precision distance; if
--- it finds fewer than p_limit, the exact scan answers instead.
+-- usable (memory_vector_index_usable): then the index is scanned, 16 lists
+-- first, with pgvector's iterative scan (it probes more lists until enough
+-- rows pass the filters), for 4 x p_limit (at least 40) candidates, which are
+-- re-ranked by their full-precision distance; if it finds fewer than
+-- p_limit, the exact scan answers instead.
 CREATE FUNCTION memory_vector_distances(
     p_user_id text, p_embedding real[], p_metric text, p_limit integer, p_min_gravity double precision,
     p_since timestamptz, p_emotion_type text, p_exact_max integer)
@@ -180,8 +208,8 @@ DECLARE
     distances double precision[];
 BEGIN
     IF p_metric = 'cosine' AND p_limit IS NOT NULL AND memory_vector_index_usable(p_user_id, p_exact_max) THEN
-        PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
-        PERFORM set_config('hnsw.ef_search', '200', true);
+        PERFORM set_config('ivfflat.iterative_scan', 'relaxed_order', true);
+        PERFORM set_config('ivfflat.probes', '16', true);
         PERFORM set_config('enable_sort', 'off', true);  -- the index order, not a sort of the user's rows
         -- The user_id as a literal, so the planner matches the partial index's predicate.
         EXECUTE format(
@@ -255,10 +283,13 @@ BEGIN
                 SELECT * FROM memory_text_scores(p_user_id, p_query, p_min_gravity, p_since, p_emotion_type) s
                 ORDER BY s.text_score DESC, s.memory_id LIMIT pool
             ), candidates AS (
+                -- Text hits the vector side did not bring get their distance here
+                -- (COALESCE reads the memory only for them).
                 SELECT memory_id, l.text_score,
-                       coalesce(n.distance, CASE p_metric WHEN 'cosine' THEN m.embedding <=> p_embedding::vector
-                                                          ELSE m.embedding <-> p_embedding::vector END) AS distance
-                FROM nearest n FULL JOIN lexical l USING (memory_id) JOIN memories m USING (memory_id)
+                       coalesce(n.distance, (SELECT CASE p_metric WHEN 'cosine' THEN m.embedding <=> p_embedding::vector
+                                                                  ELSE m.embedding <-> p_embedding::vector END
+                                             FROM memories m WHERE m.memory_id = l.memory_id)) AS distance
+                FROM nearest n FULL JOIN lexical l USING (memory_id)
             ), scored AS (
                 SELECT c.*,
                        CASE p_metric WHEN 'cosine' THEN 1 - c.distance ELSE -c.distance END AS similarity,

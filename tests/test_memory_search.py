@@ -2,7 +2,7 @@
 nearest first, for both metrics; recall against an exact search computed in
 SQL with index scans off — 1.0 on the exact path (users up to
 search_exact_max_memories, and L2 searches), >= 0.95 through a large user's own
-HNSW index (built by maintenance, cosine); filters (min_gravity, since, emotion_type)
+IVFFlat index (built by maintenance, cosine); filters (min_gravity, since, emotion_type)
 applied before the limit on both paths, so a selective filter still yields
 top_k matches; top_k and embedding validation; memories without embeddings
 never returned; and the embedding dimension fixed by the first migration."""
@@ -353,29 +353,29 @@ async def test_exact_path_has_perfect_recall_for_every_user(corpus: Corpus) -> N
                 assert_true_distances(got, dict(exact))
 
 
-async def hnsw_scans(conn: asyncpg.Connection) -> int:
+async def index_scans(conn: asyncpg.Connection) -> int:
     """Scans of BIG's own vector index (the only one)."""
     return await conn.fetchval(
         "SELECT sum(idx_scan) FROM pg_stat_user_indexes WHERE indexrelname = memory_vector_index_name($1)", BIG
     )
 
 
-async def wait_for_hnsw_scans(conn: asyncpg.Connection, before: int) -> None:
-    """The searches really went through an HNSW index (backends publish their
+async def wait_for_index_scans(conn: asyncpg.Connection, before: int) -> None:
+    """The searches really went through the user's own index (backends publish their
     statistics within seconds)."""
     async with asyncio.timeout(20):
-        while await hnsw_scans(conn) == before:
+        while await index_scans(conn) == before:
             await asyncio.sleep(0.1)
 
 
-async def plain_filtered_hnsw(conn: asyncpg.Connection, user: str, query: Sequence[float], emotion_type: str) -> int:
-    """How many of the 10 asked for a filtered HNSW scan of the user's index
-    without pgvector's iterative scan finds: the filter runs on the ef_search
-    candidates only."""
+async def plain_filtered_index_scan(conn: asyncpg.Connection, user: str, query: Sequence[float], emotion_type: str) -> int:
+    """How many of the 10 asked for a filtered scan of the user's index
+    without pgvector's iterative scan finds: the filter runs on the rows of
+    the probed lists only."""
     async with conn.transaction():
         await conn.execute(
             "SET LOCAL enable_indexscan = on; SET LOCAL enable_sort = off; "
-            "SET LOCAL hnsw.iterative_scan = off; SET LOCAL hnsw.ef_search = 100"
+            "SET LOCAL ivfflat.iterative_scan = off; SET LOCAL ivfflat.probes = 1"
         )
         return len(
             await conn.fetch(
@@ -389,7 +389,7 @@ async def plain_filtered_hnsw(conn: asyncpg.Connection, user: str, query: Sequen
 async def test_own_index_recall_at_10_is_at_least_point_95_and_l2_stays_exact(corpus: Corpus) -> None:
     rng = random.Random(2)
     async with serving(corpus.url, search_exact_max_memories=INDEXED_ABOVE) as stub, exact_connection(corpus.url) as conn:
-        scans_before = await hnsw_scans(conn)
+        scans_before = await index_scans(conn)
         recalls = []
         for _ in range(20):
             query = corpus.query(rng)
@@ -401,7 +401,7 @@ async def test_own_index_recall_at_10_is_at_least_point_95_and_l2_stays_exact(co
             assert_true_distances(got, dict(truth))
             recalls.append(recall(got, truth[:10]))
         assert sum(recalls) / len(recalls) >= 0.95, recalls
-        await wait_for_hnsw_scans(conn, scans_before)
+        await wait_for_index_scans(conn, scans_before)
         # The index is cosine only: L2 searches of the same user are exact.
         for _ in range(3):
             query = corpus.query(rng)
@@ -409,19 +409,19 @@ async def test_own_index_recall_at_10_is_at_least_point_95_and_l2_stays_exact(co
             assert [r.memory.memory_id for r in got] == [i for i, _ in await exact_nearest(conn, BIG, query, metric=L2)]
 
 
-@pytest.mark.parametrize("hnsw", [False, True], ids=["exact-path", "hnsw-path"])
-async def test_filters_apply_before_the_limit(corpus: Corpus, hnsw: bool) -> None:
+@pytest.mark.parametrize("indexed", [False, True], ids=["exact-path", "own-index-path"])
+async def test_filters_apply_before_the_limit(corpus: Corpus, indexed: bool) -> None:
     """Each filter matches SELECTIVE (12) of BIG's ~1500 memories: top_k=10
-    must still bring 10, all matching (plain filtered HNSW brings ~0)."""
+    must still bring 10, all matching (a plain filtered index scan brings fewer)."""
     rng = random.Random(3)
     filters: list[tuple[dict[str, Any], set[str]]] = [
         (dict(emotion_type="rare"), corpus.rare_ids),
         (dict(min_gravity=0.95), corpus.strong_ids),
         (dict(since=corpus.since), corpus.recent_ids),
     ]
-    exact_max = INDEXED_ABOVE if hnsw else 10_000
+    exact_max = INDEXED_ABOVE if indexed else 10_000
     async with serving(corpus.url, search_exact_max_memories=exact_max) as stub, exact_connection(corpus.url) as conn:
-        scans_before = await hnsw_scans(conn)
+        scans_before = await index_scans(conn)
         for (fields, matching), metric in itertools.product(filters, (COSINE, L2)):
             for _ in range(3):
                 query = corpus.query(rng)
@@ -433,10 +433,10 @@ async def test_filters_apply_before_the_limit(corpus: Corpus, hnsw: bool) -> Non
                 assert {r.memory.memory_id for r in got} <= matching, fields
                 assert_nearest_first(got)
                 assert_true_distances(got, dict(truth))
-                if not hnsw:
+                if not indexed:
                     assert [r.memory.memory_id for r in got] == [i for i, _ in truth[:10]]
                 elif "emotion_type" in fields and metric == COSINE:  # the trap this avoids
-                    assert await plain_filtered_hnsw(conn, BIG, query, fields["emotion_type"]) < 10
+                    assert await plain_filtered_index_scan(conn, BIG, query, fields["emotion_type"]) < 10
 
         # Fewer matches than top_k (6 rare memories of gravity >= 0.5): all of them.
         query = corpus.query(rng)
@@ -451,8 +451,8 @@ async def test_filters_apply_before_the_limit(corpus: Corpus, hnsw: bool) -> Non
         everything = await search(stub, BIG, corpus.query(rng), metadata=SERVICE, top_k=1000)
         assert len(everything) == 1000
         assert not {r.memory.memory_id for r in everything} & corpus.unembedded_ids
-        if hnsw:
-            await wait_for_hnsw_scans(conn, scans_before)
+        if indexed:
+            await wait_for_index_scans(conn, scans_before)
 
 
 # --- the embedding dimension -------------------------------------------------------
@@ -491,3 +491,59 @@ async def test_embedding_dimension_is_fixed_by_the_first_migration(pg_admin_url:
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+# --- the vector-index job ----------------------------------------------------------
+
+
+async def index_lists(conn: asyncpg.Connection, user: str) -> int | None:
+    """The lists of the user's index when it is valid; None when there is none usable."""
+    return await conn.fetchval(
+        """SELECT o.option_value::int FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid,
+                  pg_options_to_table(c.reloptions) o
+           WHERE i.indexrelid = to_regclass(memory_vector_index_name($1)) AND i.indisvalid AND o.option_name = 'lists'""",
+        user,
+    )
+
+
+async def test_maintenance_builds_rebuilds_and_repairs_the_users_own_index(db_url: str) -> None:
+    rng = random.Random(31)
+    conn = await database.connect(db_url)
+    try:
+        await bulk_create(conn, [("big", f"m{i}", 0.5, None, random_vector(rng)) for i in range(30)])
+        await bulk_create(conn, [("small", f"m{i}", 0.5, None, random_vector(rng)) for i in range(10)])
+        server = NexusServer(server_config(db_url, search_exact_max_memories=10))
+        await server.start()
+        try:
+            assert server.maintenance is not None
+            job = server.maintenance.build_vector_indexes
+            assert await job() == ["big"]  # "small" has 10, not more
+            assert await index_lists(conn, "big") == 6  # ceil(sqrt(30))
+            assert await index_lists(conn, "small") is None
+            assert await job() == []  # nothing due
+
+            # Outgrown: more than 4 x 6^2 memories -> new lists, same index name.
+            await bulk_create(conn, [("big", f"n{i}", 0.5, None, random_vector(rng)) for i in range(120)])
+            assert await job() == ["big"]
+            assert await index_lists(conn, "big") == 13  # ceil(sqrt(150))
+
+            # The remains of a failed concurrent build are dropped and built again.
+            await conn.execute(
+                "UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass(memory_vector_index_name('big'))"
+            )
+            assert await index_lists(conn, "big") is None
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = memory_pb2_grpc.MemoryServiceStub(channel)
+                query = random_vector(rng)
+                async with exact_connection(db_url) as exact:
+                    truth = [i for i, _ in await exact_nearest(exact, "big", query)]
+                    # Meanwhile the user is searched exactly.
+                    assert [r.memory.memory_id for r in await search(stub, "big", query, metadata=SERVICE)] == truth
+                    assert await job() == ["big"]
+                    assert await index_lists(conn, "big") == 13
+                    got = await search(stub, "big", query, metadata=SERVICE)
+                    assert recall(got, await exact_nearest(exact, "big", query)) >= 0.8
+        finally:
+            await server.stop(grace=0)
+    finally:
+        await conn.close()

@@ -2,7 +2,7 @@
 
 - SearchMemories recall@10 against exact search, and latency, on 200k
   memories: ten users holding 10k each (searched exactly) and one holding
-  100k (searched through their own HNSW index, built by the maintenance job
+  100k (searched through their own IVFFlat index, built by the maintenance job
   after the load). Vectors are clustered (100 centres plus noise); contents
   are 6-20 words of a 5000-word Zipf-like vocabulary, loaded in bulk.
 - SearchMemories by text (BM25) and hybrid, p50/p99, on the same users.
@@ -411,7 +411,7 @@ async def run_memory_bench(
         async with grpc.aio.insecure_channel(target) as channel:
             stub = memory_pb2_grpc.MemoryServiceStub(channel)
             await _search_figures(stub, conn, metadata, "users of 10k (exact)", SMALL_USERS)
-            await _search_figures(stub, conn, metadata, "one user of 100k (own HNSW)", [BIG_USER])
+            await _search_figures(stub, conn, metadata, "one user of 100k (own IVFFlat)", [BIG_USER])
             await _text_figures(stub, conn, metadata, "users of 10k", SMALL_USERS)
             await _text_figures(stub, conn, metadata, "one user of 100k", [BIG_USER])
             await _quality_figures(stub, metadata)

@@ -76,7 +76,7 @@ class Config:
         default=10_000,
         metadata={
             "help": "SearchMemories scans a user's memories exactly up to this many; maintenance gives a user with "
-            "more an HNSW index of their own (cosine), which answers once built."
+            "more a vector index of their own (IVFFlat, cosine), which answers once built."
         },
     )
     embedder: str = field(

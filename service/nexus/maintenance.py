@@ -7,10 +7,11 @@ across all of them. Jobs: the seed's cache cleanup, event-log retention,
 expiry of old CreateMemory request ids, and arcs going dormant.
 
 Then the vector-index job: a user with more than ``search_exact_max_memories``
-memories gets an HNSW index of their own (see db/0006_retrieval.sql), built
-CONCURRENTLY so that user's writes go on meanwhile (which is why it runs here
-and not inside the stored function: a concurrent build cannot run in a
-transaction). One replica at a time builds, under a session advisory lock.
+memories gets an IVFFlat index of their own (see db/0006_retrieval.sql),
+rebuilt when they outgrow its lists. Built CONCURRENTLY so that user's writes
+go on meanwhile (which is why it runs here and not inside the stored function:
+a concurrent build cannot run in a transaction). One replica at a time builds,
+under a session advisory lock.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ ARC_DORMANT_AFTER = datetime.timedelta(days=7)
 BATCH = 10_000
 # Arbitrary, fixed: the advisory lock of the vector-index job.
 VECTOR_INDEX_LOCK_KEY = 7_160_813_371_207
-# HNSW builds fast while its graph fits in maintenance_work_mem (a 100k-memory
-# user of 384-dim halfvecs needs about 200 MB).
-VECTOR_INDEX_BUILD_MEMORY = "1GB"
+# IVFFlat's k-means sample must fit in maintenance_work_mem (a 100k-memory
+# user of 384-dim halfvecs needs well under 100 MB).
+VECTOR_INDEX_BUILD_MEMORY = "512MB"
 
 
 class Maintenance:
@@ -67,9 +68,9 @@ class Maintenance:
         return done
 
     async def build_vector_indexes(self) -> list[str]:
-        """Builds the missing indexes of users above the exact-search size
-        (and drops the remains of a failed build first); returns those users.
-        Empty when another replica holds the job."""
+        """Builds (or rebuilds) the vector indexes due for users above the
+        exact-search size; returns those users. Empty when another replica
+        holds the job."""
         built: list[str] = []
         async with self._db.pool.acquire() as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", VECTOR_INDEX_LOCK_KEY):
@@ -81,9 +82,8 @@ class Maintenance:
                 )
                 for due in await conn.fetch(queries.MEMORY_VECTOR_INDEXES_DUE, self._exact_search_max):
                     started = time.perf_counter()
-                    if due["drop_statement"]:
-                        await conn.execute(due["drop_statement"])
-                    await conn.execute(due["create_statement"])
+                    for statement in due["statements"]:
+                        await conn.execute(statement)
                     log.info(
                         "event=vector_index_built user_id=%s duration_s=%.1f",
                         due["user_id"], time.perf_counter() - started,
