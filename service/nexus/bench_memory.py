@@ -220,20 +220,25 @@ async def _quality_figures(stub: memory_pb2_grpc.MemoryServiceStub, metadata: tu
         return vector + [0.0] * (DIM - model.dim)
 
     evidence: dict[tuple[str, int], str] = {}
-    for user in QUALITY_USERS:
-        texts = [(i, fact) for i, (fact, _) in enumerate(FACTS)] + [
-            (None, rng.choice(CHATTER).format(**{k: rng.choice(v) for k, v in SLOTS.items()}))
-            for _ in range(CHATTER_PER_USER)
-        ]
-        rng.shuffle(texts)
-        created = await asyncio.gather(*(
-            stub.CreateMemory(pb.CreateMemoryRequest(user_id=user, content=text, gravity_score=0.5,
-                                                     embedding=padded(text)), metadata=metadata)
-            for _, text in texts
-        ))  # fmt: skip
-        for (fact, _), response in zip(texts, created):
+
+    async def load(user: str, texts: list[tuple[int | None, str]]) -> None:
+        # One at a time per user (a user's writes take turns on their lock anyway).
+        for fact, text in texts:
+            response = await stub.CreateMemory(
+                pb.CreateMemoryRequest(user_id=user, content=text, gravity_score=0.5, embedding=padded(text)),
+                metadata=metadata,
+            )
             if fact is not None:
                 evidence[(user, fact)] = response.memory.memory_id
+
+    corpora = {}
+    for user in QUALITY_USERS:
+        texts: list[tuple[int | None, str]] = [(i, fact) for i, (fact, _) in enumerate(FACTS)]
+        texts += [(None, rng.choice(CHATTER).format(**{k: rng.choice(v) for k, v in SLOTS.items()}))
+                  for _ in range(CHATTER_PER_USER)]
+        rng.shuffle(texts)
+        corpora[user] = texts
+    await asyncio.gather(*(load(user, texts) for user, texts in corpora.items()))
     hits = {"vector": 0, "text": 0, "hybrid": 0}
     for (user, fact), memory_id in evidence.items():
         question = FACTS[fact][1]
