@@ -7,6 +7,9 @@ tokenizer under ``wordllama/tokenizer/`` while the wheel holds it in
 handed to it through a cache folder of our own, with downloads disabled. The
 weights are found in the wheel as they are.
 
+Importing wordllama calls ``logging.basicConfig`` (a no-op once ``nexus``
+has configured logging, as the CLI does before the server starts).
+
 Embedding a sentence takes microseconds, but it is CPU work: calls made in
 the same event-loop turn are embedded as one batch, in a worker thread.
 """
