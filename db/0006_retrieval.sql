@@ -244,18 +244,43 @@ $$;
 --                   Candidates: all the user's matching memories (searched
 --                   exactly), or when the user's own index is usable the
 --                   100 (at least top_k) nearest plus the 100 best by text.
+--   p_recency_weight / p_gravity_weight > 0: the best 100 re-ranked (see
+--   SearchMemoriesRequest.recency_weight in protos/nexus/v1/memory.proto).
 DROP FUNCTION search_memories(text, real[], text, integer, double precision, timestamptz, text, integer);
 
 CREATE FUNCTION search_memories(
     p_user_id text, p_embedding real[], p_query text, p_metric text, p_top_k integer,
     p_min_gravity double precision, p_since timestamptz, p_emotion_type text, p_vector_weight double precision,
-    p_exact_max integer)
+    p_exact_max integer, p_recency_weight double precision, p_gravity_weight double precision)
 RETURNS TABLE (document jsonb, distance double precision, text_score double precision, score double precision)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     pool integer;
 BEGIN
+    IF p_recency_weight > 0 OR p_gravity_weight > 0 THEN
+        -- Re-ranks the best 100 (at least top_k) by relevance, recency and gravity.
+        RETURN QUERY
+            WITH best AS (
+                SELECT * FROM search_memories(p_user_id, p_embedding, p_query, p_metric, greatest(p_top_k, 100),
+                                              p_min_gravity, p_since, p_emotion_type, p_vector_weight, p_exact_max, 0, 0)
+            ), parts AS (
+                SELECT b.document, b.distance, b.text_score,
+                       coalesce((b.score - min(b.score) OVER ()) / nullif(max(b.score) OVER () - min(b.score) OVER (), 0), 0)
+                           AS relevance,
+                       power(0.995, extract(epoch FROM now() - (b.document ->> 'create_time')::timestamptz) / 3600)
+                           AS recency,
+                       (b.document ->> 'gravity_score')::double precision AS gravity
+                FROM best b
+            )
+            SELECT p.document, p.distance, p.text_score,
+                   (1 - p_recency_weight - p_gravity_weight) * p.relevance + p_recency_weight * p.recency
+                   + p_gravity_weight * p.gravity
+            FROM parts p
+            ORDER BY 4 DESC, p.document ->> 'memory_id'
+            LIMIT p_top_k;
+        RETURN;
+    END IF;
     IF p_query IS NULL THEN
         RETURN QUERY
             SELECT memory_document(m), v.distance, NULL::double precision,

@@ -300,6 +300,38 @@ async def test_a_blank_query_with_an_embedding_is_a_vector_search(clients: Clien
     assert got[0].HasField("distance") and not got[0].HasField("text_score")
 
 
+# --- recency and gravity -------------------------------------------------------------
+
+
+async def test_recency_and_gravity_weights_rerank_and_are_off_by_default(clients: Clients, db: asyncpg.Connection) -> None:
+    stub = clients.memories
+    # (content, gravity, age in hours): the short one is the best by BM25.
+    specs = [("zebra", 0.1, 900), ("zebra walrus falcon", 0.9, 300), ("zebra walrus cobalt", 0.5, 0)]
+    created = [await create(stub, "alice", text, gravity_score=gravity) for text, gravity, _ in specs]
+    for memory, (_, _, hours) in zip(created, specs):
+        await db.execute(
+            "UPDATE memories SET create_time = now() - make_interval(hours => $2) WHERE memory_id = $1::uuid",
+            memory.memory_id, hours,
+        )  # fmt: skip
+    plain = await text_search(stub, "alice", "zebra")
+    assert ids(plain)[0] == created[0].memory_id
+    assert [r.score for r in plain] == [r.text_score for r in plain]  # off by default
+
+    relevance = normalised({r.memory.memory_id: r.text_score for r in plain})
+    for weights in (dict(gravity_weight=0.8), dict(recency_weight=0.8), dict(recency_weight=0.3, gravity_weight=0.3)):
+        got = await text_search(stub, "alice", "zebra", **weights)
+        wr, wg = weights.get("recency_weight", 0.0), weights.get("gravity_weight", 0.0)
+        expected = {
+            m.memory_id: (1 - wr - wg) * relevance[m.memory_id] + wr * 0.995**hours + wg * gravity
+            for m, (_, gravity, hours) in zip(created, specs)
+        }
+        assert {r.memory.memory_id: r.score for r in got} == pytest.approx(expected, abs=1e-3), weights
+        assert_best_first(got)
+    assert ids(await text_search(stub, "alice", "zebra", gravity_weight=0.8))[0] == created[1].memory_id
+    assert ids(await text_search(stub, "alice", "zebra", recency_weight=0.8))[0] == created[2].memory_id
+    assert len(await text_search(stub, "alice", "zebra", top_k=2, gravity_weight=0.8)) == 2
+
+
 # --- the embedder -------------------------------------------------------------------
 
 

@@ -312,6 +312,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         metric = validation.enum_value(request.metric, "metric", METRICS, default="cosine")
         min_gravity = validation.unit_interval(request.min_gravity, "min_gravity")
         emotion_type = validation.word(request.emotion_type, "emotion_type", required=False)
+        recency_weight = validation.unit_interval(request.recency_weight, "recency_weight")
+        gravity_weight = validation.unit_interval(request.gravity_weight, "gravity_weight")
+        if recency_weight + gravity_weight > 1:
+            raise InvalidArgument("gravity_weight", "recency_weight + gravity_weight must be at most 1")
         if embedding is None and self._embedder is not None:
             embedding = await self._embedder.embed(query)
         rows = await self._db.fetch(
@@ -327,6 +331,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             emotion_type,
             self._hybrid_vector_weight,
             self._exact_search_max,
+            recency_weight,
+            gravity_weight,
         )
         return pb.SearchMemoriesResponse(
             results=[

@@ -573,6 +573,8 @@ class SearchMemoriesRequest(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     EMOTION_TYPE_FIELD_NUMBER: _builtins.int
     QUERY_FIELD_NUMBER: _builtins.int
+    RECENCY_WEIGHT_FIELD_NUMBER: _builtins.int
+    GRAVITY_WEIGHT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     top_k: _builtins.int
     """1-1000; 0 means 10."""
@@ -585,6 +587,15 @@ class SearchMemoriesRequest(_message.Message):
     term statistics over this user's memories only. A memory matches when it
     holds any of the terms.
     """
+    recency_weight: _builtins.float
+    """Optional re-ranking (the Generative Agents mix), off at 0: with either
+    weight set, the 100 (at least top_k) best results are re-ranked by
+    (1 - recency_weight - gravity_weight) x relevance + recency_weight x
+    recency + gravity_weight x gravity_score, relevance being the score
+    min-max normalised over them and recency 0.995^(hours since created).
+    Each 0..1, together at most 1; score is then the mixed value.
+    """
+    gravity_weight: _builtins.float
     @_builtins.property
     def embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Empty, or exactly the configured dimension."""
@@ -602,10 +613,12 @@ class SearchMemoriesRequest(_message.Message):
         since: _timestamp_pb2.Timestamp | None = ...,
         emotion_type: _builtins.str = ...,
         query: _builtins.str = ...,
+        recency_weight: _builtins.float = ...,
+        gravity_weight: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "emotion_type", b"emotion_type", "metric", b"metric", "min_gravity", b"min_gravity", "query", b"query", "since", b"since", "top_k", b"top_k", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "emotion_type", b"emotion_type", "gravity_weight", b"gravity_weight", "metric", b"metric", "min_gravity", b"min_gravity", "query", b"query", "recency_weight", b"recency_weight", "since", b"since", "top_k", b"top_k", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
