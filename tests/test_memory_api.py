@@ -300,7 +300,7 @@ CASES = [
     case("ListArcs", "page_token", "page_token-garbage", page_token="AAAA"),
     case("SearchMemories", "top_k", "top_k-negative", top_k=-1),
     case("SearchMemories", "top_k", "top_k-1001", top_k=1001),
-    case("SearchMemories", "embedding", "embedding-missing", embedding=[]),
+    case("SearchMemories", "query", "query-and-embedding-missing", embedding=[]),
     # SetIdentityEntities
     case("SetIdentityEntities", "entities", "entities-65", entities=MANY),
     case("SetIdentityEntities", "entities[0]", "entities-empty-name", entities=[""]),

@@ -1,7 +1,8 @@
-"""MemoryService.SearchMemories: the caller's memories only, nearest first, for
-both metrics; recall against an exact search computed in SQL with index scans
-off — 1.0 on the exact path (users below search_exact_max_memories), >= 0.9 on
-the HNSW iterative-scan path; filters (min_gravity, since, emotion_type)
+"""MemoryService.SearchMemories by embedding: the caller's memories only,
+nearest first, for both metrics; recall against an exact search computed in
+SQL with index scans off — 1.0 on the exact path (users up to
+search_exact_max_memories, and L2 searches), >= 0.95 through a large user's own
+IVFFlat index (built by maintenance, cosine); filters (min_gravity, since, emotion_type)
 applied before the limit on both paths, so a selective filter still yields
 top_k matches; top_k and embedding validation; memories without embeddings
 never returned; and the embedding dimension fixed by the first migration."""
@@ -19,7 +20,6 @@ import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
@@ -117,11 +117,18 @@ async def exact_connection(url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @contextlib.asynccontextmanager
-async def serving(url: str, **overrides: Any) -> AsyncIterator[memory_pb2_grpc.MemoryServiceStub]:
-    """A NexusServer of its own over url, and a MemoryService stub for it."""
+async def serving(
+    url: str, build_indexes: Sequence[str] = (), **overrides: Any
+) -> AsyncIterator[memory_pb2_grpc.MemoryServiceStub]:
+    """A NexusServer of its own over url, and a MemoryService stub for it.
+    With build_indexes, its maintenance first runs the vector-index job, which
+    must build exactly those users' indexes."""
     server = NexusServer(server_config(url, **overrides))
     await server.start()
     try:
+        if build_indexes:
+            assert server.maintenance is not None
+            assert await server.maintenance.build_vector_indexes() == list(build_indexes)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             yield memory_pb2_grpc.MemoryServiceStub(channel)
     finally:
@@ -224,7 +231,14 @@ GOOD = random_vector(random.Random(13))
         pytest.param(dict(embedding=GOOD[:5] + [math.nan] + GOOD[6:]), "embedding", id="embedding-nan"),
         pytest.param(dict(embedding=GOOD[:5] + [math.inf] + GOOD[6:]), "embedding", id="embedding-inf"),
         pytest.param(dict(embedding=[0.0] * DIM), "embedding", id="embedding-zeros"),
-        pytest.param(dict(embedding=[]), "embedding", id="embedding-empty"),
+        pytest.param(dict(embedding=[]), "query", id="neither-query-nor-embedding"),
+        pytest.param(dict(embedding=[], query="  "), "query", id="blank-query-and-no-embedding"),
+        pytest.param(dict(query="x" * 1001), "query", id="query-1001-chars"),
+        pytest.param(dict(query="a\x00b"), "query", id="query-nul"),
+        pytest.param(dict(recency_weight=1.5), "recency_weight", id="recency_weight-above-1"),
+        pytest.param(dict(gravity_weight=-0.1), "gravity_weight", id="gravity_weight-negative"),
+        pytest.param(dict(recency_weight=math.nan), "recency_weight", id="recency_weight-nan"),
+        pytest.param(dict(recency_weight=0.6, gravity_weight=0.6), "gravity_weight", id="weights-above-1-together"),
         pytest.param(dict(metric=7), "metric", id="metric-unknown"),
         pytest.param(dict(min_gravity=1.5), "min_gravity", id="min_gravity-above-1"),
         pytest.param(dict(emotion_type="Joy"), "emotion_type", id="emotion_type-not-lowercase"),
@@ -263,46 +277,27 @@ class Corpus:
 
 async def bulk_create(conn: asyncpg.Connection, rows: list[tuple[str, str, float, str | None, list[float]]]) -> list[str]:
     """Creates memories through the stored function create_memory (the insert
-    rules, counts and events apply), all in one statement. The HNSW indexes are
-    dropped for it and rebuilt from their own definitions afterwards: building
-    takes seconds where thousands of graph inserts take tens of seconds."""
-    definitions = await conn.fetch(
-        """SELECT indexrelid::regclass::text AS name, pg_get_indexdef(indexrelid) AS definition
-           FROM pg_index JOIN pg_class ON pg_class.oid = indexrelid JOIN pg_am ON pg_am.oid = relam
-           WHERE indrelid = 'memories'::regclass AND amname = 'hnsw'"""
-    )
-    assert len(definitions) == 2
+    rules, counts and events apply), all in one statement."""
     users, contents, gravities, emotions, vectors = zip(*rows)
-    async with conn.transaction():
-        for d in definitions:
-            await conn.execute(f"DROP INDEX {d['name']}")
-        created = await conn.fetch(
-            """SELECT create_memory(u, c, NULL, NULL, NULL, g, e, '{}', '{}', 'present', v::vector::real[], NULL)
-                      ->> 'memory_id'
-               FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[], $5::text[]) AS r(u, c, g, e, v)""",
-            users, contents, gravities, emotions, [literal(v) for v in vectors],
-        )  # fmt: skip
-        for d in definitions:
-            await conn.execute(d["definition"])
+    created = await conn.fetch(
+        """SELECT create_memory(u, c, NULL, NULL, NULL, g, e, '{}', '{}', 'present', v::vector::real[], NULL)
+                  ->> 'memory_id'
+           FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[], $5::text[]) AS r(u, c, g, e, v)""",
+        users, contents, gravities, emotions, [literal(v) for v in vectors],
+    )  # fmt: skip
     return [r[0] for r in created]
 
 
-def index_preferred(url: str) -> str:
-    """url, for a server whose queries take an ordered index scan over a sort
-    whenever they can. At this corpus size the planner would rather read the
-    user's rows and sort them (exact, and cheaper than an HNSW scan with the
-    service's large ef_search); for a large table it picks the index. This
-    stands in for the large table, so the HNSW iterative scan really answers
-    (wait_for_hnsw_scans checks that it did)."""
-    parts = urlsplit(url)  # asyncpg passes unknown query parameters on as settings
-    return urlunsplit(parts._replace(query="&".join(filter(None, [parts.query, "enable_sort=off"]))))
+# Above this many memories a user is searched through their own index (BIG is).
+INDEXED_ABOVE = 1000
 
 
 @pytest.fixture(scope="module")
 async def corpus(pg_admin_url: str, template_db: str) -> AsyncIterator[Corpus]:
     """One database for the recall tests (they only read it): BIG holds 1500
     bulk memories plus some made through the RPC, four other users 250 each,
-    all clustered around 24 centers (as real embeddings are)."""
+    all clustered around 24 centers (as real embeddings are). Maintenance has
+    built BIG's own vector index (BIG is above INDEXED_ABOVE, nobody else is)."""
     name = f"nexus_search_corpus_{os.getpid()}"
     admin = await asyncpg.connect(pg_admin_url)
     await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
@@ -338,6 +333,8 @@ async def corpus(pg_admin_url: str, template_db: str) -> AsyncIterator[Corpus]:
                     *(create(stub, BIG, f"recent {i}", embedding(), gravity_score=0.3) for i in range(SELECTIVE))
                 )
             await conn.execute("ANALYZE memories")
+            async with serving(url, search_exact_max_memories=INDEXED_ABOVE, build_indexes=[BIG]):
+                pass
         finally:
             await conn.close()
         yield Corpus(
@@ -360,73 +357,75 @@ async def test_exact_path_has_perfect_recall_for_every_user(corpus: Corpus) -> N
                 assert_true_distances(got, dict(exact))
 
 
-async def hnsw_scans(conn: asyncpg.Connection) -> int:
+async def index_scans(conn: asyncpg.Connection) -> int:
+    """Scans of BIG's own vector index (the only one)."""
     return await conn.fetchval(
-        """SELECT sum(idx_scan) FROM pg_stat_user_indexes
-           WHERE indexrelname IN ('memories_embedding_cosine', 'memories_embedding_l2')"""
+        "SELECT sum(idx_scan) FROM pg_stat_user_indexes WHERE indexrelname = memory_vector_index_name($1)", BIG
     )
 
 
-async def wait_for_hnsw_scans(conn: asyncpg.Connection, before: int) -> None:
-    """The searches really went through an HNSW index (backends publish their
+async def wait_for_index_scans(conn: asyncpg.Connection, before: int) -> None:
+    """The searches really went through the user's own index (backends publish their
     statistics within seconds)."""
     async with asyncio.timeout(20):
-        while await hnsw_scans(conn) == before:
+        while await index_scans(conn) == before:
             await asyncio.sleep(0.1)
 
 
-async def plain_filtered_hnsw(conn: asyncpg.Connection, user: str, query: Sequence[float], emotion_type: str) -> int:
-    """How many of the 10 asked for a filtered HNSW scan without pgvector's
-    iterative scan finds: the filter runs on the ef_search candidates only."""
+async def plain_filtered_index_scan(conn: asyncpg.Connection, user: str, query: Sequence[float], emotion_type: str) -> int:
+    """How many of the 10 asked for a filtered scan of the user's index
+    without pgvector's iterative scan finds: the filter runs on the rows of
+    the probed lists only."""
     async with conn.transaction():
         await conn.execute(
             "SET LOCAL enable_indexscan = on; SET LOCAL enable_sort = off; "
-            "SET LOCAL hnsw.iterative_scan = off; SET LOCAL hnsw.ef_search = 100"
+            "SET LOCAL ivfflat.iterative_scan = off; SET LOCAL ivfflat.probes = 1"
         )
         return len(
             await conn.fetch(
-                """SELECT memory_id FROM memories WHERE user_id = $1 AND emotion_type = $3
-                   ORDER BY embedding <=> $2::text::vector LIMIT 10""",
-                user, literal(query), emotion_type,
+                f"""SELECT memory_id FROM memories WHERE user_id = '{user}' AND emotion_type = $2
+                    ORDER BY embedding::halfvec({DIM}) <=> $1::text::halfvec({DIM}) LIMIT 10""",
+                literal(query), emotion_type,
             )  # fmt: skip
         )
 
 
-async def test_hnsw_path_recall_at_10_is_at_least_point_nine(corpus: Corpus) -> None:
+async def test_own_index_recall_at_10_is_at_least_point_95_and_l2_stays_exact(corpus: Corpus) -> None:
     rng = random.Random(2)
-    async with (
-        serving(index_preferred(corpus.url), search_exact_max_memories=10) as stub,
-        exact_connection(corpus.url) as conn,
-    ):
-        scans_before = await hnsw_scans(conn)
-        for metric in (COSINE, L2):
-            recalls = []
-            for _ in range(20):
-                query = corpus.query(rng)
-                got = await search(stub, BIG, query, metadata=SERVICE, metric=metric)
-                truth = await exact_nearest(conn, BIG, query, top_k=2000, metric=metric)
-                assert len(got) == 10
-                assert {r.memory.user_id for r in got} == {BIG}
-                assert_nearest_first(got)
-                assert_true_distances(got, dict(truth))
-                recalls.append(recall(got, truth[:10]))
-            assert sum(recalls) / len(recalls) >= 0.9, (metric, recalls)
-        await wait_for_hnsw_scans(conn, scans_before)
+    async with serving(corpus.url, search_exact_max_memories=INDEXED_ABOVE) as stub, exact_connection(corpus.url) as conn:
+        scans_before = await index_scans(conn)
+        recalls = []
+        for _ in range(20):
+            query = corpus.query(rng)
+            got = await search(stub, BIG, query, metadata=SERVICE)
+            truth = await exact_nearest(conn, BIG, query, top_k=2000)
+            assert len(got) == 10
+            assert {r.memory.user_id for r in got} == {BIG}
+            assert_nearest_first(got)
+            assert_true_distances(got, dict(truth))
+            recalls.append(recall(got, truth[:10]))
+        assert sum(recalls) / len(recalls) >= 0.95, recalls
+        await wait_for_index_scans(conn, scans_before)
+        # The index is cosine only: L2 searches of the same user are exact.
+        for _ in range(3):
+            query = corpus.query(rng)
+            got = await search(stub, BIG, query, metadata=SERVICE, metric=L2)
+            assert [r.memory.memory_id for r in got] == [i for i, _ in await exact_nearest(conn, BIG, query, metric=L2)]
 
 
-@pytest.mark.parametrize("hnsw", [False, True], ids=["exact-path", "hnsw-path"])
-async def test_filters_apply_before_the_limit(corpus: Corpus, hnsw: bool) -> None:
+@pytest.mark.parametrize("indexed", [False, True], ids=["exact-path", "own-index-path"])
+async def test_filters_apply_before_the_limit(corpus: Corpus, indexed: bool) -> None:
     """Each filter matches SELECTIVE (12) of BIG's ~1500 memories: top_k=10
-    must still bring 10, all matching (plain filtered HNSW brings ~0)."""
+    must still bring 10, all matching (a plain filtered index scan brings fewer)."""
     rng = random.Random(3)
     filters: list[tuple[dict[str, Any], set[str]]] = [
         (dict(emotion_type="rare"), corpus.rare_ids),
         (dict(min_gravity=0.95), corpus.strong_ids),
         (dict(since=corpus.since), corpus.recent_ids),
     ]
-    url, exact_max = (index_preferred(corpus.url), 10) if hnsw else (corpus.url, 10_000)
-    async with serving(url, search_exact_max_memories=exact_max) as stub, exact_connection(corpus.url) as conn:
-        scans_before = await hnsw_scans(conn)
+    exact_max = INDEXED_ABOVE if indexed else 10_000
+    async with serving(corpus.url, search_exact_max_memories=exact_max) as stub, exact_connection(corpus.url) as conn:
+        scans_before = await index_scans(conn)
         for (fields, matching), metric in itertools.product(filters, (COSINE, L2)):
             for _ in range(3):
                 query = corpus.query(rng)
@@ -438,10 +437,10 @@ async def test_filters_apply_before_the_limit(corpus: Corpus, hnsw: bool) -> Non
                 assert {r.memory.memory_id for r in got} <= matching, fields
                 assert_nearest_first(got)
                 assert_true_distances(got, dict(truth))
-                if not hnsw:
+                if not indexed:
                     assert [r.memory.memory_id for r in got] == [i for i, _ in truth[:10]]
-                elif "emotion_type" in fields:  # the trap this avoids
-                    assert await plain_filtered_hnsw(conn, BIG, query, fields["emotion_type"]) < 10
+                elif "emotion_type" in fields and metric == COSINE:  # the trap this avoids
+                    assert await plain_filtered_index_scan(conn, BIG, query, fields["emotion_type"]) < 10
 
         # Fewer matches than top_k (6 rare memories of gravity >= 0.5): all of them.
         query = corpus.query(rng)
@@ -456,8 +455,8 @@ async def test_filters_apply_before_the_limit(corpus: Corpus, hnsw: bool) -> Non
         everything = await search(stub, BIG, corpus.query(rng), metadata=SERVICE, top_k=1000)
         assert len(everything) == 1000
         assert not {r.memory.memory_id for r in everything} & corpus.unembedded_ids
-        if hnsw:
-            await wait_for_hnsw_scans(conn, scans_before)
+        if indexed:
+            await wait_for_index_scans(conn, scans_before)
 
 
 # --- the embedding dimension -------------------------------------------------------
@@ -496,3 +495,59 @@ async def test_embedding_dimension_is_fixed_by_the_first_migration(pg_admin_url:
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+# --- the vector-index job ----------------------------------------------------------
+
+
+async def index_lists(conn: asyncpg.Connection, user: str) -> int | None:
+    """The lists of the user's index when it is valid; None when there is none usable."""
+    return await conn.fetchval(
+        """SELECT o.option_value::int FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid,
+                  pg_options_to_table(c.reloptions) o
+           WHERE i.indexrelid = to_regclass(memory_vector_index_name($1)) AND i.indisvalid AND o.option_name = 'lists'""",
+        user,
+    )
+
+
+async def test_maintenance_builds_rebuilds_and_repairs_the_users_own_index(db_url: str) -> None:
+    rng = random.Random(31)
+    conn = await database.connect(db_url)
+    try:
+        await bulk_create(conn, [("big", f"m{i}", 0.5, None, random_vector(rng)) for i in range(30)])
+        await bulk_create(conn, [("small", f"m{i}", 0.5, None, random_vector(rng)) for i in range(10)])
+        server = NexusServer(server_config(db_url, search_exact_max_memories=10))
+        await server.start()
+        try:
+            assert server.maintenance is not None
+            job = server.maintenance.build_vector_indexes
+            assert await job() == ["big"]  # "small" has 10, not more
+            assert await index_lists(conn, "big") == 6  # ceil(sqrt(30))
+            assert await index_lists(conn, "small") is None
+            assert await job() == []  # nothing due
+
+            # Outgrown: more than 4 x 6^2 memories -> new lists, same index name.
+            await bulk_create(conn, [("big", f"n{i}", 0.5, None, random_vector(rng)) for i in range(120)])
+            assert await job() == ["big"]
+            assert await index_lists(conn, "big") == 13  # ceil(sqrt(150))
+
+            # The remains of a failed concurrent build are dropped and built again.
+            await conn.execute(
+                "UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass(memory_vector_index_name('big'))"
+            )
+            assert await index_lists(conn, "big") is None
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = memory_pb2_grpc.MemoryServiceStub(channel)
+                query = random_vector(rng)
+                async with exact_connection(db_url) as exact:
+                    truth = [i for i, _ in await exact_nearest(exact, "big", query)]
+                    # Meanwhile the user is searched exactly.
+                    assert [r.memory.memory_id for r in await search(stub, "big", query, metadata=SERVICE)] == truth
+                    assert await job() == ["big"]
+                    assert await index_lists(conn, "big") == 13
+                    got = await search(stub, "big", query, metadata=SERVICE)
+                    assert recall(got, await exact_nearest(exact, "big", query)) >= 0.8
+        finally:
+            await server.stop(grace=0)
+    finally:
+        await conn.close()

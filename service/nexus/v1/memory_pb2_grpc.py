@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class MemoryServiceStub:
-    """MemoryService: an AI agent's memories of a user, with vector search, the
+    """MemoryService: an AI agent's memories of a user, with text, vector and
+    hybrid search, the
     arcs that emerge from clusters of strong memories, sessions, patterns, and
     realtime streams of every change.
 
@@ -128,7 +129,8 @@ class MemoryServiceStub:
 
 
 class MemoryServiceServicer:
-    """MemoryService: an AI agent's memories of a user, with vector search, the
+    """MemoryService: an AI agent's memories of a user, with text, vector and
+    hybrid search, the
     arcs that emerge from clusters of strong memories, sessions, patterns, and
     realtime streams of every change.
 
@@ -181,8 +183,10 @@ class MemoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchMemories(self, request, context):
-        """The user's memories nearest to an embedding, nearest first. Filters apply
-        before the limit: top_k results whenever top_k memories match.
+        """The user's memories best matching a text query (BM25), an embedding
+        (nearest first), or both (a hybrid of the two rankings); best first.
+        Filters apply before the limit: top_k results whenever top_k memories
+        match.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -353,7 +357,8 @@ def add_MemoryServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MemoryService:
-    """MemoryService: an AI agent's memories of a user, with vector search, the
+    """MemoryService: an AI agent's memories of a user, with text, vector and
+    hybrid search, the
     arcs that emerge from clusters of strong memories, sessions, patterns, and
     realtime streams of every change.
 

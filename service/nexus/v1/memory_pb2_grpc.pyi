@@ -27,7 +27,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class MemoryServiceStub:
-    """MemoryService: an AI agent's memories of a user, with vector search, the
+    """MemoryService: an AI agent's memories of a user, with text, vector and
+    hybrid search, the
     arcs that emerge from clusters of strong memories, sessions, patterns, and
     realtime streams of every change.
 
@@ -60,8 +61,10 @@ class MemoryServiceStub:
     ListMemories: _grpc.UnaryUnaryMultiCallable[_memory_pb2.ListMemoriesRequest, _memory_pb2.ListMemoriesResponse]
     """The user's memories, newest first, filtered."""
     SearchMemories: _grpc.UnaryUnaryMultiCallable[_memory_pb2.SearchMemoriesRequest, _memory_pb2.SearchMemoriesResponse]
-    """The user's memories nearest to an embedding, nearest first. Filters apply
-    before the limit: top_k results whenever top_k memories match.
+    """The user's memories best matching a text query (BM25), an embedding
+    (nearest first), or both (a hybrid of the two rankings); best first.
+    Filters apply before the limit: top_k results whenever top_k memories
+    match.
     """
     ListArcs: _grpc.UnaryUnaryMultiCallable[_memory_pb2.ListArcsRequest, _memory_pb2.ListArcsResponse]
     """The user's arcs, newest first."""
@@ -92,7 +95,8 @@ class MemoryServiceStub:
 
 @_typing.type_check_only
 class MemoryServiceAsyncStub(MemoryServiceStub):
-    """MemoryService: an AI agent's memories of a user, with vector search, the
+    """MemoryService: an AI agent's memories of a user, with text, vector and
+    hybrid search, the
     arcs that emerge from clusters of strong memories, sessions, patterns, and
     realtime streams of every change.
 
@@ -122,8 +126,10 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     ListMemories: _aio.UnaryUnaryMultiCallable[_memory_pb2.ListMemoriesRequest, _memory_pb2.ListMemoriesResponse]  # type: ignore[assignment]
     """The user's memories, newest first, filtered."""
     SearchMemories: _aio.UnaryUnaryMultiCallable[_memory_pb2.SearchMemoriesRequest, _memory_pb2.SearchMemoriesResponse]  # type: ignore[assignment]
-    """The user's memories nearest to an embedding, nearest first. Filters apply
-    before the limit: top_k results whenever top_k memories match.
+    """The user's memories best matching a text query (BM25), an embedding
+    (nearest first), or both (a hybrid of the two rankings); best first.
+    Filters apply before the limit: top_k results whenever top_k memories
+    match.
     """
     ListArcs: _aio.UnaryUnaryMultiCallable[_memory_pb2.ListArcsRequest, _memory_pb2.ListArcsResponse]  # type: ignore[assignment]
     """The user's arcs, newest first."""
@@ -153,7 +159,8 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     """The user's patterns, strongest first."""
 
 class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
-    """MemoryService: an AI agent's memories of a user, with vector search, the
+    """MemoryService: an AI agent's memories of a user, with text, vector and
+    hybrid search, the
     arcs that emerge from clusters of strong memories, sessions, patterns, and
     realtime streams of every change.
 
@@ -217,8 +224,10 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _memory_pb2.SearchMemoriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_memory_pb2.SearchMemoriesResponse, _abc.Awaitable[_memory_pb2.SearchMemoriesResponse]]:
-        """The user's memories nearest to an embedding, nearest first. Filters apply
-        before the limit: top_k results whenever top_k memories match.
+        """The user's memories best matching a text query (BM25), an embedding
+        (nearest first), or both (a hybrid of the two rankings); best first.
+        Filters apply before the limit: top_k results whenever top_k memories
+        match.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,439 @@
+"""MemoryService.SearchMemories by text and hybrid, and the server-side embedder.
+
+Text (query only): BM25 over the user's memories, checked against the formula
+computed here (k1 1.2, b 0.75, Lucene IDF, N / average length / document
+frequencies of that user only), and its properties: a rarer term ranks
+higher, term frequency saturates, longer memories rank lower, another user's
+memories change nothing, statistics follow updates and deletes. Hybrid (query
+and embedding): the min-max fusion recomputed here from the text-only and
+vector-only answers. Filters before the limit in every mode, best first,
+isolation, odd query text. Embedder on (wordllama, 256 dimensions, offline):
+memories created without an embedding get one, a query alone runs hybrid, a
+new content is embedded again, client embeddings are kept; a dimension
+mismatch is a startup error.
+
+The words used (zebra, mango, kiwi ...) are their own English lexemes, so the
+expected scores can be computed from the texts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import socket
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+
+from conftest import Clients, auth, rpc_error, with_database
+from nexus import config as nexus_config
+from nexus import database, embedder
+from nexus.migrations import migrate
+from nexus.v1 import memory_pb2 as pb
+from test_memory_search import create, distance, f32, random_vector, serving
+
+K1, B = 1.2, 0.75
+COSINE = pb.DISTANCE_METRIC_COSINE
+FILLER = ["walrus", "falcon", "cobalt", "tulip", "basalt", "orchid", "granite", "violet", "copper", "meadow"]
+
+
+async def text_search(stub: Any, user: str, query: str, **fields: Any) -> list[pb.SearchResult]:
+    request = pb.SearchMemoriesRequest(user_id=user, query=query, **fields)
+    return list((await stub.SearchMemories(request, metadata=auth(user))).results)
+
+
+async def hybrid_search(stub: Any, user: str, query: str, embedding: Sequence[float], **fields: Any) -> list[pb.SearchResult]:
+    request = pb.SearchMemoriesRequest(user_id=user, query=query, embedding=embedding, **fields)
+    return list((await stub.SearchMemories(request, metadata=auth(user))).results)
+
+
+def bm25(query: str, corpus: dict[str, str]) -> dict[str, float]:
+    """The expected text_score of each matching memory (id -> content, words
+    that are their own lexemes, no stop words)."""
+    documents = {i: Counter(text.split()) for i, text in corpus.items()}
+    n = len(documents)
+    avgdl = sum(sum(d.values()) for d in documents.values()) / n
+    scores: dict[str, float] = {}
+    for term in set(query.split()):
+        df = sum(1 for d in documents.values() if term in d)
+        idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        for i, d in documents.items():
+            if term in d:
+                dl = sum(d.values())
+                scores[i] = scores.get(i, 0) + idf * d[term] * (K1 + 1) / (d[term] + K1 * (1 - B + B * dl / avgdl))
+    return scores
+
+
+def ids(results: list[pb.SearchResult]) -> list[str]:
+    return [r.memory.memory_id for r in results]
+
+
+def assert_best_first(results: list[pb.SearchResult]) -> None:
+    scores = [r.score for r in results]
+    assert scores == sorted(scores, reverse=True), scores
+
+
+async def make(stub: Any, user: str, texts: Sequence[str], **fields: Any) -> dict[str, str]:
+    created = [await create(stub, user, text, **fields) for text in texts]
+    return {m.memory_id: m.content for m in created}
+
+
+# --- BM25 ---------------------------------------------------------------------
+
+
+async def test_text_scores_are_bm25_over_the_users_memories(clients: Clients) -> None:
+    stub = clients.memories
+    corpus = await make(stub, "alice", [
+        "zebra mango", "zebra zebra kiwi walrus falcon", "mango mango mango kiwi", "quartz lemon walrus",
+        "zebra", "kiwi kiwi cobalt tulip basalt orchid granite violet",
+    ])  # fmt: skip
+    for query in ("zebra", "mango kiwi", "zebra quartz kiwi", "lemon"):
+        got = await text_search(stub, "alice", query, top_k=100)
+        expected = bm25(query, corpus)
+        assert {r.memory.memory_id: r.text_score for r in got} == pytest.approx(expected, rel=1e-9), query
+        assert ids(got) == sorted(expected, key=lambda i: (-expected[i], i))
+        for r in got:
+            assert r.score == r.text_score and r.HasField("text_score") and not r.HasField("distance")
+
+
+async def test_a_rarer_term_ranks_higher(clients: Clients) -> None:
+    stub = clients.memories
+    corpus = await make(stub, "alice", ["zebra walrus", "mango walrus", "mango falcon", "mango cobalt", "mango tulip"])
+    got = await text_search(stub, "alice", "zebra mango")
+    by_content = {corpus[r.memory.memory_id]: r.text_score for r in got}
+    # Same length, one term each: the term in one memory beats the term in four.
+    assert ids(got)[0] == next(i for i, c in corpus.items() if c == "zebra walrus")
+    assert by_content["zebra walrus"] > by_content["mango walrus"] > 0
+
+
+async def test_term_frequency_saturates(clients: Clients) -> None:
+    stub = clients.memories
+    # All eight words long, so only the number of zebras differs.
+    texts = [" ".join(["zebra"] * tf + FILLER[: 8 - tf]) for tf in (1, 2, 4, 8)]
+    corpus = await make(stub, "alice", [*texts, "kiwi " * 8])
+    scores = {corpus[r.memory.memory_id].count("zebra"): r.text_score for r in await text_search(stub, "alice", "zebra")}
+    assert scores[1] < scores[2] < scores[4] < scores[8]
+    assert scores[2] - scores[1] > scores[4] - scores[2] > scores[8] - scores[4]  # each doubling adds less
+    idf = math.log(1 + (5 - 4 + 0.5) / (4 + 0.5))
+    assert scores[8] < idf * (K1 + 1)  # the bound a term's score approaches
+
+
+async def test_longer_memories_rank_lower_for_the_same_term_frequency(clients: Clients) -> None:
+    stub = clients.memories
+    corpus = await make(stub, "alice", ["zebra", "zebra walrus falcon", " ".join(["zebra", *FILLER])])
+    got = await text_search(stub, "alice", "zebra")
+    assert [len(corpus[i].split()) for i in ids(got)] == [1, 3, 11]
+
+
+async def test_another_users_memories_change_nothing(clients: Clients) -> None:
+    stub = clients.memories
+    await make(stub, "alice", ["zebra mango", "mango kiwi walrus", "kiwi", "zebra zebra falcon"])
+    before = await text_search(stub, "alice", "zebra mango kiwi")
+    # Bob makes zebra common and floods every term: Alice's IDF is her own.
+    await make(stub, "bob", ["zebra"] * 30 + ["mango kiwi"] * 5)
+    after = await text_search(stub, "alice", "zebra mango kiwi")
+    assert [(r.memory.memory_id, r.text_score) for r in after] == [(r.memory.memory_id, r.text_score) for r in before]
+    assert {r.memory.user_id for r in after} == {"alice"}
+    assert {r.memory.user_id for r in await text_search(stub, "bob", "zebra", top_k=100)} == {"bob"}
+
+
+async def test_statistics_follow_updates_and_deletes(clients: Clients, db: asyncpg.Connection) -> None:
+    stub = clients.memories
+    corpus = await make(stub, "alice", ["zebra mango", "mango kiwi walrus", "kiwi", "zebra falcon cobalt tulip"])
+    first, second = list(corpus)[:2]
+    await stub.UpdateMemory(
+        pb.UpdateMemoryRequest(memory=pb.Memory(memory_id=first, user_id="alice", content="zebra zebra zebra quartz"),
+                               update_mask={"paths": ["content"]}),
+        metadata=auth("alice"),
+    )  # fmt: skip
+    corpus[first] = "zebra zebra zebra quartz"
+    await stub.DeleteMemory(pb.DeleteMemoryRequest(user_id="alice", memory_id=second), metadata=auth("alice"))
+    del corpus[second]
+    # Entities are searchable text too.
+    tagged = await create(stub, "alice", "lemon", entities=["Zebra"])
+    corpus[tagged.memory_id] = "lemon zebra"
+
+    got = await text_search(stub, "alice", "zebra kiwi", top_k=100)
+    assert {r.memory.memory_id: r.text_score for r in got} == pytest.approx(bm25("zebra kiwi", corpus), rel=1e-9)
+    row = await db.fetchrow(
+        """SELECT u.memory_count, u.search_length_total, (SELECT sum(search_length) FROM memories m WHERE m.user_id = u.user_id) AS total
+           FROM memory_users u WHERE u.user_id = 'alice'"""
+    )
+    assert (row["memory_count"], row["search_length_total"], row["total"]) == (4, 11, 11)
+
+
+async def test_concurrent_writes_keep_the_length_statistics_exact(clients: Clients, db: asyncpg.Connection) -> None:
+    stub = clients.memories
+    rng = random.Random(5)
+    texts = [" ".join(rng.choices(FILLER, k=rng.randint(1, 9))) for _ in range(60)]
+    created = await asyncio.gather(*(create(stub, "alice", t) for t in texts))
+    await asyncio.gather(*(
+        stub.DeleteMemory(pb.DeleteMemoryRequest(user_id="alice", memory_id=m.memory_id), metadata=auth("alice"))
+        for m in created[::3]
+    ), *(create(stub, "alice", "zebra " * (i + 1)) for i in range(20)))  # fmt: skip
+    row = await db.fetchrow(
+        """SELECT u.memory_count, u.search_length_total,
+                  (SELECT count(*) FROM memories m WHERE m.user_id = u.user_id) AS n,
+                  (SELECT sum(search_length) FROM memories m WHERE m.user_id = u.user_id) AS total
+           FROM memory_users u WHERE u.user_id = 'alice'"""
+    )
+    assert row["memory_count"] == row["n"] == 60
+    assert row["search_length_total"] == row["total"]
+
+
+async def test_a_query_of_stop_words_only_or_unknown_terms_finds_nothing(clients: Clients) -> None:
+    await make(clients.memories, "alice", ["zebra mango", "the and of"])
+    assert await text_search(clients.memories, "alice", "the and of it") == []
+    assert await text_search(clients.memories, "alice", "quartz") == []
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["it's O'Brien", "back\\slash \\\\ '\\''", "zebra & | ! ( ) :* <-> <2>", "'zebra'", "zebra:A", "ünïcödé 漢字 🦓",
+     "a" * 1000, "-- DROP TABLE memories; ' OR 1=1", "%s %L $1"],
+)  # fmt: skip
+async def test_any_query_text_is_just_text(clients: Clients, query: str) -> None:
+    await make(clients.memories, "alice", ["zebra mango", "o'brien's backslash"])
+    results = await text_search(clients.memories, "alice", query)
+    assert {r.memory.user_id for r in results} <= {"alice"}
+    assert_best_first(results)
+
+
+# --- hybrid -------------------------------------------------------------------
+
+
+def normalised(values: dict[str, float]) -> dict[str, float]:
+    low, high = min(values.values()), max(values.values())
+    return {k: (v - low) / (high - low) if high > low else 0.0 for k, v in values.items()}
+
+
+async def test_hybrid_mixes_normalised_vector_and_text_scores(clients: Clients) -> None:
+    stub = clients.memories
+    rng = random.Random(21)
+    query_vector = random_vector(rng)
+    texts = ["zebra mango", "zebra", "mango kiwi walrus", "kiwi", "falcon cobalt", "tulip", "zebra zebra basalt"]
+    vectors = [random_vector(rng, center=query_vector, spread=s) for s in (3.0, 0.4, 1.0, 0.2, 2.0, 0.6, 5.0)]
+    created = [await create(stub, "alice", t, v) for t, v in zip(texts, vectors)]
+    plain = await create(stub, "alice", "zebra kiwi without embedding")
+    await make(stub, "bob", ["zebra kiwi"] * 3)
+
+    text = {r.memory.memory_id: r.text_score for r in await text_search(stub, "alice", "zebra kiwi", top_k=100)}
+    similarity = {m.memory_id: 1 - distance(query_vector, v, COSINE) for m, v in zip(created, vectors)}
+    candidates = set(similarity) | set(text)
+    vector_part = normalised(similarity)
+    text_part = normalised({i: text.get(i, 0.0) for i in candidates})
+    expected = {i: 0.3 * vector_part.get(i, 0.0) + 0.7 * text_part[i] for i in candidates}
+
+    got = await hybrid_search(stub, "alice", "zebra kiwi", query_vector, top_k=100)
+    assert {r.memory.memory_id: r.score for r in got} == pytest.approx(expected, abs=1e-6)
+    assert_best_first(got)
+    assert {r.memory.user_id for r in got} == {"alice"}
+    for r in got:
+        assert r.HasField("distance") == (r.memory.memory_id != plain.memory_id)
+        assert r.HasField("text_score") == (r.memory.memory_id in text)
+    # The winner is neither the nearest nor the best by text alone.
+    nearest = max(similarity, key=similarity.__getitem__)
+    best_text = max(text, key=text.__getitem__)
+    assert ids(got)[0] not in (nearest, best_text) or nearest == best_text
+    top3 = await hybrid_search(stub, "alice", "zebra kiwi", query_vector, top_k=3)
+    assert ids(top3) == ids(got)[:3]
+
+
+async def test_vector_only_scores_are_similarities(clients: Clients) -> None:
+    stub = clients.memories
+    rng = random.Random(22)
+    for i in range(5):
+        await create(stub, "alice", f"zebra {i}", random_vector(rng))
+    query = random_vector(rng)
+    request = pb.SearchMemoriesRequest(user_id="alice", embedding=query)
+    for metric, score in ((COSINE, lambda d: 1 - d), (pb.DISTANCE_METRIC_L2, lambda d: -d)):
+        request.metric = metric
+        results = (await stub.SearchMemories(request, metadata=auth("alice"))).results
+        assert [r.score for r in results] == pytest.approx([score(r.distance) for r in results])
+        assert all(not r.HasField("text_score") for r in results)
+        assert_best_first(list(results))
+
+
+@pytest.mark.parametrize("mode", ["text", "hybrid"])
+async def test_filters_apply_before_the_limit(clients: Clients, mode: str) -> None:
+    """40 memories match the text; 4 match each filter, and they rank low."""
+    stub = clients.memories
+    rng = random.Random(23)
+    query_vector = random_vector(rng)
+
+    def far() -> list[float]:
+        return random_vector(rng, center=[-x for x in query_vector], spread=0.3)
+
+    for i in range(40):
+        await create(stub, "alice", "zebra zebra " + " ".join(FILLER[: i % 3]), random_vector(rng, center=query_vector, spread=0.3))
+    rare = [await create(stub, "alice", "zebra " + " ".join(FILLER), far(), emotion_type="rare") for _ in range(4)]
+    strong = [await create(stub, "alice", "zebra " + " ".join(FILLER), far(), gravity_score=0.97) for _ in range(4)]
+    # Memories created from `since` on (the first of them at it): 4.
+    recent = [await create(stub, "alice", "zebra " + " ".join(FILLER), far()) for _ in range(4)]
+    since = recent[0].create_time
+
+    async def run(**fields: Any) -> list[pb.SearchResult]:
+        if mode == "text":
+            return await text_search(stub, "alice", "zebra", top_k=3, **fields)
+        return await hybrid_search(stub, "alice", "zebra", query_vector, top_k=3, **fields)
+
+    for fields, matching in ((dict(emotion_type="rare"), rare), (dict(min_gravity=0.95), strong), (dict(since=since), recent)):
+        got = await run(**fields)
+        assert len(got) == 3, fields
+        assert set(ids(got)) <= {m.memory_id for m in matching}, fields
+        assert_best_first(got)
+    assert len(await run(emotion_type="rare", min_gravity=0.95)) == 0
+
+
+async def test_a_blank_query_with_an_embedding_is_a_vector_search(clients: Clients) -> None:
+    stub = clients.memories
+    vector = random_vector(random.Random(24))
+    memory = await create(stub, "alice", "zebra", vector)
+    got = await hybrid_search(stub, "alice", "   ", vector)
+    assert ids(got) == [memory.memory_id]
+    assert got[0].HasField("distance") and not got[0].HasField("text_score")
+
+
+# --- recency and gravity -------------------------------------------------------------
+
+
+async def test_recency_and_gravity_weights_rerank_and_are_off_by_default(clients: Clients, db: asyncpg.Connection) -> None:
+    stub = clients.memories
+    # (content, gravity, age in hours): the short one is the best by BM25.
+    specs = [("zebra", 0.1, 900), ("zebra walrus falcon", 0.9, 300), ("zebra walrus cobalt", 0.5, 0)]
+    created = [await create(stub, "alice", text, gravity_score=gravity) for text, gravity, _ in specs]
+    for memory, (_, _, hours) in zip(created, specs):
+        await db.execute(
+            "UPDATE memories SET create_time = now() - make_interval(hours => $2) WHERE memory_id = $1::uuid",
+            memory.memory_id, hours,
+        )  # fmt: skip
+    plain = await text_search(stub, "alice", "zebra")
+    assert ids(plain)[0] == created[0].memory_id
+    assert [r.score for r in plain] == [r.text_score for r in plain]  # off by default
+
+    relevance = normalised({r.memory.memory_id: r.text_score for r in plain})
+    for weights in (dict(gravity_weight=0.8), dict(recency_weight=0.8), dict(recency_weight=0.3, gravity_weight=0.3)):
+        got = await text_search(stub, "alice", "zebra", **weights)
+        wr, wg = weights.get("recency_weight", 0.0), weights.get("gravity_weight", 0.0)
+        expected = {
+            m.memory_id: (1 - wr - wg) * relevance[m.memory_id] + wr * 0.995**hours + wg * gravity
+            for m, (_, gravity, hours) in zip(created, specs)
+        }
+        assert {r.memory.memory_id: r.score for r in got} == pytest.approx(expected, abs=1e-3), weights
+        assert_best_first(got)
+    assert ids(await text_search(stub, "alice", "zebra", gravity_weight=0.8))[0] == created[1].memory_id
+    assert ids(await text_search(stub, "alice", "zebra", recency_weight=0.8))[0] == created[2].memory_id
+    assert len(await text_search(stub, "alice", "zebra", top_k=2, gravity_weight=0.8)) == 2
+
+
+# --- the embedder -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wordllama() -> embedder.Embedder:
+    loaded = embedder.from_config("wordllama")
+    assert loaded is not None
+    return loaded
+
+
+@pytest.fixture
+async def dim256_url(pg_admin_url: str) -> Any:
+    """A database migrated for 256-dimensional embeddings."""
+    name = f"nexus_dim256_{os.getpid()}_{random.randrange(1 << 30)}"
+    admin = await asyncpg.connect(pg_admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(pg_admin_url, name)
+    try:
+        conn = await database.connect(url)
+        try:
+            await migrate(conn, embedding_dim=256)
+        finally:
+            await conn.close()
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def test_the_model_loads_with_no_network_and_embeds_meaningfully(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*args: object) -> None:
+        raise AssertionError(f"the embedder tried to connect to {args[1:]}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    wordllama = embedder.from_config("wordllama")
+    assert wordllama is not None
+    cat, kitten, invoice = wordllama.embed_batch(["my cat sleeps on the sofa", "the kitten naps on the couch", "quarterly tax invoice"])
+    assert cat is not None and kitten is not None and invoice is not None
+    assert len(cat) == 256 and sum(x * x for x in cat) == pytest.approx(1, rel=1e-4)
+    assert distance(cat, kitten, COSINE) < distance(cat, invoice, COSINE)
+    assert wordllama.embed_batch([""]) == [None]
+
+
+async def test_embedder_embeds_memories_and_queries(dim256_url: str, wordllama: embedder.Embedder) -> None:
+    async with serving(dim256_url, embedder="wordllama", embedding_dim=256) as stub:
+        texts = ["my cat sleeps on the sofa all afternoon", "we filed the quarterly tax invoice",
+                 "the kitten chased a red ball", "planning a hiking trip to the alps"]  # fmt: skip
+        created = [await create(stub, "alice", t) for t in texts]
+        stored = await stub.GetMemory(
+            pb.GetMemoryRequest(user_id="alice", memory_id=created[0].memory_id, include_embedding=True), metadata=auth("alice")
+        )
+        assert list(stored.memory.embedding) == pytest.approx(f32(wordllama.embed_batch([texts[0]])[0]), abs=1e-6)
+
+        # A client-side embedding of a paraphrase finds it by vector alone.
+        probe = wordllama.embed_batch(["a sleepy cat on the couch"])[0]
+        nearest = await stub.SearchMemories(pb.SearchMemoriesRequest(user_id="alice", embedding=probe, top_k=2), metadata=auth("alice"))
+        assert nearest.results[0].memory.memory_id == created[0].memory_id
+
+        # A query alone runs both sides: a word no memory holds still finds by meaning.
+        got = (await stub.SearchMemories(pb.SearchMemoriesRequest(user_id="alice", query="kitty", top_k=4), metadata=auth("alice"))).results
+        assert all(r.HasField("distance") for r in got)
+        hybrid = (await stub.SearchMemories(pb.SearchMemoriesRequest(user_id="alice", query="tax invoice"), metadata=auth("alice"))).results
+        assert hybrid[0].memory.memory_id == created[1].memory_id and hybrid[0].HasField("text_score")
+
+        # New content: embedded again. A client's own embedding: kept as sent.
+        await stub.UpdateMemory(
+            pb.UpdateMemoryRequest(memory=pb.Memory(memory_id=created[3].memory_id, user_id="alice", content="a cat naps"),
+                                   update_mask={"paths": ["content"]}),
+            metadata=auth("alice"),
+        )  # fmt: skip
+        own = f32(random_vector(random.Random(25), dim=256))
+        mine = await create(stub, "alice", "my cat", own)
+        for memory_id, expected in ((created[3].memory_id, wordllama.embed_batch(["a cat naps"])[0]), (mine.memory_id, own)):
+            got_memory = await stub.GetMemory(pb.GetMemoryRequest(user_id="alice", memory_id=memory_id, include_embedding=True), metadata=auth("alice"))
+            assert list(got_memory.memory.embedding) == pytest.approx(f32(expected), abs=1e-6)
+
+        # Concurrent creates are embedded in batches, each with its own text.
+        many = await asyncio.gather(*(create(stub, "bob", f"note number {i} about {FILLER[i % 10]}") for i in range(30)))
+        for memory in many[:5]:
+            got_memory = await stub.GetMemory(pb.GetMemoryRequest(user_id="bob", memory_id=memory.memory_id, include_embedding=True), metadata=auth("bob"))
+            assert list(got_memory.memory.embedding) == pytest.approx(f32(wordllama.embed_batch([memory.content])[0]), abs=1e-6)
+
+
+def test_embedder_dimension_mismatch_is_a_startup_error() -> None:
+    with pytest.raises(ValueError, match="embedding_dim to 256"):
+        nexus_config.from_sources(environ={"NEXUS_EMBEDDER": "wordllama"})  # the default dimension is 384
+    with pytest.raises(ValueError, match="embedder must be one of"):
+        nexus_config.from_sources(environ={"NEXUS_EMBEDDER": "word2vec"})
+    assert nexus_config.from_sources(environ={"NEXUS_EMBEDDER": "wordllama", "NEXUS_EMBEDDING_DIM": "256"}).embedder == "wordllama"
+
+
+async def test_embedder_on_a_384_dimension_database_does_not_start(db_url: str) -> None:
+    from nexus.migrations import MigrationError
+
+    with pytest.raises(MigrationError, match="384-dimensional"):
+        async with serving(db_url, embedder="wordllama", embedding_dim=256):
+            pass
+
+
+async def test_without_embedder_a_query_alone_is_text_only(clients: Clients) -> None:
+    await create(clients.memories, "alice", "zebra", random_vector(random.Random(26)))
+    got = await text_search(clients.memories, "alice", "zebra")
+    assert len(got) == 1 and not got[0].HasField("distance")
+    error = await rpc_error(clients.memories.SearchMemories(pb.SearchMemoriesRequest(user_id="alice"), metadata=auth("alice")))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
