@@ -216,7 +216,7 @@ class CreateEntryRequest(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """At most 16 KiB as JSON."""
+        """At most 16 KiB as JSON, nesting objects and arrays at most 32 levels."""
 
     def __init__(
         self,
@@ -616,7 +616,9 @@ class CreateBranchRequest(_message.Message):
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
-    def metadata(self) -> _struct_pb2.Struct: ...
+    def metadata(self) -> _struct_pb2.Struct:
+        """As CreateEntryRequest.metadata."""
+
     def __init__(
         self,
         *,

@@ -300,8 +300,10 @@ class CreateMemoryRequest(_message.Message):
     def meta_tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Empty, or exactly the configured dimension (default 384), finite, not all
-        zeros. Empty with the server's embedder on: computed from the content.
+        """Empty, or exactly the configured dimension (default 384), finite, with a
+        direction: the sum of its squares between 2^-126 and 2^127 (not all zeros;
+        float32's normal range, where cosine distances are computed). Empty with
+        the server's embedder on: computed from the content.
         """
 
     def __init__(
@@ -598,7 +600,9 @@ class SearchMemoriesRequest(_message.Message):
     gravity_weight: _builtins.float
     @_builtins.property
     def embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Empty, or exactly the configured dimension."""
+        """Empty, or exactly the configured dimension, with a direction (as
+        CreateMemoryRequest.embedding).
+        """
 
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp: ...
@@ -907,7 +911,7 @@ class PublishBroadcastRequest(_message.Message):
     """Required, 1-64 characters, e.g. "memory_created"."""
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:
-        """At most 7000 bytes as JSON."""
+        """At most 7000 bytes as JSON, nesting objects and arrays at most 32 levels."""
 
     def __init__(
         self,
