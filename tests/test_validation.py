@@ -367,7 +367,8 @@ def since_request(rpc: str, seconds: int, nanos: int) -> Any:
     since = timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
     if rpc == "ListMemories":
         return memory_pb.ListMemoriesRequest(user_id=MEMORY_USER, since=since)
-    return memory_pb.SearchMemoriesRequest(user_id=MEMORY_USER, embedding=EMBEDDING, since=since)
+    # The module's shared user gathers many memories with this embedding: ask for all of them.
+    return memory_pb.SearchMemoriesRequest(user_id=MEMORY_USER, embedding=EMBEDDING, since=since, top_k=1000)
 
 
 @pytest.mark.parametrize("rpc", ["ListMemories", "SearchMemories"])
