@@ -35,7 +35,6 @@ from google.protobuf import json_format, struct_pb2
 from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error
 from conftest import test_config as server_config  # aliased: pytest would collect test_config
 from nexus import maintenance as maintenance_module
-from nexus import queries
 from nexus.database import Database
 from nexus.maintenance import Maintenance
 from nexus.server import NexusServer
@@ -485,8 +484,8 @@ async def test_arc_that_gains_members_while_maintenance_waits_for_its_user_stays
             run = asyncio.create_task(maintenance.run_once())
             await wait_for_lock_waiter(db_url, "run_maintenance")
             # The third fresh memory commits while maintenance waits: the arc gains 3 members.
-            await db.fetchval(queries.CREATE_MEMORY, "alice", "fresh joy 2", None, None, None, 0.9, "joy",
-                              [], [], None, None, None)  # fmt: skip
+            await db.fetchval("SELECT create_memory('alice', 'fresh joy 2', NULL, NULL, NULL, 0.9, 'joy', '{}', '{}', "
+                              "NULL, NULL, NULL)")  # fmt: skip
         done = await asyncio.wait_for(run, READ_TIMEOUT_S)
     arc = await db.fetchrow("SELECT * FROM memory_arcs WHERE user_id = 'alice'")
     assert await db.fetchval("SELECT count(*) FROM memory_arc_members WHERE arc_id = $1", arc["arc_id"]) == 6

@@ -8,7 +8,9 @@ identity names case-insensitively tags identity, an unset temporal type is
 inferred from whole words, an explicit one is kept, tags never repeat), also
 on UpdateMemory; the update mask changes only the masked fields and is
 validated; request_id idempotency (also with 20 concurrent sends and after a
-delete); arcs (the third qualifying memory of an emotion within 24 h forms one
+delete); concurrent creates of several users written in shared commits, each
+call keeping its own outcome (a conflict, a retry, a deleted request's
+NOT_FOUND) and every user's count and event numbers exact; arcs (the third qualifying memory of an emotion within 24 h forms one
 FORMING arc, five make it ACTIVE, weaker or other-emotion or older memories
 are not members, concurrent inserts form exactly one open arc per emotion
 holding every member, a delete removes the membership, ListArcs is newest
@@ -411,6 +413,42 @@ async def test_a_retry_after_the_memory_was_deleted_is_not_found(clients: Client
     error = await rpc_error(create(clients, "alice", "short-lived", request_id="req-gone"))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert await memory_rows(db, "alice") == 0 and await memory_count(db, "alice") == 0
+
+
+
+async def test_concurrent_creates_share_commits_and_each_keeps_its_own_outcome(
+    clients: Clients, db: asyncpg.Connection
+) -> None:
+    """Concurrent CreateMemory calls are written in batches (group commit): a
+    request_id conflict or a deleted request's NOT_FOUND fails only its own
+    call, a retry in the same burst gets the first memory, and every user's
+    rows, count and gapless event numbers come out as if one call at a time."""
+    users = ["alice", "bob", "carol"]
+    for user in users:
+        await existing_user(clients, user)
+    taken = await create(clients, "alice", "first", request_id="taken")
+    gone = await create(clients, "bob", "short-lived", request_id="gone")
+    await delete_call(clients, "bob", gone.memory_id)
+    rng = random.Random(12)
+    calls = [create(clients, user, f"burst {i}", gravity_score=0.9, emotion_type="joy", embedding=vector(rng))
+             for i in range(12) for user in users]
+    calls += [create(clients, "alice", "second", request_id="taken"),  # other arguments: ALREADY_EXISTS
+              create(clients, "alice", "first", request_id="taken"),  # a retry: the first memory
+              create(clients, "bob", "short-lived", request_id="gone")]  # its memory was deleted: NOT_FOUND
+    *created, conflict, retry, deleted = await asyncio.gather(*calls, return_exceptions=True)
+
+    assert all(isinstance(m, pb.Memory) for m in created), created
+    assert isinstance(conflict, grpc.aio.AioRpcError) and conflict.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert retry == taken
+    assert isinstance(deleted, grpc.aio.AioRpcError) and deleted.code() == grpc.StatusCode.NOT_FOUND
+    # Written in shared transactions, not one each.
+    transactions = await db.fetchval("SELECT count(DISTINCT xmin::text) FROM memories WHERE content LIKE 'burst %'")
+    assert transactions < len(created)
+    for user in users:
+        expected = 12 + (user == "alice")
+        assert await memory_rows(db, user) == expected and await memory_count(db, user) == expected
+        seqs = await db.fetchval("SELECT array_agg(seq ORDER BY seq) FROM memory_events WHERE user_id = $1", user)
+        assert seqs == list(range(1, len(seqs) + 1))
 
 
 # --- arcs -----------------------------------------------------------------------

@@ -354,7 +354,7 @@ async def hub_pids(db: asyncpg.Connection) -> set[int]:
     return {r["pid"] for r in rows}
 
 
-async def lock_waiters(db: asyncpg.Connection, count: int, function: str = "create_memory") -> bool:
+async def lock_waiters(db: asyncpg.Connection, count: int, function: str) -> bool:
     """Whether at least count backends wait for a lock in a query calling function."""
     await db.execute("SELECT pg_stat_clear_snapshot()")
     return await db.fetchval(
@@ -468,7 +468,8 @@ async def test_a_held_user_lock_delays_only_that_users_events_and_skips_none(
             "SELECT create_memory($1, $2, NULL, NULL, NULL, 0.5, NULL, '{}', '{}', NULL, NULL, NULL)", "ursula", "held"
         )
         u_writes = asyncio.create_task(create_many(stub, "ursula", 10, prefix="u"))
-        await wait_until(lambda: lock_waiters(db, 10), "ursula's writes to wait for her lock")
+        # Her first create's batch waits for her lock; the others queue behind it in the server.
+        await wait_until(lambda: lock_waiters(db, 1, "create_memories"), "ursula's writes to wait for her lock")
         await create_many(stub, "victor", 10, prefix="v")
         v_events = await read_events(v_call, 10)
         # A stream opened while the transaction is open starts before its event.

@@ -58,10 +58,30 @@ USERS_LOCK_FILE = "pg.users.lock"
 READY_WAIT_S = 60.0  # how long start() waits for the database to accept connections
 STOP_WAIT_S = 60.0  # how long a fast shutdown may take (pg_ctl's default) before an immediate one
 _POLL_S = 0.05
+CGROUP_MEMORY_LIMIT = Path("/sys/fs/cgroup/memory.max")
+SHARED_BUFFERS_MIN_MB, SHARED_BUFFERS_MAX_MB = 128, 1024
+
+
+def _shared_buffers_mb() -> int:
+    """A quarter of the memory PostgreSQL may use (the container's cgroup limit
+    when there is one, else the machine's), within 128 MB .. 1 GB. Measured on
+    the memory bench: its memories' table and exact-search covering index are
+    ~800 MB; with 512 MB of buffers an exact search after the load read its
+    user's ~2.7k index leaf pages back from the OS (46 ms, against 14 ms with
+    them in the buffers)."""
+    total = psutil.virtual_memory().total
+    with contextlib.suppress(OSError, ValueError):
+        total = min(total, int(CGROUP_MEMORY_LIMIT.read_text()))  # "max" when unlimited: ValueError
+    return max(SHARED_BUFFERS_MIN_MB, min(SHARED_BUFFERS_MAX_MB, total // 4 // 2**20))
+
+
 # Sized for the memory store (PostgreSQL's defaults are 128 MB / 4 MB / 64 MB):
-# ten users of 10k 384-dim memories are ~160 MB of covering index that exact
-# search reads, and vector-index builds want their k-means sample in memory.
-SERVER_SETTINGS = {"shared_buffers": "512MB", "work_mem": "16MB", "maintenance_work_mem": "256MB"}
+# exact search reads its user's whole covering index (ten users of 10k
+# 384-dim memories are ~200 MB of it), and vector-index builds want their
+# k-means sample in memory.
+SERVER_SETTINGS = {
+    "shared_buffers": f"{_shared_buffers_mb()}MB", "work_mem": "16MB", "maintenance_work_mem": "256MB",
+}
 SETTINGS_FILE = "nexus.conf"
 
 

@@ -151,6 +151,20 @@ def _pack(message: object) -> any_pb2.Any:
 _UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53")
 
 
+def from_raised(sqlstate: str, message: str, field: str) -> NexusError:
+    """The error for one of the service's own SQLSTATEs (NX400, NX403, NX404,
+    NX409), raised by a function or caught and returned by a batch function."""
+    if sqlstate == "NX400":
+        return InvalidArgument(field, message)
+    if sqlstate == "NX403":
+        return PermissionDenied(message)
+    if sqlstate == "NX404":
+        return NotFound(message, field)
+    if sqlstate == "NX409":
+        return AlreadyExists(message)
+    raise ValueError(f"not one of the service's SQLSTATEs: {sqlstate}")
+
+
 def from_database(exc: BaseException) -> NexusError:
     """Translates an asyncpg / connection error into a NexusError."""
     if isinstance(exc, NexusError):
@@ -161,14 +175,8 @@ def from_database(exc: BaseException) -> NexusError:
         sqlstate = exc.sqlstate or ""
         message = getattr(exc, "message", str(exc))
         field = getattr(exc, "column_name", None) or ""
-        if sqlstate == "NX400":
-            return InvalidArgument(field, message)
-        if sqlstate == "NX403":
-            return PermissionDenied(message)
-        if sqlstate == "NX404":
-            return NotFound(message, field)
-        if sqlstate == "NX409":
-            return AlreadyExists(message)
+        if sqlstate in ("NX400", "NX403", "NX404", "NX409"):
+            return from_raised(sqlstate, message, field)
         if sqlstate == "23505" and getattr(exc, "constraint_name", None) == "entries_request":
             # A request_id reused with another parent, caught by the unique index.
             return AlreadyExists("request_id was already used with different arguments")

@@ -34,7 +34,8 @@ GET_BALANCES = "SELECT * FROM get_balances($1)"
 LIST_TRANSACTIONS = "SELECT * FROM list_transactions($1, $2, $3)"
 RECONCILE_BALANCES = "SELECT * FROM reconcile_balances($1)"
 
-CREATE_MEMORY = "SELECT create_memory($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+# Group commit: one memory_create composite per CreateMemory.
+CREATE_MEMORIES = "SELECT * FROM create_memories($1::memory_create[])"
 GET_MEMORY = "SELECT * FROM get_memory($1, $2)"
 UPDATE_MEMORY = "SELECT update_memory($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 DELETE_MEMORY = "SELECT delete_memory($1, $2)"

@@ -18,11 +18,12 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from nexus import embedder, queries, validation
+from nexus import embedder, errors, queries, validation
 from nexus.auth import current_principal
 from nexus.config import Config
 from nexus.database import Database
 from nexus.errors import FailedPrecondition, InvalidArgument, NotFound
+from nexus.group_commit import GroupCommit
 from nexus.pagination import PageTokens
 from nexus.realtime import READ_BATCH, EventHub
 from nexus.v1 import memory_pb2 as pb
@@ -163,6 +164,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         self._embedder = embedder.from_config(config.embedder)
         self._hybrid_vector_weight = config.hybrid_vector_weight
         self._exact_search_max = config.search_exact_max_memories
+        # Keyed by user: a user's creates apply in arrival order, and this
+        # server's batches never wait on each other's user locks.
+        self._creates = GroupCommit(db, "create_memories", queries.CREATE_MEMORIES)
 
     def _owner(self, value: str, field: str = "user_id") -> str:
         """The request's user, whom the caller must be (or a service)."""
@@ -180,9 +184,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         embedding = validation.embedding(request.embedding, "embedding", self._embedding_dim, required=False)
         if embedding is None and self._embedder is not None:
             embedding = await self._embedder.embed(content)
-        document = await self._db.fetchval(
-            "create_memory",
-            queries.CREATE_MEMORY,
+        arguments = (
             user_id,
             content,
             validation.optional_opaque_id(request.thread_id, "thread_id"),
@@ -196,6 +198,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             embedding,
             validation.request_id(request.request_id, required=False),
         )
+        (row,) = await self._creates.submit((user_id,), arguments)
+        if row["error_code"] is not None:
+            raise errors.from_raised(row["error_code"], row["error_message"], row["error_column"] or "")
+        document = row["document"]
         return pb.CreateMemoryResponse(memory=memory_message(document))
 
     async def GetMemory(self, request: pb.GetMemoryRequest, context: grpc.aio.ServicerContext) -> pb.GetMemoryResponse:
