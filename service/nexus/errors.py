@@ -169,9 +169,6 @@ def from_database(exc: BaseException) -> NexusError:
             return NotFound(message, field)
         if sqlstate == "NX409":
             return AlreadyExists(message)
-        if sqlstate == "23505" and getattr(exc, "constraint_name", None) == "entries_request":
-            # A request_id reused with another parent, caught by the unique index.
-            return AlreadyExists("request_id was already used with different arguments")
         if sqlstate in ("40P01", "40001"):  # deadlock / serialization failure: rolled back, safe to retry
             return Aborted()
         if sqlstate == "NX412":

@@ -1,0 +1,586 @@
+-- One schema for one PostgreSQL and for a Citus cluster (docs/citus.md).
+--
+-- Citus hash-distributes a table by one column and needs every primary key and
+-- unique index to include it, foreign keys only between co-located tables, and
+-- a write of one key to touch one shard. This migration makes the schema obey
+-- that on any PostgreSQL; nexus.migrations then distributes it when the
+-- database is a Citus coordinator with workers (nexus/distribution.py).
+--
+-- Distribution keys:
+--   * by user (co-located): balances, token_transactions, token_requests,
+--     memory_users, memories, memory_requests, memory_arcs, memory_arc_members,
+--     memory_events, memory_sessions, memory_patterns, consciousness_cache,
+--     user_interactions, follows (by follower), follow_counter_shards, shares,
+--     entry_requests (by author);
+--   * by entry (co-located): entries, reactions, entry_counter_shards — a viral
+--     entry and everything that counts it sit on one shard.
+-- What touches two keys is a two-shard transaction (Citus two-phase commit):
+-- a transfer, a follow's two counters, a share (claim by user, count by
+-- entry), a create with a request_id (claim by author), a branch (parent and
+-- child). Every such write locks its rows in one global order.
+
+------------------------------------------------------------------------------
+-- Entries: the request claim moves to its own table (by author), the tree
+-- order stays an index (branch_count under the parent's lock numbers the
+-- children), the parent link is no foreign key (parent and child may sit on
+-- different shards; entries are never removed, only blanked).
+
+CREATE TABLE entry_requests (
+    author_id   text NOT NULL,
+    request_id  text NOT NULL,
+    fingerprint text NOT NULL,
+    entry_id    uuid NOT NULL,
+    create_time timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (author_id, request_id)
+);
+INSERT INTO entry_requests (author_id, request_id, fingerprint, entry_id, create_time)
+SELECT author_id, request_id, request_fingerprint, entry_id, create_time FROM entries WHERE request_id IS NOT NULL;
+
+DROP INDEX entries_request;
+DROP INDEX entries_tree_order;
+CREATE INDEX entries_tree_order ON entries (root_entry_id, tree_path);
+ALTER TABLE entries DROP CONSTRAINT entries_parent_entry_id_fkey;
+
+-- The entry an earlier call with this request_id created (NULL: none); the
+-- same request_id with other arguments is NX409.
+CREATE OR REPLACE FUNCTION earlier_entry(p_author_id text, p_request_id text, p_fingerprint text) RETURNS entries
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    claim    entry_requests;
+    existing entries;
+BEGIN
+    SELECT * INTO claim FROM entry_requests r WHERE r.author_id = p_author_id AND r.request_id = p_request_id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF claim.fingerprint <> p_fingerprint THEN
+        RAISE EXCEPTION 'request_id % was already used with different arguments', p_request_id
+            USING ERRCODE = 'NX409', COLUMN = 'request_id';
+    END IF;
+    SELECT * INTO existing FROM entries WHERE entry_id = claim.entry_id;
+    RETURN existing;
+END $$;
+
+-- The request is claimed first (author, request_id): a concurrent attempt of
+-- the same request waits on that key until the first commits, then returns
+-- its entry; a failed first attempt rolls its claim back. The parent is
+-- locked after the claim, so every create locks author then parent.
+CREATE OR REPLACE FUNCTION create_entry(
+    p_author_id text, p_parent_entry_id uuid, p_type text, p_title text, p_content text,
+    p_privacy privacy, p_tags text[], p_metadata jsonb, p_request_id text)
+RETURNS SETOF entries
+LANGUAGE plpgsql AS $$
+DECLARE
+    fingerprint text := md5(jsonb_build_array(p_parent_entry_id, p_type, p_title, p_content,
+                                              p_privacy, p_tags, p_metadata)::text);
+    new_id   uuid := gen_random_uuid();
+    parent   entries;
+    existing entries;
+    created  entries;
+BEGIN
+    IF p_request_id IS NOT NULL THEN
+        -- A retry returns the original even if the parent has gone since.
+        INSERT INTO entry_requests (author_id, request_id, fingerprint, entry_id)
+        VALUES (p_author_id, p_request_id, fingerprint, new_id)
+        ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
+            existing := earlier_entry(p_author_id, p_request_id, fingerprint);
+            RETURN NEXT existing;
+            RETURN;
+        END IF;
+    END IF;
+
+    IF p_parent_entry_id IS NULL THEN
+        INSERT INTO entries (entry_id, author_id, root_entry_id, depth, branch_order, tree_path, type,
+                             title, content, privacy, tags, metadata, request_id, request_fingerprint)
+        VALUES (new_id, p_author_id, new_id, 0, 0, '{}', p_type, p_title, p_content, p_privacy, p_tags,
+                p_metadata, p_request_id, fingerprint)
+        RETURNING * INTO created;
+    ELSE
+        -- Lock the parent: children of one parent are numbered one at a time.
+        SELECT * INTO parent FROM entries
+        WHERE entry_id = p_parent_entry_id AND delete_time IS NULL
+        FOR NO KEY UPDATE;
+        IF NOT FOUND OR NOT entry_visible(parent, p_author_id) THEN
+            RAISE EXCEPTION 'entry % not found', p_parent_entry_id
+                USING ERRCODE = 'NX404', COLUMN = 'parent_entry_id';
+        END IF;
+        IF parent.depth >= 255 THEN
+            RAISE EXCEPTION 'entry % is at the maximum depth of 255', p_parent_entry_id
+                USING ERRCODE = 'NX412', DETAIL = 'MAX_DEPTH';
+        END IF;
+        UPDATE entries SET branch_count = branch_count + 1 WHERE entry_id = p_parent_entry_id;
+        INSERT INTO entries (entry_id, author_id, parent_entry_id, root_entry_id, depth, branch_order, tree_path,
+                             type, title, content, privacy, tags, metadata, request_id, request_fingerprint)
+        VALUES (new_id, p_author_id, p_parent_entry_id, parent.root_entry_id, parent.depth + 1, parent.branch_count,
+                parent.tree_path || parent.branch_count, p_type, p_title, p_content, p_privacy, p_tags,
+                p_metadata, p_request_id, fingerprint)
+        RETURNING * INTO created;
+    END IF;
+    RETURN NEXT created;
+END $$;
+
+------------------------------------------------------------------------------
+-- Counting moves out of the triggers whose two rows sit under different keys
+-- (a trigger runs on its row's shard and may not write another key's shard).
+
+DROP TRIGGER shares_counted ON shares;
+DROP FUNCTION count_share();
+
+-- Records a share once per (user, request_id); state = shared, changed = this
+-- call recorded it (false for a retry). The claim (by user) and the count (by
+-- entry) are written in that order by every call.
+CREATE OR REPLACE FUNCTION record_share(p_user_id text, p_entry_id uuid, p_request_id text)
+RETURNS reaction_outcome
+LANGUAGE plpgsql AS $$
+DECLARE
+    e            entries;
+    shared_entry uuid;
+BEGIN
+    -- A retry returns the original outcome even if the entry has gone since.
+    SELECT entry_id INTO shared_entry FROM shares WHERE user_id = p_user_id AND request_id = p_request_id;
+    IF NOT FOUND THEN
+        e := visible_entry(p_entry_id, p_user_id, 'entry_id');
+        INSERT INTO shares (user_id, request_id, entry_id) VALUES (p_user_id, p_request_id, p_entry_id)
+        ON CONFLICT DO NOTHING;
+        IF FOUND THEN
+            INSERT INTO entry_counter_shards AS s (entry_id, shard, share_count)
+            VALUES (p_entry_id, counter_shard(p_user_id), 1)
+            ON CONFLICT (entry_id, shard) DO UPDATE SET share_count = s.share_count + 1;
+            RETURN reaction_outcome(e, true, true);
+        END IF;
+        SELECT entry_id INTO shared_entry FROM shares WHERE user_id = p_user_id AND request_id = p_request_id;
+    END IF;
+    SELECT * INTO e FROM entries WHERE entry_id = p_entry_id;
+    IF shared_entry <> p_entry_id THEN
+        RAISE EXCEPTION 'request_id % was already used for another entry', p_request_id
+            USING ERRCODE = 'NX409', COLUMN = 'request_id';
+    END IF;
+    RETURN reaction_outcome(e, true, false);
+END $$;
+
+DROP TRIGGER follows_counted ON follows;
+DROP FUNCTION count_follow();
+
+-- Adds (p_delta 1) or removes (-1) the two counts of edge follower ->
+-- followed. The two rows are locked one statement each, in (user_id, shard)
+-- order, so a -> b racing b -> a cannot deadlock, on one node or across
+-- workers. Plain updates after the lock (an upsert's proposed row would fail
+-- the CHECK on a decrement).
+CREATE FUNCTION count_follow_edge(p_follower_id text, p_followed_id text, p_delta integer) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    row_key record;
+BEGIN
+    FOR row_key IN
+        SELECT * FROM (VALUES (p_followed_id, counter_shard(p_follower_id)),
+                              (p_follower_id, counter_shard(p_followed_id))) AS v (user_id, shard)
+        ORDER BY 1, 2
+    LOOP
+        INSERT INTO follow_counter_shards AS s (user_id, shard) VALUES (row_key.user_id, row_key.shard)
+        ON CONFLICT (user_id, shard) DO UPDATE SET follower_count = s.follower_count;
+    END LOOP;
+    UPDATE follow_counter_shards SET follower_count = follower_count + p_delta
+    WHERE user_id = p_followed_id AND shard = counter_shard(p_follower_id);
+    UPDATE follow_counter_shards SET following_count = following_count + p_delta
+    WHERE user_id = p_follower_id AND shard = counter_shard(p_followed_id);
+END $$;
+
+-- Idempotent: returns whether this call changed the edge.
+CREATE OR REPLACE FUNCTION follow(p_follower_id text, p_followed_id text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO follows (follower_id, followed_id) VALUES (p_follower_id, p_followed_id) ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM count_follow_edge(p_follower_id, p_followed_id, 1);
+    RETURN true;
+END $$;
+
+CREATE OR REPLACE FUNCTION unfollow(p_follower_id text, p_followed_id text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM follows WHERE follower_id = p_follower_id AND followed_id = p_followed_id;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM count_follow_edge(p_follower_id, p_followed_id, -1);
+    RETURN true;
+END $$;
+
+------------------------------------------------------------------------------
+-- Keys that include the user: the ledger, memories, arcs, arc members.
+
+ALTER TABLE token_transactions DROP CONSTRAINT token_transactions_pkey,
+    ADD PRIMARY KEY (user_id, transaction_id);
+
+ALTER TABLE memory_arc_members ADD COLUMN user_id text;
+UPDATE memory_arc_members am SET user_id = a.user_id FROM memory_arcs a WHERE a.arc_id = am.arc_id;
+ALTER TABLE memory_arc_members ALTER COLUMN user_id SET NOT NULL,
+    DROP CONSTRAINT memory_arc_members_arc_id_fkey,
+    DROP CONSTRAINT memory_arc_members_memory_id_fkey,
+    DROP CONSTRAINT memory_arc_members_pkey;
+ALTER TABLE memories DROP CONSTRAINT memories_pkey, ADD PRIMARY KEY (user_id, memory_id);
+ALTER TABLE memory_arcs DROP CONSTRAINT memory_arcs_pkey, ADD PRIMARY KEY (user_id, arc_id);
+ALTER TABLE memory_arc_members ADD PRIMARY KEY (user_id, arc_id, memory_id),
+    ADD FOREIGN KEY (user_id, arc_id) REFERENCES memory_arcs (user_id, arc_id) ON DELETE CASCADE,
+    ADD FOREIGN KEY (user_id, memory_id) REFERENCES memories (user_id, memory_id) ON DELETE CASCADE;
+DROP INDEX memory_arc_members_memory;
+CREATE INDEX memory_arc_members_memory ON memory_arc_members (user_id, memory_id);
+
+CREATE OR REPLACE FUNCTION arc_document(a memory_arcs) RETURNS jsonb
+LANGUAGE sql STABLE
+RETURN jsonb_build_object(
+    'arc_id', a.arc_id, 'user_id', a.user_id, 'arc_name', a.arc_name, 'emotion_type', a.emotion_type,
+    'gravity_center', a.gravity_center, 'evolution_stage', a.evolution_stage,
+    'memory_ids', (SELECT coalesce(jsonb_agg(m.memory_id ORDER BY m.create_time, m.memory_id), '[]')
+                   FROM memory_arc_members am JOIN memories m ON m.user_id = am.user_id AND m.memory_id = am.memory_id
+                   WHERE am.user_id = a.user_id AND am.arc_id = a.arc_id),
+    'create_time', a.create_time, 'update_time', a.update_time);
+
+-- Arcs are addressed by (user, arc) from here on.
+DROP FUNCTION refresh_arc(uuid, text);
+
+CREATE FUNCTION refresh_arc(p_user_id text, p_arc_id uuid, p_change text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    arc     memory_arcs;
+    center  double precision;
+    members bigint;
+BEGIN
+    SELECT avg(m.gravity_score), count(*) INTO center, members
+    FROM memory_arc_members am JOIN memories m ON m.user_id = am.user_id AND m.memory_id = am.memory_id
+    WHERE am.user_id = p_user_id AND am.arc_id = p_arc_id;
+    UPDATE memory_arcs a
+    SET gravity_center = coalesce(center, 0),
+        evolution_stage = CASE WHEN a.evolution_stage = 'forming' AND members >= 5 THEN 'active'
+                               ELSE a.evolution_stage END,
+        update_time = now()
+    WHERE a.user_id = p_user_id AND a.arc_id = p_arc_id
+    RETURNING a.* INTO arc;
+    PERFORM emit_memory_event(arc.user_id, 'arc', p_change, arc_document(arc));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION build_arc(p_user_id text, p_emotion text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    cluster uuid[];
+    arc_id  uuid;
+    change  text := 'updated';
+    joined  integer;
+BEGIN
+    SELECT array_agg(m.memory_id) INTO cluster
+    FROM memories m
+    WHERE m.user_id = p_user_id AND m.emotion_type = p_emotion AND m.gravity_score >= 0.8
+      AND m.create_time > now() - interval '24 hours';
+    IF coalesce(cardinality(cluster), 0) < 3 THEN
+        RETURN;
+    END IF;
+    SELECT a.arc_id INTO arc_id FROM memory_arcs a
+    WHERE a.user_id = p_user_id AND a.emotion_type = p_emotion AND a.evolution_stage IN ('forming', 'active');
+    IF arc_id IS NULL THEN
+        arc_id := gen_random_uuid();
+        INSERT INTO memory_arcs (arc_id, user_id, arc_name, emotion_type, gravity_center)
+        VALUES (arc_id, p_user_id, p_emotion || ' arc', p_emotion, 0);
+        change := 'created';
+    END IF;
+    INSERT INTO memory_arc_members (user_id, arc_id, memory_id)
+    SELECT p_user_id, arc_id, member FROM unnest(cluster) AS member
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS joined = ROW_COUNT;
+    IF joined > 0 THEN
+        PERFORM refresh_arc(p_user_id, arc_id, change);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION delete_memory(p_user_id text, p_memory_id uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    m    memories;
+    arcs uuid[];
+    arc  uuid;
+BEGIN
+    PERFORM lock_memory_user(p_user_id);
+    SELECT array_agg(am.arc_id) INTO arcs FROM memory_arc_members am
+    WHERE am.user_id = p_user_id AND am.memory_id = p_memory_id;
+    DELETE FROM memories WHERE memory_id = p_memory_id AND user_id = p_user_id RETURNING * INTO m;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory_id', MESSAGE = 'memory not found';
+    END IF;
+    UPDATE memory_users SET memory_count = memory_count - 1 WHERE user_id = p_user_id;
+    PERFORM emit_memory_event(p_user_id, 'memory', 'deleted', memory_document(m));
+    FOREACH arc IN ARRAY coalesce(arcs, '{}') LOOP
+        PERFORM refresh_arc(p_user_id, arc, 'updated');
+    END LOOP;
+END
+$$;
+
+------------------------------------------------------------------------------
+-- Group-commit batches of one key: one call per entry (reactions) and per
+-- initiating user (token operations), so that on Citus a batch is one call
+-- delegated to the worker that owns its key. Semantics per item are those of
+-- apply_reactions / apply_token_operations (0001, 0003), which stay for
+-- replicas of the previous release.
+
+-- Toggles and sets of reactions on one entry, in order. Deadlock freedom: the
+-- batch locks the entry's counter shards of all its allowed items in shard
+-- order, one statement each, before writing; two batches that touch the same
+-- reaction row need the same shard.
+CREATE FUNCTION apply_reactions_v2(p_entry_id uuid, p_ops text[], p_kinds reaction_kind[], p_user_ids text[],
+                                   OUT item integer, OUT outcome reaction_outcome)
+RETURNS SETOF record
+LANGUAGE plpgsql AS $$
+DECLARE
+    e          entries;
+    state      boolean;
+    changed    boolean;
+    delta      integer;
+    user_shard smallint;
+    totals     record;
+    resonances bigint;
+    amplifies  bigint;
+    -- Whether the entry exists and each item's user may see it, decided once:
+    -- the shards locked below are exactly those the loop will write.
+    allowed    boolean[] := '{}';
+BEGIN
+    SELECT * INTO e FROM entries WHERE entry_id = p_entry_id;
+    FOR i IN 1 .. cardinality(p_ops) LOOP
+        -- One statement per user: a visibility check reads the viewer's follows
+        -- (another key's shard on Citus), so it is not evaluated inside a query on entries.
+        allowed[i] := e.entry_id IS NOT NULL AND e.delete_time IS NULL AND entry_visible(e, p_user_ids[i]);
+    END LOOP;
+
+    FOR user_shard IN SELECT DISTINCT counter_shard(asked.user_id)
+                 FROM unnest(p_user_ids, allowed) AS asked (user_id, allowed) WHERE asked.allowed ORDER BY 1 LOOP
+        INSERT INTO entry_counter_shards AS s (entry_id, shard) VALUES (p_entry_id, user_shard)
+        ON CONFLICT (entry_id, shard) DO UPDATE SET resonance_count = s.resonance_count;
+    END LOOP;
+    SELECT * INTO totals FROM counter_totals(p_entry_id);
+    resonances := totals.resonance_count;
+    amplifies := totals.amplification_count;
+
+    FOR i IN 1 .. cardinality(p_ops) LOOP
+        item := i;
+        IF NOT allowed[i] THEN
+            outcome := ROW(false, NULL, NULL, NULL, NULL, NULL, NULL);
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        IF p_ops[i] = 'toggle' THEN
+            LOOP
+                IF add_reaction(p_kinds[i], p_user_ids[i], p_entry_id) THEN
+                    state := true;
+                    EXIT;
+                END IF;
+                IF remove_reaction(p_kinds[i], p_user_ids[i], p_entry_id) THEN
+                    state := false;
+                    EXIT;
+                END IF;
+            END LOOP;
+            changed := true;
+        ELSE
+            state := p_ops[i] = 'on';
+            changed := CASE WHEN state THEN add_reaction(p_kinds[i], p_user_ids[i], p_entry_id)
+                            ELSE remove_reaction(p_kinds[i], p_user_ids[i], p_entry_id) END;
+        END IF;
+        delta := CASE WHEN NOT changed THEN 0 WHEN state THEN 1 ELSE -1 END;
+        IF p_kinds[i] = 'resonance' THEN
+            resonances := resonances + delta;
+        ELSE
+            amplifies := amplifies + delta;
+        END IF;
+        outcome := ROW(true, state, changed, resonances, amplifies, e.branch_count, totals.share_count);
+        RETURN NEXT;
+    END LOOP;
+END $$;
+
+-- Ledger operations initiated by one user (p_user_id pays or is credited;
+-- a transfer pays p_counterparties[i]), in order; results as
+-- apply_token_operations. Deadlock freedom: every balance row the batch
+-- touches is locked up front, one statement per row, in user_id order (rows
+-- of new users are created at 0 for that and removed again at the end if
+-- nothing moved), so batches lock in one global order on one node and across
+-- workers alike.
+CREATE FUNCTION apply_token_operations_v2(
+    p_user_id text, p_ops text[], p_counterparties text[], p_amounts bigint[], p_reasons text[],
+    p_reference_ids text[], p_request_ids text[])
+RETURNS TABLE (item integer, status text, transaction_id uuid, user_id text, kind token_kind, amount bigint,
+               balance_after bigint, reason text, reference_id text, counterparty_user_id text,
+               request_id text, sequence bigint, create_time timestamptz)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    holder       text;
+    created      boolean;
+    created_rows text[] := '{}';
+    ids          uuid[];
+    earlier      token_requests;
+    fingerprint  text;
+    payer        text;
+    payee        text;
+    payer_balance  bigint;
+    payer_sequence bigint;
+    payee_balance  bigint;
+    payee_sequence bigint;
+BEGIN
+    FOR holder IN SELECT DISTINCT u FROM unnest(p_user_id || p_counterparties) AS u WHERE u IS NOT NULL ORDER BY u LOOP
+        INSERT INTO balances AS b (user_id, balance) VALUES (holder, 0)
+        ON CONFLICT (user_id) DO UPDATE SET balance = b.balance
+        RETURNING b.xmax = 0 INTO created;
+        IF created THEN
+            created_rows := created_rows || holder;
+        END IF;
+    END LOOP;
+
+    FOR i IN 1 .. cardinality(p_ops) LOOP
+        payer := CASE WHEN p_ops[i] = 'credit' THEN NULL ELSE p_user_id END;
+        payee := CASE p_ops[i] WHEN 'credit' THEN p_user_id WHEN 'transfer' THEN p_counterparties[i] END;
+        fingerprint := md5(jsonb_build_array(p_ops[i], p_counterparties[i], p_amounts[i], p_reasons[i],
+                                             p_reference_ids[i])::text);
+        ids := CASE WHEN p_ops[i] = 'transfer' THEN ARRAY[gen_random_uuid(), gen_random_uuid()]
+                    ELSE ARRAY[gen_random_uuid()] END;
+
+        INSERT INTO token_requests AS r (user_id, request_id, fingerprint, transaction_ids)
+        VALUES (p_user_id, p_request_ids[i], fingerprint, ids)
+        ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
+            SELECT * INTO earlier FROM token_requests r
+            WHERE r.user_id = p_user_id AND r.request_id = p_request_ids[i];
+            IF earlier.fingerprint <> fingerprint THEN
+                RETURN QUERY SELECT i, 'request_conflict', NULL::uuid, NULL, NULL::token_kind, NULL::bigint,
+                                    NULL::bigint, NULL, NULL, NULL, NULL, NULL::bigint, NULL::timestamptz;
+            ELSE
+                -- The legs sit under the payer's and (a transfer) the payee's keys.
+                RETURN QUERY SELECT i, 'ok', t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after,
+                                    t.reason, t.reference_id, t.counterparty_user_id, t.request_id, t.sequence,
+                                    t.create_time
+                             FROM token_transactions t
+                             WHERE t.user_id IN (p_user_id, p_counterparties[i])
+                               AND t.transaction_id = ANY (earlier.transaction_ids)
+                             ORDER BY array_position(earlier.transaction_ids, t.transaction_id);
+            END IF;
+            CONTINUE;
+        END IF;
+
+        IF payer IS NOT NULL AND (SELECT b.balance FROM balances b WHERE b.user_id = payer) < p_amounts[i] THEN
+            status := 'insufficient_funds';
+        ELSIF payee IS NOT NULL
+              AND (SELECT b.balance FROM balances b WHERE b.user_id = payee) > 9223372036854775807 - p_amounts[i] THEN
+            status := 'balance_overflow';
+        ELSE
+            status := 'ok';
+        END IF;
+        IF status <> 'ok' THEN
+            DELETE FROM token_requests r WHERE r.user_id = p_user_id AND r.request_id = p_request_ids[i];
+            RETURN QUERY SELECT i, status, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint,
+                                NULL, NULL, NULL, NULL, NULL::bigint, NULL::timestamptz;
+            CONTINUE;
+        END IF;
+
+        IF payer IS NOT NULL THEN
+            UPDATE balances b SET balance = b.balance - p_amounts[i], last_sequence = b.last_sequence + 1,
+                                  update_time = clock_timestamp()
+            WHERE b.user_id = payer RETURNING b.balance, b.last_sequence INTO payer_balance, payer_sequence;
+            RETURN QUERY
+            INSERT INTO token_transactions AS t (transaction_id, user_id, kind, amount, balance_after, reason,
+                                                 reference_id, counterparty_user_id, request_id, sequence)
+            VALUES (ids[1], payer, CASE WHEN p_ops[i] = 'transfer' THEN 'transfer_out' ELSE 'debit' END::token_kind,
+                    p_amounts[i], payer_balance, p_reasons[i], p_reference_ids[i], payee, p_request_ids[i],
+                    payer_sequence)
+            RETURNING i, 'ok', t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after, t.reason,
+                      t.reference_id, t.counterparty_user_id, t.request_id, t.sequence, t.create_time;
+        END IF;
+        IF payee IS NOT NULL THEN
+            UPDATE balances b SET balance = b.balance + p_amounts[i], last_sequence = b.last_sequence + 1,
+                                  update_time = clock_timestamp()
+            WHERE b.user_id = payee RETURNING b.balance, b.last_sequence INTO payee_balance, payee_sequence;
+            RETURN QUERY
+            INSERT INTO token_transactions AS t (transaction_id, user_id, kind, amount, balance_after, reason,
+                                                 reference_id, counterparty_user_id, request_id, sequence)
+            VALUES (ids[cardinality(ids)], payee,
+                    CASE WHEN p_ops[i] = 'transfer' THEN 'transfer_in' ELSE 'credit' END::token_kind,
+                    p_amounts[i], payee_balance, p_reasons[i], p_reference_ids[i], payer, p_request_ids[i],
+                    payee_sequence)
+            RETURNING i, 'ok', t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after, t.reason,
+                      t.reference_id, t.counterparty_user_id, t.request_id, t.sequence, t.create_time;
+        END IF;
+    END LOOP;
+
+    DELETE FROM balances b WHERE b.user_id = ANY (created_rows) AND b.last_sequence = 0;
+END $$;
+
+------------------------------------------------------------------------------
+-- Writes that were SQL functions become PL/pgSQL: a SQL function that cannot
+-- be inlined runs its statements with parameters, which Citus cannot plan
+-- against a distributed table ("parameterized queries for SQL functions
+-- referencing distributed tables are not supported"). Same statements, same
+-- results.
+
+CREATE OR REPLACE FUNCTION add_reaction(p_kind reaction_kind, p_user_id text, p_entry_id uuid) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO reactions (user_id, entry_id, kind) VALUES (p_user_id, p_entry_id, p_kind) ON CONFLICT DO NOTHING;
+    RETURN FOUND;
+END $$;
+
+CREATE OR REPLACE FUNCTION remove_reaction(p_kind reaction_kind, p_user_id text, p_entry_id uuid) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM reactions WHERE user_id = p_user_id AND entry_id = p_entry_id AND kind = p_kind;
+    RETURN FOUND;
+END $$;
+
+CREATE OR REPLACE FUNCTION record_interaction(p_user_id text, p_target_id text, p_action text, p_notes text)
+RETURNS TABLE (user_id text, target_id text, action text, notes text, create_time timestamptz,
+               update_time timestamptz, created boolean)
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY
+    INSERT INTO user_interactions AS i (user_id, target_id, action, notes)
+    VALUES (p_user_id, p_target_id, p_action, p_notes)
+    ON CONFLICT ON CONSTRAINT user_interactions_pkey DO UPDATE
+        SET action = excluded.action, notes = excluded.notes, update_time = clock_timestamp()
+    -- xmax is 0 on a freshly inserted row version, set on an updated one.
+    RETURNING i.user_id, i.target_id, i.action, i.notes, i.create_time, i.update_time, i.xmax = 0;
+END $$;
+
+CREATE OR REPLACE FUNCTION touch_session(p_user_id text, p_session_id text, p_status text) RETURNS memory_sessions
+LANGUAGE plpgsql AS $$
+DECLARE
+    s memory_sessions;
+BEGIN
+    INSERT INTO memory_sessions AS s (user_id, session_id, status)
+    VALUES (p_user_id, p_session_id, p_status)
+    ON CONFLICT ON CONSTRAINT memory_sessions_pkey DO UPDATE
+    SET status = EXCLUDED.status, last_message_time = greatest(now(), s.last_message_time)
+    RETURNING * INTO s;
+    RETURN s;
+END $$;
+
+CREATE OR REPLACE FUNCTION record_pattern(p_user_id text, p_pattern_type text, p_intensity double precision)
+RETURNS memory_patterns
+LANGUAGE plpgsql AS $$
+DECLARE
+    p memory_patterns;
+BEGIN
+    INSERT INTO memory_patterns AS p (user_id, pattern_type, intensity)
+    VALUES (p_user_id, p_pattern_type, p_intensity)
+    ON CONFLICT ON CONSTRAINT memory_patterns_pkey DO UPDATE
+    SET intensity = EXCLUDED.intensity, occurrences = p.occurrences + 1, update_time = now()
+    RETURNING * INTO p;
+    RETURN p;
+END $$;
+
+CREATE OR REPLACE FUNCTION set_identity_entities(p_user_id text, p_entities text[]) RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    entities text[];
+BEGIN
+    PERFORM lock_memory_user(p_user_id);
+    UPDATE memory_users SET identity_entities = p_entities WHERE user_id = p_user_id
+    RETURNING identity_entities INTO entities;
+    RETURN entities;
+END $$;
