@@ -584,3 +584,102 @@ BEGIN
     RETURNING identity_entities INTO entities;
     RETURN entities;
 END $$;
+
+-- Reads likewise: the same queries, run by PL/pgSQL (whose parameters Citus
+-- plans, routing a user's read to its shard). Small SQL helpers that inline
+-- into these queries (counter_totals, entry_visible, visible_links) stay SQL.
+
+CREATE OR REPLACE FUNCTION follows_user(p_follower_id text, p_followed_id text) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN EXISTS (SELECT FROM follows f WHERE f.follower_id = p_follower_id AND f.followed_id = p_followed_id);
+END $$;
+
+CREATE OR REPLACE FUNCTION follow_counts(p_user_ids text[])
+RETURNS TABLE (user_id text, follower_count bigint, following_count bigint)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    SELECT asked.user_id,
+           coalesce(sum(s.follower_count), 0)::bigint,
+           coalesce(sum(s.following_count), 0)::bigint
+    FROM unnest(p_user_ids) WITH ORDINALITY AS asked (user_id, position)
+    LEFT JOIN follow_counter_shards s ON s.user_id = asked.user_id
+    GROUP BY asked.user_id, asked.position
+    ORDER BY asked.position;
+END $$;
+
+CREATE OR REPLACE FUNCTION follow_states(p_user_id text, p_other_user_ids text[])
+RETURNS TABLE (user_id text, following boolean, followed_by boolean)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    following   text[];
+    followed_by text[];
+BEGIN
+    -- Two reads, each of one key's edges (the user's own; the others' edges to the user).
+    SELECT coalesce(array_agg(f.followed_id), '{}') INTO following
+    FROM follows f WHERE f.follower_id = p_user_id AND f.followed_id = ANY (p_other_user_ids);
+    SELECT coalesce(array_agg(f.follower_id), '{}') INTO followed_by
+    FROM follows f WHERE f.follower_id = ANY (p_other_user_ids) AND f.followed_id = p_user_id;
+    RETURN QUERY
+    SELECT asked.user_id, asked.user_id = ANY (following), asked.user_id = ANY (followed_by)
+    FROM unnest(p_other_user_ids) WITH ORDINALITY AS asked (user_id, position)
+    ORDER BY asked.position;
+END $$;
+
+CREATE OR REPLACE FUNCTION list_followers(p_user_id text, p_after_time timestamptz, p_after_user text, p_limit integer)
+RETURNS TABLE (user_id text, create_time timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    SELECT f.follower_id, f.create_time FROM follows f
+    WHERE f.followed_id = p_user_id
+      AND (p_after_time IS NULL OR (f.create_time, f.follower_id) < (p_after_time, p_after_user))
+    ORDER BY f.create_time DESC, f.follower_id DESC
+    LIMIT p_limit;
+END $$;
+
+CREATE OR REPLACE FUNCTION list_following(p_user_id text, p_after_time timestamptz, p_after_user text, p_limit integer)
+RETURNS TABLE (user_id text, create_time timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    SELECT f.followed_id, f.create_time FROM follows f
+    WHERE f.follower_id = p_user_id
+      AND (p_after_time IS NULL OR (f.create_time, f.followed_id) < (p_after_time, p_after_user))
+    ORDER BY f.create_time DESC, f.followed_id DESC
+    LIMIT p_limit;
+END $$;
+
+CREATE OR REPLACE FUNCTION reaction_outcome(e entries, p_state boolean, p_changed boolean)
+RETURNS reaction_outcome
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    result reaction_outcome;
+BEGIN
+    SELECT true, p_state, p_changed, c.resonance_count, c.amplification_count, e.branch_count, c.share_count
+    INTO result FROM counter_totals(e.entry_id) c;
+    RETURN result;
+END $$;
+
+-- The whole entry as p_viewer is shown it (for the reply to a create): the
+-- parent and root read one statement each (each its own key's shard).
+CREATE OR REPLACE FUNCTION entry_as_seen(e entries, p_viewer text) RETURNS entries
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    linked entries;
+BEGIN
+    IF e.parent_entry_id IS NOT NULL THEN
+        SELECT * INTO linked FROM entries WHERE entry_id = e.parent_entry_id;
+        IF NOT entry_visible(linked, p_viewer) THEN
+            e.parent_entry_id := NULL;
+        END IF;
+    END IF;
+    IF e.root_entry_id <> e.entry_id THEN
+        SELECT * INTO linked FROM entries WHERE entry_id = e.root_entry_id;
+        IF NOT entry_visible(linked, p_viewer) THEN
+            e.root_entry_id := NULL;
+        END IF;
+    END IF;
+    RETURN e;
+END $$;

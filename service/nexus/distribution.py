@@ -17,8 +17,11 @@ rather than staying on the coordinator unnoticed.
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlsplit
 
 import asyncpg
+
+from nexus.citus_cluster import node_url
 
 log = logging.getLogger("nexus.distribution")
 
@@ -100,6 +103,19 @@ async def is_cluster(conn: asyncpg.Connection) -> bool:
             "SELECT EXISTS (SELECT FROM pg_dist_node WHERE groupid <> 0 AND noderole = 'primary' AND isactive)"
         )
     )
+
+
+async def worker_urls(conn: asyncpg.Connection, url: str) -> list[str]:
+    """``url`` pointed at each active primary worker (same credentials and database);
+    none on a plain PostgreSQL or a coordinator without workers."""
+    if not await is_cluster(conn):
+        return []
+    rows = await conn.fetch(
+        """SELECT nodename, nodeport FROM pg_dist_node
+           WHERE groupid <> 0 AND noderole = 'primary' AND isactive ORDER BY nodename, nodeport"""
+    )
+    database = urlsplit(url).path.lstrip("/")
+    return [node_url(url, r["nodename"], r["nodeport"], database) for r in rows]
 
 
 async def distribute(conn: asyncpg.Connection) -> list[str]:
