@@ -425,6 +425,9 @@ DECLARE
     payer_sequence bigint;
     payee_balance  bigint;
     payee_sequence bigint;
+    -- Citus refuses a volatile function in an UPDATE of a distributed table:
+    -- the time is taken per item into a variable instead.
+    moved_at       timestamptz;
 BEGIN
     FOR holder IN SELECT DISTINCT u FROM unnest(p_user_id || p_counterparties) AS u WHERE u IS NOT NULL ORDER BY u LOOP
         INSERT INTO balances AS b (user_id, balance) VALUES (holder, 0)
@@ -480,9 +483,10 @@ BEGIN
             CONTINUE;
         END IF;
 
+        moved_at := clock_timestamp();
         IF payer IS NOT NULL THEN
             UPDATE balances b SET balance = b.balance - p_amounts[i], last_sequence = b.last_sequence + 1,
-                                  update_time = clock_timestamp()
+                                  update_time = moved_at
             WHERE b.user_id = payer RETURNING b.balance, b.last_sequence INTO payer_balance, payer_sequence;
             RETURN QUERY
             INSERT INTO token_transactions AS t (transaction_id, user_id, kind, amount, balance_after, reason,
@@ -495,7 +499,7 @@ BEGIN
         END IF;
         IF payee IS NOT NULL THEN
             UPDATE balances b SET balance = b.balance + p_amounts[i], last_sequence = b.last_sequence + 1,
-                                  update_time = clock_timestamp()
+                                  update_time = moved_at
             WHERE b.user_id = payee RETURNING b.balance, b.last_sequence INTO payee_balance, payee_sequence;
             RETURN QUERY
             INSERT INTO token_transactions AS t (transaction_id, user_id, kind, amount, balance_after, reason,
@@ -537,12 +541,14 @@ CREATE OR REPLACE FUNCTION record_interaction(p_user_id text, p_target_id text, 
 RETURNS TABLE (user_id text, target_id text, action text, notes text, create_time timestamptz,
                update_time timestamptz, created boolean)
 LANGUAGE plpgsql AS $$
+DECLARE
+    recorded_at timestamptz := clock_timestamp();  -- a variable: Citus refuses volatile functions in an update
 BEGIN
     RETURN QUERY
     INSERT INTO user_interactions AS i (user_id, target_id, action, notes)
     VALUES (p_user_id, p_target_id, p_action, p_notes)
     ON CONFLICT ON CONSTRAINT user_interactions_pkey DO UPDATE
-        SET action = excluded.action, notes = excluded.notes, update_time = clock_timestamp()
+        SET action = excluded.action, notes = excluded.notes, update_time = recorded_at
     -- xmax is 0 on a freshly inserted row version, set on an updated one.
     RETURNING i.user_id, i.target_id, i.action, i.notes, i.create_time, i.update_time, i.xmax = 0;
 END $$;
@@ -662,24 +668,293 @@ BEGIN
     RETURN result;
 END $$;
 
--- The whole entry as p_viewer is shown it (for the reply to a create): the
--- parent and root read one statement each (each its own key's shard).
-CREATE OR REPLACE FUNCTION entry_as_seen(e entries, p_viewer text) RETURNS entries
+-- The entry's parent and root ids as p_viewer is shown them (0005), the
+-- parent and the root read one statement each (each on its own shard).
+CREATE OR REPLACE FUNCTION visible_links(e entries, p_viewer text)
+RETURNS TABLE (parent_entry_id uuid, root_entry_id uuid)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     linked entries;
 BEGIN
+    parent_entry_id := e.parent_entry_id;
+    root_entry_id := e.root_entry_id;
     IF e.parent_entry_id IS NOT NULL THEN
-        SELECT * INTO linked FROM entries WHERE entry_id = e.parent_entry_id;
-        IF NOT entry_visible(linked, p_viewer) THEN
-            e.parent_entry_id := NULL;
+        SELECT * INTO linked FROM entries WHERE entries.entry_id = e.parent_entry_id;
+        IF NOT FOUND OR NOT entry_visible(linked, p_viewer) THEN
+            parent_entry_id := NULL;
         END IF;
     END IF;
     IF e.root_entry_id <> e.entry_id THEN
-        SELECT * INTO linked FROM entries WHERE entry_id = e.root_entry_id;
-        IF NOT entry_visible(linked, p_viewer) THEN
-            e.root_entry_id := NULL;
+        SELECT * INTO linked FROM entries WHERE entries.entry_id = e.root_entry_id;
+        IF NOT FOUND OR NOT entry_visible(linked, p_viewer) THEN
+            root_entry_id := NULL;
         END IF;
     END IF;
-    RETURN e;
+    RETURN NEXT;
+END $$;
+
+------------------------------------------------------------------------------
+-- Visibility in reads of many entries. entry_visible asks follows_user per
+-- FOLLOWERS entry; inside a query Citus pushes down to the entries' shards,
+-- that lookup of another table would be a distributed query from a query on
+-- a shard, which Citus refuses. So the reads of many entries first gather,
+-- in statements of their own, what p_viewer may see: the authors (of the
+-- entries, their parents and roots) p_viewer follows, and which parents and
+-- roots p_viewer may see; the main query then checks against those arrays.
+
+-- entry_visible with the follows already looked up: p_followed holds the
+-- authors of interest that p_viewer follows.
+CREATE FUNCTION entry_visible_given(e entries, p_viewer text, p_followed text[]) RETURNS boolean
+LANGUAGE sql STABLE
+RETURN p_viewer IS NULL OR e.privacy = 'public' OR e.author_id = p_viewer
+       OR (e.privacy = 'followers' AND e.author_id = ANY (p_followed));
+
+CREATE FUNCTION viewer_context(p_viewer text, p_entry_ids uuid[], OUT followed text[], OUT visible_links uuid[])
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    linked  uuid[];
+    authors text[];
+BEGIN
+    SELECT coalesce(array_agg(DISTINCT link), '{}') INTO linked
+    FROM entries e CROSS JOIN LATERAL unnest(ARRAY[e.parent_entry_id, e.root_entry_id]) AS link
+    WHERE e.entry_id = ANY (p_entry_ids) AND link IS NOT NULL AND link <> e.entry_id;
+    followed := '{}';
+    IF p_viewer IS NOT NULL THEN
+        SELECT coalesce(array_agg(DISTINCT e.author_id), '{}') INTO authors
+        FROM entries e
+        WHERE (e.entry_id = ANY (p_entry_ids) OR e.entry_id = ANY (linked))
+          AND e.privacy = 'followers' AND e.author_id <> p_viewer;
+        IF cardinality(authors) > 0 THEN
+            SELECT coalesce(array_agg(f.followed_id), '{}') INTO followed
+            FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = ANY (authors);
+        END IF;
+    END IF;
+    SELECT coalesce(array_agg(e.entry_id), '{}') INTO visible_links
+    FROM entries e WHERE e.entry_id = ANY (linked) AND entry_visible_given(e, p_viewer, followed);
+END $$;
+
+CREATE OR REPLACE FUNCTION get_entries(p_entry_ids uuid[], p_viewer text, p_states_for text)
+RETURNS TABLE (entry_id uuid, author_id text, parent_entry_id uuid, root_entry_id uuid, depth integer,
+               branch_order integer, type text, title text, content text, privacy privacy, tags text[],
+               metadata jsonb, create_time timestamptz, update_time timestamptz, branch_count bigint,
+               resonance_count bigint, amplification_count bigint, share_count bigint,
+               has_resonated boolean, has_amplified boolean)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    seen record := viewer_context(p_viewer, p_entry_ids);
+BEGIN
+    RETURN QUERY
+    SELECT e.entry_id, e.author_id,
+           CASE WHEN e.parent_entry_id = ANY (seen.visible_links) THEN e.parent_entry_id END,
+           CASE WHEN e.root_entry_id = e.entry_id OR e.root_entry_id = ANY (seen.visible_links)
+                THEN e.root_entry_id END,
+           e.depth, e.branch_order, e.type,
+           e.title, e.content, e.privacy, e.tags, e.metadata, e.create_time, e.update_time, e.branch_count::bigint,
+           c.resonance_count, c.amplification_count, c.share_count,
+           p_states_for IS NOT NULL AND EXISTS (
+               SELECT 1 FROM reactions r
+               WHERE r.user_id = p_states_for AND r.entry_id = e.entry_id AND r.kind = 'resonance'),
+           p_states_for IS NOT NULL AND EXISTS (
+               SELECT 1 FROM reactions r
+               WHERE r.user_id = p_states_for AND r.entry_id = e.entry_id AND r.kind = 'amplification')
+    FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
+    JOIN entries e ON e.entry_id = asked.entry_id
+    CROSS JOIN LATERAL counter_totals(e.entry_id) c
+    WHERE e.delete_time IS NULL AND entry_visible_given(e, p_viewer, seen.followed)
+    ORDER BY asked.position;
+END $$;
+
+CREATE OR REPLACE FUNCTION entry_counts(p_entry_ids uuid[], p_viewer text)
+RETURNS TABLE (entry_id uuid, resonance_count bigint, amplification_count bigint,
+               branch_count bigint, share_count bigint)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    seen record := viewer_context(p_viewer, p_entry_ids);
+BEGIN
+    RETURN QUERY
+    SELECT e.entry_id, c.resonance_count, c.amplification_count, e.branch_count::bigint, c.share_count
+    FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
+    JOIN entries e ON e.entry_id = asked.entry_id
+    CROSS JOIN LATERAL counter_totals(e.entry_id) c
+    WHERE e.delete_time IS NULL AND entry_visible_given(e, p_viewer, seen.followed)
+    ORDER BY asked.position;
+END $$;
+
+CREATE OR REPLACE FUNCTION user_interaction_states(p_user_id text, p_entry_ids uuid[])
+RETURNS TABLE (entry_id uuid, has_resonated boolean, has_amplified boolean)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    seen record := viewer_context(p_user_id, p_entry_ids);
+BEGIN
+    RETURN QUERY
+    SELECT asked.entry_id,
+           EXISTS (SELECT 1 FROM reactions r
+                   WHERE r.user_id = p_user_id AND r.entry_id = e.entry_id AND r.kind = 'resonance'),
+           EXISTS (SELECT 1 FROM reactions r
+                   WHERE r.user_id = p_user_id AND r.entry_id = e.entry_id AND r.kind = 'amplification')
+    FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
+    JOIN entries e ON e.entry_id = asked.entry_id
+    WHERE e.delete_time IS NULL AND entry_visible_given(e, p_user_id, seen.followed)
+    ORDER BY asked.position;
+END $$;
+
+------------------------------------------------------------------------------
+-- The remaining reads of 0001-0004, as PL/pgSQL (same queries; see above).
+
+CREATE OR REPLACE FUNCTION get_balances(p_user_ids text[])
+RETURNS TABLE (user_id text, balance bigint, update_time timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    SELECT asked.user_id, coalesce(b.balance, 0), b.update_time
+    FROM unnest(p_user_ids) WITH ORDINALITY AS asked (user_id, position)
+    LEFT JOIN balances b ON b.user_id = asked.user_id
+    ORDER BY asked.position;
+END $$;
+
+CREATE OR REPLACE FUNCTION list_transactions(p_user_id text, p_after_sequence bigint, p_limit integer)
+RETURNS SETOF token_transactions
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    SELECT * FROM token_transactions t
+    WHERE t.user_id = p_user_id AND (p_after_sequence IS NULL OR t.sequence < p_after_sequence)
+    ORDER BY t.sequence DESC
+    LIMIT p_limit;
+END $$;
+
+CREATE OR REPLACE FUNCTION list_interactions(p_user_id text, p_action text, p_after_time timestamptz,
+                                             p_after_target text, p_limit integer)
+RETURNS SETOF user_interactions
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    SELECT * FROM user_interactions i
+    WHERE i.user_id = p_user_id
+      AND (p_action IS NULL OR i.action = p_action)
+      AND (p_after_time IS NULL OR (i.update_time, i.target_id) < (p_after_time, p_after_target))
+    ORDER BY i.update_time DESC, i.target_id DESC
+    LIMIT p_limit;
+END $$;
+
+CREATE OR REPLACE FUNCTION get_memory(p_user_id text, p_memory_id uuid)
+RETURNS TABLE (document jsonb, embedding real[])
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    SELECT memory_document(m), m.embedding::real[]
+    FROM memories m WHERE m.memory_id = p_memory_id AND m.user_id = p_user_id;
+END $$;
+
+CREATE OR REPLACE FUNCTION list_memories(
+    p_user_id text, p_since timestamptz, p_min_gravity double precision, p_emotion_type text, p_thread_id text,
+    p_session_id text, p_tags_any text[], p_anchors_only boolean, p_after_time timestamptz, p_after_id uuid,
+    p_limit integer)
+RETURNS SETOF jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    SELECT memory_document(m)
+    FROM memories m
+    WHERE m.user_id = p_user_id
+      AND (p_since IS NULL OR m.create_time >= p_since)
+      AND m.gravity_score >= p_min_gravity
+      AND (p_emotion_type IS NULL OR m.emotion_type = p_emotion_type)
+      AND (p_thread_id IS NULL OR m.thread_id = p_thread_id)
+      AND (p_session_id IS NULL OR m.session_id = p_session_id)
+      AND (p_tags_any IS NULL OR m.meta_tags && p_tags_any)
+      AND (NOT p_anchors_only OR m.identity_anchor)
+      AND (p_after_time IS NULL OR (m.create_time, m.memory_id) < (p_after_time, p_after_id))
+    ORDER BY m.create_time DESC, m.memory_id DESC
+    LIMIT p_limit;
+END $$;
+
+CREATE OR REPLACE FUNCTION list_arcs(p_user_id text, p_after_time timestamptz, p_after_id uuid, p_limit integer)
+RETURNS SETOF jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    arc memory_arcs;
+BEGIN
+    -- arc_document reads the arc's members: one statement per arc, not a
+    -- subquery per row of a query Citus pushes down.
+    FOR arc IN
+        SELECT * FROM memory_arcs a
+        WHERE a.user_id = p_user_id
+          AND (p_after_time IS NULL OR (a.create_time, a.arc_id) < (p_after_time, p_after_id))
+        ORDER BY a.create_time DESC, a.arc_id DESC
+        LIMIT p_limit
+    LOOP
+        RETURN NEXT arc_document(arc);
+    END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION arc_document(a memory_arcs) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    members jsonb;
+BEGIN
+    SELECT coalesce(jsonb_agg(m.memory_id ORDER BY m.create_time, m.memory_id), '[]') INTO members
+    FROM memory_arc_members am JOIN memories m ON m.user_id = am.user_id AND m.memory_id = am.memory_id
+    WHERE am.user_id = a.user_id AND am.arc_id = a.arc_id;
+    RETURN jsonb_build_object(
+        'arc_id', a.arc_id, 'user_id', a.user_id, 'arc_name', a.arc_name, 'emotion_type', a.emotion_type,
+        'gravity_center', a.gravity_center, 'evolution_stage', a.evolution_stage, 'memory_ids', members,
+        'create_time', a.create_time, 'update_time', a.update_time);
+END $$;
+
+CREATE OR REPLACE FUNCTION list_sessions(p_user_id text, p_status text, p_after_time timestamptz, p_after_id text,
+                                         p_limit integer)
+RETURNS SETOF memory_sessions
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    SELECT * FROM memory_sessions s
+    WHERE s.user_id = p_user_id
+      AND (p_status IS NULL OR s.status = p_status)
+      AND (p_after_time IS NULL OR (s.last_message_time, s.session_id) < (p_after_time, p_after_id))
+    ORDER BY s.last_message_time DESC, s.session_id DESC
+    LIMIT p_limit;
+END $$;
+
+CREATE OR REPLACE FUNCTION list_patterns(
+    p_user_id text, p_pattern_type text, p_after_intensity double precision, p_after_type text, p_limit integer)
+RETURNS SETOF memory_patterns
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    SELECT * FROM memory_patterns p
+    WHERE p.user_id = p_user_id
+      AND (p_pattern_type IS NULL OR p.pattern_type = p_pattern_type)
+      AND (p_after_intensity IS NULL OR p.intensity < p_after_intensity
+           OR (p.intensity = p_after_intensity AND p.pattern_type > p_after_type))
+    ORDER BY p.intensity DESC, p.pattern_type
+    LIMIT p_limit;
+END $$;
+
+CREATE OR REPLACE FUNCTION memory_stream_position(p_user_id text)
+RETURNS TABLE (last_event_seq bigint, purged_event_seq bigint)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    SELECT coalesce(max(u.last_event_seq), 0)::bigint, coalesce(max(u.purged_event_seq), 0)::bigint
+    FROM memory_users u WHERE u.user_id = p_user_id;
+END $$;
+
+-- Events of several users after the given positions, in order, up to
+-- p_limit per user: one pruned read of the users' shards, numbered per user
+-- by a window partitioned by the user (Citus pushes that down; a correlated
+-- LATERAL ... LIMIT it cannot).
+CREATE OR REPLACE FUNCTION memory_events_after(p_user_ids text[], p_after bigint[], p_limit integer)
+RETURNS TABLE (user_id text, seq bigint, topic text, change text, document jsonb, create_time timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    SELECT x.user_id, x.seq, x.topic, x.change, x.document, x.create_time FROM (
+        SELECT e.user_id, e.seq, e.topic, e.change, e.document, e.create_time,
+               row_number() OVER (PARTITION BY e.user_id ORDER BY e.seq) AS n
+        FROM memory_events e
+        WHERE e.user_id = ANY (p_user_ids)
+          AND e.seq > p_after[array_position(p_user_ids, e.user_id)]) x
+    WHERE x.n <= p_limit
+    ORDER BY x.user_id, x.seq;
 END $$;
