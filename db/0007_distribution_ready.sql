@@ -592,8 +592,9 @@ BEGIN
 END $$;
 
 -- Reads likewise: the same queries, run by PL/pgSQL (whose parameters Citus
--- plans, routing a user's read to its shard). Small SQL helpers that inline
--- into these queries (counter_totals, entry_visible, visible_links) stay SQL.
+-- plans, routing a user's read to its shard). entry_visible stays an inlined
+-- SQL expression; counter_totals and visible_links become PL/pgSQL too, and
+-- the reads of many entries write the sums out in their own query.
 
 CREATE OR REPLACE FUNCTION follows_user(p_follower_id text, p_followed_id text) RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
@@ -657,6 +658,17 @@ BEGIN
     LIMIT p_limit;
 END $$;
 
+CREATE OR REPLACE FUNCTION counter_totals(p_entry_id uuid)
+RETURNS TABLE (resonance_count bigint, amplification_count bigint, share_count bigint)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    SELECT coalesce(sum(s.resonance_count), 0)::bigint,
+           coalesce(sum(s.amplification_count), 0)::bigint,
+           coalesce(sum(s.share_count), 0)::bigint
+    FROM entry_counter_shards s WHERE s.entry_id = p_entry_id;
+END $$;
+
 CREATE OR REPLACE FUNCTION reaction_outcome(e entries, p_state boolean, p_changed boolean)
 RETURNS reaction_outcome
 LANGUAGE plpgsql STABLE AS $$
@@ -703,11 +715,13 @@ END $$;
 -- roots p_viewer may see; the main query then checks against those arrays.
 
 -- entry_visible with the follows already looked up: p_followed holds the
--- authors of interest that p_viewer follows.
-CREATE FUNCTION entry_visible_given(e entries, p_viewer text, p_followed text[]) RETURNS boolean
-LANGUAGE sql STABLE
-RETURN p_viewer IS NULL OR e.privacy = 'public' OR e.author_id = p_viewer
-       OR (e.privacy = 'followers' AND e.author_id = ANY (p_followed));
+-- authors of interest that p_viewer follows. It takes the entry's columns,
+-- not its row: on a shard the row has the shard table's type.
+CREATE FUNCTION entry_visible_given(p_privacy privacy, p_author_id text, p_viewer text, p_followed text[])
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN p_viewer IS NULL OR p_privacy = 'public' OR p_author_id = p_viewer
+       OR (p_privacy = 'followers' AND p_author_id = ANY (p_followed));
 
 CREATE FUNCTION viewer_context(p_viewer text, p_entry_ids uuid[], OUT followed text[], OUT visible_links uuid[])
 LANGUAGE plpgsql STABLE AS $$
@@ -730,7 +744,7 @@ BEGIN
         END IF;
     END IF;
     SELECT coalesce(array_agg(e.entry_id), '{}') INTO visible_links
-    FROM entries e WHERE e.entry_id = ANY (linked) AND entry_visible_given(e, p_viewer, followed);
+    FROM entries e WHERE e.entry_id = ANY (linked) AND entry_visible_given(e.privacy, e.author_id, p_viewer, followed);
 END $$;
 
 CREATE OR REPLACE FUNCTION get_entries(p_entry_ids uuid[], p_viewer text, p_states_for text)
@@ -759,8 +773,13 @@ BEGIN
                WHERE r.user_id = p_states_for AND r.entry_id = e.entry_id AND r.kind = 'amplification')
     FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
     JOIN entries e ON e.entry_id = asked.entry_id
-    CROSS JOIN LATERAL counter_totals(e.entry_id) c
-    WHERE e.delete_time IS NULL AND entry_visible_given(e, p_viewer, seen.followed)
+    CROSS JOIN LATERAL (
+        -- counter_totals, written out: inside a query Citus pushes down to the shards.
+        SELECT coalesce(sum(s.resonance_count), 0)::bigint AS resonance_count,
+               coalesce(sum(s.amplification_count), 0)::bigint AS amplification_count,
+               coalesce(sum(s.share_count), 0)::bigint AS share_count
+        FROM entry_counter_shards s WHERE s.entry_id = e.entry_id) c
+    WHERE e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, p_viewer, seen.followed)
     ORDER BY asked.position;
 END $$;
 
@@ -775,8 +794,13 @@ BEGIN
     SELECT e.entry_id, c.resonance_count, c.amplification_count, e.branch_count::bigint, c.share_count
     FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
     JOIN entries e ON e.entry_id = asked.entry_id
-    CROSS JOIN LATERAL counter_totals(e.entry_id) c
-    WHERE e.delete_time IS NULL AND entry_visible_given(e, p_viewer, seen.followed)
+    CROSS JOIN LATERAL (
+        -- counter_totals, written out: inside a query Citus pushes down to the shards.
+        SELECT coalesce(sum(s.resonance_count), 0)::bigint AS resonance_count,
+               coalesce(sum(s.amplification_count), 0)::bigint AS amplification_count,
+               coalesce(sum(s.share_count), 0)::bigint AS share_count
+        FROM entry_counter_shards s WHERE s.entry_id = e.entry_id) c
+    WHERE e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, p_viewer, seen.followed)
     ORDER BY asked.position;
 END $$;
 
@@ -794,7 +818,7 @@ BEGIN
                    WHERE r.user_id = p_user_id AND r.entry_id = e.entry_id AND r.kind = 'amplification')
     FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
     JOIN entries e ON e.entry_id = asked.entry_id
-    WHERE e.delete_time IS NULL AND entry_visible_given(e, p_user_id, seen.followed)
+    WHERE e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, p_user_id, seen.followed)
     ORDER BY asked.position;
 END $$;
 
