@@ -556,28 +556,28 @@ END $$;
 CREATE OR REPLACE FUNCTION touch_session(p_user_id text, p_session_id text, p_status text) RETURNS memory_sessions
 LANGUAGE plpgsql AS $$
 DECLARE
-    s memory_sessions;
+    touched memory_sessions;
 BEGIN
     INSERT INTO memory_sessions AS s (user_id, session_id, status)
     VALUES (p_user_id, p_session_id, p_status)
     ON CONFLICT ON CONSTRAINT memory_sessions_pkey DO UPDATE
     SET status = EXCLUDED.status, last_message_time = greatest(now(), s.last_message_time)
-    RETURNING * INTO s;
-    RETURN s;
+    RETURNING * INTO touched;
+    RETURN touched;
 END $$;
 
 CREATE OR REPLACE FUNCTION record_pattern(p_user_id text, p_pattern_type text, p_intensity double precision)
 RETURNS memory_patterns
 LANGUAGE plpgsql AS $$
 DECLARE
-    p memory_patterns;
+    recorded memory_patterns;
 BEGIN
     INSERT INTO memory_patterns AS p (user_id, pattern_type, intensity)
     VALUES (p_user_id, p_pattern_type, p_intensity)
     ON CONFLICT ON CONSTRAINT memory_patterns_pkey DO UPDATE
     SET intensity = EXCLUDED.intensity, occurrences = p.occurrences + 1, update_time = now()
-    RETURNING * INTO p;
-    RETURN p;
+    RETURNING * INTO recorded;
+    RETURN recorded;
 END $$;
 
 CREATE OR REPLACE FUNCTION set_identity_entities(p_user_id text, p_entities text[]) RETURNS text[]
