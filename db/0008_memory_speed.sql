@@ -10,23 +10,21 @@ CREATE TYPE memory_create AS (
     gravity_score double precision, emotion_type text, entities text[], meta_tags text[], temporal_type text,
     embedding real[], request_id text);
 
--- Each item as one create_memory call, in order; rows tagged with item
--- (1-based). An item's request_id conflict (NX409) or deleted memory (NX404)
--- is its own outcome (error_code, error_message, error_column), rolled back
--- alone; any other error fails the batch. The users' locks are taken first,
--- in one order, so batches of several users never deadlock on each other.
+-- Each item (all of user p_user_id: group commit batches one key, so Citus
+-- delegates the call to the user's worker) as one create_memory call, in
+-- order; rows tagged with item (1-based). An item's request_id conflict
+-- (NX409) or deleted memory (NX404) is its own outcome (error_code,
+-- error_message, error_column), rolled back alone; any other error fails the
+-- batch.
 CREATE FUNCTION create_memories(
-    p_items memory_create[], OUT item integer, OUT document jsonb, OUT error_code text, OUT error_message text,
+    p_user_id text, p_items memory_create[], OUT item integer, OUT document jsonb, OUT error_code text, OUT error_message text,
     OUT error_column text)
 RETURNS SETOF record
 LANGUAGE plpgsql AS $$
 DECLARE
-    owner text;
-    c     memory_create;
+    c memory_create;
 BEGIN
-    FOR owner IN SELECT DISTINCT i.user_id FROM unnest(p_items) i ORDER BY 1 LOOP
-        PERFORM lock_memory_user(owner);
-    END LOOP;
+    PERFORM lock_memory_user(p_user_id);
     FOR i IN 1 .. cardinality(p_items) LOOP
         c := p_items[i];
         item := i;

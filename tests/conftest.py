@@ -26,7 +26,9 @@ import pytest
 from grpc_status import rpc_status
 
 from nexus import database, embedded, migrations
-from nexus.citus_cluster import CitusCluster
+from nexus.citus_cluster import (
+    CitusCluster, copy_cluster_database, create_cluster_database, drop_cluster_database, freeze_template,
+)
 from nexus.auth import mint_token
 from nexus.config import Config
 from nexus.server import NexusServer
@@ -85,23 +87,50 @@ async def citus_url() -> AsyncIterator[str]:
         cluster.remove()
 
 
+# NEXUS_TEST_BACKEND=citus runs the tests that use `db_url` (every server test)
+# against a Citus cluster instead of one PostgreSQL: each test gets a copy of a
+# migrated, distributed cluster database (.ci/run runs the concurrency and
+# invariant tests that way). Tests that reach past the service into the one
+# server (fault injection) need the single node.
+ON_CITUS = os.environ.get("NEXUS_TEST_BACKEND", "postgres") == "citus"
+
+
 @pytest.fixture(scope="session")
-async def template_db(pg_admin_url: str) -> AsyncIterator[str]:
+def admin_url(request: pytest.FixtureRequest) -> str:
+    """The admin database of the backend the tests run on."""
+    return request.getfixturevalue("citus_url" if ON_CITUS else "pg_admin_url")
+
+
+@pytest.fixture(scope="session")
+async def template_db(admin_url: str) -> AsyncIterator[str]:
     name = f"nexus_template_{os.getpid()}"
-    # No connection is held across the session: fault tests crash the server.
-    admin = await asyncpg.connect(pg_admin_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    conn = await database.connect(with_database(pg_admin_url, name))
+    if ON_CITUS:
+        await drop_cluster_database(admin_url, name)
+        await create_cluster_database(admin_url, name)
+    else:
+        # No connection is held across the session: fault tests crash the server.
+        admin = await asyncpg.connect(admin_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+    conn = await database.connect(with_database(admin_url, name))
     try:
         await migrations.migrate(conn)
     finally:
         await conn.close()
+    if ON_CITUS:
+        await freeze_template(admin_url, name)
     yield name
-    admin = await asyncpg.connect(pg_admin_url)
+    await _drop_database(admin_url, name)
+
+
+async def _drop_database(admin_url: str, name: str) -> None:
+    if ON_CITUS:
+        await drop_cluster_database(admin_url, name)
+        return
+    admin = await asyncpg.connect(admin_url)
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
@@ -112,20 +141,19 @@ _db_numbers = itertools.count()
 
 
 @pytest.fixture
-async def db_url(pg_admin_url: str, template_db: str) -> AsyncIterator[str]:
+async def db_url(admin_url: str, template_db: str) -> AsyncIterator[str]:
     """A fresh, migrated database for one test."""
     name = f"nexus_test_{os.getpid()}_{next(_db_numbers)}"
-    admin = await asyncpg.connect(pg_admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    finally:
-        await admin.close()
-    yield with_database(pg_admin_url, name)
-    admin = await asyncpg.connect(pg_admin_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    if ON_CITUS:
+        yield await copy_cluster_database(admin_url, template_db, name)
+    else:
+        admin = await asyncpg.connect(admin_url)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        finally:
+            await admin.close()
+        yield with_database(admin_url, name)
+    await _drop_database(admin_url, name)
 
 
 @pytest.fixture

@@ -100,7 +100,7 @@ async def assert_counters_exact(clients: Clients, db: asyncpg.Connection, users:
 
 
 async def nothing_written(db: asyncpg.Connection) -> bool:
-    return await db.fetchval("SELECT NOT EXISTS (SELECT FROM follows) AND NOT EXISTS (SELECT FROM follow_counter_shards)")
+    return await db.fetchval("SELECT NOT EXISTS (SELECT 1 FROM follows) AND NOT EXISTS (SELECT 1 FROM follow_counter_shards)")
 
 
 # --- Follow and Unfollow ------------------------------------------------------

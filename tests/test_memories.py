@@ -137,7 +137,7 @@ async def open_arcs(db: asyncpg.Connection, user: str) -> dict[str, set[str]]:
     """emotion -> the member ids of the user's FORMING/ACTIVE arc of it; fails on two open arcs of one emotion."""
     rows = await db.fetch(
         """SELECT a.emotion_type, a.arc_id, array_remove(array_agg(am.memory_id::text), NULL) AS members
-           FROM memory_arcs a LEFT JOIN memory_arc_members am USING (arc_id)
+           FROM memory_arcs a LEFT JOIN memory_arc_members am ON am.user_id = a.user_id AND am.arc_id = a.arc_id
            WHERE a.user_id = $1 AND a.evolution_stage IN ('forming', 'active')
            GROUP BY a.emotion_type, a.arc_id""",
         user,

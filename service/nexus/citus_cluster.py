@@ -227,3 +227,24 @@ async def create_cluster_database(admin_url: str, name: str) -> str:
 async def drop_cluster_database(admin_url: str, name: str) -> None:
     """Drops database ``name`` on every node of ``admin_url``'s cluster (missing copies are fine)."""
     await _on_every_node(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def freeze_template(admin_url: str, name: str) -> None:
+    """Makes cluster database ``name`` a template on every node: no new connections,
+    the open ones (Citus's maintenance daemon) ended, so ``CREATE DATABASE ... TEMPLATE``
+    can copy it."""
+    await _on_every_node(admin_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    await _on_every_node(admin_url, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+
+
+async def copy_cluster_database(admin_url: str, template: str, name: str) -> str:
+    """Copies a frozen cluster database on every node (under a second, where a new
+    one takes seconds); returns the copy's coordinator URL.
+
+    Each node copies its own shards and its own copy of the Citus metadata, which
+    names nodes by host and port and reaches them under the same database name, so
+    the copies form a cluster of their own.
+    """
+    await _on_every_node(admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    parts = urlsplit(admin_url)
+    return node_url(admin_url, parts.hostname or HOST, parts.port or 5432, name)

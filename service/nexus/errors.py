@@ -177,9 +177,6 @@ def from_database(exc: BaseException) -> NexusError:
         field = getattr(exc, "column_name", None) or ""
         if sqlstate in ("NX400", "NX403", "NX404", "NX409"):
             return from_raised(sqlstate, message, field)
-        if sqlstate == "23505" and getattr(exc, "constraint_name", None) == "entries_request":
-            # A request_id reused with another parent, caught by the unique index.
-            return AlreadyExists("request_id was already used with different arguments")
         if sqlstate in ("40P01", "40001"):  # deadlock / serialization failure: rolled back, safe to retry
             return Aborted()
         if sqlstate == "NX412":

@@ -10,8 +10,13 @@ one round trip and one commit for many writes, which is what lets a viral
 entry or a hot merchant take writes at the database's pace rather than the
 pace of per-call overheads.
 
-A batch function takes one array per argument (item i is the i-th element of
-each) and returns result rows tagged with ``item`` (1-based). Semantics are
+A batch function takes the batch's key first (every item of a batch has the
+same one: an entry for reactions, the initiating user for token operations),
+then one array per argument (item i is the i-th element of each), and returns
+result rows tagged with ``item`` (1-based). One key per batch is what lets
+Citus delegate the call to the one worker that owns the key (docs/citus.md);
+on one node it costs nothing, since the storms group commit exists for are
+storms on one key. Semantics are
 those of one call each: each gets its own rows (per-item failures are
 statuses in those rows, for the caller to turn into errors).
 
@@ -59,6 +64,7 @@ log = logging.getLogger("nexus.group_commit")
 
 @dataclass
 class _Item:
+    batch_key: Hashable
     arguments: tuple[Any, ...]
     keys: frozenset[Hashable]
     deadline: float | None
@@ -83,15 +89,15 @@ class GroupCommit:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, keys: Iterable[Hashable], *arguments: Any) -> list[asyncpg.Record]:
-        """Applies one item writing `keys`; returns its result rows."""
+    async def submit(self, batch_key: Hashable, keys: Iterable[Hashable], *arguments: Any) -> list[asyncpg.Record]:
+        """Applies one item writing `keys` in a batch of `batch_key`; returns its result rows."""
         if len(self._pending) >= self._max_pending:
             raise ResourceExhausted(f"more than {self._max_pending} {self._name} writes are queued")
         deadline = call_deadline.get()
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded(DeadlineExceeded.NOT_SENT)
-        item = _Item(arguments, frozenset(keys), deadline)
+        item = _Item(batch_key, arguments, frozenset(keys), deadline)
         self._pending.append(item)
         if self._in_flight == 0 or len(self._pending) >= self._min_batch:
             self._dispatch()
@@ -112,7 +118,7 @@ class GroupCommit:
             task.add_done_callback(self._tasks.discard)
 
     def _take_batch(self) -> list[_Item]:
-        """The next batch: pending items in arrival order whose keys are free."""
+        """The next batch: pending items of one batch key, in arrival order, whose keys are free."""
         blocked = set(self._busy_keys)
         batch: list[_Item] = []
         waiting: list[_Item] = []
@@ -123,7 +129,7 @@ class GroupCommit:
             scanned += 1
             if item.rows.done():
                 continue  # its caller has gone
-            if blocked.isdisjoint(item.keys):
+            if blocked.isdisjoint(item.keys) and (not batch or item.batch_key == batch[0].batch_key):
                 batch.append(item)
             else:
                 waiting.append(item)
@@ -151,9 +157,8 @@ class GroupCommit:
             # Bounded as a whole, waiting for a connection included: a batch must
             # not hold its keys past every caller's deadline.
             async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
-                rows = await self._db.fetch(
-                    self._name, self._query, *(list(column) for column in zip(*(i.arguments for i in batch)))
-                )
+                columns = (list(column) for column in zip(*(i.arguments for i in batch)))
+                rows = await self._db.fetch(self._name, self._query, batch[0].batch_key, *columns)
         except TimeoutError:  # the outcome is unknown if the statement was sent
             self._fail(batch, DeadlineExceeded())
             return

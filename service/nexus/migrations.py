@@ -3,7 +3,9 @@
 Each file is applied once, in its own transaction, and recorded with its
 SHA-256; an applied file whose content has since changed is an error, not a
 silent skip. A session advisory lock serialises migrators, so replicas that
-start together apply each file exactly once.
+start together apply each file exactly once. On a Citus coordinator with
+workers, the schema is then distributed (``nexus.distribution``), under the
+same lock: a migrator always connects to the coordinator, whose lock it is.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
+
+from nexus import distribution
 
 log = logging.getLogger("nexus.migrations")
 
@@ -83,6 +87,7 @@ async def migrate(
             log.info("event=migration_applied name=%s", migration.name)
             newly_applied.append(migration.name)
         await _check_embedding_dim(conn, embedding_dim)
+        await distribution.distribute(conn)
         return newly_applied
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)

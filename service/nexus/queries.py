@@ -11,7 +11,7 @@ CREATE_ENTRY = (
 )
 GET_ENTRIES = "SELECT * FROM get_entries($1, $2, $3)"
 DELETE_ENTRY = "SELECT delete_entry($1, $2)"
-APPLY_REACTIONS = "SELECT * FROM apply_reactions($1, $2, $3, $4)"
+APPLY_REACTIONS = "SELECT * FROM apply_reactions_v2($1, $2, $3, $4)"
 RECORD_SHARE = "SELECT * FROM record_share($1, $2, $3)"
 BRANCH_TREE = "SELECT * FROM branch_tree($1, $2, $3, $4, $5)"
 ENTRY_COUNTS = "SELECT * FROM entry_counts($1, $2)"
@@ -29,13 +29,13 @@ LIST_FOLLOWERS = "SELECT * FROM list_followers($1, $2, $3, $4)"
 LIST_FOLLOWING = "SELECT * FROM list_following($1, $2, $3, $4)"
 RECONCILE_FOLLOW_COUNTERS = "SELECT * FROM reconcile_follow_counters($1)"
 
-APPLY_TOKEN_OPERATIONS = "SELECT * FROM apply_token_operations($1, $2, $3, $4, $5, $6, $7)"
+APPLY_TOKEN_OPERATIONS = "SELECT * FROM apply_token_operations_v2($1, $2, $3, $4, $5, $6, $7)"
 GET_BALANCES = "SELECT * FROM get_balances($1)"
 LIST_TRANSACTIONS = "SELECT * FROM list_transactions($1, $2, $3)"
 RECONCILE_BALANCES = "SELECT * FROM reconcile_balances($1)"
 
 # Group commit: one memory_create composite per CreateMemory.
-CREATE_MEMORIES = "SELECT * FROM create_memories($1::memory_create[])"
+CREATE_MEMORIES = "SELECT * FROM create_memories($1, $2::memory_create[])"
 GET_MEMORY = "SELECT * FROM get_memory($1, $2)"
 UPDATE_MEMORY = "SELECT update_memory($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 DELETE_MEMORY = "SELECT delete_memory($1, $2)"

@@ -17,6 +17,15 @@ bounded amount of memory and still misses nothing.
 
 Broadcasts are ephemeral: a NOTIFY on another channel, fanned out to the
 user's broadcast subscriptions on every replica, dropped when a buffer is full.
+
+On a Citus cluster a user's events are written on the worker that owns the
+user, and a NOTIFY fires only on the node where it is sent: the hub listens
+on the coordinator (broadcasts, and events of a coordinator without workers)
+and on every active primary worker of ``pg_dist_node``, all feeding the same
+hints. Those listeners live and die together: losing one reconnects all and
+re-reads every feed, as losing the single listener does on one node. The
+node list is checked every ``NODE_CHECK_S``; a change (a worker added or
+removed) reconnects the same way. Reads stay on the coordinator.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from typing import Any
 
 import asyncpg
 
-from nexus import queries
+from nexus import distribution, queries
 from nexus.database import Database
 from nexus.errors import NexusError, Unavailable
 
@@ -44,6 +53,7 @@ READ_BATCH = 256
 # Users whose events the hub reads in one query.
 USERS_PER_READ = 1000
 RECONNECT_DELAYS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+NODE_CHECK_S = 30.0
 
 
 class Subscription:
@@ -104,13 +114,16 @@ class EventHub:
         self._broadcasts: dict[str, set[Subscription]] = {}
         self._hinted: set[str] = set()
         self._wake = asyncio.Event()
-        self._conn: asyncpg.Connection | None = None
+        # The coordinator's listener first, then one per worker.
+        self._conns: list[asyncpg.Connection] = []
+        self._workers: list[str] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
     async def start(self) -> None:
         await self._listen()
         self._spawn(self._deliver())
+        self._spawn(self._watch_nodes())
 
     async def close(self) -> None:
         """Ends every stream (they end with UNAVAILABLE) and the listener."""
@@ -126,8 +139,9 @@ class EventHub:
         for subscriptions in self._broadcasts.values():
             for subscription in subscriptions:
                 subscription.close()
-        if self._conn is not None and not self._conn.is_closed():
-            await self._conn.close()
+        for conn in self._conns:
+            if not conn.is_closed():
+                await conn.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -137,16 +151,51 @@ class EventHub:
     # -- the listener connection -------------------------------------------
 
     async def _listen(self) -> None:
-        conn = await asyncpg.connect(self._url, server_settings={"application_name": "nexus-hub"})
-        await conn.add_listener(EVENTS_CHANNEL, self._on_event_hint)
-        await conn.add_listener(BROADCASTS_CHANNEL, self._on_broadcast)
-        conn.add_termination_listener(self._on_connection_lost)
-        self._conn = conn
+        settings = {"application_name": "nexus-hub"}
+        conns = [await asyncpg.connect(self._url, server_settings=settings)]
+        try:
+            await conns[0].add_listener(EVENTS_CHANNEL, self._on_event_hint)
+            await conns[0].add_listener(BROADCASTS_CHANNEL, self._on_broadcast)
+            workers = await distribution.worker_urls(conns[0], self._url)
+            for url in workers:
+                conns.append(await asyncpg.connect(url, server_settings=settings))
+                await conns[-1].add_listener(EVENTS_CHANNEL, self._on_event_hint)
+        except BaseException:
+            for conn in conns:
+                conn.terminate()
+            raise
+        for conn in conns:
+            conn.add_termination_listener(self._on_connection_lost)
+        self._conns = conns
+        self._workers = workers
 
     def _on_connection_lost(self, conn: asyncpg.Connection) -> None:
-        if not self._closing:
-            log.warning("event=listener_lost")
-            self._spawn(self._reconnect())
+        if self._closing or conn not in self._conns:
+            return  # closing, or one of a set already being replaced
+        log.warning("event=listener_lost node=%d", self._conns.index(conn))
+        self._restart_listeners()
+
+    def _restart_listeners(self) -> None:
+        conns, self._conns = self._conns, []
+        for other in conns:
+            other.terminate()
+        self._spawn(self._reconnect())
+
+    async def _watch_nodes(self) -> None:
+        """Reconnects every listener when the cluster's workers change."""
+        while True:
+            await asyncio.sleep(NODE_CHECK_S)
+            if not self._conns:
+                continue  # reconnecting; that reads the node list afresh
+            try:
+                async with self._db.pool.acquire() as conn:
+                    workers = await distribution.worker_urls(conn, self._url)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("event=node_check_failed error=%r", exc)
+                continue
+            if workers != self._workers and self._conns:
+                log.info("event=cluster_nodes_changed workers=%d", len(workers))
+                self._restart_listeners()
 
     async def _reconnect(self) -> None:
         attempt = 0

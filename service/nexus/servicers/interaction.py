@@ -131,7 +131,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         entry_id = validation.entry_id(request.entry_id, "entry_id")
         current_principal.get().require_acting_as(user_id, "user_id")
         op = "toggle" if on is None else "on" if on else "off"
-        (row,) = await self._reactions.submit((entry_id,), op, kind, user_id, entry_id)
+        (row,) = await self._reactions.submit(entry_id, (entry_id,), op, kind, user_id)
         outcome = row["outcome"]
         if not outcome["found"]:
             raise NotFound(f"entry {entry_id} not found", "entry_id")

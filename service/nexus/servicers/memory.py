@@ -198,7 +198,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             embedding,
             validation.request_id(request.request_id, required=False),
         )
-        (row,) = await self._creates.submit((user_id,), arguments)
+        (row,) = await self._creates.submit(user_id, (user_id,), arguments)
         if row["error_code"] is not None:
             raise errors.from_raised(row["error_code"], row["error_message"], row["error_column"] or "")
         document = row["document"]

@@ -62,7 +62,7 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         reference_id = validation.text(request.reference_id, "reference_id", MAX_REFERENCE_CHARS)
         request_id = validation.request_id(request.request_id, required=True)
         keys = (user_id,) if counterparty is None else (user_id, counterparty)
-        rows = await self._ledger.submit(keys, op, user_id, counterparty, amount, reason, reference_id, request_id)
+        rows = await self._ledger.submit(user_id, keys, op, counterparty, amount, reason, reference_id, request_id)
         status = rows[0]["status"]
         if status == "insufficient_funds":
             raise FailedPrecondition("INSUFFICIENT_FUNDS", f"{user_id} has fewer than {amount} tokens")

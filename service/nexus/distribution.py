@@ -1,0 +1,205 @@
+"""Distribution of the schema over a Citus cluster (docs/citus.md).
+
+``nexus.migrations.migrate`` calls :func:`distribute` after the migrations, under
+the migration lock, on every run: when the database is a Citus coordinator with
+at least one active primary worker, every table that grows with users or entries
+is hash-distributed (by user, or by entry, each group co-located) and the hot
+functions are delegated to the worker that owns their key. On a plain
+PostgreSQL (or a Citus coordinator without workers) it does nothing. Each step
+is skipped when the catalog shows it done, so a second run does nothing and a
+run cut short is finished by the next.
+
+A table or function added by a later migration belongs in the plan below: a
+table that is neither in the plan nor in ``LOCAL_TABLES`` stops the migration
+rather than staying on the coordinator unnoticed.
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from nexus.citus_cluster import node_url
+
+log = logging.getLogger("nexus.distribution")
+
+
+class DistributionError(Exception):
+    """The schema has a table the distribution plan does not place."""
+
+
+# (table, distribution column, co-located with): the first table of a group
+# starts it. Referenced tables come before the tables whose foreign keys
+# reference them.
+BY_USER = "balances"
+BY_ENTRY = "entries"
+TABLES: tuple[tuple[str, str, str], ...] = (
+    (BY_USER, "user_id", "none"),
+    ("token_transactions", "user_id", BY_USER),
+    ("token_requests", "user_id", BY_USER),
+    ("memory_users", "user_id", BY_USER),
+    ("memories", "user_id", BY_USER),
+    ("memory_requests", "user_id", BY_USER),
+    ("memory_arcs", "user_id", BY_USER),
+    ("memory_arc_members", "user_id", BY_USER),
+    ("memory_events", "user_id", BY_USER),
+    ("memory_sessions", "user_id", BY_USER),
+    ("memory_patterns", "user_id", BY_USER),
+    ("consciousness_cache", "user_id", BY_USER),
+    ("user_interactions", "user_id", BY_USER),
+    ("follows", "follower_id", BY_USER),
+    ("follow_counter_shards", "user_id", BY_USER),
+    ("shares", "user_id", BY_USER),
+    ("entry_requests", "author_id", BY_USER),
+    (BY_ENTRY, "entry_id", "none"),
+    ("reactions", "entry_id", BY_ENTRY),
+    ("entry_counter_shards", "entry_id", BY_ENTRY),
+)
+
+# Touched only by coordinator-side code (migrations, the maintenance election).
+LOCAL_TABLES = frozenset({"schema_migrations", "maintenance_runs"})
+
+# (function, argument that names the owning key, co-located with): a call runs
+# on the worker that owns the key, in one hop. Statements of another key inside
+# it (a transfer's payee, a follow's second counter) still work: the worker runs
+# them as a distributed transaction (two-phase commit).
+FUNCTIONS: tuple[tuple[str, str, str], ...] = (
+    ("apply_token_operations_v2", "p_user_id", BY_USER),
+    ("list_transactions", "p_user_id", BY_USER),
+    ("create_memory", "p_user_id", BY_USER),
+    ("create_memories", "p_user_id", BY_USER),
+    ("update_memory", "p_user_id", BY_USER),
+    ("delete_memory", "p_user_id", BY_USER),
+    ("set_identity_entities", "p_user_id", BY_USER),
+    ("get_memory", "p_user_id", BY_USER),
+    ("list_memories", "p_user_id", BY_USER),
+    ("search_memories", "p_user_id", BY_USER),
+    ("list_arcs", "p_user_id", BY_USER),
+    ("memory_stream_position", "p_user_id", BY_USER),
+    ("touch_session", "p_user_id", BY_USER),
+    ("list_sessions", "p_user_id", BY_USER),
+    ("record_pattern", "p_user_id", BY_USER),
+    ("list_patterns", "p_user_id", BY_USER),
+    ("record_interaction", "p_user_id", BY_USER),
+    ("list_interactions", "p_user_id", BY_USER),
+    ("follow", "p_follower_id", BY_USER),
+    ("unfollow", "p_follower_id", BY_USER),
+    ("follow_states", "p_user_id", BY_USER),
+    ("list_following", "p_user_id", BY_USER),
+    ("record_share", "p_user_id", BY_USER),
+    ("apply_reactions_v2", "p_entry_id", BY_ENTRY),
+    ("delete_entry", "p_entry_id", BY_ENTRY),
+    ("list_reactors", "p_entry_id", BY_ENTRY),
+)
+
+
+async def is_cluster(conn: asyncpg.Connection) -> bool:
+    """Whether the database is a Citus coordinator with an active primary worker."""
+    if not await conn.fetchval("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"):
+        return False
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT FROM pg_dist_node WHERE groupid <> 0 AND noderole = 'primary' AND isactive)"
+        )
+    )
+
+
+async def worker_urls(conn: asyncpg.Connection, url: str) -> list[str]:
+    """``url`` pointed at each active primary worker (same credentials and database);
+    none on a plain PostgreSQL or a coordinator without workers."""
+    if not await is_cluster(conn):
+        return []
+    rows = await conn.fetch(
+        """SELECT nodename, nodeport FROM pg_dist_node
+           WHERE groupid <> 0 AND noderole = 'primary' AND isactive ORDER BY nodename, nodeport"""
+    )
+    database = urlsplit(url).path.lstrip("/")
+    return [node_url(url, r["nodename"], r["nodeport"], database) for r in rows]
+
+
+async def distribute(conn: asyncpg.Connection) -> list[str]:
+    """Distributes what is not distributed yet; returns what it did (empty: nothing to do)."""
+    if not await is_cluster(conn):
+        return []
+    tables = {r[0] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    unplaced = tables - LOCAL_TABLES - {name for name, _, _ in TABLES}
+    if unplaced:
+        raise DistributionError(
+            f"no distribution key for table(s) {', '.join(sorted(unplaced))}: add them to nexus.distribution"
+        )
+    done: list[str] = []
+    # Triggers that stay (reactions_counted writes its co-located counter shard;
+    # memories_rules reads its co-located user row; the append-only guards read
+    # nothing) are refused by create_distributed_table unless this is on.
+    await conn.execute("SET citus.enable_unsafe_triggers = on")
+    try:
+        for table, column, colocate_with in TABLES:
+            if await conn.fetchval("SELECT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = $1::regclass)", table):
+                continue
+            await conn.execute(
+                "SELECT create_distributed_table($1, $2, colocate_with => $3)", table, column, colocate_with
+            )
+            log.info("event=table_distributed table=%s column=%s colocate_with=%s", table, column, colocate_with)
+            done.append(f"table {table}")
+    finally:
+        await conn.execute("RESET citus.enable_unsafe_triggers")
+    done += await _propagate_functions(conn)
+    for function, argument, colocate_with in FUNCTIONS:
+        signature = await conn.fetchval(
+            """SELECT p.oid::regprocedure::text FROM pg_proc p
+               WHERE p.proname = $1 AND p.pronamespace = 'public'::regnamespace""",
+            function,
+        )
+        delegated = await conn.fetchval(
+            """SELECT EXISTS (SELECT FROM pg_dist_object
+                              WHERE classid = 'pg_proc'::regclass AND objid = $1::regprocedure
+                                AND distribution_argument_index IS NOT NULL)""",
+            signature,
+        )
+        if delegated:
+            continue
+        await conn.execute(
+            "SELECT create_distributed_function($1, $2, colocate_with => $3)", signature, argument, colocate_with
+        )
+        log.info("event=function_delegated function=%s argument=%s colocate_with=%s", signature, argument, colocate_with)
+        done.append(f"function {function}")
+    return done
+
+
+async def _propagate_functions(conn: asyncpg.Connection) -> list[str]:
+    """Creates every Nexus function on the workers too.
+
+    Functions created before their tables were distributed exist on the
+    coordinator only, and a delegated function calls others on the worker. A
+    SQL function's body is checked when it is created, so one that calls
+    another may fail until that one is there: each pass retries the rest, in
+    dependency order by trial.
+    """
+    done: list[str] = []
+    while True:
+        pending = [
+            r[0]
+            for r in await conn.fetch(
+                """SELECT p.oid::regprocedure::text FROM pg_proc p
+                   WHERE p.pronamespace = 'public'::regnamespace
+                     AND NOT EXISTS (SELECT FROM pg_depend d  -- not pgvector's
+                                     WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+                     AND NOT EXISTS (SELECT FROM pg_dist_object o
+                                     WHERE o.classid = 'pg_proc'::regclass AND o.objid = p.oid)
+                   ORDER BY p.oid"""
+            )
+        ]
+        if not pending:
+            return done
+        failures: list[asyncpg.PostgresError] = []
+        for signature in pending:
+            try:
+                await conn.execute("SELECT create_distributed_function($1)", signature)
+            except asyncpg.PostgresError as exc:
+                failures.append(exc)
+                continue
+            done.append(f"function {signature}")
+        if len(failures) == len(pending):
+            raise failures[0]
