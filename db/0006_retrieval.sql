@@ -46,49 +46,29 @@ UPDATE memory_users u SET search_length_total = s.total
 FROM (SELECT user_id, sum(search_length) AS total FROM memories GROUP BY user_id) s
 WHERE s.user_id = u.user_id;
 
--- Statement triggers with transition tables: one update per user per
--- statement, so a bulk load does not update a user's row once per memory.
--- Writers hold the user's lock already (lock_memory_user); a direct INSERT
--- creates the row if needed.
-CREATE FUNCTION add_search_lengths() RETURNS trigger
+-- Kept in the same transaction as the memory by a row trigger (writers hold
+-- the user's lock already; a direct INSERT creates the row if needed). Row
+-- level, not a statement trigger with transition tables: Citus runs row
+-- triggers on the shard, next to the co-located user row, and has no
+-- transition tables.
+CREATE FUNCTION count_search_length() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    owner text := CASE WHEN TG_OP = 'DELETE' THEN OLD.user_id ELSE NEW.user_id END;
+    delta bigint := CASE TG_OP WHEN 'INSERT' THEN NEW.search_length
+                               WHEN 'DELETE' THEN -OLD.search_length
+                               ELSE NEW.search_length - OLD.search_length END;
 BEGIN
-    INSERT INTO memory_users AS u (user_id, search_length_total)
-    SELECT user_id, sum(search_length) FROM new_rows GROUP BY user_id
+    INSERT INTO memory_users AS u (user_id, search_length_total) VALUES (owner, delta)
     ON CONFLICT (user_id) DO UPDATE SET search_length_total = u.search_length_total + EXCLUDED.search_length_total;
     RETURN NULL;
 END
 $$;
 
-CREATE FUNCTION subtract_search_lengths() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE memory_users u SET search_length_total = u.search_length_total - s.total
-    FROM (SELECT user_id, sum(search_length) AS total FROM old_rows GROUP BY user_id) s
-    WHERE u.user_id = s.user_id;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION change_search_lengths() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE memory_users u SET search_length_total = u.search_length_total + s.delta
-    FROM (SELECT user_id, sum(delta) AS delta
-          FROM (SELECT user_id, search_length AS delta FROM new_rows
-                UNION ALL SELECT user_id, -search_length FROM old_rows) d
-          GROUP BY user_id) s
-    WHERE u.user_id = s.user_id AND s.delta <> 0;
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER memories_search_lengths_insert AFTER INSERT ON memories
-REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION add_search_lengths();
-CREATE TRIGGER memories_search_lengths_delete AFTER DELETE ON memories
-REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION subtract_search_lengths();
-CREATE TRIGGER memories_search_lengths_update AFTER UPDATE ON memories
-REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION change_search_lengths();
+CREATE TRIGGER memories_search_length_counted AFTER INSERT OR DELETE ON memories
+FOR EACH ROW EXECUTE FUNCTION count_search_length();
+CREATE TRIGGER memories_search_length_changed AFTER UPDATE ON memories
+FOR EACH ROW WHEN (OLD.search_length IS DISTINCT FROM NEW.search_length) EXECUTE FUNCTION count_search_length();
 
 -- BM25 (k1 = 1.2, b = 0.75, Lucene's always-positive IDF) of the user's
 -- memories matching any term of p_query and the filters. Collection
