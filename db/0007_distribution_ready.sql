@@ -542,15 +542,25 @@ RETURNS TABLE (user_id text, target_id text, action text, notes text, create_tim
                update_time timestamptz, created boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
-    recorded_at timestamptz := clock_timestamp();  -- a variable: Citus refuses volatile functions in an update
+    recorded_at timestamptz;
 BEGIN
     RETURN QUERY
     INSERT INTO user_interactions AS i (user_id, target_id, action, notes)
     VALUES (p_user_id, p_target_id, p_action, p_notes)
-    ON CONFLICT ON CONSTRAINT user_interactions_pkey DO UPDATE
-        SET action = excluded.action, notes = excluded.notes, update_time = recorded_at
-    -- xmax is 0 on a freshly inserted row version, set on an updated one.
-    RETURNING i.user_id, i.target_id, i.action, i.notes, i.create_time, i.update_time, i.xmax = 0;
+    ON CONFLICT ON CONSTRAINT user_interactions_pkey DO NOTHING
+    RETURNING i.user_id, i.target_id, i.action, i.notes, i.create_time, i.update_time, true;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    -- Last write wins: the time is taken once the row is locked, so the last
+    -- writer has the latest update_time. (A variable, not clock_timestamp()
+    -- in the UPDATE: Citus refuses volatile functions there.)
+    PERFORM FROM user_interactions i WHERE i.user_id = p_user_id AND i.target_id = p_target_id FOR UPDATE;
+    recorded_at := clock_timestamp();
+    RETURN QUERY
+    UPDATE user_interactions AS i SET action = p_action, notes = p_notes, update_time = recorded_at
+    WHERE i.user_id = p_user_id AND i.target_id = p_target_id
+    RETURNING i.user_id, i.target_id, i.action, i.notes, i.create_time, i.update_time, false;
 END $$;
 
 CREATE OR REPLACE FUNCTION touch_session(p_user_id text, p_session_id text, p_status text) RETURNS memory_sessions
@@ -967,10 +977,12 @@ END $$;
 -- Events of several users after the given positions, in order, up to
 -- p_limit per user: one pruned read of the users' shards, numbered per user
 -- by a window partitioned by the user (Citus pushes that down; a correlated
--- LATERAL ... LIMIT it cannot).
+-- LATERAL ... LIMIT it cannot). VOLATILE so that its query takes its snapshot
+-- after any lock it waited for, as the inlined SQL function of 0004 did: a
+-- read that waited for retention sees what retention removed as gone.
 CREATE OR REPLACE FUNCTION memory_events_after(p_user_ids text[], p_after bigint[], p_limit integer)
 RETURNS TABLE (user_id text, seq bigint, topic text, change text, document jsonb, create_time timestamptz)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     RETURN QUERY
     SELECT x.user_id, x.seq, x.topic, x.change, x.document, x.create_time FROM (
