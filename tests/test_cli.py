@@ -9,10 +9,7 @@ Every server is on 127.0.0.1; every subprocess has a timeout.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import shutil
-import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +20,7 @@ import jwt
 
 from conftest import JWT_SECRET
 from nexus.server import NexusServer
+from test_lifecycle import free_port, nexus_env, run_program
 
 NEXUS = str(Path(sys.executable).with_name("nexus"))
 
@@ -46,32 +44,9 @@ class Run:
         return lines[0]
 
 
-def nexus_env(**values: object) -> dict[str, str]:
-    """The environment without any inherited NEXUS_* setting, plus `values`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
-    env.update({k: str(v) for k, v in values.items()})
-    return env
-
-
 async def run_nexus(*args: str, env: dict[str, str], timeout: float = 60.0) -> Run:
-    """Runs `nexus <args>` to completion (killed after `timeout`)."""
-    proc = await asyncio.create_subprocess_exec(
-        NEXUS, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return Run(proc.returncode, stdout.decode(), stderr.decode())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """Runs `nexus <args>` (the installed command) to completion (killed after `timeout`)."""
+    return Run(*await run_program(NEXUS, *args, env=env, timeout=timeout))
 
 
 # --- token ------------------------------------------------------------------------

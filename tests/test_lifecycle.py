@@ -153,8 +153,15 @@ def nexus_env(**values: object) -> dict[str, str]:
 
 async def run_python(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> tuple[int, str, str]:
     """Runs ``python <args>`` to completion (killed after ``timeout``); returns (exit code, stdout, stderr)."""
+    return await run_program(sys.executable, *args, env=env, timeout=timeout)
+
+
+async def run_program(
+    program: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> tuple[int, str, str]:
+    """Runs ``program <args>`` to completion (killed after ``timeout``); returns (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        program, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
