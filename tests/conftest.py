@@ -26,10 +26,14 @@ import pytest
 from grpc_status import rpc_status
 
 from nexus import database, embedded, migrations
-from nexus.citus_cluster import (
-    CitusCluster, copy_cluster_database, create_cluster_database, drop_cluster_database, freeze_template,
-)
 from nexus.auth import mint_token
+from nexus.citus_cluster import (
+    CitusCluster,
+    copy_cluster_database,
+    create_cluster_database,
+    drop_cluster_database,
+    freeze_template,
+)
 from nexus.config import Config
 from nexus.server import NexusServer
 from nexus.v1 import follow_pb2_grpc, interaction_pb2_grpc, memory_pb2_grpc, token_pb2_grpc

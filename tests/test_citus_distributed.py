@@ -78,7 +78,9 @@ async def test_every_growing_table_is_distributed_with_shards_on_both_workers(
         assert by_table[table]["colocationid"] == by_table[group]["colocationid"], f"{table} is not co-located with {group}"
     assert not distribution.LOCAL_TABLES & set(by_table)
 
-    placements = await coordinator.fetch("SELECT table_name::text AS name, array_agg(DISTINCT nodeport) AS ports FROM citus_shards GROUP BY 1")
+    placements = await coordinator.fetch(
+        "SELECT table_name::text AS name, array_agg(DISTINCT nodeport) AS ports FROM citus_shards GROUP BY 1"
+    )
     ports = await worker_ports(cluster_db)
     assert {r["name"]: set(r["ports"]) for r in placements} == {t: ports for t, _, _ in distribution.TABLES}
 

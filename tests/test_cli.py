@@ -18,8 +18,9 @@ from pathlib import Path
 import asyncpg
 import jwt
 
-from conftest import JWT_SECRET
 from nexus.server import NexusServer
+
+from conftest import JWT_SECRET
 from test_lifecycle import free_port, nexus_env, run_program
 
 NEXUS = str(Path(sys.executable).with_name("nexus"))

@@ -21,12 +21,13 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import JWT_SECRET, SERVICE
-from conftest import test_config as nexus_config  # aliased: pytest would collect test_config
 from nexus.config import Config
 from nexus.embedded import EmbeddedPostgres
 from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
+
+from conftest import JWT_SECRET, SERVICE
+from conftest import test_config as nexus_config  # aliased: pytest would collect test_config
 from test_lifecycle import (  # noqa: F401  (pg_dir: the fixture)
     NOT_SERVING,
     SERVING,

@@ -15,9 +15,10 @@ import asyncpg
 import grpc
 import pytest
 
-from conftest import JWT_SECRET, SERVICE, Clients, auth, bad_request_fields, rpc_error
 from nexus.v1 import follow_pb2 as pb
 from nexus.v1 import interaction_pb2 as ipb
+
+from conftest import JWT_SECRET, SERVICE, Clients, auth, bad_request_fields, rpc_error
 
 # --- helpers ------------------------------------------------------------------
 

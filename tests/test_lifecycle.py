@@ -27,13 +27,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import JWT_SECRET, SERVICE, Clients, auth, rpc_error
-from conftest import test_config as nexus_config  # aliased: pytest would collect test_config
 from nexus.config import Config
 from nexus.embedded import EmbeddedPostgres
 from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import interaction_pb2_grpc
+
+from conftest import JWT_SECRET, SERVICE, Clients, auth, rpc_error
+from conftest import test_config as nexus_config  # aliased: pytest would collect test_config
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

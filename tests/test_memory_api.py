@@ -36,11 +36,12 @@ import pytest
 from google.protobuf import field_mask_pb2, struct_pb2
 from google.protobuf.message import Message
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error, with_database
-from conftest import test_config as server_config  # aliased: pytest would collect test_config
 from nexus import database
 from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
+
+from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error, with_database
+from conftest import test_config as server_config  # aliased: pytest would collect test_config
 
 USER = "alice"
 DIM = 384
@@ -369,7 +370,9 @@ async def test_bad_input_is_invalid_argument_naming_the_field_and_writes_nothing
         ),
         pytest.param("SetIdentityEntities", setter(entities=MANY[:64]), id="identity-entities-64"),
         pytest.param("RecordPattern", setter(pattern_type="p" * 64, intensity=1.0), id="pattern_type-64"),
-        pytest.param("PublishBroadcast", setter(event="e" * 64, payload=payload(blob="x" * LARGEST_BLOB)), id="payload-7000-bytes"),
+        pytest.param(
+            "PublishBroadcast", setter(event="e" * 64, payload=payload(blob="x" * LARGEST_BLOB)), id="payload-7000-bytes"
+        ),
         pytest.param(  # the largest NOTIFY this makes: escaped emoji, longest user id, fullest payload
             "PublishBroadcast",
             setter(user_id="u" * 128, event="\U0001f600" * 64, payload=payload(blob="x" * LARGEST_BLOB)),
@@ -458,7 +461,7 @@ async def session_rows(db: asyncpg.Connection, user: str = USER) -> list[asyncpg
 
 
 def when(stamp: Any) -> datetime.datetime:
-    return stamp.ToDatetime(tzinfo=datetime.timezone.utc)
+    return stamp.ToDatetime(tzinfo=datetime.UTC)
 
 
 async def test_touch_session_upserts_keeping_create_time(clients: Clients, db: asyncpg.Connection) -> None:
@@ -496,7 +499,7 @@ async def test_concurrent_touches_of_one_session_make_one_row(clients: Clients, 
 
     rows = await session_rows(db)
     assert len(rows) == 1
-    assert {s.create_time.ToDatetime(tzinfo=datetime.timezone.utc) for s in sessions} == {rows[0]["create_time"]}
+    assert {s.create_time.ToDatetime(tzinfo=datetime.UTC) for s in sessions} == {rows[0]["create_time"]}
     assert rows[0]["last_message_time"] == max(when(s.last_message_time) for s in sessions)
 
 

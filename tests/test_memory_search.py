@@ -26,13 +26,14 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error, with_database
-from conftest import test_config as server_config  # aliased: pytest would collect test_config
 from nexus import database
 from nexus.migrations import MigrationError, migrate
 from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
+
+from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error, with_database
+from conftest import test_config as server_config  # aliased: pytest would collect test_config
 
 DIM = 384
 COSINE, L2 = pb.DISTANCE_METRIC_COSINE, pb.DISTANCE_METRIC_L2
@@ -58,8 +59,8 @@ def literal(vector: Sequence[float]) -> str:
 
 def distance(a: Sequence[float], b: Sequence[float], metric: int) -> float:
     if metric == L2:
-        return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
-    dot = sum(x * y for x, y in zip(a, b))
+        return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b, strict=True)))
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
     return 1 - dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
@@ -162,7 +163,7 @@ async def test_search_returns_only_the_callers_memories_nearest_first_for_both_m
     await asyncio.gather(*(create(stub, "alice", f"no embedding {i}") for i in range(3)))
     # Bob's memories are exactly the query: they would come first if they leaked.
     await asyncio.gather(*(create(stub, "bob", f"bob {i}", query) for i in range(10)))
-    vectors = {m.memory_id: v for m, v in zip(created, mine)}
+    vectors = {m.memory_id: v for m, v in zip(created, mine, strict=True)}
 
     orders = {}
     for metric in (pb.DISTANCE_METRIC_UNSPECIFIED, COSINE, L2):
@@ -278,7 +279,7 @@ class Corpus:
 async def bulk_create(conn: asyncpg.Connection, rows: list[tuple[str, str, float, str | None, list[float]]]) -> list[str]:
     """Creates memories through the stored function create_memory (the insert
     rules, counts and events apply), all in one statement."""
-    users, contents, gravities, emotions, vectors = zip(*rows)
+    users, contents, gravities, emotions, vectors = zip(*rows, strict=True)
     created = await conn.fetch(
         """SELECT create_memory(u, c, NULL, NULL, NULL, g, e, '{}', '{}', 'present', v::vector::real[], NULL)
                   ->> 'memory_id'

@@ -17,9 +17,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from conftest import with_database
 from nexus import database
 from nexus.migrations import MIGRATION_LOCK_KEY, Migration, MigrationError, load_migrations, migrate
+
+from conftest import with_database
 
 DB_DIR = Path(__file__).resolve().parent.parent / "db"
 

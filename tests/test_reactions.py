@@ -14,8 +14,9 @@ import asyncpg
 import grpc
 import pytest
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, new_uuid, rpc_error
 from nexus.v1 import interaction_pb2 as pb
+
+from conftest import SERVICE, Clients, auth, bad_request_fields, new_uuid, rpc_error
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,12 @@ from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from conftest import Clients, auth, bad_request_fields, rpc_error
-from conftest import test_config as server_config  # aliased: pytest would collect test_config
 from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
+
+from conftest import Clients, auth, bad_request_fields, rpc_error
+from conftest import test_config as server_config  # aliased: pytest would collect test_config
 
 RESUME_TOKEN = "x-nexus-resume-token"
 # Bound on any one wait for an event or a condition.

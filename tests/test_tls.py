@@ -19,11 +19,12 @@ import pytest
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import JWT_SECRET, SERVICE
-from conftest import test_config as nexus_config  # aliased: pytest would collect test_config
 from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import interaction_pb2_grpc
+
+from conftest import JWT_SECRET, SERVICE
+from conftest import test_config as nexus_config  # aliased: pytest would collect test_config
 from test_cli import nexus_env, run_nexus
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

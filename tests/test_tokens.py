@@ -22,8 +22,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error, token
 from nexus.v1 import token_pb2 as pb
+
+from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error, token
 
 TABLES = ("balances", "token_transactions", "token_requests")
 INT64_MAX = 2**63 - 1
@@ -166,7 +167,7 @@ async def test_credit_and_deduct_write_ledger_rows_in_sequence(clients: Clients,
 
     rows = await ledger(db, "alice")
     assert [(str(r["transaction_id"]), r["kind"], r["amount"], r["balance_after"]) for r in rows] == [
-        (t.transaction_id, k, t.amount, t.balance_after) for t, k in zip(transactions, ["credit", "credit", "debit"])
+        (t.transaction_id, k, t.amount, t.balance_after) for t, k in zip(transactions, ["credit", "credit", "debit"], strict=True)
     ]
     assert await balance_of(clients, "alice") == 120
     assert await assert_ledger_consistent(db) == {"alice": 120}
@@ -576,13 +577,13 @@ async def test_the_bank_keeps_every_balance_equal_to_its_ledger_under_concurrent
     gate = asyncio.Semaphore(500)
     results = await asyncio.gather(*(outcome(clients, op, gate) for op in ops))
 
-    unexpected = [(op, r) for op, r in zip(ops, results) if isinstance(r, grpc.aio.AioRpcError)]
+    unexpected = [(op, r) for op, r in zip(ops, results, strict=True) if isinstance(r, grpc.aio.AioRpcError)]
     assert unexpected == [], f"{len(unexpected)} calls failed other than INSUFFICIENT_FUNDS: {unexpected[:3]}"
     applied: dict[Op, Any] = {}
-    for op, result in zip(ops, results):
+    for op, result in zip(ops, results, strict=True):
         if result != "refused":
             assert applied.setdefault(op, result) == result, "a retry returned something else"
-    refused = {op for op, r in zip(ops, results) if r == "refused"} - set(applied)
+    refused = {op for op, r in zip(ops, results, strict=True) if r == "refused"} - set(applied)
     assert len(refused) >= 100, "the amounts should make a fair share of requests fail"
     assert len(applied) >= 1000
 

@@ -25,11 +25,12 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
 
-from conftest import SERVICE, Clients, NexusServer, bad_request_fields, new_uuid, rpc_error, with_database
-from conftest import test_config as server_config
 from nexus import database
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2 as memory_pb
+
+from conftest import SERVICE, Clients, NexusServer, bad_request_fields, new_uuid, rpc_error, with_database
+from conftest import test_config as server_config
 
 USER = "alice"
 ENTRY = "$entry"  # stands for the seeded entry's id (also inside strings, for unique request ids)
@@ -40,7 +41,9 @@ ENTRY_FIELDS = dict(type="post", title="title", content="content", privacy=pb.PR
 # One valid request per RPC; the cases below each break one field of it.
 BASE: dict[str, tuple[type, dict[str, Any]]] = {
     "CreateEntry": (pb.CreateEntryRequest, dict(author_id=USER, request_id=f"create-{ENTRY}", **ENTRY_FIELDS)),
-    "CreateBranch": (pb.CreateBranchRequest, dict(author_id=USER, parent_entry_id=ENTRY, request_id=f"branch-{ENTRY}", **ENTRY_FIELDS)),
+    "CreateBranch": (
+        pb.CreateBranchRequest, dict(author_id=USER, parent_entry_id=ENTRY, request_id=f"branch-{ENTRY}", **ENTRY_FIELDS)
+    ),
     "GetEntries": (pb.GetEntriesRequest, dict(entry_ids=[ENTRY], viewer_id=USER)),
     "DeleteEntry": (pb.DeleteEntryRequest, dict(user_id=USER, entry_id=ENTRY)),
     "ToggleResonance": (pb.ToggleResonanceRequest, dict(user_id=USER, entry_id=ENTRY)),
