@@ -36,3 +36,7 @@ lint: setup
 check: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy service/nexus $(if $(wildcard bench/*.py bench/**/*.py),bench)
+
+# db/schema.sql, the schema after all migrations: regenerate after adding one.
+schema: setup
+	$(BIN)/python scripts/dump_schema.py

@@ -3,6 +3,7 @@ the committed schema's drift check run here, so CI cannot forget them."""
 
 from __future__ import annotations
 
+import difflib
 import filecmp
 import os
 import shutil
@@ -41,6 +42,17 @@ def test_generated_code_matches_protos(tmp_path: Path) -> None:
     assert names == sorted(p.name for p in committed.iterdir() if p.is_file() and p.suffix != ".pyc")
     _, mismatch, errors = filecmp.cmpfiles(fresh, committed, names, shallow=False)
     assert not mismatch and not errors, f"regenerate with: python scripts/gen_protos.py ({mismatch + errors})"
+
+
+def test_schema_sql_matches_the_migrations(pg_admin_url: str, tmp_path: Path) -> None:
+    """db/schema.sql is what the migrations make of an empty database, as dumped by
+    scripts/dump_schema.py (the embedded PostgreSQL's pg_dump)."""
+    fresh = tmp_path / "schema.sql"
+    run([sys.executable, "scripts/dump_schema.py", "--url", pg_admin_url, "--out", str(fresh)]).check_returncode()
+    committed = (ROOT / "db" / "schema.sql").read_text(encoding="utf-8").splitlines(keepends=True)
+    diff = "".join(difflib.unified_diff(committed, fresh.read_text(encoding="utf-8").splitlines(keepends=True),
+                                        "db/schema.sql", "after all migrations", n=1))
+    assert not diff, f"db/schema.sql is stale: regenerate with `make schema`\n{diff[:4000]}"
 
 
 def test_ruff_passes() -> None:
