@@ -31,12 +31,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from nexus.config import from_sources
+from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2 as mpb
 
-from conftest import JWT_SECRET, SERVICE, Clients, NexusServer, auth, rpc_error, token
-from conftest import test_config as server_config
-from test_validation import shared, snapshot  # noqa: F401  (shared: the module-scoped server fixture)
+from support import JWT_SECRET, SERVICE, Clients, auth, rpc_error, server_config, token
+from test_validation import snapshot
 
 ALICE, BOB = "alice", "bob"
 OK = grpc.StatusCode.OK

@@ -39,8 +39,7 @@ from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error
-from conftest import test_config as server_config  # aliased: pytest would collect test_config
+from support import SERVICE, Clients, auth, bad_request_fields, rpc_error, server_config
 
 READ_TIMEOUT_S = 5.0
 JOBS = {"cache_cleanup", "event_retention", "request_expiry", "arc_dormancy"}

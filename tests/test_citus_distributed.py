@@ -26,8 +26,7 @@ from nexus.server import NexusServer
 from nexus.v1 import token_pb2 as pb
 from nexus.v1 import token_pb2_grpc
 
-from conftest import SERVICE, auth
-from conftest import test_config as server_config
+from support import SERVICE, auth, server_config
 
 _numbers = itertools.count()
 

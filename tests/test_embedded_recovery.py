@@ -26,10 +26,10 @@ from nexus.embedded import EmbeddedPostgres
 from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
 
-from conftest import JWT_SECRET, SERVICE
-from conftest import test_config as nexus_config  # aliased: pytest would collect test_config
-from test_lifecycle import (  # noqa: F401  (pg_dir: the fixture)
+from support import (
+    JWT_SECRET,
     NOT_SERVING,
+    SERVICE,
     SERVING,
     create_entry,
     eventually,
@@ -39,11 +39,11 @@ from test_lifecycle import (  # noqa: F401  (pg_dir: the fixture)
     next_status,
     nexus_env,
     nexus_serve,
-    pg_dir,
     postmaster_pid,
     process_alive,
     run_cli,
     running_server,
+    server_config,
     start_embedded_elsewhere,
     stub,
     toggle,
@@ -353,7 +353,7 @@ async def test_sigterm_with_the_embedded_database_already_dead_exits_zero(pg_dir
 
 async def test_second_serve_on_a_port_in_use_fails_with_a_clear_error(db_url: str) -> None:
     port = free_port()
-    async with running_server(nexus_config(db_url, port=port)) as channel:
+    async with running_server(server_config(db_url, port=port)) as channel:
         env = nexus_env(NEXUS_DATABASE_URL=db_url, NEXUS_JWT_SECRET=JWT_SECRET, NEXUS_PORT=port)
         code, output = await run_cli("serve", env=env)
         assert code == 1, output
@@ -366,7 +366,7 @@ async def test_servers_share_a_port_with_reuse_port(db_url: str, tmp_path: Path)
     port = free_port()
     log_file = tmp_path / "second.log"
     env = nexus_env(NEXUS_DATABASE_URL=db_url, NEXUS_JWT_SECRET=JWT_SECRET, NEXUS_PORT=port, NEXUS_REUSE_PORT="true")
-    async with running_server(nexus_config(db_url, port=port, reuse_port=True)), nexus_serve(env, log_file) as second:
+    async with running_server(server_config(db_url, port=port, reuse_port=True)), nexus_serve(env, log_file) as second:
 
         async def second_serving() -> bool:
             return second.returncode is not None or "event=serving" in log_file.read_text()

@@ -15,7 +15,7 @@ from nexus.pagination import scope_key
 from nexus.v1 import follow_pb2 as fpb
 from nexus.v1 import interaction_pb2 as pb
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, new_uuid, rpc_error
+from support import SERVICE, Clients, auth, bad_request_fields, new_uuid, rpc_error
 
 
 def struct(value: dict[str, Any]) -> struct_pb2.Struct:

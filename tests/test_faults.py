@@ -27,7 +27,7 @@ import pytest
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import token_pb2
 
-from conftest import SERVICE, Clients, auth
+from support import SERVICE, Clients, auth
 
 # Rounds per test: each stalls the database once. NEXUS_TEST_STALL_ROUNDS raises it for a longer hunt.
 ROUNDS = int(os.environ.get("NEXUS_TEST_STALL_ROUNDS", "4"))

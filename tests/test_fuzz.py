@@ -41,8 +41,7 @@ from hypothesis import strategies as st
 from nexus.servicers.memory import UPDATABLE_FIELDS
 from nexus.v1 import follow_pb2, interaction_pb2, memory_pb2, token_pb2
 
-from conftest import SERVICE, Clients, auth, bad_request_fields
-from test_validation import shared  # noqa: F401  (the module-scoped server fixture)
+from support import SERVICE, Clients, auth, bad_request_fields
 
 _EXAMPLES = os.environ.get("NEXUS_FUZZ_EXAMPLES")
 settings.register_profile(

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
 import socket
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -32,12 +31,10 @@ import grpc
 import pytest
 
 from nexus import config as nexus_config
-from nexus import database, embedder
-from nexus.migrations import migrate
+from nexus import embedder
 from nexus.v1 import memory_pb2 as pb
 
-from conftest import Clients, auth, rpc_error, with_database
-from test_memory_search import create, distance, f32, random_vector, serving
+from support import Clients, auth, create, distance, f32, random_vector, rpc_error, scratch_database, serving
 
 K1, B = 1.2, 0.75
 COSINE = pb.DISTANCE_METRIC_COSINE
@@ -346,22 +343,10 @@ def wordllama() -> embedder.Embedder:
 
 
 @pytest.fixture
-async def dim256_url(pg_admin_url: str) -> Any:
+async def dim256_url(pg_admin_url: str) -> AsyncIterator[str]:
     """A database migrated for 256-dimensional embeddings."""
-    name = f"nexus_dim256_{os.getpid()}_{random.randrange(1 << 30)}"
-    admin = await asyncpg.connect(pg_admin_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(pg_admin_url, name)
-    try:
-        conn = await database.connect(url)
-        try:
-            await migrate(conn, embedding_dim=256)
-        finally:
-            await conn.close()
+    async with scratch_database(pg_admin_url, "nexus_dim256", embedding_dim=256) as url:
         yield url
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 def test_the_model_loads_with_no_network_and_embeds_meaningfully(monkeypatch: pytest.MonkeyPatch) -> None:

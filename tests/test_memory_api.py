@@ -40,8 +40,7 @@ from nexus import database
 from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error, with_database
-from conftest import test_config as server_config  # aliased: pytest would collect test_config
+from support import SERVICE, Clients, auth, bad_request_fields, rpc_error, server_config, with_database
 
 USER = "alice"
 DIM = 384

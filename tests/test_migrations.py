@@ -20,7 +20,7 @@ import pytest
 from nexus import database
 from nexus.migrations import MIGRATION_LOCK_KEY, Migration, MigrationError, load_migrations, migrate
 
-from conftest import with_database
+from support import with_database
 
 DB_DIR = Path(__file__).resolve().parent.parent / "db"
 

@@ -16,7 +16,7 @@ import pytest
 
 from nexus.v1 import interaction_pb2 as pb
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, new_uuid, rpc_error
+from support import SERVICE, Clients, auth, bad_request_fields, new_uuid, rpc_error
 
 
 @dataclass(frozen=True)

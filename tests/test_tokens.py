@@ -19,12 +19,10 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from nexus.v1 import token_pb2 as pb
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error, token
+from support import SERVICE, Clients, auth, bad_request_fields, precondition_types, rpc_error, token
 
 TABLES = ("balances", "token_transactions", "token_requests")
 INT64_MAX = 2**63 - 1
@@ -87,18 +85,6 @@ async def list_page(
 async def snapshot(db: asyncpg.Connection) -> dict[str, list[str]]:
     """Every row of every ledger table, as text: equal snapshots mean nothing was written."""
     return {t: [r[0] for r in await db.fetch(f"SELECT t::text FROM {t} t ORDER BY 1")] for t in TABLES}
-
-
-def precondition_types(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    assert status is not None, "no rich status details"
-    types = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
-            failure = error_details_pb2.PreconditionFailure()
-            detail.Unpack(failure)
-            types.extend(v.type for v in failure.violations)
-    return types
 
 
 def assert_refused(error: grpc.aio.AioRpcError, violation: str = "INSUFFICIENT_FUNDS") -> None:
