@@ -16,10 +16,10 @@ import socket
 import struct
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -128,6 +128,29 @@ def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
 def precondition_types(error: grpc.aio.AioRpcError) -> list[str]:
     """The violation types (INSUFFICIENT_FUNDS, ...) of a FAILED_PRECONDITION error."""
     return [v.type for d in error_details(error, error_details_pb2.PreconditionFailure) for v in d.violations]
+
+
+# --- paged lists ----------------------------------------------------------------
+
+class _Paged(Protocol):
+    next_page_token: str
+
+
+_Page = TypeVar("_Page", bound=_Paged)
+_Item = TypeVar("_Item")
+
+
+async def all_pages(fetch: Callable[[str], Awaitable[_Page]], items: Callable[[_Page], Iterable[_Item]]) -> list[list[_Item]]:
+    """The items of every page of a list, page by page: ``fetch(page_token)`` from the
+    first page ("") on, following next_page_token until a page has none."""
+    pages: list[list[_Item]] = []
+    token = ""
+    while True:
+        page = await fetch(token)
+        pages.append(list(items(page)))
+        token = page.next_page_token
+        if not token:
+            return pages
 
 
 # --- databases ------------------------------------------------------------------
@@ -406,17 +429,28 @@ def process_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+async def wait_until_gone(pid: int, what: str, timeout: float) -> None:
+    async def gone() -> bool:
+        return not process_alive(pid)
+
+    await eventually(gone, what, timeout)
+
+
+def kill_postmaster(pgdata: Path) -> int:
+    """Crashes the PostgreSQL of ``pgdata``: SIGKILL to its postmaster; returns the pid."""
+    pid = postmaster_pid(pgdata)
+    assert pid is not None, f"no postmaster on {pgdata}"
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
 async def stop_leftover_postmaster(pgdata: Path) -> None:
     """Cleanup after a failed test: fast-shuts-down a postmaster still running on ``pgdata``."""
     pid = postmaster_pid(pgdata)
     if pid is None or not process_alive(pid):
         return
     os.kill(pid, signal.SIGINT)
-
-    async def gone() -> bool:
-        return not process_alive(pid)
-
-    await eventually(gone, f"postmaster {pid} to stop", timeout=20)
+    await wait_until_gone(pid, f"postmaster {pid} to stop", timeout=20)
 
 
 async def start_embedded_elsewhere(data_dir: Path) -> str:

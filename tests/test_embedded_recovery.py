@@ -36,6 +36,7 @@ from support import (
     exit_code,
     free_port,
     health_status,
+    kill_postmaster,
     next_status,
     nexus_env,
     nexus_serve,
@@ -48,6 +49,7 @@ from support import (
     stub,
     toggle,
     wait_for_health,
+    wait_until_gone,
 )
 
 RECOVERY_BOUND_S = 15.0  # kill -9 of the postmaster → SERVING again; about 3 s when idle
@@ -123,10 +125,8 @@ async def test_killed_embedded_postmaster_is_restarted_and_acknowledged_writes_s
         writer = asyncio.create_task(write_until_stopped())
         try:
             await eventually(lambda: written(5), "writes before the kill")
-            killed = postmaster_pid(pg_dir / "pg")
-            assert killed is not None
             killed_at = loop.time()
-            os.kill(killed, signal.SIGKILL)
+            killed = kill_postmaster(pg_dir / "pg")
 
             assert await next_status(watch) == NOT_SERVING
             assert await next_status(watch) == SERVING
@@ -164,14 +164,8 @@ async def test_backend_orphaned_by_the_killed_postmaster_is_killed_before_the_re
                     return await observer.fetchval(state, backend) == "active"
 
                 await eventually(computing, "the backend to be busy")
-                postmaster = postmaster_pid(pg_dir / "pg")
-                assert postmaster is not None
-                os.kill(postmaster, signal.SIGKILL)
-
-                async def postmaster_dead() -> bool:
-                    return not process_alive(postmaster)
-
-                await eventually(postmaster_dead, "the postmaster to die", timeout=5)
+                postmaster = kill_postmaster(pg_dir / "pg")
+                await wait_until_gone(postmaster, "the postmaster to die", timeout=5)
                 assert process_alive(backend), "the busy backend exited with its postmaster"
 
                 await wait_for_health(channel, NOT_SERVING)
@@ -198,9 +192,7 @@ async def test_stale_postmaster_pid_naming_a_live_process_is_cleared(pg_dir: Pat
     finally:
         await conn.close()
     pgdata = pg_dir / "pg"
-    crashed = postmaster_pid(pgdata)
-    assert crashed is not None
-    os.kill(crashed, signal.SIGKILL)
+    crashed = kill_postmaster(pgdata)
     await wait_until_no_cluster_processes(pgdata)
 
     impostor = await asyncio.create_subprocess_exec("sleep", "120")
@@ -311,9 +303,7 @@ async def test_sharing_server_takes_over_when_the_owner_is_killed(pg_dir: Path, 
             entry_id = await create_entry(channel)
             owner.kill()
             await owner.wait()
-            killed = postmaster_pid(pgdata)
-            assert killed is not None
-            os.kill(killed, signal.SIGKILL)
+            killed = kill_postmaster(pgdata)
 
             await wait_for_health(channel, NOT_SERVING)
             await wait_for_health(channel, SERVING, timeout=RECOVERY_BOUND_S)
@@ -331,14 +321,8 @@ async def test_sharing_server_takes_over_when_the_owner_is_killed(pg_dir: Path, 
 async def test_sigterm_with_the_embedded_database_already_dead_exits_zero(pg_dir: Path, tmp_path: Path) -> None:
     log_file = tmp_path / "nexus.log"
     async with serving(serve_env(pg_dir, free_port()), log_file) as (proc, _):
-        postmaster = postmaster_pid(pg_dir / "pg")
-        assert postmaster is not None
-        os.kill(postmaster, signal.SIGKILL)
-
-        async def dead() -> bool:
-            return not process_alive(postmaster)
-
-        await eventually(dead, "the postmaster to die", timeout=5)
+        postmaster = kill_postmaster(pg_dir / "pg")
+        await wait_until_gone(postmaster, "the postmaster to die", timeout=5)
         proc.send_signal(signal.SIGTERM)  # at once: before the health probe notices and restarts it
         assert await exit_code(proc, 30, log_file) == 0
     # (asyncpg's pool may log a traceback when its connections die: not part of the shutdown.)

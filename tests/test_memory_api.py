@@ -26,7 +26,7 @@ import datetime
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ from nexus import database
 from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
 
-from support import SERVICE, Clients, auth, bad_request_fields, rpc_error, server_config, with_database
+from support import SERVICE, Clients, all_pages, auth, bad_request_fields, rpc_error, server_config, with_database
 
 USER = "alice"
 DIM = 384
@@ -503,14 +503,11 @@ async def test_concurrent_touches_of_one_session_make_one_row(clients: Clients, 
 
 
 async def list_sessions_pages(clients: Clients, page_size: int, status: int = 0, user: str = USER) -> list[list[str]]:
-    pages, token = [], ""
-    while True:
+    def fetch(token: str) -> Awaitable[pb.ListSessionsResponse]:
         request = pb.ListSessionsRequest(user_id=user, status=status, page_size=page_size, page_token=token)
-        response = await clients.memories.ListSessions(request, metadata=auth(user))
-        pages.append([s.session_id for s in response.sessions])
-        token = response.next_page_token
-        if not token:
-            return pages
+        return clients.memories.ListSessions(request, metadata=auth(user))
+
+    return await all_pages(fetch, lambda page: [s.session_id for s in page.sessions])
 
 
 async def test_list_sessions_is_most_recent_first_filters_and_pages_exactly_once(
@@ -574,14 +571,11 @@ async def test_fifty_concurrent_records_count_fifty_occurrences(clients: Clients
 
 
 async def list_patterns_pages(clients: Clients, page_size: int, pattern_type: str = "") -> list[list[tuple[str, float]]]:
-    pages, token = [], ""
-    while True:
+    def fetch(token: str) -> Awaitable[pb.ListPatternsResponse]:
         request = pb.ListPatternsRequest(user_id=USER, pattern_type=pattern_type, page_size=page_size, page_token=token)
-        response = await clients.memories.ListPatterns(request, metadata=auth(USER))
-        pages.append([(p.pattern_type, p.intensity) for p in response.patterns])
-        token = response.next_page_token
-        if not token:
-            return pages
+        return clients.memories.ListPatterns(request, metadata=auth(USER))
+
+    return await all_pages(fetch, lambda page: [(p.pattern_type, p.intensity) for p in page.patterns])
 
 
 async def test_list_patterns_is_strongest_first_filters_and_pages_exactly_once(clients: Clients) -> None:

@@ -22,7 +22,7 @@ import pytest
 
 from nexus.v1 import token_pb2 as pb
 
-from support import SERVICE, Clients, auth, bad_request_fields, precondition_types, rpc_error, token
+from support import SERVICE, Clients, all_pages, auth, bad_request_fields, precondition_types, rpc_error, token
 
 TABLES = ("balances", "token_transactions", "token_requests")
 INT64_MAX = 2**63 - 1
@@ -220,13 +220,10 @@ async def test_list_transactions_newest_first_across_pages(clients: Clients) -> 
         await credit(clients, "alice", i + 1, f"c{i}")
     await credit(clients, "bob", 1, "c0")  # another user's row, never listed
 
-    pages, page_token = [], ""
-    while True:
-        page = await list_page(clients, "alice", page_size=2, page_token=page_token)
-        pages.append([t.sequence for t in page.transactions])
-        page_token = page.next_page_token
-        if not page_token:
-            break
+    pages = await all_pages(
+        lambda token: list_page(clients, "alice", page_size=2, page_token=token),
+        lambda page: [t.sequence for t in page.transactions],
+    )
     everything = (await list_page(clients, "alice")).transactions
 
     assert pages == [[5, 4], [3, 2], [1]]
