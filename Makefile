@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 # The virtualenv's tools (buf, protoc plugins) come first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup serve test bench protos lint
+.PHONY: setup serve test bench protos lint check schema
 
 $(BIN)/nexus: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,13 @@ protos: setup
 
 lint: setup
 	$(BIN)/buf lint
+
+# ruff over the tree, mypy over the service (and bench/ once it holds Python);
+# tests/test_source.py runs the same checks in the suite.
+check: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy service/nexus $(if $(wildcard bench/*.py bench/**/*.py),bench)
+
+# db/schema.sql, the schema after all migrations: regenerate after adding one.
+schema: setup
+	$(BIN)/python scripts/dump_schema.py

@@ -175,7 +175,9 @@ def main() -> int:
     try:
         source = citus_source()
         if source is None:
-            log.error("event=citus_source_missing hint=set NEXUS_CITUS_SOURCE to a Citus release tarball (default %s)", DEFAULT_SOURCE)
+            log.error(
+                "event=citus_source_missing hint=set NEXUS_CITUS_SOURCE to a Citus release tarball (default %s)", DEFAULT_SOURCE
+            )
             return EXIT_NO_SOURCE
         build_dir = Path(os.environ.get("NEXUS_CITUS_BUILD_DIR", DEFAULT_BUILD_DIR)).resolve()
         print(build(source, build_dir))

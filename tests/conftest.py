@@ -14,32 +14,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
 import pytest
-from grpc_status import rpc_status
 
 from nexus import database, embedded, migrations
 from nexus.citus_cluster import (
-    CitusCluster, copy_cluster_database, create_cluster_database, drop_cluster_database, freeze_template,
+    CitusCluster,
+    copy_cluster_database,
+    create_cluster_database,
+    drop_cluster_database,
+    freeze_template,
 )
-from nexus.auth import mint_token
-from nexus.config import Config
 from nexus.server import NexusServer
-from nexus.v1 import follow_pb2_grpc, interaction_pb2_grpc, memory_pb2_grpc, token_pb2_grpc
 
-JWT_SECRET = "test-secret-" + "x" * 32
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + name))
+from support import Clients, scratch_database, server_config, stop_leftover_postmaster, with_database
 
 
 @pytest.fixture(scope="session")
@@ -164,52 +156,12 @@ async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
     conn.terminate()  # also fine when a fault test has broken the connection
 
 
-def test_config(database_url: str, **overrides: object) -> Config:
-    values: dict[str, object] = dict(
-        database_url=database_url, port=0, jwt_secret=JWT_SECRET, pool_min_size=2, pool_max_size=16, log_level="warning"
-    )
-    values.update(overrides)
-    return Config(**values)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 async def server(db_url: str) -> AsyncIterator[NexusServer]:
-    nexus = NexusServer(test_config(db_url))
+    nexus = NexusServer(server_config(db_url))
     await nexus.start()
     yield nexus
     await nexus.stop(grace=0)
-
-
-def token(subject: str, *, service: bool = False, ttl_s: int = 3600) -> str:
-    return mint_token(JWT_SECRET, subject, service=service, ttl_s=ttl_s)
-
-
-def auth(subject: str, *, service: bool = False) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token(subject, service=service)}"),)
-
-
-SERVICE = auth("backend", service=True)
-
-
-@dataclass
-class Clients:
-    channel: grpc.aio.Channel
-
-    @property
-    def interactions(self) -> interaction_pb2_grpc.InteractionServiceStub:
-        return interaction_pb2_grpc.InteractionServiceStub(self.channel)
-
-    @property
-    def follows(self) -> follow_pb2_grpc.FollowServiceStub:
-        return follow_pb2_grpc.FollowServiceStub(self.channel)
-
-    @property
-    def tokens(self) -> token_pb2_grpc.TokenServiceStub:
-        return token_pb2_grpc.TokenServiceStub(self.channel)
-
-    @property
-    def memories(self) -> memory_pb2_grpc.MemoryServiceStub:
-        return memory_pb2_grpc.MemoryServiceStub(self.channel)
 
 
 @pytest.fixture
@@ -218,27 +170,35 @@ async def clients(server: NexusServer) -> AsyncIterator[Clients]:
         yield Clients(channel)
 
 
-def new_uuid() -> str:
-    return str(uuid.uuid4())
+@pytest.fixture(scope="module")
+async def shared(pg_admin_url: str, template_db: str) -> AsyncIterator[tuple[Clients, asyncpg.Connection]]:
+    """One server and database for a module's many single-call cases (test_validation,
+    test_auth, test_fuzz).
+
+    Sharing is sound: each case names its own fresh entry and compares
+    snapshots taken just before and after its own calls. It keeps those files fast.
+    """
+    async with scratch_database(pg_admin_url, "nexus_shared", template=template_db) as url:
+        server = NexusServer(server_config(url))
+        await server.start()
+        conn = await database.connect(url)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                yield Clients(channel), conn
+        finally:
+            await conn.close()
+            await server.stop(grace=0)
 
 
-async def rpc_error(call: object) -> grpc.aio.AioRpcError:
-    """Awaits a call that must fail; returns its error."""
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call  # type: ignore[misc]
-    return info.value
+@pytest.fixture
+async def pg_dir() -> AsyncIterator[Path]:
+    """A data directory for the test's own embedded PostgreSQL, cleaned up (server stopped) afterwards.
 
-
-def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    """The field names of the BadRequest detail of an INVALID_ARGUMENT error."""
-    from google.rpc import error_details_pb2
-
-    status = rpc_status.from_call(error)
-    assert status is not None, "no rich status details"
-    fields = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            fields.extend(v.field for v in bad_request.field_violations)
-    return fields
+    Not tmp_path: a pytest session starting meanwhile chmods pytest-of-<user> to 0700, which locks
+    the embedded server's system user out of its own data directory."""
+    path = Path(tempfile.mkdtemp(prefix="nexus-lifecycle-"))
+    try:
+        yield path
+    finally:
+        await stop_leftover_postmaster(path / "pg")
+        shutil.rmtree(path, ignore_errors=True)

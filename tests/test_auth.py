@@ -30,12 +30,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import JWT_SECRET, SERVICE, Clients, NexusServer, auth, rpc_error, token
-from conftest import test_config as server_config
 from nexus.config import from_sources
+from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2 as mpb
-from test_validation import shared, snapshot  # noqa: F401  (shared: the module-scoped server fixture)
+
+from support import JWT_SECRET, SERVICE, Clients, auth, rpc_error, server_config, token
+from test_validation import snapshot
 
 ALICE, BOB = "alice", "bob"
 OK = grpc.StatusCode.OK
@@ -470,7 +471,6 @@ async def test_a_stream_ends_unauthenticated_when_its_token_expires(strict_clien
     """A stream opened with a 3 s token delivers while the token is valid, then
     ends with UNAUTHENTICATED (not before exp + leeway); the same token, cached
     by the server, is refused for new calls from then on."""
-    from nexus.v1 import memory_pb2 as mpb
 
     expires = int(time.time()) + 3
     credentials = bearer(hs256({"sub": ALICE, "iat": int(time.time()), "exp": expires}))

@@ -32,14 +32,14 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error
-from conftest import test_config as server_config  # aliased: pytest would collect test_config
 from nexus import maintenance as maintenance_module
 from nexus.database import Database
 from nexus.maintenance import Maintenance
 from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
+
+from support import SERVICE, Clients, auth, bad_request_fields, rpc_error, server_config
 
 READ_TIMEOUT_S = 5.0
 JOBS = {"cache_cleanup", "event_retention", "request_expiry", "arc_dormancy"}
@@ -191,16 +191,16 @@ async def event_seqs(db: asyncpg.Connection, user: str) -> list[int]:
 
 async def test_subscriber_receives_event_name_payload_and_time(clients: Clients) -> None:
     async with broadcasts(clients.memories, "alice") as call:
-        before = datetime.datetime.now(datetime.timezone.utc)
+        before = datetime.datetime.now(datetime.UTC)
         await publish(clients.memories, "alice", "memory_created", memory_id="m-1", gravity=0.9, tags=["a", "b"],
                       nested={"ok": True, "none": None})  # fmt: skip
-        after = datetime.datetime.now(datetime.timezone.utc)
+        after = datetime.datetime.now(datetime.UTC)
         message = await next_broadcast(call)
     assert message.event == "memory_created"
     assert json_format.MessageToDict(message.payload) == {
         "memory_id": "m-1", "gravity": 0.9, "tags": ["a", "b"], "nested": {"ok": True, "none": None},
     }  # fmt: skip
-    event_time = message.event_time.ToDatetime(tzinfo=datetime.timezone.utc)
+    event_time = message.event_time.ToDatetime(tzinfo=datetime.UTC)
     assert before - datetime.timedelta(seconds=1) <= event_time <= after + datetime.timedelta(seconds=1)
 
 

@@ -26,8 +26,7 @@ from nexus.server import NexusServer
 from nexus.v1 import token_pb2 as pb
 from nexus.v1 import token_pb2_grpc
 
-from conftest import SERVICE, auth
-from conftest import test_config as server_config
+from support import SERVICE, auth, server_config
 
 _numbers = itertools.count()
 
@@ -78,7 +77,9 @@ async def test_every_growing_table_is_distributed_with_shards_on_both_workers(
         assert by_table[table]["colocationid"] == by_table[group]["colocationid"], f"{table} is not co-located with {group}"
     assert not distribution.LOCAL_TABLES & set(by_table)
 
-    placements = await coordinator.fetch("SELECT table_name::text AS name, array_agg(DISTINCT nodeport) AS ports FROM citus_shards GROUP BY 1")
+    placements = await coordinator.fetch(
+        "SELECT table_name::text AS name, array_agg(DISTINCT nodeport) AS ports FROM citus_shards GROUP BY 1"
+    )
     ports = await worker_ports(cluster_db)
     assert {r["name"]: set(r["ports"]) for r in placements} == {t: ports for t, _, _ in distribution.TABLES}
 

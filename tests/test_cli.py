@@ -10,44 +10,15 @@ Every server is on 127.0.0.1; every subprocess has a timeout.
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import jwt
 
-from conftest import JWT_SECRET
 from nexus.server import NexusServer
-from test_lifecycle import free_port, nexus_env, run_program
 
-NEXUS = str(Path(sys.executable).with_name("nexus"))
-
-
-@dataclass
-class Run:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        """Both streams, for failure messages."""
-        return f"exit code {self.code}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
-
-    @property
-    def error_line(self) -> str:
-        """The one line a failing command prints on stderr (fails the test if there are more)."""
-        lines = self.stderr.strip().splitlines()
-        assert len(lines) == 1, f"expected one line on stderr, got:\n{self.stderr}"
-        return lines[0]
-
-
-async def run_nexus(*args: str, env: dict[str, str], timeout: float = 60.0) -> Run:
-    """Runs `nexus <args>` (the installed command) to completion (killed after `timeout`)."""
-    return Run(*await run_program(NEXUS, *args, env=env, timeout=timeout))
-
+from support import JWT_SECRET, free_port, nexus_env, run_nexus
 
 # --- token ------------------------------------------------------------------------
 

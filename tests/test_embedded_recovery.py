@@ -21,32 +21,35 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import JWT_SECRET, SERVICE
-from conftest import test_config as nexus_config  # aliased: pytest would collect test_config
 from nexus.config import Config
 from nexus.embedded import EmbeddedPostgres
 from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
-from test_lifecycle import (  # noqa: F401  (pg_dir: the fixture)
+
+from support import (
+    JWT_SECRET,
     NOT_SERVING,
+    SERVICE,
     SERVING,
     create_entry,
     eventually,
     exit_code,
     free_port,
     health_status,
+    kill_postmaster,
     next_status,
     nexus_env,
     nexus_serve,
-    pg_dir,
     postmaster_pid,
     process_alive,
     run_cli,
     running_server,
+    server_config,
     start_embedded_elsewhere,
     stub,
     toggle,
     wait_for_health,
+    wait_until_gone,
 )
 
 RECOVERY_BOUND_S = 15.0  # kill -9 of the postmaster → SERVING again; about 3 s when idle
@@ -122,10 +125,8 @@ async def test_killed_embedded_postmaster_is_restarted_and_acknowledged_writes_s
         writer = asyncio.create_task(write_until_stopped())
         try:
             await eventually(lambda: written(5), "writes before the kill")
-            killed = postmaster_pid(pg_dir / "pg")
-            assert killed is not None
             killed_at = loop.time()
-            os.kill(killed, signal.SIGKILL)
+            killed = kill_postmaster(pg_dir / "pg")
 
             assert await next_status(watch) == NOT_SERVING
             assert await next_status(watch) == SERVING
@@ -163,14 +164,8 @@ async def test_backend_orphaned_by_the_killed_postmaster_is_killed_before_the_re
                     return await observer.fetchval(state, backend) == "active"
 
                 await eventually(computing, "the backend to be busy")
-                postmaster = postmaster_pid(pg_dir / "pg")
-                assert postmaster is not None
-                os.kill(postmaster, signal.SIGKILL)
-
-                async def postmaster_dead() -> bool:
-                    return not process_alive(postmaster)
-
-                await eventually(postmaster_dead, "the postmaster to die", timeout=5)
+                postmaster = kill_postmaster(pg_dir / "pg")
+                await wait_until_gone(postmaster, "the postmaster to die", timeout=5)
                 assert process_alive(backend), "the busy backend exited with its postmaster"
 
                 await wait_for_health(channel, NOT_SERVING)
@@ -197,9 +192,7 @@ async def test_stale_postmaster_pid_naming_a_live_process_is_cleared(pg_dir: Pat
     finally:
         await conn.close()
     pgdata = pg_dir / "pg"
-    crashed = postmaster_pid(pgdata)
-    assert crashed is not None
-    os.kill(crashed, signal.SIGKILL)
+    crashed = kill_postmaster(pgdata)
     await wait_until_no_cluster_processes(pgdata)
 
     impostor = await asyncio.create_subprocess_exec("sleep", "120")
@@ -310,9 +303,7 @@ async def test_sharing_server_takes_over_when_the_owner_is_killed(pg_dir: Path, 
             entry_id = await create_entry(channel)
             owner.kill()
             await owner.wait()
-            killed = postmaster_pid(pgdata)
-            assert killed is not None
-            os.kill(killed, signal.SIGKILL)
+            killed = kill_postmaster(pgdata)
 
             await wait_for_health(channel, NOT_SERVING)
             await wait_for_health(channel, SERVING, timeout=RECOVERY_BOUND_S)
@@ -330,14 +321,8 @@ async def test_sharing_server_takes_over_when_the_owner_is_killed(pg_dir: Path, 
 async def test_sigterm_with_the_embedded_database_already_dead_exits_zero(pg_dir: Path, tmp_path: Path) -> None:
     log_file = tmp_path / "nexus.log"
     async with serving(serve_env(pg_dir, free_port()), log_file) as (proc, _):
-        postmaster = postmaster_pid(pg_dir / "pg")
-        assert postmaster is not None
-        os.kill(postmaster, signal.SIGKILL)
-
-        async def dead() -> bool:
-            return not process_alive(postmaster)
-
-        await eventually(dead, "the postmaster to die", timeout=5)
+        postmaster = kill_postmaster(pg_dir / "pg")
+        await wait_until_gone(postmaster, "the postmaster to die", timeout=5)
         proc.send_signal(signal.SIGTERM)  # at once: before the health probe notices and restarts it
         assert await exit_code(proc, 30, log_file) == 0
     # (asyncpg's pool may log a traceback when its connections die: not part of the shutdown.)
@@ -352,7 +337,7 @@ async def test_sigterm_with_the_embedded_database_already_dead_exits_zero(pg_dir
 
 async def test_second_serve_on_a_port_in_use_fails_with_a_clear_error(db_url: str) -> None:
     port = free_port()
-    async with running_server(nexus_config(db_url, port=port)) as channel:
+    async with running_server(server_config(db_url, port=port)) as channel:
         env = nexus_env(NEXUS_DATABASE_URL=db_url, NEXUS_JWT_SECRET=JWT_SECRET, NEXUS_PORT=port)
         code, output = await run_cli("serve", env=env)
         assert code == 1, output
@@ -365,7 +350,7 @@ async def test_servers_share_a_port_with_reuse_port(db_url: str, tmp_path: Path)
     port = free_port()
     log_file = tmp_path / "second.log"
     env = nexus_env(NEXUS_DATABASE_URL=db_url, NEXUS_JWT_SECRET=JWT_SECRET, NEXUS_PORT=port, NEXUS_REUSE_PORT="true")
-    async with running_server(nexus_config(db_url, port=port, reuse_port=True)), nexus_serve(env, log_file) as second:
+    async with running_server(server_config(db_url, port=port, reuse_port=True)), nexus_serve(env, log_file) as second:
 
         async def second_serving() -> bool:
             return second.returncode is not None or "event=serving" in log_file.read_text()

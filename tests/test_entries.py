@@ -4,6 +4,7 @@ GetEntries and DeleteEntry, including retries and concurrent branching."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 import asyncpg
@@ -11,10 +12,11 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, new_uuid, rpc_error
 from nexus.pagination import scope_key
 from nexus.v1 import follow_pb2 as fpb
 from nexus.v1 import interaction_pb2 as pb
+
+from support import SERVICE, Clients, all_pages, auth, bad_request_fields, new_uuid, rpc_error
 
 
 def struct(value: dict[str, Any]) -> struct_pb2.Struct:
@@ -59,13 +61,9 @@ async def tree_page(clients: Clients, root_id: str, **fields: Any) -> pb.GetBran
 
 async def tree_pages(clients: Clients, root_id: str, page_size: int, **fields: Any) -> list[list[pb.BranchNode]]:
     """Every page of a tree listing, following next_page_token to the end."""
-    pages, token = [], ""
-    while True:
-        page = await tree_page(clients, root_id, page_size=page_size, page_token=token, **fields)
-        pages.append(list(page.nodes))
-        token = page.next_page_token
-        if not token:
-            return pages
+    return await all_pages(
+        lambda token: tree_page(clients, root_id, page_size=page_size, page_token=token, **fields), lambda page: page.nodes
+    )
 
 
 async def children_rows(db: asyncpg.Connection, parent_id: str) -> list[int]:
@@ -528,15 +526,12 @@ async def test_retries_return_the_original_after_the_parent_is_deleted(clients: 
 async def viewed_tree(clients: Clients, root_id: str, viewer: str | None, page_size: int = 100) -> list[pb.BranchNode]:
     """Every node of the tree as the viewer (None: a service) is shown it, page by page."""
     metadata = SERVICE if viewer is None else auth(viewer)
-    nodes: list[pb.BranchNode] = []
-    token = ""
-    while True:
+
+    def fetch(token: str) -> Awaitable[pb.GetBranchTreeResponse]:
         request = pb.GetBranchTreeRequest(root_entry_id=root_id, page_size=page_size, page_token=token)
-        page = await clients.interactions.GetBranchTree(request, metadata=metadata)
-        nodes.extend(page.nodes)
-        token = page.next_page_token
-        if not token:
-            return nodes
+        return clients.interactions.GetBranchTree(request, metadata=metadata)
+
+    return [node for page in await all_pages(fetch, lambda page: page.nodes) for node in page]
 
 
 # A conversation with one restricted reply (its privacy is the case under test);

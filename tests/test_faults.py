@@ -24,9 +24,10 @@ import grpc
 import psutil
 import pytest
 
-from conftest import SERVICE, Clients, auth
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import token_pb2
+
+from support import SERVICE, Clients, auth
 
 # Rounds per test: each stalls the database once. NEXUS_TEST_STALL_ROUNDS raises it for a longer hunt.
 ROUNDS = int(os.environ.get("NEXUS_TEST_STALL_ROUNDS", "4"))
@@ -90,11 +91,12 @@ async def test_acknowledged_toggles_are_applied_exactly_once_across_a_stall(
             request = pb.CreateEntryRequest(author_id=user, type="post", title="t", content="c")
             entries.append((await stub.CreateEntry(request, metadata=auth(user), timeout=10)).entry.entry_id)
 
-        def toggle(call: int) -> Callable[[], Awaitable[pb.ToggleResonanceResponse]]:
-            request = pb.ToggleResonanceRequest(user_id=users[call], entry_id=entries[call])
-            return lambda: stub.ToggleResonance(request, metadata=auth(users[call]), timeout=deadline_of(call))
+        def toggle(user: str, entry_id: str, call: int) -> Callable[[], Awaitable[pb.ToggleResonanceResponse]]:
+            request = pb.ToggleResonanceRequest(user_id=user, entry_id=entry_id)
+            return lambda: stub.ToggleResonance(request, metadata=auth(user), timeout=deadline_of(call))
 
-        results = await replies_during_stall(db, [toggle(call) for call in range(CALLS_PER_ROUND)])
+        calls = [toggle(users[call], entries[call], call) for call in range(CALLS_PER_ROUND)]
+        results = await replies_during_stall(db, calls)
 
         for call, result in enumerate(results):
             row = await db.fetchval(
@@ -121,11 +123,11 @@ async def test_acknowledged_credits_are_in_the_ledger_exactly_once_across_a_stal
     for round_number in range(ROUNDS):
         user = f"payee-{round_number}"
 
-        def credit(call: int) -> Callable[[], Awaitable[token_pb2.CreditResponse]]:
+        def credit(user: str, call: int) -> Callable[[], Awaitable[token_pb2.CreditResponse]]:
             request = token_pb2.CreditRequest(user_id=user, amount=call + 1, reason="stall", request_id=f"r{call}")
             return lambda: stub.Credit(request, metadata=SERVICE, timeout=deadline_of(call))
 
-        results = await replies_during_stall(db, [credit(call) for call in range(CALLS_PER_ROUND)])
+        results = await replies_during_stall(db, [credit(user, call) for call in range(CALLS_PER_ROUND)])
 
         ledger = {
             row["request_id"]: row["amount"]

@@ -15,9 +15,10 @@ import asyncpg
 import grpc
 import pytest
 
-from conftest import JWT_SECRET, SERVICE, Clients, auth, bad_request_fields, rpc_error
 from nexus.v1 import follow_pb2 as pb
 from nexus.v1 import interaction_pb2 as ipb
+
+from support import JWT_SECRET, SERVICE, Clients, all_pages, auth, bad_request_fields, rpc_error
 
 # --- helpers ------------------------------------------------------------------
 
@@ -59,13 +60,9 @@ async def list_page(
 
 async def list_pages(clients: Clients, rpc: str, user_id: str, page_size: int, metadata: Any = SERVICE) -> list[list[str]]:
     """Every page of a list, following next_page_token to the end."""
-    pages, token = [], ""
-    while True:
-        response = await list_page(clients, rpc, user_id, page_size, token, metadata)
-        pages.append(list(response.user_ids))
-        token = response.next_page_token
-        if not token:
-            return pages
+    return await all_pages(
+        lambda token: list_page(clients, rpc, user_id, page_size, token, metadata), lambda page: page.user_ids
+    )
 
 
 def flat(pages: list[list[str]]) -> list[str]:

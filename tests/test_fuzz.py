@@ -22,7 +22,6 @@ RPC (default 30; a fifth of that of random bytes). For a longer, random explorat
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import math
 import os
@@ -39,10 +38,10 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import SERVICE, Clients, auth, bad_request_fields
 from nexus.servicers.memory import UPDATABLE_FIELDS
 from nexus.v1 import follow_pb2, interaction_pb2, memory_pb2, token_pb2
-from test_validation import shared  # noqa: F401  (the module-scoped server fixture)
+
+from support import SERVICE, Clients, auth, bad_request_fields
 
 _EXAMPLES = os.environ.get("NEXUS_FUZZ_EXAMPLES")
 settings.register_profile(
@@ -411,5 +410,7 @@ async def test_the_valid_values_pass_validation(
     fields = data.draw(valid_fields(method.input_type, seed))
     request = build(message_factory.GetMessageClass(method.input_type)(), fields)
     code, error, _ = await outcome(clients, method, request.SerializeToString(), SERVICE)
-    accepted = (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS)
+    accepted = (
+        grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS
+    )
     assert code in accepted, error and error.details()

@@ -13,11 +13,9 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
-from nexus import errors
+from nexus import errors, queries
 from nexus.database import Database, call_deadline
 from nexus.group_commit import GroupCommit
-from nexus import queries
-
 
 DatabaseT = TypeVar("DatabaseT", bound=Database)
 
@@ -70,7 +68,7 @@ async def test_concurrent_writes_share_calls_and_keep_per_user_order(
 
     assert counting_db.calls < len(users) / 4, "concurrent writes were not coalesced"
     for user in set(users):
-        states = [o["state"] for o, u in zip(outcomes, users) if u == user]
+        states = [o["state"] for o, u in zip(outcomes, users, strict=True) if u == user]
         assert states == [True, False] * 4, f"{user}'s toggles did not apply in arrival order"
     rows = await db.fetchval("SELECT count(*) FROM reactions WHERE entry_id = $1", entry)
     assert rows == 0
@@ -127,7 +125,7 @@ async def test_batches_in_flight_never_share_a_key(db_url: str, db: asyncpg.Conn
     finally:
         await recording.close()
     assert recording.overlaps == 0
-    hot_counts = [o["resonance_count"] for o, e in zip(outcomes, targets) if e == hot]
+    hot_counts = [o["resonance_count"] for o, e in zip(outcomes, targets, strict=True) if e == hot]
     assert hot_counts == list(range(1, 301)), "one key's writes must apply in arrival order"
     assert await db.fetchval("SELECT count(*) FROM reconcile_entry_counters(false)") == 0
 

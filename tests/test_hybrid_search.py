@@ -20,23 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
 import socket
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 
-from conftest import Clients, auth, rpc_error, with_database
 from nexus import config as nexus_config
-from nexus import database, embedder
-from nexus.migrations import migrate
+from nexus import embedder
 from nexus.v1 import memory_pb2 as pb
-from test_memory_search import create, distance, f32, random_vector, serving
+
+from support import Clients, auth, create, distance, f32, random_vector, rpc_error, scratch_database, serving
 
 K1, B = 1.2, 0.75
 COSINE = pb.DISTANCE_METRIC_COSINE
@@ -162,7 +160,8 @@ async def test_statistics_follow_updates_and_deletes(clients: Clients, db: async
     got = await text_search(stub, "alice", "zebra kiwi", top_k=100)
     assert {r.memory.memory_id: r.text_score for r in got} == pytest.approx(bm25("zebra kiwi", corpus), rel=1e-9)
     row = await db.fetchrow(
-        """SELECT u.memory_count, u.search_length_total, (SELECT sum(search_length) FROM memories m WHERE m.user_id = u.user_id) AS total
+        """SELECT u.memory_count, u.search_length_total,
+                  (SELECT sum(search_length) FROM memories m WHERE m.user_id = u.user_id) AS total
            FROM memory_users u WHERE u.user_id = 'alice'"""
     )
     assert (row["memory_count"], row["search_length_total"], row["total"]) == (4, 11, 11)
@@ -219,12 +218,12 @@ async def test_hybrid_mixes_normalised_vector_and_text_scores(clients: Clients) 
     query_vector = random_vector(rng)
     texts = ["zebra mango", "zebra", "mango kiwi walrus", "kiwi", "falcon cobalt", "tulip", "zebra zebra basalt"]
     vectors = [random_vector(rng, center=query_vector, spread=s) for s in (3.0, 0.4, 1.0, 0.2, 2.0, 0.6, 5.0)]
-    created = [await create(stub, "alice", t, v) for t, v in zip(texts, vectors)]
+    created = [await create(stub, "alice", t, v) for t, v in zip(texts, vectors, strict=True)]
     plain = await create(stub, "alice", "zebra kiwi without embedding")
     await make(stub, "bob", ["zebra kiwi"] * 3)
 
     text = {r.memory.memory_id: r.text_score for r in await text_search(stub, "alice", "zebra kiwi", top_k=100)}
-    similarity = {m.memory_id: 1 - distance(query_vector, v, COSINE) for m, v in zip(created, vectors)}
+    similarity = {m.memory_id: 1 - distance(query_vector, v, COSINE) for m, v in zip(created, vectors, strict=True)}
     candidates = set(similarity) | set(text)
     vector_part = normalised(similarity)
     text_part = normalised({i: text.get(i, 0.0) for i in candidates})
@@ -271,7 +270,8 @@ async def test_filters_apply_before_the_limit(clients: Clients, mode: str) -> No
         return random_vector(rng, center=[-x for x in query_vector], spread=0.3)
 
     for i in range(40):
-        await create(stub, "alice", "zebra zebra " + " ".join(FILLER[: i % 3]), random_vector(rng, center=query_vector, spread=0.3))
+        vector = random_vector(rng, center=query_vector, spread=0.3)
+        await create(stub, "alice", "zebra zebra " + " ".join(FILLER[: i % 3]), vector)
     rare = [await create(stub, "alice", "zebra " + " ".join(FILLER), far(), emotion_type="rare") for _ in range(4)]
     strong = [await create(stub, "alice", "zebra " + " ".join(FILLER), far(), gravity_score=0.97) for _ in range(4)]
     # Memories created from `since` on (the first of them at it): 4.
@@ -308,7 +308,7 @@ async def test_recency_and_gravity_weights_rerank_and_are_off_by_default(clients
     # (content, gravity, age in hours): the short one is the best by BM25.
     specs = [("zebra", 0.1, 900), ("zebra walrus falcon", 0.9, 300), ("zebra walrus cobalt", 0.5, 0)]
     created = [await create(stub, "alice", text, gravity_score=gravity) for text, gravity, _ in specs]
-    for memory, (_, _, hours) in zip(created, specs):
+    for memory, (_, _, hours) in zip(created, specs, strict=True):
         await db.execute(
             "UPDATE memories SET create_time = now() - make_interval(hours => $2) WHERE memory_id = $1::uuid",
             memory.memory_id, hours,
@@ -323,7 +323,7 @@ async def test_recency_and_gravity_weights_rerank_and_are_off_by_default(clients
         wr, wg = weights.get("recency_weight", 0.0), weights.get("gravity_weight", 0.0)
         expected = {
             m.memory_id: (1 - wr - wg) * relevance[m.memory_id] + wr * 0.995**hours + wg * gravity
-            for m, (_, gravity, hours) in zip(created, specs)
+            for m, (_, gravity, hours) in zip(created, specs, strict=True)
         }
         assert {r.memory.memory_id: r.score for r in got} == pytest.approx(expected, abs=1e-3), weights
         assert_best_first(got)
@@ -343,22 +343,10 @@ def wordllama() -> embedder.Embedder:
 
 
 @pytest.fixture
-async def dim256_url(pg_admin_url: str) -> Any:
+async def dim256_url(pg_admin_url: str) -> AsyncIterator[str]:
     """A database migrated for 256-dimensional embeddings."""
-    name = f"nexus_dim256_{os.getpid()}_{random.randrange(1 << 30)}"
-    admin = await asyncpg.connect(pg_admin_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(pg_admin_url, name)
-    try:
-        conn = await database.connect(url)
-        try:
-            await migrate(conn, embedding_dim=256)
-        finally:
-            await conn.close()
+    async with scratch_database(pg_admin_url, "nexus_dim256", embedding_dim=256) as url:
         yield url
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 def test_the_model_loads_with_no_network_and_embeds_meaningfully(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -368,7 +356,9 @@ def test_the_model_loads_with_no_network_and_embeds_meaningfully(monkeypatch: py
     monkeypatch.setattr(socket.socket, "connect", no_network)
     wordllama = embedder.from_config("wordllama")
     assert wordllama is not None
-    cat, kitten, invoice = wordllama.embed_batch(["my cat sleeps on the sofa", "the kitten naps on the couch", "quarterly tax invoice"])
+    cat, kitten, invoice = wordllama.embed_batch(
+        ["my cat sleeps on the sofa", "the kitten naps on the couch", "quarterly tax invoice"]
+    )
     assert cat is not None and kitten is not None and invoice is not None
     assert len(cat) == 256 and sum(x * x for x in cat) == pytest.approx(1, rel=1e-4)
     assert distance(cat, kitten, COSINE) < distance(cat, invoice, COSINE)
@@ -387,13 +377,18 @@ async def test_embedder_embeds_memories_and_queries(dim256_url: str, wordllama: 
 
         # A client-side embedding of a paraphrase finds it by vector alone.
         probe = wordllama.embed_batch(["a sleepy cat on the couch"])[0]
-        nearest = await stub.SearchMemories(pb.SearchMemoriesRequest(user_id="alice", embedding=probe, top_k=2), metadata=auth("alice"))
+        as_alice = auth("alice")
+        paraphrase = pb.SearchMemoriesRequest(user_id="alice", embedding=probe, top_k=2)
+        nearest = await stub.SearchMemories(paraphrase, metadata=as_alice)
         assert nearest.results[0].memory.memory_id == created[0].memory_id
 
         # A query alone runs both sides: a word no memory holds still finds by meaning.
-        got = (await stub.SearchMemories(pb.SearchMemoriesRequest(user_id="alice", query="kitty", top_k=4), metadata=auth("alice"))).results
+        kitty = pb.SearchMemoriesRequest(user_id="alice", query="kitty", top_k=4)
+        got = (await stub.SearchMemories(kitty, metadata=as_alice)).results
         assert all(r.HasField("distance") for r in got)
-        hybrid = (await stub.SearchMemories(pb.SearchMemoriesRequest(user_id="alice", query="tax invoice"), metadata=auth("alice"))).results
+        hybrid = (
+            await stub.SearchMemories(pb.SearchMemoriesRequest(user_id="alice", query="tax invoice"), metadata=as_alice)
+        ).results
         assert hybrid[0].memory.memory_id == created[1].memory_id and hybrid[0].HasField("text_score")
 
         # New content: embedded again. A client's own embedding: kept as sent.
@@ -405,13 +400,15 @@ async def test_embedder_embeds_memories_and_queries(dim256_url: str, wordllama: 
         own = f32(random_vector(random.Random(25), dim=256))
         mine = await create(stub, "alice", "my cat", own)
         for memory_id, expected in ((created[3].memory_id, wordllama.embed_batch(["a cat naps"])[0]), (mine.memory_id, own)):
-            got_memory = await stub.GetMemory(pb.GetMemoryRequest(user_id="alice", memory_id=memory_id, include_embedding=True), metadata=auth("alice"))
+            request = pb.GetMemoryRequest(user_id="alice", memory_id=memory_id, include_embedding=True)
+            got_memory = await stub.GetMemory(request, metadata=as_alice)
             assert list(got_memory.memory.embedding) == pytest.approx(f32(expected), abs=1e-6)
 
         # Concurrent creates are embedded in batches, each with its own text.
         many = await asyncio.gather(*(create(stub, "bob", f"note number {i} about {FILLER[i % 10]}") for i in range(30)))
         for memory in many[:5]:
-            got_memory = await stub.GetMemory(pb.GetMemoryRequest(user_id="bob", memory_id=memory.memory_id, include_embedding=True), metadata=auth("bob"))
+            request = pb.GetMemoryRequest(user_id="bob", memory_id=memory.memory_id, include_embedding=True)
+            got_memory = await stub.GetMemory(request, metadata=auth("bob"))
             assert list(got_memory.memory.embedding) == pytest.approx(f32(wordllama.embed_batch([memory.content])[0]), abs=1e-6)
 
 
@@ -420,7 +417,8 @@ def test_embedder_dimension_mismatch_is_a_startup_error() -> None:
         nexus_config.from_sources(environ={"NEXUS_EMBEDDER": "wordllama"})  # the default dimension is 384
     with pytest.raises(ValueError, match="embedder must be one of"):
         nexus_config.from_sources(environ={"NEXUS_EMBEDDER": "word2vec"})
-    assert nexus_config.from_sources(environ={"NEXUS_EMBEDDER": "wordllama", "NEXUS_EMBEDDING_DIM": "256"}).embedder == "wordllama"
+    config = nexus_config.from_sources(environ={"NEXUS_EMBEDDER": "wordllama", "NEXUS_EMBEDDING_DIM": "256"})
+    assert config.embedder == "wordllama"
 
 
 async def test_embedder_on_a_384_dimension_database_does_not_start(db_url: str) -> None:

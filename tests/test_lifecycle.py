@@ -8,259 +8,50 @@ timeouts), every address is 127.0.0.1, and subprocesses are killed in finally.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import re
-import shutil
 import signal
-import socket
-import sys
-import tempfile
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
 import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import JWT_SECRET, SERVICE, Clients, auth, rpc_error
-from conftest import test_config as nexus_config  # aliased: pytest would collect test_config
-from nexus.config import Config
 from nexus.embedded import EmbeddedPostgres
 from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
-from nexus.v1 import interaction_pb2_grpc
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+from support import (
+    JWT_SECRET,
+    NOT_SERVING,
+    SERVICE,
+    SERVING,
+    Clients,
+    create_entry,
+    eventually,
+    exit_code,
+    free_port,
+    next_status,
+    nexus_env,
+    nexus_serve,
+    nexus_toggles,
+    postmaster_pid,
+    process_alive,
+    reaction_exists,
+    reaction_lock,
+    rpc_error,
+    run_cli,
+    running_server,
+    server_config,
+    start_embedded_elsewhere,
+    stub,
+    toggle,
+    wait_for_health,
+    wait_until_toggle_blocks,
+)
+
 TOGGLE_METHOD = "/nexus.v1.InteractionService/ToggleResonance"
-
-T = TypeVar("T")
-
-
-# --- helpers ------------------------------------------------------------------
-
-
-async def eventually(probe: Callable[[], Awaitable[T]], what: str, timeout: float = 10.0) -> T:
-    """Polls ``probe`` until it returns something truthy; fails after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stub(channel: grpc.aio.Channel) -> interaction_pb2_grpc.InteractionServiceStub:
-    return interaction_pb2_grpc.InteractionServiceStub(channel)
-
-
-async def create_entry(channel: grpc.aio.Channel, author: str = "alice") -> str:
-    request = pb.CreateEntryRequest(author_id=author, type="note", title="t", content="c")
-    response = await stub(channel).CreateEntry(request, metadata=auth(author), timeout=10)
-    return response.entry.entry_id
-
-
-def toggle(channel: grpc.aio.Channel, user: str, entry_id: str, timeout: float) -> Awaitable[pb.ToggleResonanceResponse]:
-    request = pb.ToggleResonanceRequest(user_id=user, entry_id=entry_id)
-    return stub(channel).ToggleResonance(request, metadata=auth(user), timeout=timeout)
-
-
-async def health_status(channel: grpc.aio.Channel) -> int | None:
-    """The overall health status, or None when the server does not answer."""
-    try:
-        response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-    except grpc.aio.AioRpcError:
-        return None
-    return response.status
-
-
-async def wait_for_health(channel: grpc.aio.Channel, status: int, timeout: float = 10.0) -> None:
-    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-
-    async def reached() -> bool:
-        return await health_status(channel) == status
-
-    await eventually(reached, f"health {name}", timeout)
-
-
-@contextlib.asynccontextmanager
-async def running_server(config: Config) -> AsyncIterator[grpc.aio.Channel]:
-    """An in-process NexusServer with ``config``, and a channel to it; stopped afterwards."""
-    server = NexusServer(config)
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield channel
-    finally:
-        await server.stop(grace=0)
-
-
-@contextlib.asynccontextmanager
-async def reaction_lock(conn: asyncpg.Connection, user: str, entry_id: str) -> AsyncIterator[None]:
-    """Holds an uncommitted resonance row of (user, entry): a concurrent toggle of it blocks."""
-    transaction = conn.transaction()
-    await transaction.start()
-    try:
-        await conn.execute(
-            "INSERT INTO reactions (user_id, entry_id, kind) VALUES ($1, $2, 'resonance')", user, uuid.UUID(entry_id)
-        )
-        yield
-    finally:
-        await transaction.rollback()
-
-
-async def nexus_toggles(conn: asyncpg.Connection, condition: str) -> int:
-    """Backends of the service (application_name 'nexus') on this database running apply_reactions."""
-    await conn.execute("SELECT pg_stat_clear_snapshot()")  # conn may be in a transaction, which caches the view
-    return await conn.fetchval(
-        f"""SELECT count(*) FROM pg_stat_activity
-            WHERE application_name = 'nexus' AND datname = current_database()
-              AND query LIKE '%apply_reactions%' AND {condition}"""
-    )
-
-
-async def wait_until_toggle_blocks(conn: asyncpg.Connection) -> None:
-    await eventually(lambda: nexus_toggles(conn, "wait_event_type = 'Lock'"), "the toggle to block on the row lock")
-
-
-async def reaction_exists(conn: asyncpg.Connection, user: str, entry_id: str) -> bool:
-    return await conn.fetchval(
-        "SELECT EXISTS (SELECT FROM reactions WHERE user_id = $1 AND entry_id = $2 AND kind = 'resonance')",
-        user, uuid.UUID(entry_id),
-    )
-
-
-def nexus_env(**values: object) -> dict[str, str]:
-    """The environment without any inherited NEXUS_* setting, plus ``values``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
-    env.update({k: str(v) for k, v in values.items()})
-    return env
-
-
-async def run_python(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> tuple[int, str, str]:
-    """Runs ``python <args>`` to completion (killed after ``timeout``); returns (exit code, stdout, stderr)."""
-    return await run_program(sys.executable, *args, env=env, timeout=timeout)
-
-
-async def run_program(
-    program: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
-) -> tuple[int, str, str]:
-    """Runs ``program <args>`` to completion (killed after ``timeout``); returns (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        program, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, stdout.decode(), stderr.decode()
-
-
-async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str]:
-    """Runs ``nexus <args>``; returns (exit code, stdout + stderr)."""
-    code, stdout, stderr = await run_python("-m", "nexus.cli", *args, env=env, timeout=30)
-    return code, stdout + stderr
-
-
-@contextlib.asynccontextmanager
-async def nexus_serve(env: dict[str, str], log_file: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``nexus serve`` as a subprocess (stderr to ``log_file``); killed on exit if still running."""
-    with log_file.open("wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "nexus.cli", "serve", env=env, stdout=log, stderr=log
-        )
-        try:
-            yield proc
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-
-
-async def exit_code(proc: asyncio.subprocess.Process, timeout: float, log_file: Path) -> int:
-    try:
-        return await asyncio.wait_for(proc.wait(), timeout)
-    except TimeoutError:
-        pytest.fail(f"nexus did not exit within {timeout} s; its log:\n{log_file.read_text()}")
-
-
-async def next_status(watch: grpc.aio.UnaryStreamCall) -> int | None:
-    """The next status a health Watch stream reports, or None when the stream ends."""
-    try:
-        message = await asyncio.wait_for(watch.read(), 10)
-    except grpc.aio.AioRpcError:
-        return None
-    return None if message is grpc.aio.EOF else message.status
-
-
-def postmaster_pid(pgdata: Path) -> int | None:
-    pid_file = pgdata / "postmaster.pid"
-    return int(pid_file.read_text().split()[0]) if pid_file.exists() else None
-
-
-def process_alive(pid: int) -> bool:
-    """Running, not a zombie (the postmaster is re-parented to a PID 1 that may not reap it)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
-async def stop_leftover_postmaster(pgdata: Path) -> None:
-    """Cleanup after a failed test: fast-shuts-down a postmaster still running on ``pgdata``."""
-    pid = postmaster_pid(pgdata)
-    if pid is None or not process_alive(pid):
-        return
-    os.kill(pid, signal.SIGINT)
-
-    async def gone() -> bool:
-        return not process_alive(pid)
-
-    await eventually(gone, f"postmaster {pid} to stop", timeout=20)
-
-
-async def start_embedded_elsewhere(data_dir: Path) -> str:
-    """Starts the embedded PostgreSQL of ``data_dir`` from another process (as an operator
-    restarting the database would); returns its URL."""
-    script = (
-        "import sys; from pathlib import Path; from nexus.embedded import EmbeddedPostgres; "
-        "print(EmbeddedPostgres.start(Path(sys.argv[1])).url)"
-    )
-    code, stdout, stderr = await run_python("-c", script, str(data_dir))
-    assert code == 0, stderr
-    return stdout.strip().splitlines()[-1]
-
-
-@pytest.fixture
-async def pg_dir() -> AsyncIterator[Path]:
-    """A data directory for the test's own embedded PostgreSQL, cleaned up (server stopped) afterwards.
-
-    Not tmp_path: a pytest session starting meanwhile chmods pytest-of-<user> to 0700, which locks
-    the embedded server's system user out of its own data directory."""
-    path = Path(tempfile.mkdtemp(prefix="nexus-lifecycle-"))
-    try:
-        yield path
-    finally:
-        await stop_leftover_postmaster(path / "pg")
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # --- deadlines ----------------------------------------------------------------
@@ -300,7 +91,7 @@ async def test_embedded_postgres_restarts_in_the_same_process(pg_dir: Path) -> N
 
 async def test_database_outage_gives_unavailable_and_recovers_without_restart(pg_dir: Path) -> None:
     pg = await asyncio.to_thread(EmbeddedPostgres.start, pg_dir)
-    async with running_server(nexus_config(pg.url)) as channel:
+    async with running_server(server_config(pg.url)) as channel:
         entry_id = await create_entry(channel)
         get_entry = pb.GetEntriesRequest(entry_ids=[entry_id])
         await wait_for_health(channel, SERVING)
@@ -379,7 +170,7 @@ async def test_slow_database_calls_are_logged(
     db_url: str, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture, error_ms: int, level: int
 ) -> None:
     caplog.set_level(logging.WARNING, logger="nexus.database")
-    async with running_server(nexus_config(db_url, slow_query_warn_ms=1, slow_query_error_ms=error_ms)) as channel:
+    async with running_server(server_config(db_url, slow_query_warn_ms=1, slow_query_error_ms=error_ms)) as channel:
         entry_id = await create_entry(channel)
         async with reaction_lock(db, "bob", entry_id):
             in_flight = asyncio.ensure_future(toggle(channel, "bob", entry_id, timeout=10))

@@ -35,8 +35,9 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error
 from nexus.v1 import memory_pb2 as pb
+
+from support import SERVICE, Clients, all_pages, auth, bad_request_fields, rpc_error
 
 DIM = 384
 PAST, PRESENT, FUTURE = pb.TEMPORAL_TYPE_PAST, pb.TEMPORAL_TYPE_PRESENT, pb.TEMPORAL_TYPE_FUTURE
@@ -78,13 +79,11 @@ async def list_page(clients: Clients, user: str, metadata: Any = SERVICE, **filt
 
 async def list_ids(clients: Clients, user: str, **filters: Any) -> list[str]:
     """Every memory id of a filtered list, following next_page_token to the end."""
-    ids, page_token = [], ""
-    while True:
-        response = await list_page(clients, user, page_size=3, page_token=page_token, **filters)
-        ids.extend(m.memory_id for m in response.memories)
-        page_token = response.next_page_token
-        if not page_token:
-            return ids
+    pages = await all_pages(
+        lambda token: list_page(clients, user, page_size=3, page_token=token, **filters),
+        lambda page: [m.memory_id for m in page.memories],
+    )
+    return [memory_id for page in pages for memory_id in page]
 
 
 async def list_arcs(clients: Clients, user: str, page_size: int = 0, page_token: str = "") -> pb.ListArcsResponse:
@@ -568,13 +567,10 @@ async def test_list_arcs_is_newest_first_and_pages(clients: Clients) -> None:
     for emotion in ["joy", "grief", "awe"]:
         for _ in range(3):
             await create(clients, "alice", gravity_score=0.9, emotion_type=emotion)
-    pages, page_token = [], ""
-    while True:
-        response = await list_arcs(clients, "alice", page_size=2, page_token=page_token)
-        pages.append([a.emotion_type for a in response.arcs])
-        page_token = response.next_page_token
-        if not page_token:
-            break
+    pages = await all_pages(
+        lambda token: list_arcs(clients, "alice", page_size=2, page_token=token),
+        lambda page: [a.emotion_type for a in page.arcs],
+    )
     assert pages == [["awe", "grief"], ["joy"]]
     assert list((await list_arcs(clients, "bob")).arcs) == []
     token = (await list_arcs(clients, "alice", page_size=1)).next_page_token

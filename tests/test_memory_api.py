@@ -26,7 +26,7 @@ import datetime
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +36,11 @@ import pytest
 from google.protobuf import field_mask_pb2, struct_pb2
 from google.protobuf.message import Message
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error, with_database
-from conftest import test_config as server_config  # aliased: pytest would collect test_config
 from nexus import database
 from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
+
+from support import SERVICE, Clients, all_pages, auth, bad_request_fields, rpc_error, server_config, with_database
 
 USER = "alice"
 DIM = 384
@@ -369,7 +369,9 @@ async def test_bad_input_is_invalid_argument_naming_the_field_and_writes_nothing
         ),
         pytest.param("SetIdentityEntities", setter(entities=MANY[:64]), id="identity-entities-64"),
         pytest.param("RecordPattern", setter(pattern_type="p" * 64, intensity=1.0), id="pattern_type-64"),
-        pytest.param("PublishBroadcast", setter(event="e" * 64, payload=payload(blob="x" * LARGEST_BLOB)), id="payload-7000-bytes"),
+        pytest.param(
+            "PublishBroadcast", setter(event="e" * 64, payload=payload(blob="x" * LARGEST_BLOB)), id="payload-7000-bytes"
+        ),
         pytest.param(  # the largest NOTIFY this makes: escaped emoji, longest user id, fullest payload
             "PublishBroadcast",
             setter(user_id="u" * 128, event="\U0001f600" * 64, payload=payload(blob="x" * LARGEST_BLOB)),
@@ -458,7 +460,7 @@ async def session_rows(db: asyncpg.Connection, user: str = USER) -> list[asyncpg
 
 
 def when(stamp: Any) -> datetime.datetime:
-    return stamp.ToDatetime(tzinfo=datetime.timezone.utc)
+    return stamp.ToDatetime(tzinfo=datetime.UTC)
 
 
 async def test_touch_session_upserts_keeping_create_time(clients: Clients, db: asyncpg.Connection) -> None:
@@ -496,19 +498,16 @@ async def test_concurrent_touches_of_one_session_make_one_row(clients: Clients, 
 
     rows = await session_rows(db)
     assert len(rows) == 1
-    assert {s.create_time.ToDatetime(tzinfo=datetime.timezone.utc) for s in sessions} == {rows[0]["create_time"]}
+    assert {s.create_time.ToDatetime(tzinfo=datetime.UTC) for s in sessions} == {rows[0]["create_time"]}
     assert rows[0]["last_message_time"] == max(when(s.last_message_time) for s in sessions)
 
 
 async def list_sessions_pages(clients: Clients, page_size: int, status: int = 0, user: str = USER) -> list[list[str]]:
-    pages, token = [], ""
-    while True:
+    def fetch(token: str) -> Awaitable[pb.ListSessionsResponse]:
         request = pb.ListSessionsRequest(user_id=user, status=status, page_size=page_size, page_token=token)
-        response = await clients.memories.ListSessions(request, metadata=auth(user))
-        pages.append([s.session_id for s in response.sessions])
-        token = response.next_page_token
-        if not token:
-            return pages
+        return clients.memories.ListSessions(request, metadata=auth(user))
+
+    return await all_pages(fetch, lambda page: [s.session_id for s in page.sessions])
 
 
 async def test_list_sessions_is_most_recent_first_filters_and_pages_exactly_once(
@@ -572,14 +571,11 @@ async def test_fifty_concurrent_records_count_fifty_occurrences(clients: Clients
 
 
 async def list_patterns_pages(clients: Clients, page_size: int, pattern_type: str = "") -> list[list[tuple[str, float]]]:
-    pages, token = [], ""
-    while True:
+    def fetch(token: str) -> Awaitable[pb.ListPatternsResponse]:
         request = pb.ListPatternsRequest(user_id=USER, pattern_type=pattern_type, page_size=page_size, page_token=token)
-        response = await clients.memories.ListPatterns(request, metadata=auth(USER))
-        pages.append([(p.pattern_type, p.intensity) for p in response.patterns])
-        token = response.next_page_token
-        if not token:
-            return pages
+        return clients.memories.ListPatterns(request, metadata=auth(USER))
+
+    return await all_pages(fetch, lambda page: [(p.pattern_type, p.intensity) for p in page.patterns])
 
 
 async def test_list_patterns_is_strongest_first_filters_and_pages_exactly_once(clients: Clients) -> None:

@@ -16,7 +16,6 @@ import itertools
 import math
 import os
 import random
-import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,13 +25,27 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error, with_database
-from conftest import test_config as server_config  # aliased: pytest would collect test_config
 from nexus import database
 from nexus.migrations import MigrationError, migrate
 from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
+
+from support import (
+    SERVICE,
+    Clients,
+    auth,
+    bad_request_fields,
+    create,
+    distance,
+    f32,
+    random_vector,
+    rpc_error,
+    scratch_database,
+    server_config,
+    serving,
+    with_database,
+)
 
 DIM = 384
 COSINE, L2 = pb.DISTANCE_METRIC_COSINE, pb.DISTANCE_METRIC_L2
@@ -41,39 +54,15 @@ SQL_OPERATORS = {COSINE: "<=>", L2: "<->"}
 # --- helpers ------------------------------------------------------------------
 
 
-def f32(values: Sequence[float]) -> list[float]:
-    """The values as the float32s they become on the wire (repeated float)."""
-    return list(struct.unpack(f"{len(values)}f", struct.pack(f"{len(values)}f", *values)))
-
-
-def random_vector(rng: random.Random, dim: int = DIM, center: Sequence[float] | None = None, spread: float = 1.0) -> list[float]:
-    center = center or [0.0] * dim
-    return f32([c + rng.gauss(0, spread) for c in center])
-
-
 def literal(vector: Sequence[float]) -> str:
     """pgvector's text form; repr of a float32 value parses back to exactly it."""
     return "[" + ",".join(repr(x) for x in vector) + "]"
-
-
-def distance(a: Sequence[float], b: Sequence[float], metric: int) -> float:
-    if metric == L2:
-        return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
-    dot = sum(x * y for x, y in zip(a, b))
-    return 1 - dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
 def timestamp(value: datetime.datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(value)
     return stamp
-
-
-async def create(
-    stub: memory_pb2_grpc.MemoryServiceStub, user: str, content: str, embedding: Sequence[float] = (), **fields: Any
-) -> pb.Memory:
-    request = pb.CreateMemoryRequest(user_id=user, content=content, embedding=embedding, **fields)
-    return (await stub.CreateMemory(request, metadata=auth(user))).memory
 
 
 async def search(
@@ -116,25 +105,6 @@ async def exact_connection(url: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-@contextlib.asynccontextmanager
-async def serving(
-    url: str, build_indexes: Sequence[str] = (), **overrides: Any
-) -> AsyncIterator[memory_pb2_grpc.MemoryServiceStub]:
-    """A NexusServer of its own over url, and a MemoryService stub for it.
-    With build_indexes, its maintenance first runs the vector-index job, which
-    must build exactly those users' indexes."""
-    server = NexusServer(server_config(url, **overrides))
-    await server.start()
-    try:
-        if build_indexes:
-            assert server.maintenance is not None
-            assert await server.maintenance.build_vector_indexes() == list(build_indexes)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield memory_pb2_grpc.MemoryServiceStub(channel)
-    finally:
-        await server.stop(grace=0)
-
-
 def assert_nearest_first(results: list[pb.SearchResult]) -> None:
     distances = [r.distance for r in results]
     assert distances == sorted(distances), distances
@@ -162,7 +132,7 @@ async def test_search_returns_only_the_callers_memories_nearest_first_for_both_m
     await asyncio.gather(*(create(stub, "alice", f"no embedding {i}") for i in range(3)))
     # Bob's memories are exactly the query: they would come first if they leaked.
     await asyncio.gather(*(create(stub, "bob", f"bob {i}", query) for i in range(10)))
-    vectors = {m.memory_id: v for m, v in zip(created, mine)}
+    vectors = {m.memory_id: v for m, v in zip(created, mine, strict=True)}
 
     orders = {}
     for metric in (pb.DISTANCE_METRIC_UNSPECIFIED, COSINE, L2):
@@ -278,7 +248,7 @@ class Corpus:
 async def bulk_create(conn: asyncpg.Connection, rows: list[tuple[str, str, float, str | None, list[float]]]) -> list[str]:
     """Creates memories through the stored function create_memory (the insert
     rules, counts and events apply), all in one statement."""
-    users, contents, gravities, emotions, vectors = zip(*rows)
+    users, contents, gravities, emotions, vectors = zip(*rows, strict=True)
     created = await conn.fetch(
         """SELECT create_memory(u, c, NULL, NULL, NULL, g, e, '{}', '{}', 'present', v::vector::real[], NULL)
                   ->> 'memory_id'
@@ -463,14 +433,9 @@ async def test_filters_apply_before_the_limit(corpus: Corpus, indexed: bool) -> 
 
 
 async def test_embedding_dimension_is_fixed_by_the_first_migration(pg_admin_url: str) -> None:
-    name = f"nexus_dim8_{os.getpid()}"
-    admin = await asyncpg.connect(pg_admin_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(pg_admin_url, name)
-    try:
+    async with scratch_database(pg_admin_url, "nexus_dim8", embedding_dim=8) as url:
         conn = await database.connect(url)
         try:
-            await migrate(conn, embedding_dim=8)
             assert await conn.fetchval(
                 "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
                 "WHERE attrelid = 'memories'::regclass AND attname = 'embedding'"
@@ -492,9 +457,6 @@ async def test_embedding_dimension_is_fixed_by_the_first_migration(pg_admin_url:
                 await NexusServer(server_config(url)).start()  # the default, 384
         finally:
             await conn.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 # --- the vector-index job ----------------------------------------------------------

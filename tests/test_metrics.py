@@ -20,11 +20,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import SERVICE, Clients, auth, rpc_error
-from conftest import test_config as nexus_config  # aliased: pytest would collect test_config
 from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2 as mpb
+
+from support import SERVICE, Clients, auth, rpc_error, server_config
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 WAIT_S = 10.0
@@ -42,7 +42,7 @@ def free_port() -> int:
 async def metrics(db_url: str) -> AsyncIterator[tuple[Clients, Callable[[], Awaitable[Samples]]]]:
     """A server serving /metrics, a client, and a scrape of its endpoint."""
     port = free_port()
-    server = NexusServer(nexus_config(db_url, metrics_port=port))
+    server = NexusServer(server_config(db_url, metrics_port=port))
     await server.start()
 
     def scrape_blocking() -> Samples:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +15,9 @@ import asyncpg
 import grpc
 import pytest
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, new_uuid, rpc_error
 from nexus.v1 import interaction_pb2 as pb
+
+from support import SERVICE, Clients, all_pages, auth, bad_request_fields, new_uuid, rpc_error
 
 
 @dataclass(frozen=True)
@@ -295,14 +297,11 @@ async def test_user_interaction_states_of_someone_else_are_permission_denied(cli
 
 
 async def resonator_pages(clients: Clients, entry_id: str, page_size: int, metadata: Any = SERVICE) -> list[list[str]]:
-    pages, token = [], ""
-    while True:
+    def fetch(token: str) -> Awaitable[pb.ListResonatorsResponse]:
         request = pb.ListResonatorsRequest(entry_id=entry_id, page_size=page_size, page_token=token)
-        response = await clients.interactions.ListResonators(request, metadata=metadata)
-        pages.append(list(response.user_ids))
-        token = response.next_page_token
-        if not token:
-            return pages
+        return clients.interactions.ListResonators(request, metadata=metadata)
+
+    return await all_pages(fetch, lambda page: page.user_ids)
 
 
 async def test_list_resonators_newest_first_across_pages(clients: Clients) -> None:

@@ -27,9 +27,10 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from conftest import SERVICE, Clients, NexusServer, rpc_error
-from nexus.server import SERVICE_NAMES
+from nexus.server import SERVICE_NAMES, NexusServer
 from nexus.v1 import interaction_pb2 as pb
+
+from support import SERVICE, Clients, rpc_error
 
 V1ALPHA_METHOD = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 V1_METHOD = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"

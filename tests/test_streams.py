@@ -35,14 +35,12 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
-from conftest import Clients, auth, bad_request_fields, rpc_error
-from conftest import test_config as server_config  # aliased: pytest would collect test_config
 from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
+
+from support import Clients, auth, bad_request_fields, precondition_types, rpc_error, server_config
 
 RESUME_TOKEN = "x-nexus-resume-token"
 # Bound on any one wait for an event or a condition.
@@ -646,11 +644,7 @@ async def test_shutdown_ends_streams_with_unavailable_and_clients_resume_elsewhe
 
 def assert_resume_token_expired(error: grpc.aio.AioRpcError) -> None:
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
-    status = rpc_status.from_call(error)
-    assert status is not None
-    failure = error_details_pb2.PreconditionFailure()
-    assert status.details[0].Unpack(failure)
-    assert [v.type for v in failure.violations] == ["RESUME_TOKEN_EXPIRED"]
+    assert precondition_types(error) == ["RESUME_TOKEN_EXPIRED"]
 
 
 async def test_a_resume_token_past_retention_is_failed_precondition(

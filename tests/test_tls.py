@@ -19,12 +19,11 @@ import pytest
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import JWT_SECRET, SERVICE
-from conftest import test_config as nexus_config  # aliased: pytest would collect test_config
 from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import interaction_pb2_grpc
-from test_cli import nexus_env, run_nexus
+
+from support import JWT_SECRET, SERVICE, nexus_env, run_nexus, server_config
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -77,7 +76,7 @@ def pki(tmp_path: Path) -> Pki:
 
 @pytest.fixture
 async def tls_server(db_url: str, pki: Pki) -> AsyncIterator[NexusServer]:
-    server = NexusServer(nexus_config(db_url, tls_cert_file=str(pki.server.cert), tls_key_file=str(pki.server.key)))
+    server = NexusServer(server_config(db_url, tls_cert_file=str(pki.server.cert), tls_key_file=str(pki.server.key)))
     await server.start()
     yield server
     await server.stop(grace=0)
@@ -85,7 +84,7 @@ async def tls_server(db_url: str, pki: Pki) -> AsyncIterator[NexusServer]:
 
 @pytest.fixture
 async def mtls_server(db_url: str, pki: Pki) -> AsyncIterator[NexusServer]:
-    server = NexusServer(nexus_config(
+    server = NexusServer(server_config(
         db_url, tls_cert_file=str(pki.server.cert), tls_key_file=str(pki.server.key),
         tls_client_ca_file=str(pki.client_ca),
     ))
@@ -218,7 +217,7 @@ async def test_nexus_seed_writes_through_mtls(mtls_server: NexusServer, pki: Pki
 async def test_tls_server_name_checks_a_certificate_issued_for_another_name(db_url: str, tmp_path: Path) -> None:
     """A certificate for the service's DNS name, checked by `nexus health` connecting to 127.0.0.1."""
     pki = make_pki(tmp_path, ("nexus.test",))
-    server = NexusServer(nexus_config(db_url, tls_cert_file=str(pki.server.cert), tls_key_file=str(pki.server.key)))
+    server = NexusServer(server_config(db_url, tls_cert_file=str(pki.server.cert), tls_key_file=str(pki.server.key)))
     await server.start()
     try:
         port = str(server.port)

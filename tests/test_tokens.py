@@ -19,11 +19,10 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error, token
 from nexus.v1 import token_pb2 as pb
+
+from support import SERVICE, Clients, all_pages, auth, bad_request_fields, precondition_types, rpc_error, token
 
 TABLES = ("balances", "token_transactions", "token_requests")
 INT64_MAX = 2**63 - 1
@@ -86,18 +85,6 @@ async def list_page(
 async def snapshot(db: asyncpg.Connection) -> dict[str, list[str]]:
     """Every row of every ledger table, as text: equal snapshots mean nothing was written."""
     return {t: [r[0] for r in await db.fetch(f"SELECT t::text FROM {t} t ORDER BY 1")] for t in TABLES}
-
-
-def precondition_types(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    assert status is not None, "no rich status details"
-    types = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
-            failure = error_details_pb2.PreconditionFailure()
-            detail.Unpack(failure)
-            types.extend(v.type for v in failure.violations)
-    return types
 
 
 def assert_refused(error: grpc.aio.AioRpcError, violation: str = "INSUFFICIENT_FUNDS") -> None:
@@ -166,7 +153,7 @@ async def test_credit_and_deduct_write_ledger_rows_in_sequence(clients: Clients,
 
     rows = await ledger(db, "alice")
     assert [(str(r["transaction_id"]), r["kind"], r["amount"], r["balance_after"]) for r in rows] == [
-        (t.transaction_id, k, t.amount, t.balance_after) for t, k in zip(transactions, ["credit", "credit", "debit"])
+        (t.transaction_id, k, t.amount, t.balance_after) for t, k in zip(transactions, ["credit", "credit", "debit"], strict=True)
     ]
     assert await balance_of(clients, "alice") == 120
     assert await assert_ledger_consistent(db) == {"alice": 120}
@@ -233,13 +220,10 @@ async def test_list_transactions_newest_first_across_pages(clients: Clients) -> 
         await credit(clients, "alice", i + 1, f"c{i}")
     await credit(clients, "bob", 1, "c0")  # another user's row, never listed
 
-    pages, page_token = [], ""
-    while True:
-        page = await list_page(clients, "alice", page_size=2, page_token=page_token)
-        pages.append([t.sequence for t in page.transactions])
-        page_token = page.next_page_token
-        if not page_token:
-            break
+    pages = await all_pages(
+        lambda token: list_page(clients, "alice", page_size=2, page_token=token),
+        lambda page: [t.sequence for t in page.transactions],
+    )
     everything = (await list_page(clients, "alice")).transactions
 
     assert pages == [[5, 4], [3, 2], [1]]
@@ -576,13 +560,13 @@ async def test_the_bank_keeps_every_balance_equal_to_its_ledger_under_concurrent
     gate = asyncio.Semaphore(500)
     results = await asyncio.gather(*(outcome(clients, op, gate) for op in ops))
 
-    unexpected = [(op, r) for op, r in zip(ops, results) if isinstance(r, grpc.aio.AioRpcError)]
+    unexpected = [(op, r) for op, r in zip(ops, results, strict=True) if isinstance(r, grpc.aio.AioRpcError)]
     assert unexpected == [], f"{len(unexpected)} calls failed other than INSUFFICIENT_FUNDS: {unexpected[:3]}"
     applied: dict[Op, Any] = {}
-    for op, result in zip(ops, results):
+    for op, result in zip(ops, results, strict=True):
         if result != "refused":
             assert applied.setdefault(op, result) == result, "a retry returned something else"
-    refused = {op for op, r in zip(ops, results) if r == "refused"} - set(applied)
+    refused = {op for op, r in zip(ops, results, strict=True) if r == "refused"} - set(applied)
     assert len(refused) >= 100, "the amounts should make a fair share of requests fail"
     assert len(applied) >= 1000
 

@@ -10,9 +10,10 @@ import asyncpg
 import grpc
 import pytest
 
-from conftest import JWT_SECRET, SERVICE, Clients, auth, bad_request_fields, rpc_error
 from nexus.pagination import PageTokens
 from nexus.v1 import interaction_pb2 as pb
+
+from support import JWT_SECRET, SERVICE, Clients, auth, bad_request_fields, rpc_error
 
 
 async def record(
@@ -113,7 +114,7 @@ async def test_record_interaction_as_someone_else_is_permission_denied(clients: 
 async def record_in_order(clients: Clients, actions: list[str]) -> list[str]:
     """Records target0, target1 ... one after another; returns the target ids."""
     ids = [f"target{i}" for i in range(len(actions))]
-    for target, action in zip(ids, actions):
+    for target, action in zip(ids, actions, strict=True):
         await record(clients, target, action)
     return ids
 
@@ -134,7 +135,7 @@ async def test_list_interactions_filters_by_action(clients: Clients) -> None:
 
     for action in set(actions):
         listed = (await list_page(clients, action=action)).interactions
-        expected = [t for t, a in zip(ids, actions) if a == action][::-1]
+        expected = [t for t, a in zip(ids, actions, strict=True) if a == action][::-1]
         assert targets(listed) == expected
         assert {i.action for i in listed} == {action}
 

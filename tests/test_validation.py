@@ -16,8 +16,6 @@ from __future__ import annotations
 import base64
 import math
 import random
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -25,11 +23,10 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
 
-from conftest import SERVICE, Clients, NexusServer, bad_request_fields, new_uuid, rpc_error, with_database
-from conftest import test_config as server_config
-from nexus import database
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2 as memory_pb
+
+from support import SERVICE, Clients, bad_request_fields, new_uuid, rpc_error
 
 USER = "alice"
 ENTRY = "$entry"  # stands for the seeded entry's id (also inside strings, for unique request ids)
@@ -40,7 +37,9 @@ ENTRY_FIELDS = dict(type="post", title="title", content="content", privacy=pb.PR
 # One valid request per RPC; the cases below each break one field of it.
 BASE: dict[str, tuple[type, dict[str, Any]]] = {
     "CreateEntry": (pb.CreateEntryRequest, dict(author_id=USER, request_id=f"create-{ENTRY}", **ENTRY_FIELDS)),
-    "CreateBranch": (pb.CreateBranchRequest, dict(author_id=USER, parent_entry_id=ENTRY, request_id=f"branch-{ENTRY}", **ENTRY_FIELDS)),
+    "CreateBranch": (
+        pb.CreateBranchRequest, dict(author_id=USER, parent_entry_id=ENTRY, request_id=f"branch-{ENTRY}", **ENTRY_FIELDS)
+    ),
     "GetEntries": (pb.GetEntriesRequest, dict(entry_ids=[ENTRY], viewer_id=USER)),
     "DeleteEntry": (pb.DeleteEntryRequest, dict(user_id=USER, entry_id=ENTRY)),
     "ToggleResonance": (pb.ToggleResonanceRequest, dict(user_id=USER, entry_id=ENTRY)),
@@ -86,30 +85,6 @@ async def snapshot(db: asyncpg.Connection) -> dict[str, list[str]]:
 def names(fields: list[str], field: str) -> bool:
     """Whether the violations name field itself or one element of it (tags[3])."""
     return any(f == field or f.startswith(field + "[") for f in fields)
-
-
-@pytest.fixture(scope="module")
-async def shared(pg_admin_url: str, template_db: str) -> AsyncIterator[tuple[Clients, asyncpg.Connection]]:
-    """One server and database for a module's many single-call cases (test_auth uses it too).
-
-    Sharing is sound: each case names its own fresh entry and compares
-    snapshots taken just before and after its own calls. It keeps both files fast.
-    """
-    name = f"nexus_shared_{uuid.uuid4().hex}"
-    admin = await asyncpg.connect(pg_admin_url)
-    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = with_database(pg_admin_url, name)
-    server = NexusServer(server_config(url))
-    await server.start()
-    conn = await database.connect(url)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield Clients(channel), conn
-    finally:
-        await conn.close()
-        await server.stop(grace=0)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture

@@ -100,9 +100,10 @@ class Authenticator:
             algorithm = jwt.get_unverified_header(token).get("alg")
         except jwt.PyJWTError as exc:
             raise errors.Unauthenticated(f"malformed token: {exc}") from exc
-        key = next((k for alg, k in self._keys if alg == algorithm), None)
-        if key is None:
+        accepted = next(((alg, k) for alg, k in self._keys if alg == algorithm), None)
+        if accepted is None:
             raise errors.Unauthenticated(f"token algorithm {algorithm!r} is not accepted")
+        algorithm, key = accepted
         try:
             claims = jwt.decode(
                 token, key, algorithms=[algorithm], leeway=self._leeway_s, options={"require": self._required}

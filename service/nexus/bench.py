@@ -175,7 +175,8 @@ def run_pgbench(url: str, script: str, duration: float, clients: int) -> Figures
                 "-T", str(max(int(duration), 1)), "--log", "-f", f.name, url]
         with tempfile.TemporaryDirectory() as logs:
             out = subprocess.run(args, capture_output=True, text=True, cwd=logs, timeout=duration + 60)
-            latencies_us = [int(line.split()[2]) for log in Path(logs).glob("pgbench_log.*") for line in log.read_text().splitlines()]
+            lines = [line for log in Path(logs).glob("pgbench_log.*") for line in log.read_text().splitlines()]
+            latencies_us = [int(line.split()[2]) for line in lines]
     name = f"pgbench {script} (c={clients})"
     failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
     if out.returncode or (failed and int(failed.group(1))):
@@ -205,7 +206,8 @@ def rpc_scenarios(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ..
     def get_entries() -> Awaitable[object]:
         first = random.randint(2, BENCH_ENTRIES - 100)
         ids = [bench_entry_id(n) for n in range(first, first + 99)] + [hot_entry]
-        return interactions.GetEntries(interaction_pb2.GetEntriesRequest(entry_ids=ids, viewer_id="bench-viewer"), metadata=metadata)
+        request = interaction_pb2.GetEntriesRequest(entry_ids=ids, viewer_id="bench-viewer")
+        return interactions.GetEntries(request, metadata=metadata)
 
     def follow(followed: Callable[[], str]) -> Callable[[], Awaitable[object]]:
         return lambda: follows.Follow(follow_pb2.FollowRequest(follower_id=user(), followed_id=followed()), metadata=metadata)
@@ -245,7 +247,8 @@ def print_ratios(figures: dict[str, Figures]) -> None:
     rows = [
         ("ToggleResonance uniform / health Check", rps("ToggleResonance uniform (100k)") / health, ">= 0.7"),
         ("ToggleResonance hot / uniform", rps("ToggleResonance hot entry") / rps("ToggleResonance uniform (100k)"), ">= 0.9"),
-        ("ToggleResonance uniform / pgbench 1-call", rps("ToggleResonance uniform (100k)") / rps("pgbench toggle_uniform (c=8)"), ""),
+        ("ToggleResonance uniform / pgbench 1-call",
+         rps("ToggleResonance uniform (100k)") / rps("pgbench toggle_uniform (c=8)"), ""),
         ("pgbench toggle hot / uniform", rps("pgbench toggle_hot (c=8)") / rps("pgbench toggle_uniform (c=8)"), ">= 0.8"),
         ("Follow celebrity / uniform", rps("Follow one celebrity") / rps("Follow uniform"), ""),
         ("Transfer uniform / health Check", rps("Transfer uniform") / health, ">= 0.6"),

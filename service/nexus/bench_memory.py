@@ -100,7 +100,7 @@ async def _load(conn: asyncpg.Connection, url: str) -> None:
 
 
 async def _search_figures(
-    stub: memory_pb2_grpc.MemoryServiceStub, conn: asyncpg.Connection, metadata: tuple[tuple[str, str], ...],
+    stub: memory_pb2_grpc.MemoryServiceAsyncStub, conn: asyncpg.Connection, metadata: tuple[tuple[str, str], ...],
     label: str, users: list[str],
 ) -> None:
     """Recall@10 of SearchMemories against exact search, and its latency (one call at a time)."""
@@ -114,7 +114,7 @@ async def _search_figures(
     async with conn.transaction():
         await conn.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off")
         exact = [set(await conn.fetchval(EXACT_TOP10, user_id, probe)) for user_id, probe in probes]
-    for (user_id, probe), truth in zip(probes, exact):
+    for (user_id, probe), truth in zip(probes, exact, strict=True):
         started = time.perf_counter()
         response = await stub.SearchMemories(
             pb.SearchMemoriesRequest(user_id=user_id, embedding=probe, top_k=10), metadata=metadata
@@ -127,7 +127,7 @@ async def _search_figures(
 
 
 async def _text_figures(
-    stub: memory_pb2_grpc.MemoryServiceStub, conn: asyncpg.Connection, metadata: tuple[tuple[str, str], ...],
+    stub: memory_pb2_grpc.MemoryServiceAsyncStub, conn: asyncpg.Connection, metadata: tuple[tuple[str, str], ...],
     label: str, users: list[str],
 ) -> None:
     """Text-only and hybrid latency (one call at a time): two or three words of
@@ -201,7 +201,7 @@ QUALITY_USERS = [f"bench-quality-{n}" for n in range(5)]
 CHATTER_PER_USER = 300
 
 
-async def _quality_figures(stub: memory_pb2_grpc.MemoryServiceStub, metadata: tuple[tuple[str, str], ...]) -> None:
+async def _quality_figures(stub: memory_pb2_grpc.MemoryServiceAsyncStub, metadata: tuple[tuple[str, str], ...]) -> None:
     """Recall@10 of the fact each question paraphrases, per search mode."""
     try:
         from nexus.embedder import from_config
@@ -256,12 +256,12 @@ async def _quality_figures(stub: memory_pb2_grpc.MemoryServiceStub, metadata: tu
           + "   ".join(f"{mode} {n / len(evidence):.2f}" for mode, n in hits.items()))
 
 
-async def _list_figures(stub: memory_pb2_grpc.MemoryServiceStub, metadata: tuple[tuple[str, str], ...]) -> None:
+async def _list_figures(stub: memory_pb2_grpc.MemoryServiceAsyncStub, metadata: tuple[tuple[str, str], ...]) -> None:
     """The seed's example: one user, last 7 days, gravity >= 0.7, newest 50."""
     latencies = []
     for i in range(200):
         since = timestamp_pb2.Timestamp()
-        since.FromDatetime(datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=7))
+        since.FromDatetime(datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=7))
         started = time.perf_counter()
         await stub.ListMemories(
             pb.ListMemoriesRequest(user_id=SMALL_USERS[i % len(SMALL_USERS)] if i % 2 else BIG_USER, since=since,
@@ -412,7 +412,7 @@ async def _idle_stream_figures(target: str, metadata: tuple[tuple[str, str], ...
     opened = time.perf_counter() - started
     try:
         await asyncio.sleep(2)  # let the server settle before reading its memory (no assertion on time)
-        if server_pid:
+        if server_pid and before is not None:
             after = _rss_mib(server_pid)
             print(f"{IDLE_STREAMS} idle streams opened in {opened:.1f} s: server RSS {before:.0f} -> {after:.0f} MiB "
                   f"({(after - before) * 1024 / IDLE_STREAMS:.1f} KiB per stream; goal total <= 1024 MiB)")

@@ -7,7 +7,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nexus: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
-    runners: dict[str, Callable[[], Awaitable[int] | int]] = {
+    runners: dict[str, Callable[[], Coroutine[Any, Any, int] | int]] = {
         "serve": lambda: serve(config),
         "migrate": lambda: migrate(config),
         "health": lambda: health_check(config),

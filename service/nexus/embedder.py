@@ -81,7 +81,7 @@ class Embedder:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), vector in zip(batch, vectors):
+        for (_, future), vector in zip(batch, vectors, strict=True):
             if not future.done():  # the call may have been cancelled meanwhile
                 future.set_result(vector)
 
@@ -94,7 +94,9 @@ def from_config(name: str) -> Embedder | None:
         try:
             model = load_wordllama()
         except ImportError as exc:
-            raise RuntimeError("NEXUS_EMBEDDER=wordllama needs the wordllama extra: pip install 'nexus-service[wordllama]'") from exc
+            raise RuntimeError(
+                "NEXUS_EMBEDDER=wordllama needs the wordllama extra: pip install 'nexus-service[wordllama]'"
+            ) from exc
         log.info("event=embedder_loaded name=wordllama dim=256")
         return Embedder(model, 256)
     raise ValueError(f"unknown embedder {name!r}")

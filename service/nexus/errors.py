@@ -29,7 +29,6 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-
 log = logging.getLogger("nexus.errors")
 
 

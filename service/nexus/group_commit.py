@@ -50,8 +50,8 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -157,7 +157,7 @@ class GroupCommit:
             # Bounded as a whole, waiting for a connection included: a batch must
             # not hold its keys past every caller's deadline.
             async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
-                columns = (list(column) for column in zip(*(i.arguments for i in batch)))
+                columns = (list(column) for column in zip(*(i.arguments for i in batch), strict=True))
                 rows = await self._db.fetch(self._name, self._query, batch[0].batch_key, *columns)
         except TimeoutError:  # the outcome is unknown if the statement was sent
             self._fail(batch, DeadlineExceeded())

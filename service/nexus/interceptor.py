@@ -43,9 +43,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -59,6 +59,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         public = method.startswith(PUBLIC_PREFIXES)
+        assert handler.request_deserializer is not None  # every registered method has one
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._guard(method, public, MethodMetrics(method, "unary"), handler.unary_unary),
@@ -76,7 +77,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         return handler  # reflection's bidirectional stream: public, passed through
 
     def _guard(
-        self, method: str, public: bool, metrics: MethodMetrics, behavior: Callable[..., Awaitable[Any]]
+        self, method: str, public: bool, metrics: MethodMetrics, behavior: Callable[..., Any]
     ) -> Callable[..., Awaitable[Any]]:
         if not metrics.streaming:
 

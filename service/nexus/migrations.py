@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -26,6 +27,9 @@ MIGRATION_LOCK_KEY = 7_160_813_371_205
 
 
 DEFAULT_EMBEDDING_DIM = 384
+
+# A migration's file name; db/schema.sql, the generated current schema, is not one.
+MIGRATION_FILE = re.compile(r"\d{4}_\w+\.sql")
 
 
 class MigrationError(Exception):
@@ -44,7 +48,7 @@ class Migration:
 
 def load_migrations() -> list[Migration]:
     files = resources.files("nexus.schema")
-    names = sorted(f.name for f in files.iterdir() if f.name.endswith(".sql"))
+    names = sorted(f.name for f in files.iterdir() if MIGRATION_FILE.fullmatch(f.name))
     return [Migration(name, files.joinpath(name).read_text(encoding="utf-8")) for name in names]
 
 

@@ -70,7 +70,7 @@ class PageTokens:
         position = self.decode(scope, token, field)
         if position is None:
             return None
-        if len(position) != len(types) or not all(type(v) is t for v, t in zip(position, types)):
+        if len(position) != len(types) or not all(type(v) is t for v, t in zip(position, types, strict=True)):
             raise _not_ours(field)
         return position
 
@@ -93,5 +93,5 @@ def _not_ours(field: str = "page_token") -> InvalidArgument:
     return InvalidArgument(field, "not a token issued by this service")
 
 
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _MICROSECOND = datetime.timedelta(microseconds=1)

@@ -288,8 +288,8 @@ class EventHub:
     async def _read(self, hinted: list[str]) -> None:
         # Feeds may have closed while earlier reads ran.
         feeds = {u: f for u in hinted if (f := self._feeds.get(u)) is not None and f.cursor is not None}
-        for feed in feeds.values():
-            feed.hinted = False
+        for hinted_feed in feeds.values():
+            hinted_feed.hinted = False
         users = list(feeds)
         try:
             rows = await self._db.fetch(

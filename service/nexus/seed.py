@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from nexus.client import open_channel, service_metadata
 from nexus.config import Config
-from nexus.v1 import follow_pb2, follow_pb2_grpc, token_pb2, token_pb2_grpc
+from nexus.v1 import follow_pb2, follow_pb2_grpc, interaction_pb2_grpc, token_pb2, token_pb2_grpc
 from nexus.v1 import interaction_pb2 as pb
-from nexus.v1 import interaction_pb2_grpc
 
 USERS = ("alice", "bob", "carol", "dave")
 
-ENTRIES = (
+ENTRIES: tuple[tuple[str, str, str, str, pb.Privacy.ValueType, list[str]], ...] = (
     ("alice", "logbook", "First light", "Started the observatory log today.", pb.PRIVACY_PUBLIC, ["astronomy"]),
     ("bob", "dream", "Glass city", "A city of glass under a green sky.", pb.PRIVACY_PUBLIC, ["dreams"]),
     ("carol", "logbook", "Private notes", "Only for me.", pb.PRIVACY_PRIVATE, []),
@@ -43,11 +42,11 @@ async def seed(config: Config) -> int:
             )
             entries.append((await stub.CreateEntry(request, metadata=metadata)).entry)
         for i, (author, parent, content) in enumerate(REPLIES):
-            request = pb.CreateBranchRequest(
+            reply = pb.CreateBranchRequest(
                 author_id=author, parent_entry_id=entries[parent].entry_id, type="reply", content=content,
                 request_id=f"seed-reply-{i}",
             )
-            entries.append((await stub.CreateBranch(request, metadata=metadata)).entry)
+            entries.append((await stub.CreateBranch(reply, metadata=metadata)).entry)
         public = [e for e in entries if e.privacy == pb.PRIVACY_PUBLIC]
         for user in USERS:
             for entry in public[: len(user)]:

@@ -10,8 +10,8 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from google.protobuf import descriptor_pool, empty_pb2, json_format, message, struct_pb2, timestamp_pb2, unknown_fields
 
@@ -162,7 +162,10 @@ def _contains_nul(value: object) -> bool:
     return False
 
 
-def enum_value(value: int, field: str, allowed: dict[int, str], *, default: str | None = None) -> str:
+_Enum = TypeVar("_Enum", bound=int)  # a proto enum's number type
+
+
+def enum_value(value: _Enum, field: str, allowed: Mapping[_Enum, str], *, default: str | None = None) -> str:
     """Maps a proto enum number to its database name; 0 (UNSPECIFIED) takes the default."""
     if value == 0 and default is not None:
         return default
@@ -171,7 +174,7 @@ def enum_value(value: int, field: str, allowed: dict[int, str], *, default: str 
     return allowed[value]
 
 
-def optional_enum_value(value: int, field: str, allowed: dict[int, str]) -> str | None:
+def optional_enum_value(value: _Enum, field: str, allowed: Mapping[_Enum, str]) -> str | None:
     """Like enum_value, with 0 (UNSPECIFIED) meaning none."""
     return enum_value(value, field, allowed) if value else None
 
@@ -194,7 +197,7 @@ def timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime.datetime:
     """A Timestamp that both Python and PostgreSQL can hold: 0001-01-01 to
     9999-12-31 UTC (protobuf's own range), nanos 0..999999999."""
     try:
-        return value.ToDatetime(tzinfo=datetime.timezone.utc)
+        return value.ToDatetime(tzinfo=datetime.UTC)
     except ValueError as exc:  # ToDatetime checks protobuf's range
         raise InvalidArgument(
             field, "must be 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z, nanos 0..999999999"
@@ -230,7 +233,7 @@ def undecodable_request(method: str, deserialize: Callable[[bytes], Any], data: 
     except message.DecodeError:
         return InvalidArgument("", "the request is not a valid protobuf message")
     request_type = descriptor_pool.Default().FindMethodByName(method.lstrip("/").replace("/", ".")).input_type
-    for item in top_level:
+    for item in top_level:  # type: ignore[attr-defined]  # iterable by __getitem__; the stubs lack __iter__
         field = request_type.fields_by_number.get(item.field_number)
         if field is None or item.wire_type != _LENGTH_DELIMITED:
             continue

@@ -168,7 +168,9 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         assert row is not None
         return pb.RecordShareResponse(counts=counts_message(row, str(entry_id)), recorded=row["changed"])
 
-    async def GetBranchTree(self, request: pb.GetBranchTreeRequest, context: grpc.aio.ServicerContext) -> pb.GetBranchTreeResponse:
+    async def GetBranchTree(
+        self, request: pb.GetBranchTreeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBranchTreeResponse:
         entry_id = validation.entry_id(request.root_entry_id, "root_entry_id")
         if request.max_depth < 0:
             raise InvalidArgument("max_depth", "must not be negative")

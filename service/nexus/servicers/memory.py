@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import json_format, timestamp_pb2
 
 from nexus import embedder, errors, queries, validation
 from nexus.auth import current_principal
@@ -322,7 +322,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         gravity_weight = validation.unit_interval(request.gravity_weight, "gravity_weight")
         if recency_weight + gravity_weight > 1:
             raise InvalidArgument("gravity_weight", "recency_weight + gravity_weight must be at most 1")
-        if embedding is None and self._embedder is not None:
+        if embedding is None and query is not None and self._embedder is not None:
             embedding = await self._embedder.embed(query)
         rows = await self._db.fetch(
             "search_memories",
@@ -388,10 +388,14 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     # -- streams --------------------------------------------------------------
 
-    async def SubscribeMemories(self, request: pb.SubscribeMemoriesRequest, context: grpc.aio.ServicerContext) -> None:
+    async def SubscribeMemories(  # type: ignore[override]  # streams with context.write(), as grpc.aio allows
+        self, request: pb.SubscribeMemoriesRequest, context: grpc.aio.ServicerContext
+    ) -> None:
         await self._stream("memory", self._owner(request.user_id), request.resume_token, _memory_event, context)
 
-    async def SubscribeArcs(self, request: pb.SubscribeArcsRequest, context: grpc.aio.ServicerContext) -> None:
+    async def SubscribeArcs(  # type: ignore[override]  # streams with context.write(), as grpc.aio allows
+        self, request: pb.SubscribeArcsRequest, context: grpc.aio.ServicerContext
+    ) -> None:
         await self._stream("arc", self._owner(request.user_id), request.resume_token, _arc_event, context)
 
     async def _stream(
@@ -412,6 +416,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         start = self._tokens.decode_as(scope, resume_token, (int,), field="resume_token")
         with self._hub.subscribe(user_id) as subscription:
             row = await self._db.fetchrow("memory_stream_position", queries.MEMORY_STREAM_POSITION, user_id)
+            assert row is not None
             self._hub.start_feed(user_id, row["last_event_seq"])
             if start is None:
                 position = row["last_event_seq"]
@@ -462,7 +467,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         await self._db.execute("publish_broadcast", queries.PUBLISH_BROADCAST, message)
         return pb.PublishBroadcastResponse()
 
-    async def SubscribeBroadcasts(self, request: pb.SubscribeBroadcastsRequest, context: grpc.aio.ServicerContext) -> None:
+    async def SubscribeBroadcasts(  # type: ignore[override]  # streams with context.write(), as grpc.aio allows
+        self, request: pb.SubscribeBroadcastsRequest, context: grpc.aio.ServicerContext
+    ) -> None:
         user_id = self._owner(request.user_id)
         with self._hub.subscribe_broadcasts(user_id) as subscription:
             await context.send_initial_metadata(())
@@ -483,6 +490,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         session_id = validation.opaque_id(request.session_id, "session_id")
         status = validation.enum_value(request.status, "status", SESSION_STATUS_NAMES, default="active")
         row = await self._db.fetchrow("touch_session", queries.TOUCH_SESSION, user_id, session_id, status)
+        assert row is not None
         return pb.TouchSessionResponse(session=session_message(row))
 
     async def ListSessions(self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext) -> pb.ListSessionsResponse:
@@ -500,13 +508,16 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             response.next_page_token = self._tokens.encode_time_key(scope, last["last_message_time"], last["session_id"])
         return response
 
-    async def RecordPattern(self, request: pb.RecordPatternRequest, context: grpc.aio.ServicerContext) -> pb.RecordPatternResponse:
+    async def RecordPattern(
+        self, request: pb.RecordPatternRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordPatternResponse:
         user_id = self._owner(request.user_id)
         pattern_type = validation.text(request.pattern_type, "pattern_type", 64)
         if not pattern_type:
             raise InvalidArgument("pattern_type", "required")
         intensity = validation.unit_interval(request.intensity, "intensity")
         row = await self._db.fetchrow("record_pattern", queries.RECORD_PATTERN, user_id, pattern_type, intensity)
+        assert row is not None
         return pb.RecordPatternResponse(pattern=pattern_message(row))
 
     async def ListPatterns(self, request: pb.ListPatternsRequest, context: grpc.aio.ServicerContext) -> pb.ListPatternsResponse:
