@@ -44,12 +44,12 @@ async def run_cluster(config: Config, workload: Workload, duration: float, concu
         channels = [await stack.enter_async_context(grpc.aio.insecure_channel(t.address)) for t in targets]
         scenarios = [
             {**workload.rpc_scenarios(channel, t.metadata), CREATE_MEMORY: workload.create_memory(channel, t.metadata)}
-            for t, channel in zip(targets, channels)
+            for t, channel in zip(targets, channels, strict=True)
         ]
         for name in scenarios[0]:
             figures[name] = [
                 await measure(f"{name} [{t.label}]", calls[name], duration, in_flight(name, concurrency), t.processes)
-                for t, calls in zip(targets, scenarios)
+                for t, calls in zip(targets, scenarios, strict=True)
             ]
         scripts = workload.pgbench_scripts()
         for script, clients in PGBENCH_DELEGATED:
@@ -63,7 +63,7 @@ async def run_cluster(config: Config, workload: Workload, duration: float, concu
         for name, (one, many) in figures.items():
             report.add()
             report.add(name)
-            for target, result in zip(targets, (one, many)):
+            for target, result in zip(targets, (one, many), strict=True):
                 report.add(f"  {target.label:<16} {result.values()}")
             report.add(f"  {'cluster / single':<16} {_ratios(one, many)}")
         report.add()

@@ -131,7 +131,8 @@ class CpuWindow:
         def per(before: float | None, after: float | None) -> float | None:
             return None if before is None or after is None else (after - before) * 1e6 / n
 
-        return CpuPerCall(per(self._server, server), per(self._postgres, postgres), (self._client() - self._client_start) * 1e6 / n)
+        client_us = (self._client() - self._client_start) * 1e6 / n
+        return CpuPerCall(per(self._server, server), per(self._postgres, postgres), client_us)
 
 
 def own_cpu_s() -> float:

@@ -94,5 +94,6 @@ async def check_invariants(target: Target, report: Report) -> None:
     finally:
         await conn.close()
     if drift:
-        raise BenchFailed(f"reconcile on the {target.label} found {len(drift)} counter(s) that differ from their rows: {drift[:3]}")
+        raise BenchFailed(f"reconcile on the {target.label} found {len(drift)} counter(s) that differ from their rows: "
+                          f"{drift[:3]}")
     report.add(f"invariants, {target.label}: reconcile drift 0")

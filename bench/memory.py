@@ -186,7 +186,7 @@ class _Run:
                             f"{time.perf_counter() - started:.0f} s")
         return "own IVFFlat" if BIG_USER in built else "exact"
 
-    async def search_figures(self, stub: memory_pb2_grpc.MemoryServiceStub, conn: asyncpg.Connection, label: str,
+    async def search_figures(self, stub: memory_pb2_grpc.MemoryServiceAsyncStub, conn: asyncpg.Connection, label: str,
                              users: list[str]) -> None:
         """Recall@10 of SearchMemories against exact search, and its latency (one call at a time)."""
         progress(f"SearchMemories {label}")
@@ -200,7 +200,7 @@ class _Run:
         async with conn.transaction():
             await conn.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off")
             exact = [set(await conn.fetchval(EXACT_TOP10, user_id, probe)) for user_id, probe in probes]
-        for (user_id, probe), truth in zip(probes, exact):
+        for (user_id, probe), truth in zip(probes, exact, strict=True):
             started = time.perf_counter()
             response = await stub.SearchMemories(
                 pb.SearchMemoriesRequest(user_id=user_id, embedding=probe, top_k=10), metadata=self.metadata
@@ -211,7 +211,7 @@ class _Run:
         self.report.add(f"SearchMemories {label:<28} recall@10 {statistics.mean(recalls):.3f} (min {min(recalls):.1f})"
                         f"   p50 {p50 * 1000:6.2f} ms   p99 {p99 * 1000:6.2f} ms")
 
-    async def text_figures(self, stub: memory_pb2_grpc.MemoryServiceStub, conn: asyncpg.Connection, label: str,
+    async def text_figures(self, stub: memory_pb2_grpc.MemoryServiceAsyncStub, conn: asyncpg.Connection, label: str,
                            users: list[str]) -> None:
         """Text-only and hybrid latency (one call at a time): two or three words of
         a stored memory of the user as the query, a vector near it as the embedding."""
@@ -240,7 +240,7 @@ class _Run:
                             f"p50 {p50 * 1000:6.2f} ms   p99 {p99 * 1000:6.2f} ms")
 
 
-    async def quality_figures(self, stub: memory_pb2_grpc.MemoryServiceStub) -> None:
+    async def quality_figures(self, stub: memory_pb2_grpc.MemoryServiceAsyncStub) -> None:
         """Recall@10 of the fact each question paraphrases, per search mode."""
         dim = self.config.embedding_dim
         if dim < WORDLLAMA_DIM:
@@ -298,13 +298,13 @@ class _Run:
             + "   ".join(f"{mode} {n / len(evidence):.2f}" for mode, n in hits.items())
         )
 
-    async def list_figures(self, stub: memory_pb2_grpc.MemoryServiceStub) -> None:
+    async def list_figures(self, stub: memory_pb2_grpc.MemoryServiceAsyncStub) -> None:
         """The seed's example: one user, last 7 days, gravity >= 0.7, newest 50."""
         progress("ListMemories")
         latencies = []
         for i in range(200):
             since = timestamp_pb2.Timestamp()
-            since.FromDatetime(datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=7))
+            since.FromDatetime(datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=7))
             started = time.perf_counter()
             await stub.ListMemories(
                 pb.ListMemoriesRequest(user_id=SMALL_USERS[i % len(SMALL_USERS)] if i % 2 else BIG_USER, since=since,

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -21,8 +21,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.core import Call, progress
 from nexus import database
-from nexus.v1 import follow_pb2, follow_pb2_grpc, interaction_pb2, interaction_pb2_grpc, memory_pb2, memory_pb2_grpc
-from nexus.v1 import token_pb2, token_pb2_grpc
+from nexus.v1 import (
+    follow_pb2,
+    follow_pb2_grpc,
+    interaction_pb2,
+    interaction_pb2_grpc,
+    memory_pb2,
+    memory_pb2_grpc,
+    token_pb2,
+    token_pb2_grpc,
+)
 
 USERS = 1_000_000  # reacting / following / paid users: a range to draw from, nothing loaded
 WRITERS = 1000  # users whose memories CreateMemory writes
@@ -94,7 +102,7 @@ class Workload:
                 interaction_pb2.ToggleResonanceRequest(user_id=user(), entry_id=entry()), metadata=metadata
             )
 
-        def get_entries() -> Call:
+        def get_entries() -> Awaitable[object]:
             first = random.randint(2, self.entries - 100)
             ids = [entry_id(n) for n in range(first, first + 99)] + [HOT_ENTRY]
             return interactions.GetEntries(
