@@ -73,10 +73,18 @@ class Processes:
 
     def cpu_seconds(self) -> tuple[float | None, float | None]:
         """CPU used so far by (the server, the PostgreSQL nodes); None where not known."""
-        server = _cpu_s(psutil.Process(self.server_pid)) if self.server_pid else None
+        server = _server_cpu_s(self.server_pid) if self.server_pid else None
         nodes = [_postgres_cpu_s(pgdata) for pgdata in self.pgdata_dirs]
         postgres = None if not nodes or None in nodes else sum(n for n in nodes if n is not None)
         return server, postgres
+
+
+def _server_cpu_s(pid: int) -> float | None:
+    """The server's CPU so far; None once it has gone (its calls fail and say so)."""
+    try:
+        return _cpu_s(psutil.Process(pid))
+    except psutil.Error:
+        return None
 
 
 def _postgres_cpu_s(pgdata: Path) -> float | None:
