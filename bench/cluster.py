@@ -18,7 +18,7 @@ import contextlib
 import grpc
 
 from bench.core import BenchFailed, Figures, Report, measure, run_pgbench
-from bench.interactions import check_invariants, in_flight
+from bench.interactions import GET_ENTRIES_IN_FLIGHT, check_invariants, in_flight
 from bench.targets import Target, citus_cluster, single_node
 from bench.workload import Workload
 from nexus import database
@@ -59,7 +59,8 @@ async def run_cluster(config: Config, workload: Workload, duration: float, concu
                 for t in targets
             ]
         report.add(f"single node vs {cluster.label}, same run, {duration:g} s per scenario, {concurrency} calls in "
-                   "flight (8 for GetEntries); CPU per call summed over the server and every PostgreSQL process")
+                   f"flight ({GET_ENTRIES_IN_FLIGHT} for GetEntries). CPU per call from the processes' counters: the "
+                   "server, every PostgreSQL process of the target (all nodes), the client (the bench, or pgbench)")
         for name, (one, many) in figures.items():
             report.add()
             report.add(name)

@@ -16,7 +16,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,12 +75,10 @@ async def test_bench_against_an_unreachable_server_fails_at_once_and_writes_noth
 ) -> None:
     port = free_port()
     env = bench_env(NEXUS_DATABASE_URL=db_url, NEXUS_JWT_SECRET=JWT_SECRET)
-    started = time.monotonic()
     code, stdout, stderr = await run_bench("--disposable-database", "--port", str(port), *QUICK, env=env, timeout=30)
     assert code == 1, stderr
     assert last_line(stderr).startswith(f"bench failed: cannot reach 127.0.0.1:{port}"), stderr
     assert stdout == ""
-    assert time.monotonic() - started < 30
     assert await db.fetchval("SELECT count(*) FROM entries") == 0
     assert await db.fetchval("SELECT count(*) FROM token_transactions") == 0
 
