@@ -12,7 +12,6 @@ coordinator next to the same pgbench on the single node.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 import grpc
@@ -54,8 +53,8 @@ async def run_cluster(config: Config, workload: Workload, duration: float, concu
         scripts = workload.pgbench_scripts()
         for script, clients in PGBENCH_DELEGATED:
             figures[f"pgbench {script} (c={clients})"] = [
-                await asyncio.to_thread(run_pgbench, f"{script} [{t.label}]", scripts[script], t.database_url,
-                                        duration, clients, t.processes)
+                await run_pgbench(f"{script} [{t.label}]", scripts[script], t.database_url, duration, clients,
+                                  t.processes)
                 for t in targets
             ]
         report.add(f"single node vs {cluster.label}, same run, {duration:g} s per scenario, {concurrency} calls in "

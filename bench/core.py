@@ -12,7 +12,6 @@ import dataclasses
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -222,11 +221,11 @@ async def measure(name: str, call: Call, duration: float, concurrency: int, proc
     return Figures(name, len(latencies) / elapsed, p50 * 1000, p99 * 1000, cpu)
 
 
-def run_pgbench(name: str, script: str, url: str, duration: float, clients: int, processes: Processes) -> Figures:
+async def run_pgbench(name: str, script: str, url: str, duration: float, clients: int, processes: Processes) -> Figures:
     """pgbench running ``script`` against ``url``: the database's ceiling for the same SQL.
 
     The client CPU is pgbench's own (read from this process's reaped children).
-    Blocks: call it in a thread.
+    Cancelled (Ctrl-C), it kills pgbench rather than wait for it.
     """
     name = f"pgbench {name} (c={clients})"
     progress(f"{name} ({duration:g} s)")
@@ -236,14 +235,25 @@ def run_pgbench(name: str, script: str, url: str, duration: float, clients: int,
         args = [str(embedded.bin_dir() / "pgbench"), "-n", "-M", "prepared", "-c", str(clients),
                 "-j", str(min(clients, 2)), "-T", str(max(round(duration), 1)), "--log", "-f", str(script_file), url]
         window = CpuWindow(dataclasses.replace(processes, server_pid=None), children_cpu_s)  # pgbench skips the server
-        out = subprocess.run(args, capture_output=True, text=True, cwd=work, timeout=duration + 60)
+        pgbench = await asyncio.create_subprocess_exec(
+            *args, cwd=work, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            stdout, stderr = await asyncio.wait_for(pgbench.communicate(), duration + 60)
+        except TimeoutError:
+            raise BenchFailed(f"{name}: pgbench did not finish within {duration + 60:g} s") from None
+        finally:
+            if pgbench.returncode is None:
+                pgbench.kill()
+                await pgbench.wait()
         latencies_us = [int(line.split()[2]) for log in Path(work).glob("pgbench_log.*")
                         for line in log.read_text().splitlines()]
-    failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
-    done = re.search(r"number of transactions actually processed: (\d+)", out.stdout)
-    tps = re.search(r"tps = ([\d.]+)", out.stdout)
-    if out.returncode or (failed and int(failed.group(1))) or not (done and tps and int(done.group(1))):
-        detail = failed.group(0) if failed and int(failed.group(1)) else (out.stderr.strip().splitlines() or ["-"])[-1]
-        raise BenchFailed(f"{name}: pgbench exit code {out.returncode}: {detail}")
+    out, err = stdout.decode(), stderr.decode()
+    failed = re.search(r"number of failed transactions: (\d+)", out)
+    done = re.search(r"number of transactions actually processed: (\d+)", out)
+    tps = re.search(r"tps = ([\d.]+)", out)
+    if pgbench.returncode or (failed and int(failed.group(1))) or not (done and tps and int(done.group(1))):
+        detail = failed.group(0) if failed and int(failed.group(1)) else (err.strip().splitlines() or ["-"])[-1]
+        raise BenchFailed(f"{name}: pgbench exit code {pgbench.returncode}: {detail}")
     p50_us, p99_us = percentiles(latencies_us)
     return Figures(name, float(tps.group(1)), p50_us / 1000, p99_us / 1000, window.per_call(int(done.group(1))))

@@ -8,8 +8,6 @@ functions the RPCs call). Then the invariants: reconcile must find no drift.
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 
 from bench.core import BenchFailed, CpuPerCall, Figures, Report, measure, progress, run_pgbench
@@ -41,9 +39,7 @@ async def run_interactions(target: Target, workload: Workload, duration: float, 
             report.add(figures[name].line())
     scripts = workload.pgbench_scripts()
     for script, clients in PGBENCH_RUNS:
-        result = await asyncio.to_thread(
-            run_pgbench, script, scripts[script], target.database_url, duration, clients, target.processes
-        )
+        result = await run_pgbench(script, scripts[script], target.database_url, duration, clients, target.processes)
         figures[script] = result
         report.add(result.line())
     _add_ratios(figures, report)
