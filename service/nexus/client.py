@@ -1,7 +1,7 @@
 """How the operator commands reach a running server and the configured database.
 
-``nexus health``, ``seed``, ``bench`` and ``token`` talk to a server;
-``migrate``, ``reconcile`` and ``bench`` to its database. One place decides the
+``nexus health``, ``seed`` and ``token`` talk to a server; ``migrate`` and
+``reconcile`` to its database; the bench (``python -m bench``) to both. One place decides the
 address, the channel (plaintext, TLS or mTLS from the ``tls_*`` settings), the
 token and the database URL, and turns what goes wrong into one line an operator
 can act on (:class:`ClientError`) instead of a traceback.

@@ -1,0 +1,488 @@
+"""The MemoryService and stream suite (``--suite memory``), one run.
+
+Sizes below are for ``--scale 1`` (the README's run); ``--scale`` multiplies
+them (a smoke run uses 0.01). Vectors have the configured ``embedding_dim``
+(default 384, the README's figures).
+
+- SearchMemories recall@10 against exact search, and latency, on 200k
+  memories: ten users holding 10k each (searched exactly) and one holding
+  100k (searched through their own IVFFlat index, built by the maintenance job
+  after the load when they hold more than ``search_exact_max_memories``).
+  Vectors are clustered (100 centres plus noise); contents are 6-20 words of a
+  5000-word Zipf-like vocabulary, loaded in bulk.
+- SearchMemories by text (BM25) and hybrid, p50/p99, on the same users.
+- Retrieval quality on a small labelled set (facts among chatter, questions
+  that paraphrase them): recall@10 of vector, text and hybrid search, with
+  wordllama embeddings zero-padded to the configured dimension (cosine is
+  unchanged by padding); skipped without the wordllama extra or below 256
+  dimensions.
+- ListMemories with the seed's example filter, p50/p99.
+- Delivery latency, commit -> client, with 1000 subscribers while events are
+  written at a fixed rate (default 1000/s) straight into the database.
+- CreateMemory throughput with no stream open, then with a stream open for
+  every writing user (the ratio is the cost of streaming), then
+  ToggleResonance in the same run: CreateMemory with streams / ToggleResonance.
+- Resident memory of the server holding 10k idle streams (when its pid is known).
+Every phase is bounded by --duration or by a fixed count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import random
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import grpc
+from google.protobuf import timestamp_pb2
+
+from bench.core import BenchFailed, Report, measure, percentiles, progress
+from bench.targets import Target
+from bench.workload import WRITERS, Workload
+from nexus import database
+from nexus.config import Config
+from nexus.maintenance import Maintenance
+from nexus.v1 import memory_pb2 as pb
+from nexus.v1 import memory_pb2_grpc
+
+BIG_USER = "bench-mem-big"
+SMALL_USERS = [f"bench-mem-{n}" for n in range(10)]
+STREAMS_PER_CHANNEL = 500
+WORDLLAMA_DIM = 256
+
+
+@dataclass(frozen=True)
+class Sizes:
+    per_small_user: int
+    big_user: int
+    search_queries: int
+    live_subscribers: int
+    idle_streams: int
+
+    @classmethod
+    def scaled(cls, scale: float) -> Sizes:
+        def n(full: int, least: int) -> int:
+            return max(least, round(full * scale))
+
+        return cls(per_small_user=n(10_000, 50), big_user=n(100_000, 100), search_queries=n(100, 10),
+                   live_subscribers=n(1000, 10), idle_streams=n(10_000, 20))
+
+    @property
+    def memories(self) -> int:
+        return self.big_user + self.per_small_user * len(SMALL_USERS)
+
+
+# A labelled set: facts (the evidence) among chatter, and questions that
+# paraphrase the facts. Every quality user holds all the facts and their own
+# chatter.
+FACTS = [
+    ("My daughter Emma started violin lessons in September", "What instrument is my kid learning?"),
+    ("I am allergic to peanuts so I always check food labels", "Do I have any allergies?"),
+    ("We adopted a golden retriever puppy called Biscuit", "What is the name of our dog?"),
+    ("My brother Tom moved to Lisbon for a software job", "Which city does my brother live in now?"),
+    ("I ran my first marathon in Berlin last spring", "Have I ever completed a long-distance race?"),
+    ("Our wedding anniversary is on the twelfth of June", "When do my wife and I celebrate our anniversary?"),
+    ("I switched careers from accounting to nursing", "What did I work as before becoming a nurse?"),
+    ("My favourite dish is my grandmother's mushroom risotto", "What food do I love most?"),
+    ("I have been learning Japanese on my commute", "Which language am I studying?"),
+    ("The doctor said my blood pressure is too high", "What health problem did my physician mention?"),
+    ("We are saving money to buy a house near the coast", "What are we saving up for?"),
+    ("My laptop broke so I bought a new one on sale", "Why did I get a new computer?"),
+    ("I volunteer at the animal shelter every Saturday morning", "What do I do on weekends to help out?"),
+    ("My son Leo is afraid of the dark and sleeps with a nightlight", "What is my boy scared of?"),
+    ("I quit smoking three years ago", "Do I still smoke cigarettes?"),
+    ("Our team won the regional chess tournament", "Did we win any competition?"),
+]
+CHATTER = [
+    "Had {meal} with {name} at the {place}", "Watched a {genre} movie with {name} last night",
+    "The weather in {city} was {weather} today", "Talked to {name} about {topic} for an hour",
+    "Need to buy {item} and {item2} tomorrow", "The meeting about the {topic} project ran late",
+    "{name} recommended a book about {topic}", "Spent the afternoon cleaning the {room}",
+    "Thinking about a trip to {city} next year", "My {relative} called to ask about {topic}",
+    "Tried a new {meal} recipe with {item}", "Walked to the {place} and back in the rain",
+]
+SLOTS = {
+    "meal": ["breakfast", "lunch", "dinner", "brunch", "pasta", "soup"],
+    "name": ["Anna", "Ben", "Carla", "David", "Eva", "Farid", "Grace", "Hugo"],
+    "place": ["cafe", "park", "library", "gym", "market", "office", "beach"],
+    "genre": ["horror", "comedy", "sci-fi", "romance", "documentary"],
+    "city": ["Paris", "Madrid", "Oslo", "Chicago", "Seoul", "Rome"],
+    "weather": ["sunny", "windy", "grey", "freezing", "humid"],
+    "topic": ["taxes", "football", "gardening", "music", "politics", "cooking", "travel", "work", "pets", "health"],
+    "item": ["milk", "batteries", "shoes", "coffee", "a lamp", "bread"],
+    "item2": ["eggs", "a charger", "socks", "tea", "paint", "rice"],
+    "room": ["kitchen", "garage", "attic", "bathroom"],
+    "relative": ["mother", "father", "aunt", "cousin", "uncle"],
+}
+QUALITY_USERS = [f"bench-quality-{n}" for n in range(5)]
+CHATTER_PER_USER = 300
+
+
+def _load_sql(sizes: Sizes, dim: int) -> str:
+    """Clustered vectors: 100 random centres, each memory a centre plus uniform noise."""
+    return f"""
+SET maintenance_work_mem = '1GB';
+CREATE TEMP TABLE bench_centres AS
+    SELECT c, array_agg(random() * 2 - 1 ORDER BY i)::real[] AS v
+    FROM generate_series(1, 100) c, generate_series(1, {dim}) i GROUP BY c;
+INSERT INTO memories (user_id, content, gravity_score, emotion_type, temporal_type, embedding, create_time)
+SELECT CASE WHEN n <= {sizes.big_user} THEN '{BIG_USER}' ELSE 'bench-mem-' || (n % 10) END,
+       (SELECT string_agg('w' || floor(power(random(), 3) * 5000)::int, ' ') FROM generate_series(1, 6 + n % 15)),
+       random(), (ARRAY['joy', 'calm', 'fear', 'awe'])[1 + n % 4], 'present',
+       (SELECT array_agg(ce.v[i] + (random() - 0.5) * 0.6 ORDER BY i) FROM generate_series(1, {dim}) i)::vector,
+       now() - random() * interval '30 days'
+FROM generate_series(1, {sizes.memories}) n
+JOIN bench_centres ce ON ce.c = 1 + (hashint4(n) & 1023) % 100;
+INSERT INTO memory_users (user_id, memory_count)
+SELECT user_id, count(*) FROM memories WHERE user_id LIKE 'bench-mem-%' GROUP BY user_id
+ON CONFLICT (user_id) DO UPDATE SET memory_count = EXCLUDED.memory_count;
+"""
+
+
+EXACT_TOP10 = """
+SELECT array_agg(memory_id::text) FROM (
+    SELECT memory_id FROM memories WHERE user_id = $1 ORDER BY embedding <=> $2::real[]::vector LIMIT 10) nearest
+"""
+
+
+@dataclass
+class _Run:
+    """One memory suite run: where it goes, how big, and where its lines go."""
+
+    target: Target
+    config: Config
+    sizes: Sizes
+    report: Report
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.target.metadata
+
+    async def load(self, conn: asyncpg.Connection) -> str:
+        """The search corpus, then the vector indexes the maintenance job builds for
+        users above ``search_exact_max_memories``; returns how the big user is searched."""
+        if not await conn.fetchval("SELECT count(*) FROM memories WHERE user_id = $1", BIG_USER):
+            progress(f"loading {self.sizes.memories} memories of {self.config.embedding_dim} dimensions")
+            started = time.perf_counter()
+            await conn.execute(_load_sql(self.sizes, self.config.embedding_dim))
+            await conn.execute("VACUUM ANALYZE memories")
+            self.report.add(f"loaded {self.sizes.memories} memories in {time.perf_counter() - started:.0f} s")
+        started = time.perf_counter()
+        db = await database.Database.open(
+            self.target.database_url, min_size=1, max_size=1, statement_timeout_ms=30_000, slow_warn_ms=10**9,
+            slow_error_ms=10**9,
+        )
+        try:
+            built = await Maintenance(db, self.config).build_vector_indexes()
+        finally:
+            await db.close()
+        if built:
+            self.report.add(f"maintenance built the vector index of {', '.join(built)} in "
+                            f"{time.perf_counter() - started:.0f} s")
+        return "own IVFFlat" if BIG_USER in built else "exact"
+
+    async def search_figures(self, stub: memory_pb2_grpc.MemoryServiceAsyncStub, conn: asyncpg.Connection, label: str,
+                             users: list[str]) -> None:
+        """Recall@10 of SearchMemories against exact search, and its latency (one call at a time)."""
+        progress(f"SearchMemories {label}")
+        queries = await conn.fetch(
+            "SELECT user_id, embedding::real[] AS v FROM memories WHERE user_id = ANY($1) ORDER BY random() LIMIT $2",
+            users, self.sizes.search_queries,
+        )
+        # Each query is near, not on, a stored vector of its user.
+        probes = [(q["user_id"], [x + random.uniform(-0.05, 0.05) for x in q["v"]]) for q in queries]
+        latencies, recalls = [], []
+        async with conn.transaction():
+            await conn.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off")
+            exact = [set(await conn.fetchval(EXACT_TOP10, user_id, probe)) for user_id, probe in probes]
+        for (user_id, probe), truth in zip(probes, exact, strict=True):
+            started = time.perf_counter()
+            response = await stub.SearchMemories(
+                pb.SearchMemoriesRequest(user_id=user_id, embedding=probe, top_k=10), metadata=self.metadata
+            )
+            latencies.append(time.perf_counter() - started)
+            recalls.append(len({r.memory.memory_id for r in response.results} & truth) / 10)
+        p50, p99 = percentiles(latencies)
+        self.report.add(f"SearchMemories {label:<28} recall@10 {statistics.mean(recalls):.3f} (min {min(recalls):.1f})"
+                        f"   p50 {p50 * 1000:6.2f} ms   p99 {p99 * 1000:6.2f} ms")
+
+    async def text_figures(self, stub: memory_pb2_grpc.MemoryServiceAsyncStub, conn: asyncpg.Connection, label: str,
+                           users: list[str]) -> None:
+        """Text-only and hybrid latency (one call at a time): two or three words of
+        a stored memory of the user as the query, a vector near it as the embedding."""
+        progress(f"SearchMemories text and hybrid, {label}")
+        rows = await conn.fetch(
+            "SELECT user_id, content, embedding::real[] AS v FROM memories WHERE user_id = ANY($1)"
+            " ORDER BY random() LIMIT $2",
+            users, self.sizes.search_queries,
+        )
+        for mode in ("text", "hybrid"):
+            latencies, found = [], 0
+            for row in rows:
+                words = row["content"].split()
+                request = pb.SearchMemoriesRequest(
+                    user_id=row["user_id"], top_k=10,
+                    query=" ".join(random.sample(words, min(len(words), random.randint(2, 3)))),
+                )
+                if mode == "hybrid":
+                    request.embedding.extend(x + random.uniform(-0.05, 0.05) for x in row["v"])
+                started = time.perf_counter()
+                response = await stub.SearchMemories(request, metadata=self.metadata)
+                latencies.append(time.perf_counter() - started)
+                found += len(response.results) == 10
+            p50, p99 = percentiles(latencies)
+            self.report.add(f"SearchMemories {mode + ' ' + label:<35} full pages {found}/{len(rows)}   "
+                            f"p50 {p50 * 1000:6.2f} ms   p99 {p99 * 1000:6.2f} ms")
+
+
+    async def quality_figures(self, stub: memory_pb2_grpc.MemoryServiceAsyncStub) -> None:
+        """Recall@10 of the fact each question paraphrases, per search mode."""
+        dim = self.config.embedding_dim
+        if dim < WORDLLAMA_DIM:
+            self.report.add(f"retrieval quality: skipped (wordllama's {WORDLLAMA_DIM} dimensions do not fit in {dim})")
+            return
+        try:
+            from nexus.embedder import from_config
+
+            model = from_config("wordllama")
+        except (ImportError, RuntimeError):
+            self.report.add("retrieval quality: skipped (needs the wordllama extra)")
+            return
+        assert model is not None
+        progress("retrieval quality on the labelled set")
+        rng = random.Random(11)
+
+        def padded(text: str) -> list[float]:
+            vector = model.embed_batch([text])[0] or [1.0] + [0.0] * (model.dim - 1)
+            return vector + [0.0] * (dim - model.dim)
+
+        evidence: dict[tuple[str, int], str] = {}
+
+        async def load(user: str, texts: list[tuple[int | None, str]]) -> None:
+            # One at a time per user (a user's writes take turns on their lock anyway).
+            for fact, text in texts:
+                response = await stub.CreateMemory(
+                    pb.CreateMemoryRequest(user_id=user, content=text, gravity_score=0.5, embedding=padded(text)),
+                    metadata=self.metadata,
+                )
+                if fact is not None:
+                    evidence[(user, fact)] = response.memory.memory_id
+
+        corpora = {}
+        for user in QUALITY_USERS:
+            texts: list[tuple[int | None, str]] = [(i, fact) for i, (fact, _) in enumerate(FACTS)]
+            texts += [(None, rng.choice(CHATTER).format(**{k: rng.choice(v) for k, v in SLOTS.items()}))
+                      for _ in range(CHATTER_PER_USER)]
+            rng.shuffle(texts)
+            corpora[user] = texts
+        await asyncio.gather(*(load(user, texts) for user, texts in corpora.items()))
+        hits = {"vector": 0, "text": 0, "hybrid": 0}
+        for (user, fact), memory_id in evidence.items():
+            question = FACTS[fact][1]
+            requests = {
+                "vector": pb.SearchMemoriesRequest(user_id=user, embedding=padded(question), top_k=10),
+                "text": pb.SearchMemoriesRequest(user_id=user, query=question, top_k=10),
+                "hybrid": pb.SearchMemoriesRequest(user_id=user, query=question, embedding=padded(question), top_k=10),
+            }
+            for mode, request in requests.items():
+                response = await stub.SearchMemories(request, metadata=self.metadata)
+                hits[mode] += memory_id in {r.memory.memory_id for r in response.results}
+        self.report.add(
+            f"retrieval quality, {len(evidence)} questions over {len(QUALITY_USERS)} users of "
+            f"{len(FACTS) + CHATTER_PER_USER} memories, recall@10: "
+            + "   ".join(f"{mode} {n / len(evidence):.2f}" for mode, n in hits.items())
+        )
+
+    async def list_figures(self, stub: memory_pb2_grpc.MemoryServiceAsyncStub) -> None:
+        """The seed's example: one user, last 7 days, gravity >= 0.7, newest 50."""
+        progress("ListMemories")
+        latencies = []
+        for i in range(200):
+            since = timestamp_pb2.Timestamp()
+            since.FromDatetime(datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=7))
+            started = time.perf_counter()
+            await stub.ListMemories(
+                pb.ListMemoriesRequest(user_id=SMALL_USERS[i % len(SMALL_USERS)] if i % 2 else BIG_USER, since=since,
+                                       min_gravity=0.7, page_size=50),
+                metadata=self.metadata,
+            )
+            latencies.append(time.perf_counter() - started)
+        p50, p99 = percentiles(latencies)
+        self.report.add(f"ListMemories seed filter (7 days, >= 0.7, 50)  p50 {p50 * 1000:6.2f} ms   "
+                        f"p99 {p99 * 1000:6.2f} ms  (RPC)")
+
+    async def delivery_figures(self, rate: int, duration: float) -> None:
+        """Latency from the event's commit to its arrival, while writes are paced at ``rate``/s."""
+        subscribers = self.sizes.live_subscribers
+        progress(f"delivery to {subscribers} subscribers, {rate} events/s")
+        users = [f"bench-live-{n}" for n in range(subscribers)]
+        channels, calls = await _open_streams(self.target.address, self.metadata, users)
+        latencies: list[float] = []
+
+        async def receive(call: grpc.aio.UnaryStreamCall) -> None:
+            async for event in call:
+                latencies.append(time.time() - event.event_time.ToNanoseconds() / 1e9)
+
+        readers = [asyncio.create_task(receive(call)) for call in calls]
+        pool = await asyncpg.create_pool(self.target.database_url, min_size=8, max_size=8)
+        written = 0
+        try:
+            began = time.perf_counter()
+            interval = 1 / rate
+            in_flight: set[asyncio.Task[str]] = set()
+            while (now := time.perf_counter()) < began + duration:
+                due = int((now - began) / interval) + 1
+                for n in range(written, due):
+                    task = asyncio.create_task(pool.execute(
+                        "SELECT create_memory($1, 'bench live', NULL, NULL, NULL, 0.5, NULL, '{}', '{}', NULL, NULL,"
+                        " NULL)",
+                        users[n % len(users)],
+                    ))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                written = due
+                await asyncio.sleep(interval)
+            await asyncio.gather(*in_flight)
+            elapsed = time.perf_counter() - began
+            deadline = time.perf_counter() + 10
+            while len(latencies) < written and time.perf_counter() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            try:
+                await _stop_readers("delivery", readers)
+            finally:
+                await _close_streams(channels, calls)
+                await pool.close()
+        if len(latencies) < written:
+            raise BenchFailed(f"delivery: {written - len(latencies)} of {written} events not received within 10 s")
+        p50, p99 = percentiles(latencies)
+        self.report.add(f"delivery commit -> client, {subscribers} subscribers, {written / elapsed:.0f} events/s "
+                        f"written: received {len(latencies)}/{written}   p50 {p50 * 1000:6.2f} ms   "
+                        f"p99 {p99 * 1000:6.2f} ms")
+
+    async def create_figures(self, workload: Workload, duration: float, concurrency: int) -> None:
+        """CreateMemory without, then with, a stream per writing user; then ToggleResonance."""
+        users = [f"bench-writer-{n}" for n in range(1, WRITERS + 1)]
+        processes = self.target.processes
+        async with grpc.aio.insecure_channel(self.target.address) as channel:
+            create = workload.create_memory(channel, self.metadata)
+            off = await measure("CreateMemory, no streams", create, duration, concurrency, processes)
+            self.report.add(off.line())
+            channels, calls = await _open_streams(self.target.address, self.metadata, users)
+            drained = [0]
+
+            async def drain(call: grpc.aio.UnaryStreamCall) -> None:
+                async for _ in call:
+                    drained[0] += 1
+
+            readers = [asyncio.create_task(drain(call)) for call in calls]
+            try:
+                on = await measure(f"CreateMemory, {len(users)} streams open", create, duration, concurrency, processes)
+            finally:
+                try:
+                    await _stop_readers("CreateMemory with streams open", readers)
+                finally:
+                    await _close_streams(channels, calls)
+            self.report.add(on.line() + f"   events streamed {drained[0]}")
+            name = "ToggleResonance uniform"
+            toggle = await measure(name, workload.rpc_scenarios(channel, self.metadata)[name], duration, concurrency,
+                                   processes)
+        self.report.add(toggle.line())
+        self.report.add(f"{'CreateMemory streaming on / off':<46} {on.rps / off.rps:5.2f}  (goal >= 0.8)")
+        self.report.add(f"{'CreateMemory (streams open) / ToggleResonance':<46} {on.rps / toggle.rps:5.2f}  "
+                        "(goal >= 0.4)")
+
+    async def idle_stream_figures(self) -> None:
+        count = self.sizes.idle_streams
+        progress(f"{count} idle streams")
+        server_pid = self.target.processes.server_pid
+        before = _rss_mib(server_pid) if server_pid else None
+        started = time.perf_counter()
+        channels, calls = await _open_streams(self.target.address, self.metadata,
+                                              [f"bench-idle-{n}" for n in range(count)])
+        opened = time.perf_counter() - started
+        try:
+            await asyncio.sleep(2)  # let the server settle before reading its memory (no assertion on time)
+            if server_pid and before is not None:
+                after = _rss_mib(server_pid)
+                self.report.add(f"{count} idle streams opened in {opened:.1f} s: server RSS {before:.0f} -> "
+                                f"{after:.0f} MiB ({(after - before) * 1024 / count:.1f} KiB per stream; "
+                                "goal total <= 1024 MiB at 10k)")
+            else:
+                self.report.add(f"{count} idle streams opened in {opened:.1f} s (pass --server-pid for the server's RSS)")
+        finally:
+            await _close_streams(channels, calls)
+
+
+async def _open_streams(
+    target: str, metadata: tuple[tuple[str, str], ...], users: list[str]
+) -> tuple[list[grpc.aio.Channel], list[grpc.aio.UnaryStreamCall]]:
+    """One SubscribeMemories stream per user, each registered (initial metadata received)."""
+    channels = [grpc.aio.insecure_channel(target) for _ in range(0, len(users), STREAMS_PER_CHANNEL)]
+    calls = [
+        memory_pb2_grpc.MemoryServiceStub(channels[i // STREAMS_PER_CHANNEL]).SubscribeMemories(
+            pb.SubscribeMemoriesRequest(user_id=user), metadata=metadata
+        )
+        for i, user in enumerate(users)
+    ]
+    for start in range(0, len(calls), 500):
+        await asyncio.gather(*(call.initial_metadata() for call in calls[start:start + 500]))
+    return channels, calls
+
+
+async def _stop_readers(phase: str, readers: list[asyncio.Task[None]]) -> None:
+    """Cancels the stream readers; a stream that had already failed fails the phase."""
+    for reader in readers:
+        reader.cancel()
+    results = await asyncio.gather(*readers, return_exceptions=True)
+    failed = Counter(
+        r.code().name if isinstance(r, grpc.aio.AioRpcError) else type(r).__name__
+        for r in results if isinstance(r, Exception)
+    )
+    if failed:
+        codes = ", ".join(f"{code} {count}" for code, count in failed.most_common())
+        raise BenchFailed(f"{phase}: {failed.total()} of {len(readers)} streams failed ({codes})")
+
+
+async def _close_streams(channels: list[grpc.aio.Channel], calls: list[grpc.aio.UnaryStreamCall]) -> None:
+    for call in calls:
+        call.cancel()
+    for channel in channels:
+        await channel.close()
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def run_memory(
+    target: Target, config: Config, workload: Workload, scale: float, duration: float, concurrency: int,
+    event_rate: int, report: Report,
+) -> None:
+    run = _Run(target, config, Sizes.scaled(scale), report)
+    await workload.load(target.database_url)  # the entries ToggleResonance reacts to
+    conn = await database.connect(target.database_url)
+    try:
+        big_user_search = await run.load(conn)
+        async with grpc.aio.insecure_channel(target.address) as channel:
+            stub = memory_pb2_grpc.MemoryServiceStub(channel)
+            small, big = f"users of {run.sizes.per_small_user}", f"one user of {run.sizes.big_user}"
+            await run.search_figures(stub, conn, f"{small} (exact)", SMALL_USERS)
+            await run.search_figures(stub, conn, f"{big} ({big_user_search})", [BIG_USER])
+            await run.text_figures(stub, conn, small, SMALL_USERS)
+            await run.text_figures(stub, conn, big, [BIG_USER])
+            await run.quality_figures(stub)
+            await run.list_figures(stub)
+    finally:
+        await conn.close()
+    await run.delivery_figures(event_rate, duration)
+    await run.create_figures(workload, duration, concurrency)
+    await run.idle_stream_figures()

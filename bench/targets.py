@@ -1,0 +1,181 @@
+"""The servers a bench loads, and the databases behind them.
+
+By default each target is the bench's own: a ``nexus serve`` subprocess on
+127.0.0.1 over a database in a temporary directory (the embedded PostgreSQL,
+or a coordinator + 2 workers Citus cluster), all stopped and removed on the
+way out, failure and Ctrl-C included. ``configured_target`` benches the server
+and database the settings name instead, which ``--disposable-database``
+declares disposable: nothing else ever writes bench data into a database the
+bench did not create.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.core import BenchFailed, Processes, progress
+from nexus import embedded
+from nexus.auth import mint_token
+from nexus.citus_cluster import CitusCluster
+from nexus.client import ClientError, database_url, describe_rpc_error, server_address, service_metadata
+from nexus.config import Config, env_var
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILD_CITUS = REPO_ROOT / "scripts" / "build_citus.py"
+BUILD_CITUS_NO_SOURCE = 3  # scripts/build_citus.py EXIT_NO_SOURCE
+SERVING_TIMEOUT_S = 300.0  # a first start migrates (and on Citus distributes) the schema
+
+# Settings the bench's own server does not take from the bench's: where it listens,
+# its database and secret (its own), TLS and metrics (off: plaintext load), and its
+# log level (one line per RPC would cost the CPU the figures are about).
+OWN_SERVER_FIXED = {"host", "port", "data_dir", "database_url", "jwt_secret", "jwt_public_key_file", "metrics_port",
+                    "log_level"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server under load and its database."""
+
+    label: str
+    address: str
+    database_url: str
+    metadata: tuple[tuple[str, str], ...]
+    processes: Processes
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _wait_until_serving(address: str, server: asyncio.subprocess.Process) -> None:
+    """Polls the health Check until SERVING; fails if the server exits or the time runs out."""
+    deadline = time.monotonic() + SERVING_TIMEOUT_S
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if server.returncode is not None:
+                raise BenchFailed(f"the bench's server exited with code {server.returncode} before serving")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                response = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            if time.monotonic() > deadline:
+                raise BenchFailed(f"the bench's server on {address} was not SERVING after {SERVING_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def _own_server(config: Config, label: str, url: str, pgdata_dirs: tuple[Path, ...]) -> AsyncIterator[Target]:
+    """A ``nexus serve`` of the bench's own on ``url`` with the bench's settings (but
+    OWN_SERVER_FIXED), stopped afterwards."""
+    secret, port = secrets.token_urlsafe(32), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    for f in dataclasses.fields(config):
+        if f.name not in OWN_SERVER_FIXED and not f.name.startswith("tls_"):
+            env[env_var(f.name)] = str(getattr(config, f.name))
+    env.update(NEXUS_HOST="127.0.0.1", NEXUS_PORT=str(port), NEXUS_DATABASE_URL=url, NEXUS_JWT_SECRET=secret,
+               NEXUS_LOG_LEVEL="warning")
+    progress(f"starting the {label} server")
+    server = await asyncio.create_subprocess_exec(sys.executable, "-m", "nexus.cli", "serve", env=env)
+    try:
+        address = f"127.0.0.1:{port}"
+        await _wait_until_serving(address, server)
+        metadata = (("authorization", f"Bearer {mint_token(secret, 'bench', service=True)}"),)
+        yield Target(label, address, url, metadata, Processes(server.pid, pgdata_dirs))
+    finally:
+        if server.returncode is None:
+            server.terminate()
+            try:
+                await asyncio.wait_for(server.wait(), 30)
+            except TimeoutError:
+                server.kill()
+                await server.wait()
+
+
+@contextlib.asynccontextmanager
+async def single_node(config: Config) -> AsyncIterator[Target]:
+    """The bench's own server on a fresh embedded PostgreSQL in a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="nexus-bench-") as data_dir:
+        progress("starting an embedded PostgreSQL in a temporary directory")
+        pg = await asyncio.to_thread(embedded.EmbeddedPostgres.start, Path(data_dir))
+        try:
+            async with _own_server(config, "single node", pg.url, (pg.pgdata,)) as target:
+                yield target
+        finally:
+            await asyncio.to_thread(pg.stop)
+
+
+def citus_install() -> Path:
+    """The Citus-enabled PostgreSQL install, built (or found cached) by scripts/build_citus.py."""
+    progress("building Citus (cached after the first time)")
+    build = subprocess.run([sys.executable, str(BUILD_CITUS)], capture_output=True, text=True, timeout=1200)
+    if build.returncode == BUILD_CITUS_NO_SOURCE:
+        raise BenchFailed("no Citus source: set NEXUS_CITUS_SOURCE to a Citus release tarball "
+                          "(default ../shared/citus/citus-v14.0.1-src.tar.gz beside the repository)")
+    if build.returncode != 0:
+        raise BenchFailed(f"scripts/build_citus.py failed: {(build.stderr.strip().splitlines() or ['-'])[-1]}")
+    return Path(build.stdout.strip())
+
+
+@contextlib.asynccontextmanager
+async def citus_cluster(config: Config, workers: int = 2) -> AsyncIterator[Target]:
+    """The bench's own server on a fresh Citus cluster (a coordinator and ``workers``
+    workers on 127.0.0.1) in a temporary directory; the server distributes the schema
+    when it migrates. Stopped and removed afterwards."""
+    pginstall = await asyncio.to_thread(citus_install)
+    base_dir = Path(tempfile.mkdtemp(prefix="nexus-bench-citus-"))
+    try:
+        progress(f"starting a Citus cluster (coordinator + {workers} workers) in a temporary directory")
+        cluster = await CitusCluster.start(pginstall, base_dir, workers=workers)
+        try:
+            label = f"{1 + workers}-node Citus"
+            async with _own_server(config, label, cluster.url, tuple(n.pgdata for n in cluster.nodes)) as target:
+                yield target
+        finally:
+            await cluster.stop()
+    finally:
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def configured_target(config: Config, server_pid: int | None) -> AsyncIterator[Target]:
+    """The configured server and database (``--disposable-database``); the server must
+    answer SERVING before anything is written."""
+    if config.client_tls:
+        raise BenchFailed("the bench speaks plaintext; bench a plaintext server (or leave out --disposable-database)")
+    address = server_address(config)
+    try:
+        metadata = service_metadata(config, "bench")
+    except ClientError as exc:
+        raise BenchFailed(str(exc)) from None
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+        except grpc.aio.AioRpcError as exc:
+            raise BenchFailed(describe_rpc_error(address, exc)) from None
+    if response.status != health_pb2.HealthCheckResponse.SERVING:
+        raise BenchFailed(f"{address} is {health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)}")
+    pgdata_dirs = () if config.database_url else ((config.data_dir / "pg").resolve(),)
+    try:
+        with database_url(config) as url:
+            yield Target("configured", address, url, metadata, Processes(server_pid, pgdata_dirs))
+    except ClientError as exc:
+        raise BenchFailed(str(exc)) from None
