@@ -18,14 +18,9 @@ from importlib import resources
 import asyncpg
 
 from nexus import distribution
+from nexus.constants import DEFAULT_EMBEDDING_DIM, MIGRATION_LOCK_KEY
 
 log = logging.getLogger("nexus.migrations")
-
-# Arbitrary, fixed: the advisory lock key every Nexus migrator takes.
-MIGRATION_LOCK_KEY = 7_160_813_371_205
-
-
-DEFAULT_EMBEDDING_DIM = 384
 
 
 class MigrationError(Exception):
