@@ -245,10 +245,9 @@ BEGIN
 END $$;
 
 -- apply_reactions_v2 with an item's missing entry (missing, deleted or not
--- visible to its user: found = false there) as an error of that item alone,
--- in the form create_memories returns one (error_code NX404, error_message,
--- error_column); outcome is then NULL. v2 stays for replicas of the previous
--- release.
+-- visible to its user: found = false there) also as an error of that item
+-- alone, in the form create_memories returns one (error_code NX404,
+-- error_message, error_column). v2 stays for replicas of the previous release.
 CREATE FUNCTION apply_reactions_v3(p_entry_id uuid, p_ops text[], p_kinds reaction_kind[], p_user_ids text[],
                                    OUT item integer, OUT outcome reaction_outcome, OUT error_code text,
                                    OUT error_message text, OUT error_column text)
@@ -257,7 +256,7 @@ LANGUAGE plpgsql AS $$
 BEGIN
     RETURN QUERY
     SELECT r.item,
-           CASE WHEN (r.outcome).found THEN r.outcome END,
+           r.outcome,
            CASE WHEN NOT (r.outcome).found THEN 'NX404' END,
            CASE WHEN NOT (r.outcome).found THEN format('entry %s not found', p_entry_id) END,
            CASE WHEN NOT (r.outcome).found THEN 'entry_id' END
