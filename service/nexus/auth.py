@@ -26,7 +26,7 @@ from pathlib import Path
 
 import jwt
 
-from nexus import errors
+from nexus import errors, validation
 from nexus.validation import USER_ID_PATTERN
 
 SERVICE_ROLE = "service"
@@ -55,6 +55,18 @@ class Principal:
 
 
 current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("current_principal")
+
+
+def acting_user(value: str, field: str = "user_id") -> str:
+    """The request's acting user (a valid user id), whom the caller must be, or be a service."""
+    user_id = validation.user_id(value, field)
+    current_principal.get().require_acting_as(user_id, field)
+    return user_id
+
+
+def optional_acting_user(value: str, field: str) -> str | None:
+    """As acting_user, for a field that may be empty (None)."""
+    return acting_user(value, field) if value else None
 
 
 class Authenticator:

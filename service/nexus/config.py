@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nexus.constants import DEFAULT_EMBEDDING_DIM
+
 
 def default_data_dir() -> Path:
     """Per-user data directory: $XDG_DATA_HOME/nexus or ~/.local/share/nexus."""
@@ -104,7 +106,7 @@ class Config:
         },
     )
     embedding_dim: int = field(
-        default=384,
+        default=DEFAULT_EMBEDDING_DIM,
         metadata={"help": "Dimension of memory embeddings; fixed when the database is first migrated."},
     )
     search_exact_max_memories: int = field(

@@ -132,8 +132,12 @@ class Database:
     async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
         return await self._call(name, "fetch", query, args)
 
-    async def fetchrow(self, name: str, query: str, *args: Any) -> asyncpg.Record | None:
-        return await self._call(name, "fetchrow", query, args)
+    async def fetchone(self, name: str, query: str, *args: Any) -> asyncpg.Record:
+        """For a stored function that returns exactly one row (or raises)."""
+        row = await self._call(name, "fetchrow", query, args)
+        if row is None:
+            raise RuntimeError(f"{name} returned no row")
+        return row
 
     async def fetchval(self, name: str, query: str, *args: Any) -> Any:
         return await self._call(name, "fetchval", query, args)

@@ -89,6 +89,8 @@ FUNCTIONS: tuple[tuple[str, str, str], ...] = (
     ("follow_states", "p_user_id", BY_USER),
     ("list_following", "p_user_id", BY_USER),
     ("record_share", "p_user_id", BY_USER),
+    ("apply_reactions_v3", "p_entry_id", BY_ENTRY),
+    # The previous release's call of reactions, kept in one hop through a rolling upgrade.
     ("apply_reactions_v2", "p_entry_id", BY_ENTRY),
     ("delete_entry", "p_entry_id", BY_ENTRY),
     ("list_reactors", "p_entry_id", BY_ENTRY),

@@ -25,6 +25,7 @@ import asyncpg
 
 from nexus import queries
 from nexus.config import Config
+from nexus.constants import VECTOR_INDEX_LOCK_KEY
 from nexus.database import Database
 from nexus.errors import NexusError
 
@@ -34,8 +35,6 @@ CACHE_TTL = datetime.timedelta(hours=24)
 ARC_DORMANT_AFTER = datetime.timedelta(days=7)
 # Rows one job removes per run, so no run holds its locks for long.
 BATCH = 10_000
-# Arbitrary, fixed: the advisory lock of the vector-index job.
-VECTOR_INDEX_LOCK_KEY = 7_160_813_371_207
 # IVFFlat's k-means sample must fit in maintenance_work_mem (a 100k-memory
 # user of 384-dim halfvecs needs well under 100 MB).
 VECTOR_INDEX_BUILD_MEMORY = "512MB"

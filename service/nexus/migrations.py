@@ -19,14 +19,9 @@ from importlib import resources
 import asyncpg
 
 from nexus import distribution
+from nexus.constants import DEFAULT_EMBEDDING_DIM, MIGRATION_LOCK_KEY
 
 log = logging.getLogger("nexus.migrations")
-
-# Arbitrary, fixed: the advisory lock key every Nexus migrator takes.
-MIGRATION_LOCK_KEY = 7_160_813_371_205
-
-
-DEFAULT_EMBEDDING_DIM = 384
 
 # A migration's file name; db/schema.sql, the generated current schema, is not one.
 MIGRATION_FILE = re.compile(r"\d{4}_\w+\.sql")

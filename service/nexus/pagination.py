@@ -18,13 +18,15 @@ import datetime
 import hashlib
 import hmac
 import json
-from typing import Any, TypeAlias
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias, TypeVar
 
 from nexus.errors import InvalidArgument
 
 _MAC_BYTES = 16
 
 Scope: TypeAlias = tuple[str | int | None, ...]
+Row = TypeVar("Row")
 
 
 def scope_key(scope: Scope) -> str:
@@ -74,12 +76,20 @@ class PageTokens:
             raise _not_ours(field)
         return position
 
-    def encode_time_key(self, scope: Scope, time: datetime.datetime, key: str) -> str:
-        """A token for lists ordered by (time, key) descending."""
-        return self.encode(scope, [(time - _EPOCH) // _MICROSECOND, key])
+    def page(
+        self, scope: Scope, rows: Sequence[Row], limit: int, position: Callable[[Row], list[Any]]
+    ) -> tuple[Sequence[Row], str]:
+        """Splits the ``limit + 1`` rows read for a page (one more than it shows,
+        to learn whether another page follows) into the page and the next page's
+        token, "" after the last page. ``position`` is a row's place in the
+        list's order: the keyset the next page starts after."""
+        if len(rows) <= limit:
+            return rows, ""
+        return rows[:limit], self.encode(scope, position(rows[limit - 1]))
 
     def decode_time_key(self, scope: Scope, token: str) -> tuple[datetime.datetime | None, str | None]:
-        """The (time, key) position of a token from encode_time_key; (None, None) for the first page."""
+        """The (time, key) position of a token of a list ordered by (time, key)
+        (see ``time_key``); (None, None) for the first page."""
         position = self.decode_as(scope, token, (int, str))
         if position is None:
             return None, None
@@ -87,6 +97,11 @@ class PageTokens:
             return _EPOCH + position[0] * _MICROSECOND, position[1]
         except OverflowError as exc:
             raise _not_ours() from exc
+
+
+def time_key(time: datetime.datetime, key: str) -> list[Any]:
+    """The position of a row in a list ordered by (time, key), for ``PageTokens.page``."""
+    return [(time - _EPOCH) // _MICROSECOND, key]
 
 
 def _not_ours(field: str = "page_token") -> InvalidArgument:

@@ -8,12 +8,19 @@ re-reads the log from each feed's cursor, and streams never depend on a hint
 arriving.
 
 The hub keeps one ``_Feed`` per user with open streams: a cursor (the last
-event number it read) and the streams' ``Subscription`` buffers. On a hint it
+event number it read) and the streams' ``_Subscription`` buffers. On a hint it
 reads the new events of every hinted user in one query and offers each to the
 user's subscriptions. A buffer is bounded; when it is full the event is
 dropped and the subscription marked, and the stream serves itself from the
-log instead (see ``MemoryServicer._stream``), so a slow consumer costs a
-bounded amount of memory and still misses nothing.
+log instead, so a slow consumer costs a bounded amount of memory and still
+misses nothing.
+
+This module owns the whole stream protocol; a servicer uses it through
+``EventHub.events`` (a user's events after a position, in order, for as long
+as the stream runs) and ``EventHub.broadcasts``. ``events`` subscribes, reads
+where the log stands, catches up from the log, then serves live events until
+a gap (a dropped event, or one that committed before the feed started), which
+it fills from the log again.
 
 Broadcasts are ephemeral: a NOTIFY on another channel, fanned out to the
 user's broadcast subscriptions on every replica, dropped when a buffer is full.
@@ -35,19 +42,18 @@ import collections
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import asyncpg
 
 from nexus import distribution, queries
+from nexus.constants import BROADCASTS_CHANNEL, EVENTS_CHANNEL
 from nexus.database import Database
-from nexus.errors import NexusError, Unavailable
+from nexus.errors import FailedPrecondition, InvalidArgument, NexusError, Unavailable
 
 log = logging.getLogger("nexus.realtime")
 
-EVENTS_CHANNEL = "nexus_memory_events"
-BROADCASTS_CHANNEL = "nexus_broadcasts"
 # Events read per user per query, by the hub and by a stream catching up.
 READ_BATCH = 256
 # Users whose events the hub reads in one query.
@@ -56,7 +62,7 @@ RECONNECT_DELAYS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 NODE_CHECK_S = 30.0
 
 
-class Subscription:
+class _Subscription:
     """One stream's bounded buffer of what the hub offers it."""
 
     __slots__ = ("_buffer", "_capacity", "_ready", "overflowed", "closed")
@@ -65,7 +71,8 @@ class Subscription:
         self._buffer: collections.deque[Any] = collections.deque()
         self._capacity = capacity
         self._ready = asyncio.Event()
-        # Set when an offer was dropped; cleared by the stream before it reads the log.
+        # Set when an offer was dropped; cleared by the reader (EventStream,
+        # EventHub.broadcasts) once it has made up for the drop.
         self.overflowed = False
         self.closed = False
 
@@ -101,7 +108,7 @@ class _Feed:
         # The last event number the hub has read; None until a stream has
         # read where the user's log stands (start_feed).
         self.cursor: int | None = None
-        self.subscriptions: set[Subscription] = set()
+        self.subscriptions: set[_Subscription] = set()
         self.hinted = False
 
 
@@ -111,7 +118,7 @@ class EventHub:
         self._db = db
         self._buffer_events = buffer_events
         self._feeds: dict[str, _Feed] = {}
-        self._broadcasts: dict[str, set[Subscription]] = {}
+        self._broadcasts: dict[str, set[_Subscription]] = {}
         self._hinted: set[str] = set()
         self._wake = asyncio.Event()
         # The coordinator's listener first, then one per worker.
@@ -235,13 +242,44 @@ class EventHub:
         for subscription in subscriptions:
             subscription.offer(message)
 
+    # -- streams ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def events(self, user_id: str, after: int | None) -> AsyncIterator[EventStream]:
+        """The user's events after event number ``after`` (None: from now on),
+        for as long as the block runs. On entry the stream is registered and its
+        start known (``EventStream.position``: a stream announces it before the
+        first event); iterating it yields every later event once, in order.
+
+        Raises InvalidArgument (resume_token) for a position ahead of the log,
+        and FailedPrecondition RESUME_TOKEN_EXPIRED for one whose next events
+        retention has removed."""
+        with self._subscribe(user_id) as subscription:
+            # Registered before the read: every event committed after it hints this feed.
+            row = await self._db.fetchone("memory_stream_position", queries.MEMORY_STREAM_POSITION, user_id)
+            self._start_feed(user_id, row["last_event_seq"])
+            if after is None:
+                after = row["last_event_seq"]
+            elif after > row["last_event_seq"]:
+                raise InvalidArgument("resume_token", "ahead of this user's events (from another database?)")
+            elif after < row["purged_event_seq"]:
+                raise _past_retention()
+            yield EventStream(self._db, user_id, subscription, after)
+
+    @contextlib.asynccontextmanager
+    async def broadcasts(self, user_id: str) -> AsyncIterator[AsyncIterator[Mapping[str, Any]]]:
+        """The user's broadcasts published while the block runs, at most once:
+        one that arrives while the stream's buffer is full is dropped."""
+        with self._subscribe_broadcasts(user_id) as subscription:
+            yield _broadcasts(subscription)
+
     # -- feeds ----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def subscribe(self, user_id: str) -> Iterator[Subscription]:
+    def _subscribe(self, user_id: str) -> Iterator[_Subscription]:
         """Registers a stream of the user's events for as long as the block runs.
-        Register before reading the log, then call start_feed."""
-        subscription = Subscription(self._buffer_events)
+        Register before reading the log, then call _start_feed."""
+        subscription = _Subscription(self._buffer_events)
         feed = self._feeds.get(user_id)
         if feed is None:
             feed = self._feeds[user_id] = _Feed()
@@ -253,8 +291,8 @@ class EventHub:
             if not feed.subscriptions and self._feeds.get(user_id) is feed:
                 del self._feeds[user_id]
 
-    def start_feed(self, user_id: str, last_event_seq: int) -> None:
-        """Tells the hub where the user's log stood when read after subscribe:
+    def _start_feed(self, user_id: str, last_event_seq: int) -> None:
+        """Tells the hub where the user's log stood when read after _subscribe:
         every later event commits after that read, so its hint reaches a
         registered feed and the hub reads it from here."""
         feed = self._feeds[user_id]
@@ -264,8 +302,8 @@ class EventHub:
                 self._hint(user_id)
 
     @contextlib.contextmanager
-    def subscribe_broadcasts(self, user_id: str) -> Iterator[Subscription]:
-        subscription = Subscription(self._buffer_events)
+    def _subscribe_broadcasts(self, user_id: str) -> Iterator[_Subscription]:
+        subscription = _Subscription(self._buffer_events)
         subscriptions = self._broadcasts.setdefault(user_id, set())
         subscriptions.add(subscription)
         try:
@@ -314,3 +352,65 @@ class EventHub:
         for user_id, count in read.items():
             if count == READ_BATCH:  # more to read
                 self._hint(user_id)
+
+
+class EventStream:
+    """One stream's events of one user, from ``position`` on (see EventHub.events).
+
+    ``position`` is the last event number handled (the log numbers every
+    topic in one sequence); an event is yielded only when it is position + 1,
+    so nothing is skipped or repeated. The stream reads the log until it has
+    nothing newer, then takes live events from the hub until a gap in what the
+    hub offers (it dropped events for a full buffer, or they committed before
+    the feed started), which it fills from the log.
+    """
+
+    def __init__(self, db: Database, user_id: str, subscription: _Subscription, position: int) -> None:
+        self._db = db
+        self._user_id = user_id
+        self._subscription = subscription
+        self.position = position
+
+    async def __aiter__(self) -> AsyncIterator[Mapping[str, Any]]:
+        while True:
+            async for event in self._from_log():
+                yield event
+            async for event in self._live():
+                yield event
+
+    async def _from_log(self) -> AsyncIterator[Mapping[str, Any]]:
+        """The events after position in the log, until it has nothing newer."""
+        while True:
+            self._subscription.overflowed = False  # whatever the hub dropped until now is read here
+            events = await self._db.fetch(
+                "memory_events_after", queries.MEMORY_EVENTS_AFTER, [self._user_id], [self.position], READ_BATCH
+            )
+            for event in events:
+                if event["seq"] != self.position + 1:  # the log is gapless but for retention
+                    raise _past_retention()
+                self.position = event["seq"]
+                yield event
+            if len(events) < READ_BATCH:
+                return
+
+    async def _live(self) -> AsyncIterator[Mapping[str, Any]]:
+        """The events the hub offers, until a gap."""
+        while (event := await self._subscription.next()) is not None and event["seq"] <= self.position + 1:
+            if event["seq"] == self.position + 1:
+                self.position = event["seq"]
+                yield event
+
+
+async def _broadcasts(subscription: _Subscription) -> AsyncIterator[Mapping[str, Any]]:
+    while True:
+        message = await subscription.next()
+        if message is None:  # dropped for a full buffer: at most once
+            subscription.overflowed = False
+            continue
+        yield message
+
+
+def _past_retention() -> FailedPrecondition:
+    return FailedPrecondition(
+        "RESUME_TOKEN_EXPIRED", "events after this position are past retention; subscribe without a token and reload"
+    )

@@ -66,6 +66,10 @@ def entry_id(value: str, field: str) -> uuid.UUID:
     return uuid.UUID(value)
 
 
+# Memory and arc ids are UUIDs, checked as entry ids are.
+memory_id = entry_id
+
+
 def entry_ids(values: Sequence[str], field: str) -> list[uuid.UUID]:
     """Up to 1000 UUIDs; duplicates collapse to their first occurrence."""
     if len(values) > MAX_BATCH:
@@ -202,6 +206,11 @@ def timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime.datetime:
         raise InvalidArgument(
             field, "must be 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z, nanos 0..999999999"
         ) from exc
+
+
+def optional_timestamp(request: message.Message, field: str) -> datetime.datetime | None:
+    """The request's Timestamp field of that name as timestamp() checks it; None when unset."""
+    return timestamp(getattr(request, field), field) if request.HasField(field) else None
 
 
 def embedding(values: Sequence[float], field: str, dim: int, *, required: bool) -> list[float] | None:

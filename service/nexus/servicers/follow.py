@@ -5,10 +5,10 @@ from __future__ import annotations
 import grpc
 
 from nexus import queries, validation
-from nexus.auth import current_principal
+from nexus.auth import acting_user
 from nexus.database import Database
 from nexus.errors import InvalidArgument
-from nexus.pagination import PageTokens
+from nexus.pagination import PageTokens, time_key
 from nexus.v1 import follow_pb2 as pb
 from nexus.v1 import follow_pb2_grpc
 
@@ -20,11 +20,10 @@ class FollowServicer(follow_pb2_grpc.FollowServiceServicer):
 
     async def _edge(self, name: str, query: str, request: pb.FollowRequest | pb.UnfollowRequest) -> bool:
         """Follows or unfollows; returns whether the edge changed."""
-        follower = validation.user_id(request.follower_id, "follower_id")
+        follower = acting_user(request.follower_id, "follower_id")
         followed = validation.user_id(request.followed_id, "followed_id")
         if follower == followed:
             raise InvalidArgument("followed_id", "a user cannot follow themselves")
-        current_principal.get().require_acting_as(follower, "follower_id")
         changed: bool = await self._db.fetchval(name, query, follower, followed)
         return changed
 
@@ -65,11 +64,8 @@ class FollowServicer(follow_pb2_grpc.FollowServiceServicer):
         scope = (name, user_id)
         after_time, after_user = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(name, query, user_id, after_time, after_user, limit + 1)
-        token = ""
-        if len(rows) > limit:
-            last = rows[limit - 1]
-            token = self._tokens.encode_time_key(scope, last["create_time"], last["user_id"])
-        return [r["user_id"] for r in rows[:limit]], token
+        page, token = self._tokens.page(scope, rows, limit, lambda row: time_key(row["create_time"], row["user_id"]))
+        return [r["user_id"] for r in page], token
 
     async def ListFollowers(
         self, request: pb.ListFollowersRequest, context: grpc.aio.ServicerContext

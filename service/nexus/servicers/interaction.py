@@ -8,12 +8,12 @@ from typing import Any
 import asyncpg
 import grpc
 
-from nexus import queries, validation
-from nexus.auth import current_principal
+from nexus import errors, queries, validation
+from nexus.auth import acting_user, current_principal, optional_acting_user
 from nexus.database import Database
-from nexus.errors import InvalidArgument, NotFound
+from nexus.errors import InvalidArgument
 from nexus.group_commit import GroupCommit
-from nexus.pagination import PageTokens
+from nexus.pagination import PageTokens, time_key
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import interaction_pb2_grpc
 
@@ -72,9 +72,8 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         self._reactions = GroupCommit(db, "apply_reactions", queries.APPLY_REACTIONS)
 
     async def _create_entry(self, request: pb.CreateEntryRequest | pb.CreateBranchRequest, parent: Any) -> pb.Entry:
-        author_id = validation.user_id(request.author_id, "author_id")
-        current_principal.get().require_acting_as(author_id, "author_id")
-        row = await self._db.fetchrow(
+        author_id = acting_user(request.author_id, "author_id")
+        row = await self._db.fetchone(
             "create_entry",
             queries.CREATE_ENTRY,
             author_id,
@@ -87,7 +86,6 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
             validation.metadata(request.metadata),
             validation.request_id(request.request_id, required=False),
         )
-        assert row is not None
         return entry_message(row)
 
     async def CreateEntry(self, request: pb.CreateEntryRequest, context: grpc.aio.ServicerContext) -> pb.CreateEntryResponse:
@@ -99,12 +97,9 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
 
     async def GetEntries(self, request: pb.GetEntriesRequest, context: grpc.aio.ServicerContext) -> pb.GetEntriesResponse:
         entry_ids = validation.entry_ids(request.entry_ids, "entry_ids")
-        principal = current_principal.get()
-        viewer = validation.optional_user_id(request.viewer_id, "viewer_id")
-        if viewer is not None:
-            principal.require_acting_as(viewer, "viewer_id")
+        viewer = optional_acting_user(request.viewer_id, "viewer_id")
         rows = await self._db.fetch(
-            "get_entries", queries.GET_ENTRIES, entry_ids, viewer if viewer is not None else principal.viewer, viewer
+            "get_entries", queries.GET_ENTRIES, entry_ids, viewer or current_principal.get().viewer, viewer
         )
         response = pb.GetEntriesResponse()
         for row in rows:
@@ -119,22 +114,20 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         return response
 
     async def DeleteEntry(self, request: pb.DeleteEntryRequest, context: grpc.aio.ServicerContext) -> pb.DeleteEntryResponse:
-        user_id = validation.user_id(request.user_id, "user_id")
+        user_id = acting_user(request.user_id)
         entry_id = validation.entry_id(request.entry_id, "entry_id")
-        current_principal.get().require_acting_as(user_id, "user_id")
         await self._db.execute("delete_entry", queries.DELETE_ENTRY, user_id, entry_id)
         return pb.DeleteEntryResponse()
 
     async def _react(self, kind: str, request: Any, on: bool | None) -> tuple[asyncpg.Record, pb.InteractionCounts]:
         """Toggles (on=None) or sets a reaction; returns its reaction_outcome and counts."""
-        user_id = validation.user_id(request.user_id, "user_id")
+        user_id = acting_user(request.user_id)
         entry_id = validation.entry_id(request.entry_id, "entry_id")
-        current_principal.get().require_acting_as(user_id, "user_id")
         op = "toggle" if on is None else "on" if on else "off"
         (row,) = await self._reactions.submit(entry_id, (entry_id,), op, kind, user_id)
+        if row["error_code"] is not None:
+            raise errors.from_raised(row["error_code"], row["error_message"], row["error_column"] or "")
         outcome = row["outcome"]
-        if not outcome["found"]:
-            raise NotFound(f"entry {entry_id} not found", "entry_id")
         return outcome, counts_message(outcome, str(entry_id))
 
     async def ToggleResonance(
@@ -160,12 +153,10 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         return pb.SetAmplificationResponse(amplified=row["state"], changed=row["changed"], counts=counts)
 
     async def RecordShare(self, request: pb.RecordShareRequest, context: grpc.aio.ServicerContext) -> pb.RecordShareResponse:
-        user_id = validation.user_id(request.user_id, "user_id")
+        user_id = acting_user(request.user_id)
         entry_id = validation.entry_id(request.entry_id, "entry_id")
         request_id = validation.request_id(request.request_id, required=True)
-        current_principal.get().require_acting_as(user_id, "user_id")
-        row = await self._db.fetchrow("record_share", queries.RECORD_SHARE, user_id, entry_id, request_id)
-        assert row is not None
+        row = await self._db.fetchone("record_share", queries.RECORD_SHARE, user_id, entry_id, request_id)
         return pb.RecordShareResponse(counts=counts_message(row, str(entry_id)), recorded=row["changed"])
 
     async def GetBranchTree(
@@ -175,12 +166,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         if request.max_depth < 0:
             raise InvalidArgument("max_depth", "must not be negative")
         limit = validation.page_size(request.page_size)
-        principal = current_principal.get()
-        viewer = validation.optional_user_id(request.viewer_id, "viewer_id")
-        if viewer is not None:
-            principal.require_acting_as(viewer, "viewer_id")
-        else:
-            viewer = principal.viewer
+        viewer = optional_acting_user(request.viewer_id, "viewer_id") or current_principal.get().viewer
         scope = ("tree", str(entry_id), request.max_depth, viewer)
         after = self._tokens.decode(scope, request.page_token)
         if after is not None and not all(isinstance(i, int) for i in after):
@@ -188,7 +174,8 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         rows = await self._db.fetch(
             "branch_tree", queries.BRANCH_TREE, entry_id, viewer, request.max_depth or None, after, limit + 1
         )
-        response = pb.GetBranchTreeResponse(
+        page, next_page_token = self._tokens.page(scope, rows, limit, lambda row: list(row["tree_path"]))
+        return pb.GetBranchTreeResponse(
             nodes=[
                 pb.BranchNode(
                     entry_id=str(r["entry_id"]),
@@ -197,12 +184,10 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
                     branch_order=r["branch_order"],
                     deleted=r["deleted"],
                 )
-                for r in rows[:limit]
-            ]
+                for r in page
+            ],
+            next_page_token=next_page_token,
         )
-        if len(rows) > limit:
-            response.next_page_token = self._tokens.encode(scope, list(rows[limit - 1]["tree_path"]))
-        return response
 
     async def GetInteractionCounts(
         self, request: pb.GetInteractionCountsRequest, context: grpc.aio.ServicerContext
@@ -214,9 +199,8 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
     async def GetUserInteractionStates(
         self, request: pb.GetUserInteractionStatesRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetUserInteractionStatesResponse:
-        user_id = validation.user_id(request.user_id, "user_id")
+        user_id = acting_user(request.user_id)
         entry_ids = validation.entry_ids(request.entry_ids, "entry_ids")
-        current_principal.get().require_acting_as(user_id, "user_id")
         rows = await self._db.fetch("user_interaction_states", queries.USER_INTERACTION_STATES, user_id, entry_ids)
         return pb.GetUserInteractionStatesResponse(
             states=[
@@ -244,42 +228,37 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
             after_user,
             limit + 1,
         )
-        response = pb.ListResonatorsResponse(user_ids=[r["user_id"] for r in rows[:limit]])
-        if len(rows) > limit:
-            last = rows[limit - 1]
-            response.next_page_token = self._tokens.encode_time_key(scope, last["create_time"], last["user_id"])
-        return response
+        page, next_page_token = self._tokens.page(
+            scope, rows, limit, lambda row: time_key(row["create_time"], row["user_id"])
+        )
+        return pb.ListResonatorsResponse(user_ids=[r["user_id"] for r in page], next_page_token=next_page_token)
 
     async def RecordInteraction(
         self, request: pb.RecordInteractionRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordInteractionResponse:
-        user_id = validation.user_id(request.user_id, "user_id")
+        user_id = acting_user(request.user_id)
         target_id = validation.opaque_id(request.target_id, "target_id")
         action = validation.word(request.action, "action")
         notes = validation.text(request.notes, "notes", MAX_NOTES_CHARS)
-        current_principal.get().require_acting_as(user_id, "user_id")
-        row = await self._db.fetchrow(
+        row = await self._db.fetchone(
             "record_interaction", queries.RECORD_INTERACTION, user_id, target_id, action, notes
         )
-        assert row is not None
         return pb.RecordInteractionResponse(interaction=interaction_message(row), created=row["created"])
 
     async def ListInteractions(
         self, request: pb.ListInteractionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListInteractionsResponse:
-        user_id = validation.user_id(request.user_id, "user_id")
+        user_id = acting_user(request.user_id)
         action = validation.word(request.action, "action", required=False)
         limit = validation.page_size(request.page_size)
-        current_principal.get().require_acting_as(user_id, "user_id")
         scope = ("interactions", user_id, action)
         after_time, after_target = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(
             "list_interactions", queries.LIST_INTERACTIONS, user_id, action, after_time, after_target, limit + 1
         )
-        response = pb.ListInteractionsResponse(interactions=[interaction_message(r) for r in rows[:limit]])
-        if len(rows) > limit:
-            last = rows[limit - 1]
-            response.next_page_token = self._tokens.encode_time_key(scope, last["update_time"], last["target_id"])
-        return response
-
-
+        page, next_page_token = self._tokens.page(
+            scope, rows, limit, lambda row: time_key(row["update_time"], row["target_id"])
+        )
+        return pb.ListInteractionsResponse(
+            interactions=[interaction_message(r) for r in page], next_page_token=next_page_token
+        )

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from nexus import queries, validation
-from nexus.auth import current_principal
+from nexus.auth import acting_user, current_principal
 from nexus.database import Database
 from nexus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
 from nexus.group_commit import GroupCommit
@@ -73,10 +73,8 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         return [transaction_message(r) for r in rows]
 
     async def _credit_or_deduct(self, request: pb.CreditRequest | pb.DeductRequest, op: str) -> pb.Transaction:
-        user_id = validation.user_id(request.user_id, "user_id")
-        principal = current_principal.get()
-        principal.require_acting_as(user_id, "user_id")
-        if op == "credit" and not principal.is_service:
+        user_id = acting_user(request.user_id)
+        if op == "credit" and not current_principal.get().is_service:
             raise PermissionDenied("Credit mints tokens and needs a service token")
         (transaction,) = await self._apply(op, user_id, None, request)
         return transaction
@@ -90,11 +88,10 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         return pb.DeductResponse(transaction=transaction, balance=transaction.balance_after)
 
     async def Transfer(self, request: pb.TransferRequest, context: grpc.aio.ServicerContext) -> pb.TransferResponse:
-        from_user = validation.user_id(request.from_user_id, "from_user_id")
+        from_user = acting_user(request.from_user_id, "from_user_id")
         to_user = validation.user_id(request.to_user_id, "to_user_id")
         if from_user == to_user:
             raise InvalidArgument("to_user_id", "cannot transfer to oneself")
-        current_principal.get().require_acting_as(from_user, "from_user_id")
         out_leg, in_leg = await self._apply("transfer", from_user, to_user, request)
         return pb.TransferResponse(
             transactions=[out_leg, in_leg], from_balance=out_leg.balance_after, to_balance=in_leg.balance_after
@@ -116,15 +113,14 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
     async def ListTransactions(
         self, request: pb.ListTransactionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTransactionsResponse:
-        user_id = validation.user_id(request.user_id, "user_id")
+        user_id = acting_user(request.user_id)
         limit = validation.page_size(request.page_size)
-        current_principal.get().require_acting_as(user_id, "user_id")
         scope = ("transactions", user_id)
         after = self._tokens.decode_as(scope, request.page_token, (int,))
         rows = await self._db.fetch(
             "list_transactions", queries.LIST_TRANSACTIONS, user_id, after[0] if after else None, limit + 1
         )
-        response = pb.ListTransactionsResponse(transactions=[transaction_message(r) for r in rows[:limit]])
-        if len(rows) > limit:
-            response.next_page_token = self._tokens.encode(scope, [rows[limit - 1]["sequence"]])
-        return response
+        page, next_page_token = self._tokens.page(scope, rows, limit, lambda row: [row["sequence"]])
+        return pb.ListTransactionsResponse(
+            transactions=[transaction_message(r) for r in page], next_page_token=next_page_token
+        )
