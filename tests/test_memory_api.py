@@ -36,7 +36,9 @@ import pytest
 from google.protobuf import field_mask_pb2, struct_pb2
 from google.protobuf.message import Message
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error, with_database
+from conftest import (
+    SERVICE, Clients, auth, bad_request_fields, create_test_database, drop_test_database, rpc_error,
+)
 from conftest import test_config as server_config  # aliased: pytest would collect test_config
 from nexus import database
 from nexus.server import NexusServer
@@ -177,14 +179,12 @@ class Shared:
 
 
 @pytest.fixture(scope="module")
-async def shared(pg_admin_url: str, template_db: str) -> AsyncIterator[Shared]:
+async def shared(admin_url: str, template_db: str) -> AsyncIterator[Shared]:
     """One seeded server for the calls that must fail and write nothing (each
     compares the database before and after itself), so the many cases do not
     each pay for a database and a server."""
     name = f"nexus_memory_api_{os.getpid()}"
-    admin = await asyncpg.connect(pg_admin_url)
-    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = with_database(pg_admin_url, name)
+    url = await create_test_database(admin_url, template_db, name)
     server = NexusServer(server_config(url))
     try:
         await server.start()
@@ -197,7 +197,7 @@ async def shared(pg_admin_url: str, template_db: str) -> AsyncIterator[Shared]:
             await db.close()
     finally:
         await server.stop(grace=0)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await drop_test_database(admin_url, name)
         await admin.close()
 
 

@@ -26,7 +26,9 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
-from conftest import SERVICE, Clients, auth, bad_request_fields, rpc_error, with_database
+from conftest import (
+    SERVICE, Clients, auth, bad_request_fields, create_test_database, drop_test_database, rpc_error, with_database,
+)
 from conftest import test_config as server_config  # aliased: pytest would collect test_config
 from nexus import database
 from nexus.migrations import MigrationError, migrate
@@ -293,15 +295,13 @@ INDEXED_ABOVE = 1000
 
 
 @pytest.fixture(scope="module")
-async def corpus(pg_admin_url: str, template_db: str) -> AsyncIterator[Corpus]:
+async def corpus(admin_url: str, template_db: str) -> AsyncIterator[Corpus]:
     """One database for the recall tests (they only read it): BIG holds 1500
     bulk memories plus some made through the RPC, four other users 250 each,
     all clustered around 24 centers (as real embeddings are). Maintenance has
     built BIG's own vector index (BIG is above INDEXED_ABOVE, nobody else is)."""
     name = f"nexus_search_corpus_{os.getpid()}"
-    admin = await asyncpg.connect(pg_admin_url)
-    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = with_database(pg_admin_url, name)
+    url = await create_test_database(admin_url, template_db, name)
     try:
         rng = random.Random(2024)
         centers = [[rng.gauss(0, 1) for _ in range(DIM)] for _ in range(24)]
@@ -341,8 +341,7 @@ async def corpus(pg_admin_url: str, template_db: str) -> AsyncIterator[Corpus]:
             url, centers, since, rare_ids, strong_ids, {m.memory_id for m in recent}, {m.memory_id for m in unembedded}
         )
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await drop_test_database(admin_url, name)
 
 
 async def test_exact_path_has_perfect_recall_for_every_user(corpus: Corpus) -> None:

@@ -416,7 +416,7 @@ async def test_a_listen_connection_killed_while_writes_race_loses_no_event(
 
 
 async def test_events_committed_while_the_hub_is_disconnected_arrive_without_a_later_write(
-    clients: Clients, db: asyncpg.Connection, pg_admin_url: str
+    clients: Clients, db: asyncpg.Connection, admin_url: str
 ) -> None:
     """Their NOTIFYs reached no listener: only the hub's catch-up after it
     reconnects can deliver them."""
@@ -424,7 +424,7 @@ async def test_events_committed_while_the_hub_is_disconnected_arrive_without_a_l
     await create(stub, "alice", "before")
     call, _ = await subscribe(stub, "alice")
     name = await db.fetchval("SELECT quote_ident(current_database())")
-    admin = await asyncpg.connect(pg_admin_url)  # a database may not lock itself out
+    admin = await asyncpg.connect(admin_url)  # a database may not lock itself out
     await admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")  # the hub cannot reconnect yet
     try:
         old_pid = await kill_hub(db)

@@ -25,7 +25,9 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
 
-from conftest import SERVICE, Clients, NexusServer, bad_request_fields, new_uuid, rpc_error, with_database
+from conftest import (
+    SERVICE, Clients, NexusServer, bad_request_fields, create_test_database, drop_test_database, new_uuid, rpc_error,
+)
 from conftest import test_config as server_config
 from nexus import database
 from nexus.v1 import interaction_pb2 as pb
@@ -89,16 +91,14 @@ def names(fields: list[str], field: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-async def shared(pg_admin_url: str, template_db: str) -> AsyncIterator[tuple[Clients, asyncpg.Connection]]:
+async def shared(admin_url: str, template_db: str) -> AsyncIterator[tuple[Clients, asyncpg.Connection]]:
     """One server and database for a module's many single-call cases (test_auth uses it too).
 
     Sharing is sound: each case names its own fresh entry and compares
     snapshots taken just before and after its own calls. It keeps both files fast.
     """
     name = f"nexus_shared_{uuid.uuid4().hex}"
-    admin = await asyncpg.connect(pg_admin_url)
-    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = with_database(pg_admin_url, name)
+    url = await create_test_database(admin_url, template_db, name)
     server = NexusServer(server_config(url))
     await server.start()
     conn = await database.connect(url)
@@ -108,8 +108,7 @@ async def shared(pg_admin_url: str, template_db: str) -> AsyncIterator[tuple[Cli
     finally:
         await conn.close()
         await server.stop(grace=0)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await drop_test_database(admin_url, name)
 
 
 @pytest.fixture
