@@ -90,8 +90,8 @@ async def citus_url() -> AsyncIterator[str]:
 
 # NEXUS_TEST_BACKEND=citus runs the tests that use `db_url` (every server test)
 # against a Citus cluster instead of one PostgreSQL: each test gets a copy of a
-# migrated, distributed cluster database (.ci/run runs the concurrency and
-# invariant tests that way). Tests that reach past the service into the one
+# migrated, distributed cluster database (.ci/run runs the backend suite that
+# way; docs/citus.md says what stays single-node). Tests that reach past the service into the one
 # server (fault injection, its pg_stat_activity) are marked single_node.
 ON_CITUS = os.environ.get("NEXUS_TEST_BACKEND", "postgres") == "citus"
 # Shards per distributed table in the tests' cluster database: two per worker, so

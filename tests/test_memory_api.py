@@ -198,7 +198,6 @@ async def shared(admin_url: str, template_db: str) -> AsyncIterator[Shared]:
     finally:
         await server.stop(grace=0)
         await drop_test_database(admin_url, name)
-        await admin.close()
 
 
 def setter(**values: Any) -> Change:

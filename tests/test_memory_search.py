@@ -389,6 +389,13 @@ async def plain_filtered_index_scan(conn: asyncpg.Connection, user: str, query: 
         )
 
 
+OWN_INDEX_ON_ONE_SERVER = pytest.mark.single_node(
+    "counts scans of the user's own index and plans a filtered scan in the one server's catalogs; on the cluster "
+    "the index and its statistics are per shard on the workers"
+)
+
+
+@OWN_INDEX_ON_ONE_SERVER
 async def test_own_index_recall_at_10_is_at_least_point_95_and_l2_stays_exact(corpus: Corpus) -> None:
     rng = random.Random(2)
     async with serving(corpus.url, search_exact_max_memories=INDEXED_ABOVE) as stub, exact_connection(corpus.url) as conn:
@@ -412,7 +419,9 @@ async def test_own_index_recall_at_10_is_at_least_point_95_and_l2_stays_exact(co
             assert [r.memory.memory_id for r in got] == [i for i, _ in await exact_nearest(conn, BIG, query, metric=L2)]
 
 
-@pytest.mark.parametrize("indexed", [False, True], ids=["exact-path", "own-index-path"])
+@pytest.mark.parametrize(
+    "indexed", [False, pytest.param(True, marks=OWN_INDEX_ON_ONE_SERVER)], ids=["exact-path", "own-index-path"]
+)
 async def test_filters_apply_before_the_limit(corpus: Corpus, indexed: bool) -> None:
     """Each filter matches SELECTIVE (12) of BIG's ~1500 memories: top_k=10
     must still bring 10, all matching (a plain filtered index scan brings fewer)."""

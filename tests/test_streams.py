@@ -384,6 +384,13 @@ async def hub_replaced(db: asyncpg.Connection, old_pid: int) -> dict[str, Any]:
     return await wait_until(new_backend, "a new hub connection")
 
 
+HUB_ON_ONE_SERVER = pytest.mark.single_node(
+    "kills the hub's one LISTEN backend, found in the one server's pg_stat_activity; on the cluster the hub "
+    "listens on every node"
+)
+
+
+@HUB_ON_ONE_SERVER
 async def test_a_listen_connection_killed_while_writes_race_loses_no_event(
     clients: Clients, db: asyncpg.Connection
 ) -> None:
@@ -415,6 +422,7 @@ async def test_a_listen_connection_killed_while_writes_race_loses_no_event(
         call.cancel()
 
 
+@HUB_ON_ONE_SERVER
 async def test_events_committed_while_the_hub_is_disconnected_arrive_without_a_later_write(
     clients: Clients, db: asyncpg.Connection, admin_url: str
 ) -> None:
@@ -449,6 +457,9 @@ async def test_events_committed_while_the_hub_is_disconnected_arrive_without_a_l
     await hub_replaced(db, old_pid)
 
 
+@pytest.mark.single_node(
+    "waits for lock waiters in the one server's pg_stat_activity; on the cluster they wait on the user's worker"
+)
 async def test_a_held_user_lock_delays_only_that_users_events_and_skips_none(
     clients: Clients, db: asyncpg.Connection
 ) -> None:
