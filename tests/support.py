@@ -32,6 +32,7 @@ from grpc_status import rpc_status
 
 from nexus import database, migrations
 from nexus.auth import mint_token
+from nexus.citus_cluster import copy_cluster_database, drop_cluster_database
 from nexus.config import Config
 from nexus.server import NexusServer
 from nexus.v1 import follow_pb2_grpc, interaction_pb2_grpc, memory_pb2, memory_pb2_grpc, token_pb2_grpc
@@ -490,3 +491,42 @@ class Run:
 async def run_nexus(*args: str, env: dict[str, str], timeout: float = 60.0) -> Run:
     """Runs `nexus <args>` (the installed command) to completion (killed after `timeout`)."""
     return Run(*await run_program(NEXUS, *args, env=env, timeout=timeout))
+
+
+# NEXUS_TEST_BACKEND=citus: the tests on the database backend run against a Citus
+# cluster (see conftest.py); databases are then created on every node.
+ON_CITUS = os.environ.get("NEXUS_TEST_BACKEND", "postgres") == "citus"
+
+
+async def create_test_database(admin_url: str, template: str, name: str) -> str:
+    """A copy of the migrated template (on every node of a cluster); its URL."""
+    if ON_CITUS:
+        return await copy_cluster_database(admin_url, template, name)
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    finally:
+        await admin.close()
+    return with_database(admin_url, name)
+
+
+async def drop_test_database(admin_url: str, name: str) -> None:
+    if ON_CITUS:
+        await drop_cluster_database(admin_url, name)
+        return
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def backend_database(admin_url: str, template: str, prefix: str) -> AsyncIterator[str]:
+    """A copy of the migrated template on the backend under test, dropped afterwards; yields its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    url = await create_test_database(admin_url, template, name)
+    try:
+        yield url
+    finally:
+        await drop_test_database(admin_url, name)

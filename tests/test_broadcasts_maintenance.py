@@ -467,6 +467,8 @@ async def test_idle_arc_goes_dormant_and_a_new_cluster_forms_a_new_arc(
     assert [a.evolution_stage for a in listed if a.emotion_type == "calm"] == [pb.EVOLUTION_STAGE_FORMING]
 
 
+@pytest.mark.single_node("waits for maintenance's lock wait in the one server's pg_stat_activity; on the cluster "
+                         "it waits on the worker owning the user, under a shard query's text")
 async def test_arc_that_gains_members_while_maintenance_waits_for_its_user_stays_open(
     clients: Clients, db_url: str, db: asyncpg.Connection
 ) -> None:

@@ -29,6 +29,9 @@ from nexus.v1 import token_pb2
 
 from support import SERVICE, Clients, auth
 
+# The stalls and kills signal the one server's processes; a cluster's faults are other ones.
+pytestmark = pytest.mark.single_node("signals the processes of the one PostgreSQL server")
+
 # Rounds per test: each stalls the database once. NEXUS_TEST_STALL_ROUNDS raises it for a longer hunt.
 ROUNDS = int(os.environ.get("NEXUS_TEST_STALL_ROUNDS", "4"))
 CALLS_PER_ROUND = 25

@@ -506,6 +506,8 @@ async def until_lock_waiters(db: asyncpg.Connection, n: int, timeout: float = 10
         await asyncio.sleep(0.01)
 
 
+@pytest.mark.single_node("counts lock waiters in the one server's pg_stat_activity; on the cluster they wait on "
+                         "the worker owning the row (test_hot_mutual_pairs_race_without_deadlock runs there)")
 @pytest.mark.parametrize("rpc", ["Follow", "Unfollow"])
 async def test_mutual_edges_lock_counter_rows_in_one_order(
     clients: Clients, db: asyncpg.Connection, db_url: str, rpc: str

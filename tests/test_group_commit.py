@@ -145,6 +145,11 @@ async def counter_shards_held(db_url: str, entry: uuid.UUID) -> AsyncIterator[as
         await blocker.close()
 
 
+BATCH_SEEN_ON_ONE_SERVER = pytest.mark.single_node(
+    "finds the batch waiting on a lock in the one server's pg_stat_activity; on the cluster it waits on a worker"
+)
+
+
 async def wait_until_a_batch_waits_on_a_lock(db: asyncpg.Connection) -> None:
     deadline = time.monotonic() + 10
     while not await db.fetchval(
@@ -164,6 +169,7 @@ async def reactors(db: asyncpg.Connection, entry: uuid.UUID) -> set[str]:
     return {r["user_id"] for r in await db.fetch("SELECT user_id FROM reactions WHERE entry_id = $1", entry)}
 
 
+@BATCH_SEEN_ON_ONE_SERVER
 async def test_an_impatient_caller_stops_waiting_without_cutting_short_its_batch(
     counting_db: CountingDatabase, db: asyncpg.Connection, db_url: str
 ) -> None:
@@ -190,6 +196,7 @@ async def test_an_impatient_caller_stops_waiting_without_cutting_short_its_batch
     assert outcome["state"] and outcome["resonance_count"] == 2
 
 
+@BATCH_SEEN_ON_ONE_SERVER
 async def test_a_caller_whose_deadline_passes_before_its_batch_is_sent_writes_nothing(
     counting_db: CountingDatabase, db: asyncpg.Connection, db_url: str
 ) -> None:
@@ -206,6 +213,7 @@ async def test_a_caller_whose_deadline_passes_before_its_batch_is_sent_writes_no
     assert await reactors(db, entry) == {"first"}
 
 
+@BATCH_SEEN_ON_ONE_SERVER
 async def test_a_batch_cut_off_by_a_lost_connection_fails_its_items_and_is_not_resent(
     counting_db: CountingDatabase, db: asyncpg.Connection, db_url: str
 ) -> None:

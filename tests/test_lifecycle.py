@@ -117,6 +117,13 @@ async def test_database_outage_gives_unavailable_and_recovers_without_restart(pg
 # --- graceful shutdown ------------------------------------------------------------
 
 
+ROW_LOCK_ON_ONE_SERVER = pytest.mark.single_node(
+    "waits for the toggle to block on a row lock in the one server's pg_stat_activity; on the cluster it blocks "
+    "on the entry's worker"
+)
+
+
+@ROW_LOCK_ON_ONE_SERVER
 async def test_sigterm_drains_in_flight_calls_then_exits_zero(
     db_url: str, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
@@ -165,6 +172,7 @@ async def test_sigint_stops_the_embedded_database_cleanly(pg_dir: Path, tmp_path
 # --- observability ------------------------------------------------------------------
 
 
+@ROW_LOCK_ON_ONE_SERVER
 @pytest.mark.parametrize(("error_ms", "level"), [(60_000, logging.WARNING), (20, logging.ERROR)])
 async def test_slow_database_calls_are_logged(
     db_url: str, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture, error_ms: int, level: int

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import math
-import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -40,7 +39,16 @@ from nexus import database
 from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
 
-from support import SERVICE, Clients, all_pages, auth, bad_request_fields, rpc_error, server_config, with_database
+from support import (
+    SERVICE,
+    Clients,
+    all_pages,
+    auth,
+    backend_database,
+    bad_request_fields,
+    rpc_error,
+    server_config,
+)
 
 USER = "alice"
 DIM = 384
@@ -177,28 +185,23 @@ class Shared:
 
 
 @pytest.fixture(scope="module")
-async def shared(pg_admin_url: str, template_db: str) -> AsyncIterator[Shared]:
+async def shared(admin_url: str, template_db: str) -> AsyncIterator[Shared]:
     """One seeded server for the calls that must fail and write nothing (each
     compares the database before and after itself), so the many cases do not
     each pay for a database and a server."""
-    name = f"nexus_memory_api_{os.getpid()}"
-    admin = await asyncpg.connect(pg_admin_url)
-    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = with_database(pg_admin_url, name)
-    server = NexusServer(server_config(url))
-    try:
-        await server.start()
-        db = await database.connect(url)
+    async with backend_database(admin_url, template_db, "nexus_memory_api") as url:
+        server = NexusServer(server_config(url))
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-                clients = Clients(channel)
-                yield Shared(clients, db, await make_seed(clients))
+            await server.start()
+            db = await database.connect(url)
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                    clients = Clients(channel)
+                    yield Shared(clients, db, await make_seed(clients))
+            finally:
+                await db.close()
         finally:
-            await db.close()
-    finally:
-        await server.stop(grace=0)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+            await server.stop(grace=0)
 
 
 def setter(**values: Any) -> Change:

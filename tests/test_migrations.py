@@ -196,6 +196,10 @@ async def test_a_failing_migration_rolls_back_entirely_and_is_not_recorded(conn:
     assert await table_exists(conn, "half_done")
 
 
+@pytest.mark.single_node(
+    "compares the clone with a fresh migration on the one server; a cluster database also holds Citus's own "
+    "objects (test_citus_distributed checks the distributed schema and that a second migrate changes nothing)"
+)
 async def test_template_clone_and_fresh_migration_have_the_same_schema(
     conn: asyncpg.Connection, db: asyncpg.Connection
 ) -> None:

@@ -382,6 +382,13 @@ async def hub_replaced(db: asyncpg.Connection, old_pid: int) -> dict[str, Any]:
     return await wait_until(new_backend, "a new hub connection")
 
 
+HUB_ON_ONE_SERVER = pytest.mark.single_node(
+    "kills the hub's one LISTEN backend, found in the one server's pg_stat_activity; on the cluster the hub "
+    "listens on every node"
+)
+
+
+@HUB_ON_ONE_SERVER
 async def test_a_listen_connection_killed_while_writes_race_loses_no_event(
     clients: Clients, db: asyncpg.Connection
 ) -> None:
@@ -413,8 +420,9 @@ async def test_a_listen_connection_killed_while_writes_race_loses_no_event(
         call.cancel()
 
 
+@HUB_ON_ONE_SERVER
 async def test_events_committed_while_the_hub_is_disconnected_arrive_without_a_later_write(
-    clients: Clients, db: asyncpg.Connection, pg_admin_url: str
+    clients: Clients, db: asyncpg.Connection, admin_url: str
 ) -> None:
     """Their NOTIFYs reached no listener: only the hub's catch-up after it
     reconnects can deliver them."""
@@ -422,7 +430,7 @@ async def test_events_committed_while_the_hub_is_disconnected_arrive_without_a_l
     await create(stub, "alice", "before")
     call, _ = await subscribe(stub, "alice")
     name = await db.fetchval("SELECT quote_ident(current_database())")
-    admin = await asyncpg.connect(pg_admin_url)  # a database may not lock itself out
+    admin = await asyncpg.connect(admin_url)  # a database may not lock itself out
     await admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")  # the hub cannot reconnect yet
     try:
         old_pid = await kill_hub(db)
@@ -447,6 +455,9 @@ async def test_events_committed_while_the_hub_is_disconnected_arrive_without_a_l
     await hub_replaced(db, old_pid)
 
 
+@pytest.mark.single_node(
+    "waits for lock waiters in the one server's pg_stat_activity; on the cluster they wait on the user's worker"
+)
 async def test_a_held_user_lock_delays_only_that_users_events_and_skips_none(
     clients: Clients, db: asyncpg.Connection
 ) -> None:

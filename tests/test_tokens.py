@@ -771,6 +771,9 @@ async def test_reconcile_reports_a_broken_balance_after_chain(clients: Clients, 
     for i in range(3):
         await credit(clients, "alice", 10, f"c{i}")
     # Only an owner bypassing the trigger can do this; reconcile must still notice.
+    # Citus refuses trigger DDL on a distributed table unless this is on (a plain
+    # PostgreSQL takes it as an unused placeholder setting).
+    await db.execute("SET citus.enable_unsafe_triggers = on")
     await db.execute("ALTER TABLE token_transactions DISABLE TRIGGER token_transactions_append_only")
     await db.execute("UPDATE token_transactions SET balance_after = 99 WHERE user_id = 'alice' AND sequence = 2")
     await db.execute("ALTER TABLE token_transactions ENABLE TRIGGER token_transactions_append_only")

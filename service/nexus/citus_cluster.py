@@ -44,6 +44,14 @@ listen_addresses = '{HOST}'
 unix_socket_directories = ''
 max_connections = 200
 """
+# Appended too when a cluster need not survive a crash (the tests: each test's
+# database is a throwaway copy). Copying and dropping a database then skips the
+# fsync of thousands of shard files; the bench keeps the durable defaults.
+NOT_DURABLE_SETTINGS = """
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+"""
 
 
 class CitusClusterError(Exception):
@@ -85,6 +93,7 @@ class CitusCluster:
     coordinator: CitusNode
     workers: list[CitusNode]
     system_user: str | None
+    durable: bool = True
 
     @property
     def nodes(self) -> list[CitusNode]:
@@ -96,8 +105,11 @@ class CitusCluster:
         return self.coordinator.url()
 
     @classmethod
-    async def start(cls, pginstall: Path, base_dir: Path, *, workers: int = 2) -> CitusCluster:
-        """initdb + start every node, then joins them in the ``postgres`` database (about 2-3 s)."""
+    async def start(cls, pginstall: Path, base_dir: Path, *, workers: int = 2, durable: bool = True) -> CitusCluster:
+        """initdb + start every node, then joins them in the ``postgres`` database (about 2-3 s).
+
+        ``durable=False`` turns fsync off (NOT_DURABLE_SETTINGS): for clusters whose
+        data may be lost in a crash."""
         base_dir.mkdir(parents=True, exist_ok=True)
         system_user = _system_user()
         if system_user is not None:
@@ -105,7 +117,7 @@ class CitusCluster:
             os.chown(base_dir, entry.pw_uid, entry.pw_gid)
         names = ["coordinator", *(f"worker{i}" for i in range(1, workers + 1))]
         nodes = [CitusNode(name, base_dir / name, _free_port()) for name in names]
-        cluster = cls(pginstall, base_dir, nodes[0], nodes[1:], system_user)
+        cluster = cls(pginstall, base_dir, nodes[0], nodes[1:], system_user, durable)
         try:
             await asyncio.gather(*(asyncio.to_thread(cluster._init_and_start, node) for node in nodes))
             await join_cluster(
@@ -129,7 +141,7 @@ class CitusCluster:
     def _init_and_start(self, node: CitusNode) -> None:
         self._pg("initdb", ["-D", str(node.pgdata), "-U", DATABASE_USER, "--auth=trust", "--encoding=utf8", "--no-sync"])
         with (node.pgdata / "postgresql.conf").open("a") as conf:
-            conf.write(NODE_SETTINGS + f"port = {node.port}\n")
+            conf.write(NODE_SETTINGS + ("" if self.durable else NOT_DURABLE_SETTINGS) + f"port = {node.port}\n")
         self._pg("pg_ctl", ["-D", str(node.pgdata), "-l", str(node.pgdata / "server.log"), "-w", "-t", "60", "start"])
 
     async def stop(self) -> None:
@@ -197,10 +209,12 @@ async def cluster_nodes(coordinator_url: str) -> tuple[tuple[str, int], list[tup
 
 
 async def _on_every_node(admin_url: str, statement: str) -> tuple[tuple[str, int], list[tuple[str, int]]]:
-    """Runs a CREATE/DROP DATABASE statement on the coordinator and every worker."""
+    """Runs a CREATE/DROP/ALTER DATABASE statement on the coordinator and every worker,
+    on all nodes at once (a copy of a database is mostly the workers' shard files)."""
     coordinator, workers = await cluster_nodes(admin_url)
     admin_database = urlsplit(admin_url).path.lstrip("/")
-    for url in [admin_url, *(node_url(admin_url, host, port, admin_database) for host, port in workers)]:
+
+    async def run(url: str) -> None:
         conn = await asyncpg.connect(url)
         try:
             # Each node on its own, whatever citus.enable_create_database_propagation says.
@@ -208,6 +222,8 @@ async def _on_every_node(admin_url: str, statement: str) -> tuple[tuple[str, int
             await conn.execute(statement)
         finally:
             await conn.close()
+
+    await asyncio.gather(run(admin_url), *(run(node_url(admin_url, host, port, admin_database)) for host, port in workers))
     return coordinator, workers
 
 
