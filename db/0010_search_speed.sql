@@ -80,11 +80,19 @@ FOR EACH ROW WHEN (OLD.search_vector IS DISTINCT FROM NEW.search_vector) EXECUTE
 
 DROP FUNCTION memory_text_scores(text, text, double precision, timestamptz, text);
 
+-- One term's part of a memory's BM25 score: k1 1.2, b 0.75 (inlined).
+CREATE FUNCTION bm25_term(p_idf double precision, p_tf integer, p_length integer, p_avgdl double precision)
+RETURNS double precision
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN p_idf * p_tf * 2.2 / (p_tf + 1.2 * (0.25 + 0.75 * p_length / p_avgdl));
+
 -- (memory_id, BM25 text_score) of the user's memories matching p_query and
 -- the filters, best first (score, then memory_id): the p_limit best (all when
 -- NULL), or, given p_ids, the scores of those memories that match. BM25 as in
 -- 0006: k1 1.2, b 0.75, Lucene's IDF, statistics over all the user's
--- memories (filters change which memories rank, not their scores).
+-- memories (filters change which memories rank, not their scores); terms
+-- summed in lexeme order, so memories with the same term frequencies and
+-- length tie exactly (and rank by id).
 CREATE FUNCTION memory_text_top(
     p_user_id text, p_query text, p_min_gravity double precision, p_since timestamptz, p_emotion_type text,
     p_limit integer, p_ids uuid[] DEFAULT NULL)
@@ -96,7 +104,8 @@ DECLARE
     avgdl    double precision;
     lexemes  text[];   -- the query's lexemes the user has, rarest (highest IDF) first
     idfs     double precision[];
-    essential integer;
+    essential integer;  -- the rarest lexemes whose matches are read (the others only add to their scores)
+    matches  tsquery;
     ids      uuid[];
     scores   double precision[];
 BEGIN
@@ -113,33 +122,29 @@ BEGIN
     END IF;
     IF p_ids IS NOT NULL THEN
         RETURN QUERY
-            SELECT m.memory_id, sum(w.idf * t.tf * 2.2 / (t.tf + 1.2 * (0.25 + 0.75 * m.search_length / avgdl)))
+            SELECT m.memory_id, sum(bm25_term(w.idf, cardinality(t.positions), m.search_length, avgdl) ORDER BY t.lexeme)
             FROM memories m
-            CROSS JOIN LATERAL (SELECT x.lexeme, cardinality(x.positions) AS tf
-                                FROM unnest(ts_filter(setweight(m.search_vector, 'A', lexemes), '{a}')) x) t
+            CROSS JOIN LATERAL unnest(ts_filter(setweight(m.search_vector, 'A', lexemes), '{a}')) t
             JOIN unnest(lexemes, idfs) w(lexeme, idf) ON w.lexeme = t.lexeme
             WHERE m.user_id = p_user_id AND m.memory_id = ANY (p_ids)
             GROUP BY m.memory_id ORDER BY 2 DESC, 1;
         RETURN;
     END IF;
-    -- MaxScore: start with the fewest rarest terms that can fill the page.
-    essential := 1;
-    IF p_limit IS NULL THEN
-        essential := cardinality(lexemes);
-    END IF;
+    -- MaxScore: the rarest term first (every term when all matches are wanted).
+    essential := CASE WHEN p_limit IS NULL THEN cardinality(lexemes) ELSE 1 END;
     LOOP
+        -- Each lexeme quoted for tsquery input (quotes and backslashes doubled).
+        SELECT string_agg('''' || replace(replace(l, '\', '\\'), '''', '''''') || '''', ' | ')::tsquery
+        INTO matches FROM unnest(lexemes[1:essential]) l;
         SELECT array_agg(s.memory_id ORDER BY s.score DESC, s.memory_id), array_agg(s.score ORDER BY s.score DESC, s.memory_id)
         INTO ids, scores
         FROM (SELECT m.memory_id,
-                     sum(w.idf * t.tf * 2.2 / (t.tf + 1.2 * (0.25 + 0.75 * m.search_length / avgdl))) AS score
+                     sum(bm25_term(w.idf, cardinality(t.positions), m.search_length, avgdl) ORDER BY t.lexeme) AS score
               FROM memories m
-              CROSS JOIN LATERAL (SELECT x.lexeme, cardinality(x.positions) AS tf
-                                  FROM unnest(ts_filter(setweight(m.search_vector, 'A', lexemes), '{a}')) x) t
+              CROSS JOIN LATERAL unnest(ts_filter(setweight(m.search_vector, 'A', lexemes), '{a}')) t
               JOIN unnest(lexemes, idfs) w(lexeme, idf) ON w.lexeme = t.lexeme
               WHERE m.user_id = p_user_id
-                AND m.search_vector @@ array_to_string(
-                        ARRAY(SELECT '''' || replace(replace(l, '\', '\\'), '''', '''''') || ''''
-                              FROM unnest(lexemes[1:essential]) l), ' | ')::tsquery
+                AND m.search_vector @@ matches
                 AND m.gravity_score >= p_min_gravity AND (p_since IS NULL OR m.create_time >= p_since)
                 AND (p_emotion_type IS NULL OR m.emotion_type = p_emotion_type)
               GROUP BY m.memory_id
