@@ -374,7 +374,7 @@ async def test_hybrid_page_equals_fusing_every_memory(clients: Clients) -> None:
 
 
 async def test_term_statistics_stay_exact_under_concurrent_writes(clients: Clients, db: asyncpg.Connection) -> None:
-    """memory_terms (each user's document frequency per lexeme) against a
+    """memory_terms (each user's document frequencies as +1 / -1 deltas) against a
     recount, after concurrent creates, deletes and content updates of one user
     (some keeping the length, some not) and a direct multi-row INSERT / DELETE."""
     stub = clients.memories
@@ -402,7 +402,9 @@ async def test_term_statistics_stay_exact_under_concurrent_writes(clients: Clien
            SELECT 'carol', 'zebra walrus ' || repeat('kiwi ', n), 0.5, 'present' FROM generate_series(1, 5) n"""
     )
     await db.execute("DELETE FROM memories WHERE user_id = 'carol' AND content LIKE '%kiwi kiwi kiwi%'")
-    kept = await db.fetch("SELECT user_id, lexeme, df FROM memory_terms WHERE df > 0 ORDER BY 1, 2")
+    kept = await db.fetch(
+        "SELECT user_id, lexeme, sum(delta) AS df FROM memory_terms GROUP BY 1, 2 HAVING sum(delta) <> 0 ORDER BY 1, 2"
+    )
     recount = await db.fetch(
         """SELECT m.user_id, t.lexeme, count(*) AS df
            FROM memories m CROSS JOIN LATERAL unnest(tsvector_to_array(m.search_vector)) t(lexeme)
