@@ -7,7 +7,7 @@
 -- hybrid search added every one of the user's 10k distances to a full join
 -- and window functions over all of them.
 --
--- 1. memory_terms: each user's document frequencies per lexeme, kept by the
+-- 1. memory_terms: which of each user's memories hold each lexeme, kept by the
 --    row trigger that already keeps the length statistics (same transaction,
 --    co-located on Citus). BM25's IDF no longer needs the matching memories.
 -- 2. BM25 top-k by MaxScore (memory_text_top): terms rarest first; the
@@ -28,26 +28,26 @@
 -- wall times 2-5x these): that text query 3 ms (was 31), two common words
 -- 12 ms (34); hybrid 22 ms (58), of which the exact vector scan is 11 ms.
 
--- Each user's document frequencies as an append-only log of changes: a
--- lexeme's df is the sum of its deltas (+1 when a memory gains it, -1 when it
--- loses it). Append-only, because a bulk insert of one user in one
--- transaction would otherwise update one (user, lexeme) row once per memory,
--- and a row updated n times in one transaction costs O(n) per update (the
--- versions cannot be pruned before the commit): a 10k-memory INSERT took 74 s
--- against 3 s without the statistics. Summing a lexeme's deltas reads the
--- narrow covering index only (a word in half of 100k memories: ~50k entries,
--- a few ms), against one heap page per matching memory before.
+-- Which of a user's memories hold each lexeme (a posting list without
+-- frequencies): a lexeme's df is the count of its rows, read from the primary
+-- key alone (a word in half of 100k memories: ~50k index entries, a few ms,
+-- against one heap page per matching memory before). One row per (memory,
+-- lexeme), not a counter per lexeme: a bulk insert of one user in one
+-- transaction would update a counter once per memory, and a row updated n
+-- times in one transaction costs O(n) per update (its versions cannot be
+-- pruned before the commit: a 10k-memory INSERT took 74 s against 3 s); and
+-- deleting a memory deletes its rows, so no word of a deleted memory stays.
 CREATE TABLE memory_terms (
-    user_id text NOT NULL,
-    lexeme  text NOT NULL,
-    delta   integer NOT NULL
+    user_id   text NOT NULL,
+    lexeme    text NOT NULL,
+    memory_id uuid NOT NULL,
+    PRIMARY KEY (user_id, lexeme, memory_id)
 );
-CREATE INDEX memory_terms_lexeme ON memory_terms (user_id, lexeme) INCLUDE (delta);
-INSERT INTO memory_terms (user_id, lexeme, delta)
-SELECT m.user_id, t.lexeme, count(*) FROM memories m CROSS JOIN LATERAL unnest(tsvector_to_array(m.search_vector)) t(lexeme)
-GROUP BY 1, 2;
+INSERT INTO memory_terms (user_id, lexeme, memory_id)
+SELECT m.user_id, t.lexeme, m.memory_id
+FROM memories m CROSS JOIN LATERAL unnest(tsvector_to_array(m.search_vector)) t(lexeme);
 
--- Length total and term deltas of the row's user, kept in the row's
+-- Length total and term rows of the row's user, kept in the row's
 -- transaction (see 0006 for why a row trigger).
 CREATE OR REPLACE FUNCTION count_search_length() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -63,10 +63,14 @@ BEGIN
         INSERT INTO memory_users AS u (user_id, search_length_total) VALUES (owner, delta)
         ON CONFLICT (user_id) DO UPDATE SET search_length_total = u.search_length_total + EXCLUDED.search_length_total;
     END IF;
-    INSERT INTO memory_terms (user_id, lexeme, delta)
-    SELECT owner, l, 1 FROM unnest(added) l WHERE l <> ALL (removed)
-    UNION ALL
-    SELECT owner, l, -1 FROM unnest(removed) l WHERE l <> ALL (added);
+    IF TG_OP <> 'INSERT' THEN
+        DELETE FROM memory_terms t
+        WHERE t.user_id = owner AND t.lexeme = ANY (removed) AND t.lexeme <> ALL (added) AND t.memory_id = OLD.memory_id;
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        INSERT INTO memory_terms (user_id, lexeme, memory_id)
+        SELECT owner, l, NEW.memory_id FROM unnest(added) l WHERE l <> ALL (removed);
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -118,11 +122,11 @@ BEGIN
     INTO n, avgdl FROM memory_users u WHERE u.user_id = p_user_id;
     SELECT array_agg(q.lexeme ORDER BY q.idf DESC, q.lexeme), array_agg(q.idf ORDER BY q.idf DESC, q.lexeme)
     INTO lexemes, idfs
-    FROM (SELECT t.lexeme, ln(1 + (n - sum(t.delta) + 0.5) / (sum(t.delta) + 0.5)) AS idf
+    FROM (SELECT t.lexeme, ln(1 + (n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
           FROM memory_terms t
           WHERE t.user_id = p_user_id
             AND t.lexeme = ANY (tsvector_to_array(to_tsvector('english'::regconfig, p_query)))
-          GROUP BY t.lexeme HAVING sum(t.delta) > 0) q;
+          GROUP BY t.lexeme) q;
     IF lexemes IS NULL THEN
         RETURN;
     END IF;

@@ -374,7 +374,7 @@ async def test_hybrid_page_equals_fusing_every_memory(clients: Clients) -> None:
 
 
 async def test_term_statistics_stay_exact_under_concurrent_writes(clients: Clients, db: asyncpg.Connection) -> None:
-    """memory_terms (each user's document frequencies as +1 / -1 deltas) against a
+    """memory_terms (which of each user's memories hold each lexeme) against a
     recount, after concurrent creates, deletes and content updates of one user
     (some keeping the length, some not) and a direct multi-row INSERT / DELETE."""
     stub = clients.memories
@@ -402,17 +402,17 @@ async def test_term_statistics_stay_exact_under_concurrent_writes(clients: Clien
            SELECT 'carol', 'zebra walrus ' || repeat('kiwi ', n), 0.5, 'present' FROM generate_series(1, 5) n"""
     )
     await db.execute("DELETE FROM memories WHERE user_id = 'carol' AND content LIKE '%kiwi kiwi kiwi%'")
-    kept = await db.fetch(
-        "SELECT user_id, lexeme, sum(delta) AS df FROM memory_terms GROUP BY 1, 2 HAVING sum(delta) <> 0 ORDER BY 1, 2"
-    )
+    kept = await db.fetch("SELECT user_id, lexeme, memory_id FROM memory_terms ORDER BY 1, 2, 3")
     recount = await db.fetch(
-        """SELECT m.user_id, t.lexeme, count(*) AS df
-           FROM memories m CROSS JOIN LATERAL unnest(tsvector_to_array(m.search_vector)) t(lexeme)
-           GROUP BY 1, 2 ORDER BY 1, 2"""
+        """SELECT m.user_id, t.lexeme, m.memory_id
+           FROM memories m CROSS JOIN LATERAL unnest(tsvector_to_array(m.search_vector)) t(lexeme) ORDER BY 1, 2, 3"""
     )
     assert [tuple(r) for r in kept] == [tuple(r) for r in recount]
     assert {r["user_id"] for r in kept} == {"alice", "bob", "carol"}
-    assert ("carol", "kiwi", 2) in {tuple(r) for r in kept}
+    assert sum(1 for r in kept if r["user_id"] == "carol" and r["lexeme"] == "kiwi") == 2
+    # No word of a deleted memory stays behind.
+    await db.execute("DELETE FROM memories WHERE user_id = 'carol'")
+    assert await db.fetchval("SELECT count(*) FROM memory_terms WHERE user_id = 'carol'") == 0
 
 
 # --- recency and gravity -------------------------------------------------------------
