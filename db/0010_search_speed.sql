@@ -24,9 +24,11 @@
 --    list grows 4x when that would be more than 10x its length). Same page
 --    as fusing every memory.
 --
--- Measured after, same data (backend CPU per query; the machine was shared,
--- wall times 2-5x these): that text query 3 ms (was 31), two common words
--- 12 ms (34); hybrid 22 ms (58), of which the exact vector scan is 11 ms.
+-- Measured after, same data (backend CPU per query, 0006's functions beside
+-- these; the machine was shared, wall times 2-5x these): that text query
+-- 9 ms (was 31-42), two common words 15 ms (34-48), three words for the
+-- 100k-memory user 36 ms (90); hybrid 22-25 ms (58-71), of which the exact
+-- vector scan of the 10k memories is 11 ms.
 
 -- Which of a user's memories hold each lexeme (a posting list without
 -- frequencies): a lexeme's df is the count of its rows, read from the primary
