@@ -300,6 +300,121 @@ async def test_a_blank_query_with_an_embedding_is_a_vector_search(clients: Clien
     assert got[0].HasField("distance") and not got[0].HasField("text_score")
 
 
+# --- pruning: the page read from the fewest memories equals the full ranking ----------
+
+RARE = ["zebra", "mango", "kiwi", "quartz", "lemon"]
+# Many memories match the common words (so the rarest terms are read first and
+# the common ones only scored), few the rare ones.
+ZIPF_WORDS = FILLER + RARE
+ZIPF_WEIGHTS = [1 / (rank + 1) for rank in range(len(ZIPF_WORDS))]
+
+
+async def seeded_corpus(stub: Any, rng: random.Random, user: str, n: int) -> tuple[dict[str, str], dict[str, list[float]], dict[str, float]]:
+    """n memories (texts, embeddings around 4 centres, gravities); every 10th without an embedding."""
+    centres = [random_vector(rng) for _ in range(4)]
+    specs = []
+    for i in range(n):
+        text = " ".join(rng.choices(ZIPF_WORDS, ZIPF_WEIGHTS, k=rng.randint(1, 8)))
+        vector = random_vector(rng, center=centres[i % 4], spread=0.6) if i % 10 else []
+        specs.append((text, vector, round(rng.random() * 0.79, 3)))
+    created = await asyncio.gather(*(create(stub, user, t, v, gravity_score=g) for t, v, g in specs))
+    texts = {m.memory_id: m.content for m in created}
+    vectors = {m.memory_id: v for m, (_, v, _) in zip(created, specs) if v}
+    gravities = {m.memory_id: g for m, (_, _, g) in zip(created, specs)}
+    return texts, vectors, gravities
+
+
+def ranked(scores: dict[str, float], top_k: int) -> list[str]:
+    return sorted(scores, key=lambda i: (-scores[i], i))[:top_k]
+
+
+async def test_text_top_k_is_the_head_of_the_full_bm25_ranking(clients: Clients) -> None:
+    """Queries mixing common and rare words, pages small enough for MaxScore
+    to stop after the rare terms and large enough to need every term."""
+    stub = clients.memories
+    rng = random.Random(31)
+    texts, _, gravities = await seeded_corpus(stub, rng, "alice", 240)
+    queries = ["walrus zebra", "walrus falcon", "walrus falcon cobalt lemon", "kiwi", "tulip quartz mango", "falcon walrus"]
+    for query in queries:
+        full = bm25(query, texts)
+        for top_k, min_gravity in ((1, 0.0), (3, 0.0), (10, 0.0), (40, 0.0), (5, 0.5)):
+            wanted = {i: s for i, s in full.items() if gravities[i] >= min_gravity}
+            got = await text_search(stub, "alice", query, top_k=top_k, min_gravity=min_gravity)
+            assert ids(got) == ranked(wanted, top_k), (query, top_k, min_gravity)
+            assert [r.text_score for r in got] == pytest.approx([wanted[i] for i in ids(got)], rel=1e-9)
+
+
+async def test_hybrid_page_equals_fusing_every_memory(clients: Clients) -> None:
+    """The exact path prunes both sides (the pool best by text, then only the
+    nearest memories whose bound reaches the page): the page must equal the
+    min-max fusion of every matching memory, computed here."""
+    stub = clients.memories
+    rng = random.Random(32)
+    texts, vectors, gravities = await seeded_corpus(stub, rng, "alice", 240)
+    for query, top_k, min_gravity in (
+        ("walrus zebra", 10, 0.0), ("walrus falcon", 3, 0.0), ("kiwi lemon", 10, 0.0), ("walrus", 1, 0.0),
+        ("falcon cobalt tulip", 25, 0.0), ("walrus zebra", 5, 0.6), ("quartz", 10, 0.0),
+    ):  # fmt: skip
+        probe = random_vector(rng, center=rng.choice(list(vectors.values())), spread=0.3)
+        similarity = {i: 1 - distance(probe, v, COSINE) for i, v in vectors.items() if gravities[i] >= min_gravity}
+        text = {i: s for i, s in bm25(query, texts).items() if gravities[i] >= min_gravity}
+        nearest, farthest, best_text = max(similarity.values()), min(similarity.values()), max(text.values())
+        expected = {
+            i: 0.3 * ((similarity[i] - farthest) / (nearest - farthest) if i in similarity else 0.0)
+            + 0.7 * text.get(i, 0.0) / best_text
+            for i in set(similarity) | set(text)
+        }
+        got = await hybrid_search(stub, "alice", query, probe, top_k=top_k, min_gravity=min_gravity)
+        assert ids(got) == ranked(expected, top_k), (query, top_k, min_gravity)
+        # pgvector sums distances in float32.
+        assert [r.score for r in got] == pytest.approx([expected[i] for i in ids(got)], abs=1e-6)
+        assert [r.text_score if r.HasField("text_score") else None for r in got] == pytest.approx(
+            [text.get(i) for i in ids(got)], rel=1e-9
+        )
+
+
+async def test_term_statistics_stay_exact_under_concurrent_writes(clients: Clients, db: asyncpg.Connection) -> None:
+    """memory_terms (which of each user's memories hold each lexeme) against a
+    recount, after concurrent creates, deletes and content updates of one user
+    (some keeping the length, some not) and a direct multi-row INSERT / DELETE."""
+    stub = clients.memories
+    rng = random.Random(33)
+    texts = [" ".join(rng.choices(ZIPF_WORDS, k=rng.randint(1, 6))) for _ in range(60)]
+    created = await asyncio.gather(*(create(stub, "alice", t) for t in texts), *(create(stub, "bob", t) for t in texts[:20]))
+
+    async def update(memory_id: str, content: str) -> None:
+        await stub.UpdateMemory(
+            pb.UpdateMemoryRequest(memory=pb.Memory(memory_id=memory_id, user_id="alice", content=content),
+                                   update_mask={"paths": ["content"]}),
+            metadata=auth("alice"),
+        )  # fmt: skip
+
+    alice = created[:60]
+    await asyncio.gather(
+        *(stub.DeleteMemory(pb.DeleteMemoryRequest(user_id="alice", memory_id=m.memory_id), metadata=auth("alice"))
+          for m in alice[::4]),
+        *(update(m.memory_id, " ".join(rng.sample(ZIPF_WORDS, len(m.content.split())))) for m in alice[1::4]),
+        *(update(m.memory_id, "quartz " + m.content) for m in alice[2::4]),
+        *(create(stub, "alice", " ".join(rng.choices(ZIPF_WORDS, k=4))) for _ in range(20)),
+    )  # fmt: skip
+    await db.execute(
+        """INSERT INTO memories (user_id, content, gravity_score, temporal_type)
+           SELECT 'carol', 'zebra walrus ' || repeat('kiwi ', n), 0.5, 'present' FROM generate_series(1, 5) n"""
+    )
+    await db.execute("DELETE FROM memories WHERE user_id = 'carol' AND content LIKE '%kiwi kiwi kiwi%'")
+    kept = await db.fetch("SELECT user_id, lexeme, memory_id FROM memory_terms ORDER BY 1, 2, 3")
+    recount = await db.fetch(
+        """SELECT m.user_id, t.lexeme, m.memory_id
+           FROM memories m CROSS JOIN LATERAL unnest(tsvector_to_array(m.search_vector)) t(lexeme) ORDER BY 1, 2, 3"""
+    )
+    assert [tuple(r) for r in kept] == [tuple(r) for r in recount]
+    assert {r["user_id"] for r in kept} == {"alice", "bob", "carol"}
+    assert sum(1 for r in kept if r["user_id"] == "carol" and r["lexeme"] == "kiwi") == 2
+    # No word of a deleted memory stays behind.
+    await db.execute("DELETE FROM memories WHERE user_id = 'carol'")
+    assert await db.fetchval("SELECT count(*) FROM memory_terms WHERE user_id = 'carol'") == 0
+
+
 # --- recency and gravity -------------------------------------------------------------
 
 

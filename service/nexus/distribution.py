@@ -47,6 +47,7 @@ TABLES: tuple[tuple[str, str, str], ...] = (
     ("memory_events", "user_id", BY_USER),
     ("memory_sessions", "user_id", BY_USER),
     ("memory_patterns", "user_id", BY_USER),
+    ("memory_terms", "user_id", BY_USER),
     ("consciousness_cache", "user_id", BY_USER),
     ("user_interactions", "user_id", BY_USER),
     ("follows", "follower_id", BY_USER),
