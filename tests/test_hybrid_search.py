@@ -309,7 +309,9 @@ ZIPF_WORDS = FILLER + RARE
 ZIPF_WEIGHTS = [1 / (rank + 1) for rank in range(len(ZIPF_WORDS))]
 
 
-async def seeded_corpus(stub: Any, rng: random.Random, user: str, n: int) -> tuple[dict[str, str], dict[str, list[float]], dict[str, float]]:
+async def seeded_corpus(
+    stub: Any, rng: random.Random, user: str, n: int
+) -> tuple[dict[str, str], dict[str, list[float]], dict[str, float]]:
     """n memories (texts, embeddings around 4 centres, gravities); every 10th without an embedding."""
     centres = [random_vector(rng) for _ in range(4)]
     specs = []
@@ -319,8 +321,8 @@ async def seeded_corpus(stub: Any, rng: random.Random, user: str, n: int) -> tup
         specs.append((text, vector, round(rng.random() * 0.79, 3)))
     created = await asyncio.gather(*(create(stub, user, t, v, gravity_score=g) for t, v, g in specs))
     texts = {m.memory_id: m.content for m in created}
-    vectors = {m.memory_id: v for m, (_, v, _) in zip(created, specs) if v}
-    gravities = {m.memory_id: g for m, (_, _, g) in zip(created, specs)}
+    vectors = {m.memory_id: v for m, (_, v, _) in zip(created, specs, strict=True) if v}
+    gravities = {m.memory_id: g for m, (_, _, g) in zip(created, specs, strict=True)}
     return texts, vectors, gravities
 
 

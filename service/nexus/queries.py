@@ -63,7 +63,12 @@ LIST_MEMORIES = (
     " p_thread_id => $5, p_session_id => $6, p_tags_any => $7, p_anchors_only => $8, p_after_time => $9,"
     " p_after_id => $10, p_limit => $11) AS d"
 )
-SEARCH_MEMORIES = "SELECT * FROM search_memories($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+SEARCH_MEMORIES = (
+    "SELECT * FROM search_memories("
+    "p_user_id => $1, p_embedding => $2, p_query => $3, p_metric => $4, p_top_k => $5, p_min_gravity => $6,"
+    " p_since => $7, p_emotion_type => $8, p_vector_weight => $9, p_exact_max => $10, p_recency_weight => $11,"
+    " p_gravity_weight => $12)"
+)
 MEMORY_VECTOR_INDEXES_DUE = "SELECT * FROM memory_vector_indexes_due($1)"
 LIST_ARCS = "SELECT d FROM list_arcs($1, $2, $3, $4) AS d"
 SET_IDENTITY_ENTITIES = "SELECT set_identity_entities($1, $2)"
