@@ -256,6 +256,21 @@ BEGIN
     END LOOP;
 END $$;
 
+-- Name: apply_reactions_v3(uuid, text[], public.reaction_kind[], text[]); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.apply_reactions_v3(p_entry_id uuid, p_ops text[], p_kinds public.reaction_kind[], p_user_ids text[], OUT item integer, OUT outcome public.reaction_outcome, OUT error_code text, OUT error_message text, OUT error_column text) RETURNS SETOF record
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    RETURN QUERY
+    SELECT r.item,
+           r.outcome,
+           CASE WHEN NOT (r.outcome).found THEN 'NX404' END,
+           CASE WHEN NOT (r.outcome).found THEN format('entry %s not found', p_entry_id) END,
+           CASE WHEN NOT (r.outcome).found THEN 'entry_id' END
+    FROM apply_reactions_v2(p_entry_id, p_ops, p_kinds, p_user_ids) AS r;
+END $$;
+
 -- Name: apply_token_operations(text[], text[], text[], bigint[], text[], text[], text[]); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.apply_token_operations(p_ops text[], p_user_ids text[], p_counterparties text[], p_amounts bigint[], p_reasons text[], p_reference_ids text[], p_request_ids text[]) RETURNS TABLE(item integer, status text, transaction_id uuid, user_id text, kind public.token_kind, amount bigint, balance_after bigint, reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint, create_time timestamp with time zone)
@@ -494,6 +509,18 @@ BEGIN
         'create_time', a.create_time, 'update_time', a.update_time);
 END $$;
 
+-- Name: arc_gravity_threshold(); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.arc_gravity_threshold() RETURNS double precision
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN 0.8;
+
+-- Name: bm25_term(double precision, integer, integer, double precision); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.bm25_term(p_idf double precision, p_tf integer, p_length integer, p_avgdl double precision) RETURNS double precision
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN (((p_idf * (p_tf)::double precision) * (2.2)::double precision) / ((p_tf)::double precision + ((1.2)::double precision * ((0.25)::double precision + (((0.75 * (p_length)::numeric))::double precision / p_avgdl)))));
+
 -- Name: branch_tree(uuid, text, integer, integer[], integer); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.branch_tree(p_entry_id uuid, p_viewer text, p_max_depth integer, p_after integer[], p_limit integer) RETURNS TABLE(entry_id uuid, parent_entry_id uuid, depth integer, branch_order integer, deleted boolean, tree_path integer[])
@@ -544,6 +571,12 @@ BEGIN
     END LOOP;
 END $$;
 
+-- Name: broadcasts_channel(); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.broadcasts_channel() RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN 'nexus_broadcasts'::text;
+
 -- Name: build_arc(text, text); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.build_arc(p_user_id text, p_emotion text) RETURNS void
@@ -557,7 +590,7 @@ DECLARE
 BEGIN
     SELECT array_agg(m.memory_id) INTO cluster
     FROM memories m
-    WHERE m.user_id = p_user_id AND m.emotion_type = p_emotion AND m.gravity_score >= 0.8
+    WHERE m.user_id = p_user_id AND m.emotion_type = p_emotion AND m.gravity_score >= arc_gravity_threshold()
       AND m.create_time > now() - interval '24 hours';
     IF coalesce(cardinality(cluster), 0) < 3 THEN
         RETURN;
@@ -634,9 +667,21 @@ DECLARE
     delta bigint := CASE TG_OP WHEN 'INSERT' THEN NEW.search_length
                                WHEN 'DELETE' THEN -OLD.search_length
                                ELSE NEW.search_length - OLD.search_length END;
+    added   text[] := CASE WHEN TG_OP <> 'DELETE' THEN tsvector_to_array(NEW.search_vector) ELSE '{}' END;
+    removed text[] := CASE WHEN TG_OP <> 'INSERT' THEN tsvector_to_array(OLD.search_vector) ELSE '{}' END;
 BEGIN
-    INSERT INTO memory_users AS u (user_id, search_length_total) VALUES (owner, delta)
-    ON CONFLICT (user_id) DO UPDATE SET search_length_total = u.search_length_total + EXCLUDED.search_length_total;
+    IF delta <> 0 OR TG_OP <> 'UPDATE' THEN
+        INSERT INTO memory_users AS u (user_id, search_length_total) VALUES (owner, delta)
+        ON CONFLICT (user_id) DO UPDATE SET search_length_total = u.search_length_total + EXCLUDED.search_length_total;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        DELETE FROM memory_terms t
+        WHERE t.user_id = owner AND t.lexeme = ANY (removed) AND t.lexeme <> ALL (added) AND t.memory_id = OLD.memory_id;
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        INSERT INTO memory_terms (user_id, lexeme, memory_id)
+        SELECT owner, l, NEW.memory_id FROM unnest(added) l WHERE l <> ALL (removed);
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -822,7 +867,7 @@ BEGIN
     UPDATE memory_users SET memory_count = memory_count + 1 WHERE user_id = p_user_id;
     document := memory_document(m);
     PERFORM emit_memory_event(p_user_id, 'memory', 'created', document);
-    IF m.gravity_score >= 0.8 AND m.emotion_type IS NOT NULL THEN
+    IF m.gravity_score >= arc_gravity_threshold() AND m.emotion_type IS NOT NULL THEN
         PERFORM build_arc(p_user_id, m.emotion_type);
     END IF;
     RETURN document;
@@ -908,7 +953,7 @@ BEGIN
     RETURNING last_event_seq INTO seq;
     INSERT INTO memory_events (user_id, seq, topic, change, document)
     VALUES (p_user_id, seq, p_topic, p_change, p_document);
-    PERFORM pg_notify('nexus_memory_events', p_user_id || ' ' || seq);
+    PERFORM pg_notify(memory_events_channel(), p_user_id || ' ' || seq);
 END
 $$;
 
@@ -1090,7 +1135,16 @@ BEGIN
     RETURN QUERY
     SELECT memory_document(m), m.embedding::real[]
     FROM memories m WHERE m.memory_id = p_memory_id AND m.user_id = p_user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory_id', MESSAGE = 'memory not found';
+    END IF;
 END $$;
+
+-- Name: hybrid_score(double precision, double precision, double precision, double precision, double precision, double precision); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.hybrid_score(p_similarity double precision, p_nearest double precision, p_farthest double precision, p_text_score double precision, p_best_text double precision, p_vector_weight double precision) RETURNS double precision
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN ((p_vector_weight * COALESCE(((p_similarity - p_farthest) / NULLIF((p_nearest - p_farthest), (0)::double precision)), (0)::double precision)) + (((1)::double precision - p_vector_weight) * COALESCE((p_text_score / NULLIF(p_best_text, (0)::double precision)), (0)::double precision)));
 
 -- Name: infer_temporal_type(text); Type: FUNCTION; Schema: public
 
@@ -1327,47 +1381,25 @@ BEGIN
 END
 $$;
 
--- Name: memory_search_vector(text, text[]); Type: FUNCTION; Schema: public
+-- Name: maintenance_lock_key(); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.memory_search_vector(p_content text, p_entities text[]) RETURNS tsvector
+CREATE FUNCTION public.maintenance_lock_key() RETURNS bigint
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN to_tsvector('english'::regconfig, ((p_content || ' '::text) || array_to_string(p_entities, ' '::text)));
+    RETURN '7160813371206'::bigint;
 
--- Name: tsvector_token_count(tsvector); Type: FUNCTION; Schema: public
+-- Name: memory_document(record); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.tsvector_token_count(p_vector tsvector) RETURNS integer
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN (SELECT COALESCE(sum(cardinality(t.positions)), (0)::bigint) AS "coalesce" FROM unnest(tsvector_token_count.p_vector) t(lexeme, positions, weights));
-
--- Name: memories; Type: TABLE; Schema: public
-
-CREATE TABLE public.memories (
-    memory_id uuid DEFAULT gen_random_uuid() NOT NULL,
-    user_id text NOT NULL,
-    content text NOT NULL,
-    thread_id text,
-    session_id text,
-    memory_trace_id text,
-    gravity_score double precision NOT NULL,
-    emotion_type text,
-    entities text[] DEFAULT '{}'::text[] NOT NULL,
-    meta_tags text[] DEFAULT '{}'::text[] NOT NULL,
-    temporal_type text NOT NULL,
-    identity_anchor boolean DEFAULT false NOT NULL,
-    embedding public.vector(384),
-    create_time timestamp with time zone DEFAULT now() NOT NULL,
-    update_time timestamp with time zone DEFAULT now() NOT NULL,
-    search_vector tsvector GENERATED ALWAYS AS (public.memory_search_vector(content, entities)) STORED,
-    search_length integer GENERATED ALWAYS AS (public.tsvector_token_count(public.memory_search_vector(content, entities))) STORED,
-    CONSTRAINT memories_gravity_score_check CHECK (((gravity_score >= (0)::double precision) AND (gravity_score <= (1)::double precision))),
-    CONSTRAINT memories_temporal_type_check CHECK ((temporal_type = ANY (ARRAY['past'::text, 'present'::text, 'future'::text])))
-);
-
--- Name: memory_document(public.memories); Type: FUNCTION; Schema: public
-
-CREATE FUNCTION public.memory_document(m public.memories) RETURNS jsonb
-    LANGUAGE sql STABLE
-    RETURN jsonb_build_object('memory_id', (m).memory_id, 'user_id', (m).user_id, 'content', (m).content, 'thread_id', (m).thread_id, 'session_id', (m).session_id, 'memory_trace_id', (m).memory_trace_id, 'gravity_score', (m).gravity_score, 'emotion_type', (m).emotion_type, 'entities', (m).entities, 'meta_tags', (m).meta_tags, 'temporal_type', (m).temporal_type, 'identity_anchor', (m).identity_anchor, 'create_time', (m).create_time, 'update_time', (m).update_time);
+CREATE FUNCTION public.memory_document(m record) RETURNS jsonb
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+    RETURN jsonb_build_object(
+        'memory_id', m.memory_id, 'user_id', m.user_id, 'content', m.content,
+        'thread_id', m.thread_id, 'session_id', m.session_id, 'memory_trace_id', m.memory_trace_id,
+        'gravity_score', m.gravity_score, 'emotion_type', m.emotion_type, 'entities', m.entities,
+        'meta_tags', m.meta_tags, 'temporal_type', m.temporal_type, 'identity_anchor', m.identity_anchor,
+        'create_time', m.create_time, 'update_time', m.update_time);
+END $$;
 
 -- Name: memory_events_after(text[], bigint[], integer); Type: FUNCTION; Schema: public
 
@@ -1386,6 +1418,98 @@ BEGIN
     ORDER BY x.user_id, x.seq;
 END $$;
 
+-- Name: memory_events_channel(); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.memory_events_channel() RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN 'nexus_memory_events'::text;
+
+-- Name: memory_hybrid_top(text, real[], text, text, integer, double precision, timestamp with time zone, text, double precision, integer); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.memory_hybrid_top(p_user_id text, p_embedding real[], p_query text, p_metric text, p_top_k integer, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_vector_weight double precision, p_exact_max integer) RETURNS TABLE(memory_id uuid, distance double precision, text_score double precision, score double precision)
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_column
+DECLARE
+    by_index       boolean := p_metric = 'cosine' AND memory_vector_index_usable(p_user_id, p_exact_max);
+    pool           integer := CASE WHEN by_index THEN greatest(p_top_k, 100) END;
+    text_pool      integer := greatest(p_top_k, CASE WHEN by_index THEN 100 ELSE 20 END);
+    near           record;
+    text_ids       uuid[] := '{}';
+    text_scores    double precision[];
+    text_distances double precision[];
+    text_floor     double precision := 0;  -- the most a memory off the text list scores by text
+    nearest        double precision;       -- the similarity scale (exact path)
+    farthest       double precision;
+    kth            double precision;      -- the top_k-th score among the text list
+    reach          integer;               -- the near memories that can make the page (a prefix)
+BEGIN
+    SELECT * INTO near FROM memory_vector_nearest(p_user_id, p_embedding, p_metric, pool,
+                                                  p_min_gravity, p_since, p_emotion_type, p_exact_max);
+    LOOP
+        SELECT coalesce(array_agg(t.memory_id ORDER BY t.text_score DESC, t.memory_id), '{}'),
+               array_agg(t.text_score ORDER BY t.text_score DESC, t.memory_id),
+               array_agg((SELECT CASE p_metric WHEN 'cosine' THEN m.embedding <=> p_embedding::vector
+                                               ELSE m.embedding <-> p_embedding::vector END
+                          FROM memories m WHERE m.user_id = p_user_id AND m.memory_id = t.memory_id)
+                         ORDER BY t.text_score DESC, t.memory_id)
+        INTO text_ids, text_scores, text_distances
+        FROM memory_text_top(p_user_id, p_query, p_min_gravity, p_since, p_emotion_type, text_pool) t;
+        text_floor := CASE WHEN cardinality(text_ids) = text_pool THEN text_scores[text_pool] ELSE 0 END;
+        IF by_index THEN
+            reach := coalesce(cardinality(near.ids), 0);
+            EXIT;
+        END IF;
+        nearest := memory_similarity(near.distances[1], p_metric);
+        farthest := memory_similarity(near.farthest, p_metric);
+        SELECT s INTO kth FROM (
+            SELECT hybrid_score(memory_similarity(x.d, p_metric), nearest, farthest, x.t, text_scores[1], p_vector_weight) AS s
+            FROM unnest(text_distances, text_scores) x(d, t) ORDER BY 1 DESC OFFSET p_top_k - 1 LIMIT 1) kth;
+        -- The bound falls with the distance, so the memories to examine are a prefix of the near list.
+        SELECT count(*) INTO reach
+        FROM unnest(near.distances) v(d)
+        WHERE kth IS NULL
+           OR hybrid_score(memory_similarity(v.d, p_metric), nearest, farthest, text_floor, text_scores[1], p_vector_weight)
+              >= kth;
+        -- Many more to examine one by one than the text list holds: a longer text list lowers the bound instead.
+        EXIT WHEN text_floor = 0 OR reach <= 10 * text_pool;
+        text_pool := 4 * text_pool;
+    END LOOP;
+    RETURN QUERY
+        WITH candidates AS (
+            SELECT t.id AS memory_id, t.d AS distance, t.s AS text_score
+            FROM unnest(text_ids, text_distances, text_scores) t(id, d, s)
+            UNION ALL
+            SELECT v.id, v.d, x.text_score
+            FROM unnest(near.ids[1:reach], near.distances[1:reach]) v(id, d)
+            LEFT JOIN memory_text_top(p_user_id, p_query, p_min_gravity, p_since, p_emotion_type, NULL,
+                                      CASE WHEN text_floor > 0 THEN near.ids[1:reach] ELSE '{}' END) x ON x.memory_id = v.id
+            WHERE v.id <> ALL (text_ids)
+        ), scale AS (
+            SELECT coalesce(nearest, max(memory_similarity(c.distance, p_metric))) AS nearest,
+                   coalesce(farthest, min(memory_similarity(c.distance, p_metric))) AS farthest
+            FROM candidates c
+        )
+        SELECT c.memory_id, c.distance, c.text_score,
+               hybrid_score(memory_similarity(c.distance, p_metric), s.nearest, s.farthest, c.text_score, text_scores[1],
+                            p_vector_weight)
+        FROM candidates c CROSS JOIN scale s
+        ORDER BY 4 DESC, 1 LIMIT p_top_k;
+END
+$$;
+
+-- Name: memory_search_vector(text, text[]); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.memory_search_vector(p_content text, p_entities text[]) RETURNS tsvector
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN to_tsvector('english'::regconfig, ((p_content || ' '::text) || array_to_string(p_entities, ' '::text)));
+
+-- Name: memory_similarity(double precision, text); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.memory_similarity(p_distance double precision, p_metric text) RETURNS double precision
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN CASE p_metric WHEN 'cosine'::text THEN ((1)::double precision - p_distance) ELSE (- p_distance) END;
+
 -- Name: memory_stream_position(text); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.memory_stream_position(p_user_id text) RETURNS TABLE(last_event_seq bigint, purged_event_seq bigint)
@@ -1397,80 +1521,80 @@ BEGIN
     FROM memory_users u WHERE u.user_id = p_user_id;
 END $$;
 
--- Name: memory_text_scores(text, text, double precision, timestamp with time zone, text); Type: FUNCTION; Schema: public
+-- Name: memory_text_top(text, text, double precision, timestamp with time zone, text, integer, uuid[]); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.memory_text_scores(p_user_id text, p_query text, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text) RETURNS TABLE(memory_id uuid, text_score double precision)
-    LANGUAGE sql STABLE
+CREATE FUNCTION public.memory_text_top(p_user_id text, p_query text, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_limit integer, p_ids uuid[] DEFAULT NULL::uuid[]) RETURNS TABLE(memory_id uuid, text_score double precision)
+    LANGUAGE plpgsql STABLE
     AS $$
-    WITH terms AS (
-        -- Each lexeme quoted for tsquery input (quotes and backslashes doubled).
-        SELECT array_agg(t.lexeme) AS lexemes,
-               string_agg('''' || replace(replace(t.lexeme, '\', '\\'), '''', '''''') || '''', ' | ')::tsquery AS matches
-        FROM unnest(to_tsvector('english'::regconfig, p_query)) t
-    ), corpus AS (
-        SELECT greatest(u.memory_count, 1)::double precision AS n,
-               greatest(u.search_length_total::double precision / greatest(u.memory_count, 1), 1) AS avgdl
-        FROM memory_users u WHERE u.user_id = p_user_id
-    ), hits AS MATERIALIZED (
-        -- The query's lexemes of each matching memory, picked out in C (marked
-        -- with weight A, then filtered on it): 3x faster than unnesting all.
-        SELECT m.memory_id, m.search_length AS dl, t.lexeme, cardinality(t.positions) AS tf,
-               m.gravity_score >= p_min_gravity AND (p_since IS NULL OR m.create_time >= p_since)
-               AND (p_emotion_type IS NULL OR m.emotion_type = p_emotion_type) AS wanted
-        FROM terms, memories m
-        CROSS JOIN LATERAL unnest(ts_filter(setweight(m.search_vector, 'A', terms.lexemes), '{a}')) t
-        WHERE m.user_id = p_user_id AND m.search_vector @@ terms.matches
-    ), document_frequency AS (
-        SELECT lexeme, count(*) AS df FROM hits GROUP BY lexeme
-    )
-    SELECT h.memory_id,
-           sum(ln(1 + (c.n - f.df + 0.5) / (f.df + 0.5)) * h.tf * (1.2 + 1)
-               / (h.tf + 1.2 * (1 - 0.75 + 0.75 * h.dl / c.avgdl)))
-    FROM hits h JOIN document_frequency f USING (lexeme) CROSS JOIN corpus c
-    WHERE h.wanted
-    GROUP BY h.memory_id
-$$;
-
--- Name: memory_vector_distances(text, real[], text, integer, double precision, timestamp with time zone, text, integer); Type: FUNCTION; Schema: public
-
-CREATE FUNCTION public.memory_vector_distances(p_user_id text, p_embedding real[], p_metric text, p_limit integer, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_exact_max integer) RETURNS TABLE(memory_id uuid, distance double precision)
-    LANGUAGE plpgsql
-    AS $_$
 #variable_conflict use_column
 DECLARE
-    operator  text := CASE p_metric WHEN 'cosine' THEN '<=>' WHEN 'l2' THEN '<->' END;
-    filters   text := 'm.user_id = $1 AND m.embedding IS NOT NULL AND m.gravity_score >= $3
-                       AND ($4::timestamptz IS NULL OR m.create_time >= $4) AND ($5::text IS NULL OR m.emotion_type = $5)';
-    dim       integer := cardinality(p_embedding);
-    ids       uuid[];
-    distances double precision[];
+    n        double precision;
+    avgdl    double precision;
+    lexemes  text[];   -- the query's lexemes the user has, rarest (highest IDF) first
+    idfs     double precision[];
+    essential integer;  -- the rarest lexemes whose matches are read (the others only add to their scores)
+    matches  tsquery;
+    ids      uuid[];
+    scores   double precision[];
 BEGIN
-    IF p_metric = 'cosine' AND p_limit IS NOT NULL AND memory_vector_index_usable(p_user_id, p_exact_max) THEN
-        PERFORM set_config('ivfflat.iterative_scan', 'relaxed_order', true);
-        PERFORM set_config('ivfflat.probes', '16', true);
-        PERFORM set_config('enable_sort', 'off', true);  -- the index order, not a sort of the user's rows
-        -- The user_id as a literal, so the planner matches the partial index's predicate.
-        EXECUTE format(
-            'SELECT array_agg(memory_id ORDER BY distance, memory_id), array_agg(distance ORDER BY distance, memory_id)
-             FROM (SELECT c.memory_id, c.embedding <=> $2::vector AS distance FROM (
-                       SELECT m.memory_id, m.embedding FROM memories m WHERE m.user_id = %L AND %s
-                       ORDER BY m.embedding::halfvec(%s) <=> $2::halfvec(%s) LIMIT greatest(4 * $6, 40)) c
-                   ORDER BY 2, 1 LIMIT $6) nearest', p_user_id, filters, dim, dim)
-            INTO ids, distances USING p_user_id, p_embedding, p_min_gravity, p_since, p_emotion_type, p_limit;
-        PERFORM set_config('enable_sort', 'on', true);
-        IF coalesce(cardinality(ids), 0) >= p_limit THEN
-            RETURN QUERY SELECT * FROM unnest(ids, distances);
-            RETURN;
-        END IF;
+    SELECT greatest(u.memory_count, 1), greatest(u.search_length_total::double precision / greatest(u.memory_count, 1), 1)
+    INTO n, avgdl FROM memory_users u WHERE u.user_id = p_user_id;
+    SELECT array_agg(q.lexeme ORDER BY q.idf DESC, q.lexeme), array_agg(q.idf ORDER BY q.idf DESC, q.lexeme)
+    INTO lexemes, idfs
+    FROM (SELECT t.lexeme, ln(1 + (n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
+          FROM memory_terms t
+          WHERE t.user_id = p_user_id
+            AND t.lexeme = ANY (tsvector_to_array(to_tsvector('english'::regconfig, p_query)))
+          GROUP BY t.lexeme) q;
+    IF lexemes IS NULL THEN
+        RETURN;
     END IF;
-    -- Exact: distances computed in a materialized CTE, so no index order is used.
-    RETURN QUERY EXECUTE format('WITH mine AS MATERIALIZED (
-                                     SELECT m.memory_id, m.embedding %s $2::vector AS distance FROM memories m WHERE %s)
-                                 SELECT memory_id, distance FROM mine ORDER BY distance, memory_id LIMIT $6',
-                                operator, filters)
-        USING p_user_id, p_embedding, p_min_gravity, p_since, p_emotion_type, p_limit;
+    IF p_ids IS NOT NULL THEN
+        RETURN QUERY
+            SELECT m.memory_id, sum(bm25_term(w.idf, cardinality(t.positions), m.search_length, avgdl) ORDER BY t.lexeme)
+            FROM memories m
+            CROSS JOIN LATERAL unnest(ts_filter(setweight(m.search_vector, 'A', lexemes), '{a}')) t
+            JOIN unnest(lexemes, idfs) w(lexeme, idf) ON w.lexeme = t.lexeme
+            WHERE m.user_id = p_user_id AND m.memory_id = ANY (p_ids)
+            GROUP BY m.memory_id ORDER BY 2 DESC, 1;
+        RETURN;
+    END IF;
+    -- MaxScore: the rarest term first (every term when all matches are wanted).
+    essential := CASE WHEN p_limit IS NULL THEN cardinality(lexemes) ELSE 1 END;
+    LOOP
+        -- Each lexeme quoted for tsquery input (quotes and backslashes doubled).
+        SELECT string_agg('''' || replace(replace(l, '\', '\\'), '''', '''''') || '''', ' | ')::tsquery
+        INTO matches FROM unnest(lexemes[1:essential]) l;
+        SELECT array_agg(s.memory_id ORDER BY s.score DESC, s.memory_id), array_agg(s.score ORDER BY s.score DESC, s.memory_id)
+        INTO ids, scores
+        FROM (SELECT m.memory_id,
+                     sum(bm25_term(w.idf, cardinality(t.positions), m.search_length, avgdl) ORDER BY t.lexeme) AS score
+              FROM memories m
+              CROSS JOIN LATERAL unnest(ts_filter(setweight(m.search_vector, 'A', lexemes), '{a}')) t
+              JOIN unnest(lexemes, idfs) w(lexeme, idf) ON w.lexeme = t.lexeme
+              WHERE m.user_id = p_user_id
+                AND m.search_vector @@ matches
+                AND m.gravity_score >= p_min_gravity AND (p_since IS NULL OR m.create_time >= p_since)
+                AND (p_emotion_type IS NULL OR m.emotion_type = p_emotion_type)
+              GROUP BY m.memory_id
+              ORDER BY 2 DESC, 1 LIMIT p_limit) s;
+        -- A memory matching none of the essential terms scores less than
+        -- IDF x (k1 + 1) summed over the other terms.
+        EXIT WHEN essential = cardinality(lexemes)
+               OR (coalesce(cardinality(ids), 0) = p_limit
+                   AND scores[p_limit] > 2.2 * (SELECT sum(i) FROM unnest(idfs[essential + 1:]) i));
+        essential := essential + 1;
+    END LOOP;
+    RETURN QUERY SELECT * FROM unnest(ids, scores);
 END
-$_$;
+$$;
+
+-- Name: memory_vector_filters(); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.memory_vector_filters() RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN 'm.user_id = $1 AND m.embedding IS NOT NULL AND m.gravity_score >= $3
+        AND ($4::timestamptz IS NULL OR m.create_time >= $4) AND ($5::text IS NULL OR m.emotion_type = $5)'::text;
 
 -- Name: memory_vector_index_name(text); Type: FUNCTION; Schema: public
 
@@ -1487,40 +1611,88 @@ CREATE FUNCTION public.memory_vector_index_ready(p_user_id text) RETURNS boolean
 -- Name: memory_vector_index_usable(text, integer); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.memory_vector_index_usable(p_user_id text, p_exact_max integer) RETURNS boolean
-    LANGUAGE sql STABLE
-    RETURN (COALESCE((SELECT (u.memory_count > memory_vector_index_usable.p_exact_max) FROM public.memory_users u WHERE (u.user_id = memory_vector_index_usable.p_user_id)), false) AND public.memory_vector_index_ready(p_user_id));
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+    RETURN coalesce((SELECT u.memory_count > p_exact_max FROM memory_users u WHERE u.user_id = p_user_id), false)
+           AND memory_vector_index_ready(p_user_id);
+END $$;
 
 -- Name: memory_vector_indexes_due(integer); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.memory_vector_indexes_due(p_min_memories integer) RETURNS TABLE(user_id text, statements text[])
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-    SELECT u.user_id,
+DECLARE
+    big_users  text[];
+    big_counts integer[];
+BEGIN
+    SELECT array_agg(u.user_id ORDER BY u.memory_count DESC), array_agg(u.memory_count ORDER BY u.memory_count DESC)
+    INTO big_users, big_counts
+    FROM memory_users u WHERE u.memory_count > p_min_memories;
+    RETURN QUERY
+    SELECT big.name_of_user,
            CASE
-               WHEN i.indexrelid IS NULL THEN ARRAY[build]
+               WHEN i.indexrelid IS NULL THEN ARRAY[ddl.build]
                WHEN NOT (i.indisvalid AND i.indisready)
-                   THEN ARRAY[format('DROP INDEX CONCURRENTLY IF EXISTS %I', name), build]
-               ELSE ARRAY[format('ALTER INDEX %I SET (lists = %s)', name, lists),
-                          format('REINDEX INDEX CONCURRENTLY %I', name)]
+                   THEN ARRAY[format('DROP INDEX CONCURRENTLY IF EXISTS %I', sized.name), ddl.build]
+               ELSE ARRAY[format('ALTER INDEX %I SET (lists = %s)', sized.name, sized.lists),
+                          format('REINDEX INDEX CONCURRENTLY %I', sized.name)]
            END
-    FROM memory_users u
-    CROSS JOIN LATERAL (SELECT memory_vector_index_name(u.user_id) AS name,
-                               ceil(sqrt(u.memory_count))::integer AS lists) sized
+    FROM unnest(big_users, big_counts) WITH ORDINALITY AS big(name_of_user, memory_count, rank)
+    CROSS JOIN LATERAL (SELECT memory_vector_index_name(big.name_of_user) AS name,
+                               ceil(sqrt(big.memory_count))::integer AS lists) sized
     CROSS JOIN LATERAL (
         SELECT format('CREATE INDEX CONCURRENTLY %I ON memories USING ivfflat ((embedding::halfvec(%s)) '
                       'halfvec_cosine_ops) WITH (lists = %s) WHERE user_id = %L', sized.name, a.atttypmod, sized.lists,
-                      u.user_id) AS build
+                      big.name_of_user) AS build
         FROM pg_attribute a WHERE a.attrelid = 'memories'::regclass AND a.attname = 'embedding') ddl
     LEFT JOIN pg_index i ON i.indexrelid = to_regclass(sized.name)
     LEFT JOIN LATERAL (
         SELECT o.option_value::integer AS built_lists
         FROM pg_class c, pg_options_to_table(c.reloptions) o
         WHERE c.oid = i.indexrelid AND o.option_name = 'lists') current ON true
-    WHERE u.memory_count > p_min_memories
-      AND (i.indexrelid IS NULL OR NOT (i.indisvalid AND i.indisready)
-           OR u.memory_count > 4 * current.built_lists * current.built_lists)
-    ORDER BY u.memory_count DESC
-$$;
+    WHERE i.indexrelid IS NULL OR NOT (i.indisvalid AND i.indisready)
+          OR big.memory_count > 4 * current.built_lists * current.built_lists
+    ORDER BY big.rank;
+END $$;
+
+-- Name: memory_vector_nearest(text, real[], text, integer, double precision, timestamp with time zone, text, integer); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.memory_vector_nearest(p_user_id text, p_embedding real[], p_metric text, p_limit integer, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_exact_max integer, OUT ids uuid[], OUT distances double precision[], OUT farthest double precision) RETURNS record
+    LANGUAGE plpgsql
+    AS $_$
+DECLARE
+    operator text := CASE p_metric WHEN 'cosine' THEN '<=>' WHEN 'l2' THEN '<->' END;
+    dim      integer := cardinality(p_embedding);
+BEGIN
+    IF p_metric = 'cosine' AND p_limit IS NOT NULL AND memory_vector_index_usable(p_user_id, p_exact_max) THEN
+        PERFORM set_config('ivfflat.iterative_scan', 'relaxed_order', true);
+        PERFORM set_config('ivfflat.probes', '16', true);
+        PERFORM set_config('enable_sort', 'off', true);  -- the index order, not a sort of the user's rows
+        -- The user_id as a literal, so the planner matches the partial index's predicate.
+        EXECUTE format(
+            'SELECT array_agg(memory_id ORDER BY distance, memory_id), array_agg(distance ORDER BY distance, memory_id)
+             FROM (SELECT c.memory_id, c.embedding <=> $2::vector AS distance FROM (
+                       SELECT m.memory_id, m.embedding FROM memories m WHERE m.user_id = %L AND %s
+                       ORDER BY m.embedding::halfvec(%s) <=> $2::halfvec(%s) LIMIT greatest(4 * $6, 40)) c
+                   ORDER BY 2, 1 LIMIT $6) nearest', p_user_id, memory_vector_filters(), dim, dim)
+            INTO ids, distances USING p_user_id, p_embedding, p_min_gravity, p_since, p_emotion_type, p_limit;
+        PERFORM set_config('enable_sort', 'on', true);
+        IF coalesce(cardinality(ids), 0) >= p_limit THEN
+            RETURN;
+        END IF;
+    END IF;
+    -- Exact: distances computed in a materialized CTE, so no index order is used.
+    EXECUTE format('WITH mine AS MATERIALIZED (
+                        SELECT m.memory_id, m.embedding %s $2::vector AS distance FROM memories m WHERE %s)
+                    SELECT array_agg(memory_id ORDER BY distance, memory_id), array_agg(distance ORDER BY distance, memory_id),
+                           (SELECT max(distance) FROM mine)
+                    FROM (SELECT * FROM mine ORDER BY distance, memory_id LIMIT $6) nearest',
+                   operator, memory_vector_filters())
+        INTO ids, distances, farthest USING p_user_id, p_embedding, p_min_gravity, p_since, p_emotion_type, p_limit;
+END
+$_$;
 
 -- Name: reaction_outcome(public.entries, boolean, boolean); Type: FUNCTION; Schema: public
 
@@ -1701,12 +1873,13 @@ CREATE FUNCTION public.record_pattern(p_user_id text, p_pattern_type text, p_int
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    recorded memory_patterns;
+    recorded_at timestamptz := now();
+    recorded    memory_patterns;
 BEGIN
     INSERT INTO memory_patterns AS p (user_id, pattern_type, intensity)
     VALUES (p_user_id, p_pattern_type, p_intensity)
     ON CONFLICT ON CONSTRAINT memory_patterns_pkey DO UPDATE
-    SET intensity = EXCLUDED.intensity, occurrences = p.occurrences + 1, update_time = now()
+    SET intensity = EXCLUDED.intensity, occurrences = p.occurrences + 1, update_time = recorded_at
     RETURNING * INTO recorded;
     RETURN recorded;
 END $$;
@@ -1796,7 +1969,7 @@ DECLARE
     n   bigint;
     arc memory_arcs;
 BEGIN
-    IF NOT pg_try_advisory_xact_lock(7160813371206) THEN
+    IF NOT pg_try_advisory_xact_lock(maintenance_lock_key()) THEN
         RETURN;  -- another replica is running it
     END IF;
     IF EXISTS (SELECT 1 FROM maintenance_runs WHERE job = 'all' AND run_time > now() - p_interval) THEN
@@ -1858,7 +2031,7 @@ CREATE FUNCTION public.search_memories(p_user_id text, p_embedding real[], p_que
     AS $$
 #variable_conflict use_column
 DECLARE
-    pool integer;
+    near record;
 BEGIN
     IF p_recency_weight > 0 OR p_gravity_weight > 0 THEN
         -- Re-ranks the best 100 (at least top_k) by relevance, recency and gravity.
@@ -1884,61 +2057,29 @@ BEGIN
         RETURN;
     END IF;
     IF p_query IS NULL THEN
+        SELECT * INTO near FROM memory_vector_nearest(p_user_id, p_embedding, p_metric, p_top_k, p_min_gravity, p_since,
+                                                      p_emotion_type, p_exact_max);
         RETURN QUERY
             SELECT memory_document(m), v.distance, NULL::double precision,
                    CASE p_metric WHEN 'cosine' THEN 1 - v.distance ELSE -v.distance END
-            FROM memory_vector_distances(p_user_id, p_embedding, p_metric, p_top_k, p_min_gravity, p_since, p_emotion_type,
-                                         p_exact_max) v
-            JOIN memories m USING (memory_id)
+            FROM unnest(near.ids, near.distances) v(memory_id, distance)
+            JOIN memories m ON m.user_id = p_user_id AND m.memory_id = v.memory_id
             ORDER BY v.distance, m.memory_id;
+        RETURN;
     ELSIF p_embedding IS NULL THEN
         RETURN QUERY
             SELECT memory_document(m), NULL::double precision, t.text_score, t.text_score
-            FROM (SELECT * FROM memory_text_scores(p_user_id, p_query, p_min_gravity, p_since, p_emotion_type) s
-                  ORDER BY s.text_score DESC, s.memory_id LIMIT p_top_k) t
-            JOIN memories m USING (memory_id)
+            FROM memory_text_top(p_user_id, p_query, p_min_gravity, p_since, p_emotion_type, p_top_k) t
+            JOIN memories m ON m.user_id = p_user_id AND m.memory_id = t.memory_id
             ORDER BY t.text_score DESC, m.memory_id;
-    ELSE
-        IF p_metric = 'cosine' AND memory_vector_index_usable(p_user_id, p_exact_max) THEN
-            pool := greatest(p_top_k, 100);
-        END IF;
-        RETURN QUERY
-            WITH nearest AS (
-                SELECT * FROM memory_vector_distances(p_user_id, p_embedding, p_metric, pool, p_min_gravity, p_since,
-                                                      p_emotion_type, p_exact_max)
-            ), lexical AS (
-                SELECT * FROM memory_text_scores(p_user_id, p_query, p_min_gravity, p_since, p_emotion_type) s
-                ORDER BY s.text_score DESC, s.memory_id LIMIT pool
-            ), candidates AS (
-                -- Text hits the vector side did not bring get their distance here
-                -- (COALESCE reads the memory only for them).
-                SELECT memory_id, l.text_score,
-                       coalesce(n.distance, (SELECT CASE p_metric WHEN 'cosine' THEN m.embedding <=> p_embedding::vector
-                                                                  ELSE m.embedding <-> p_embedding::vector END
-                                             FROM memories m WHERE m.memory_id = l.memory_id)) AS distance
-                FROM nearest n FULL JOIN lexical l USING (memory_id)
-            ), scored AS (
-                SELECT c.*,
-                       CASE p_metric WHEN 'cosine' THEN 1 - c.distance ELSE -c.distance END AS similarity,
-                       coalesce(c.text_score, 0) AS lexical_score
-                FROM candidates c
-            ), normalised AS (
-                SELECT s.*,
-                       coalesce((s.similarity - min(s.similarity) OVER ())
-                                / nullif(max(s.similarity) OVER () - min(s.similarity) OVER (), 0), 0) AS vector_part,
-                       coalesce((s.lexical_score - min(s.lexical_score) OVER ())
-                                / nullif(max(s.lexical_score) OVER () - min(s.lexical_score) OVER (), 0), 0) AS text_part
-                FROM scored s
-            ), best AS (
-                SELECT n.memory_id, n.distance, n.text_score,
-                       p_vector_weight * n.vector_part + (1 - p_vector_weight) * n.text_part AS score
-                FROM normalised n
-                ORDER BY 4 DESC, n.memory_id LIMIT p_top_k
-            )
-            SELECT memory_document(m), b.distance, b.text_score, b.score
-            FROM best b JOIN memories m USING (memory_id)
-            ORDER BY b.score DESC, m.memory_id;
+        RETURN;
     END IF;
+    RETURN QUERY
+        SELECT memory_document(m), h.distance, h.text_score, h.score
+        FROM memory_hybrid_top(p_user_id, p_embedding, p_query, p_metric, p_top_k, p_min_gravity, p_since, p_emotion_type,
+                               p_vector_weight, p_exact_max) h
+        JOIN memories m ON m.user_id = p_user_id AND m.memory_id = h.memory_id
+        ORDER BY h.score DESC, m.memory_id;
 END
 $$;
 
@@ -1962,15 +2103,22 @@ CREATE FUNCTION public.touch_session(p_user_id text, p_session_id text, p_status
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    touched memory_sessions;
+    touched_at timestamptz := now();
+    touched    memory_sessions;
 BEGIN
     INSERT INTO memory_sessions AS s (user_id, session_id, status)
     VALUES (p_user_id, p_session_id, p_status)
     ON CONFLICT ON CONSTRAINT memory_sessions_pkey DO UPDATE
-    SET status = EXCLUDED.status, last_message_time = greatest(now(), s.last_message_time)
+    SET status = EXCLUDED.status, last_message_time = greatest(touched_at, s.last_message_time)
     RETURNING * INTO touched;
     RETURN touched;
 END $$;
+
+-- Name: tsvector_token_count(tsvector); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.tsvector_token_count(p_vector tsvector) RETURNS integer
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN (SELECT COALESCE(sum(cardinality(t.positions)), (0)::bigint) AS "coalesce" FROM unnest(tsvector_token_count.p_vector) t(lexeme, positions, weights));
 
 -- Name: unfollow(text, text); Type: FUNCTION; Schema: public
 
@@ -2015,7 +2163,7 @@ BEGIN
     END IF;
     document := memory_document(m);
     PERFORM emit_memory_event(p_user_id, 'memory', 'updated', document);
-    IF m.gravity_score >= 0.8 AND m.emotion_type IS NOT NULL THEN
+    IF m.gravity_score >= arc_gravity_threshold() AND m.emotion_type IS NOT NULL THEN
         PERFORM build_arc(p_user_id, m.emotion_type);
     END IF;
     RETURN document;
@@ -2182,6 +2330,30 @@ CREATE TABLE public.maintenance_runs (
     run_time timestamp with time zone NOT NULL
 );
 
+-- Name: memories; Type: TABLE; Schema: public
+
+CREATE TABLE public.memories (
+    memory_id uuid DEFAULT gen_random_uuid() NOT NULL,
+    user_id text NOT NULL,
+    content text NOT NULL,
+    thread_id text,
+    session_id text,
+    memory_trace_id text,
+    gravity_score double precision NOT NULL,
+    emotion_type text,
+    entities text[] DEFAULT '{}'::text[] NOT NULL,
+    meta_tags text[] DEFAULT '{}'::text[] NOT NULL,
+    temporal_type text NOT NULL,
+    identity_anchor boolean DEFAULT false NOT NULL,
+    embedding public.vector(384),
+    create_time timestamp with time zone DEFAULT now() NOT NULL,
+    update_time timestamp with time zone DEFAULT now() NOT NULL,
+    search_vector tsvector GENERATED ALWAYS AS (public.memory_search_vector(content, entities)) STORED,
+    search_length integer GENERATED ALWAYS AS (public.tsvector_token_count(public.memory_search_vector(content, entities))) STORED,
+    CONSTRAINT memories_gravity_score_check CHECK (((gravity_score >= (0)::double precision) AND (gravity_score <= (1)::double precision))),
+    CONSTRAINT memories_temporal_type_check CHECK ((temporal_type = ANY (ARRAY['past'::text, 'present'::text, 'future'::text])))
+);
+
 -- Name: memory_arc_members; Type: TABLE; Schema: public
 
 CREATE TABLE public.memory_arc_members (
@@ -2212,6 +2384,14 @@ CREATE TABLE public.memory_requests (
     fingerprint text NOT NULL,
     memory_id uuid NOT NULL,
     create_time timestamp with time zone DEFAULT now() NOT NULL
+);
+
+-- Name: memory_terms; Type: TABLE; Schema: public
+
+CREATE TABLE public.memory_terms (
+    user_id text NOT NULL,
+    lexeme text NOT NULL,
+    memory_id uuid NOT NULL
 );
 
 -- Name: reactions; Type: TABLE; Schema: public
@@ -2324,6 +2504,11 @@ ALTER TABLE ONLY public.memory_requests
 
 ALTER TABLE ONLY public.memory_sessions
     ADD CONSTRAINT memory_sessions_pkey PRIMARY KEY (user_id, session_id);
+
+-- Name: memory_terms memory_terms_pkey; Type: CONSTRAINT; Schema: public
+
+ALTER TABLE ONLY public.memory_terms
+    ADD CONSTRAINT memory_terms_pkey PRIMARY KEY (user_id, lexeme, memory_id);
 
 -- Name: memory_users memory_users_pkey; Type: CONSTRAINT; Schema: public
 
@@ -2473,9 +2658,9 @@ CREATE INDEX user_interactions_recent_by_action ON public.user_interactions USIN
 
 CREATE TRIGGER memories_rules BEFORE INSERT OR UPDATE ON public.memories FOR EACH ROW EXECUTE FUNCTION public.apply_memory_rules();
 
--- Name: memories memories_search_length_changed; Type: TRIGGER; Schema: public
+-- Name: memories memories_search_changed; Type: TRIGGER; Schema: public
 
-CREATE TRIGGER memories_search_length_changed AFTER UPDATE ON public.memories FOR EACH ROW WHEN ((old.search_length IS DISTINCT FROM new.search_length)) EXECUTE FUNCTION public.count_search_length();
+CREATE TRIGGER memories_search_changed AFTER UPDATE ON public.memories FOR EACH ROW WHEN ((old.search_vector IS DISTINCT FROM new.search_vector)) EXECUTE FUNCTION public.count_search_length();
 
 -- Name: memories memories_search_length_counted; Type: TRIGGER; Schema: public
 

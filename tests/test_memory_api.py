@@ -54,7 +54,7 @@ USER = "alice"
 DIM = 384
 EMBEDDING = [((i * 37) % 11 - 5) / 7 for i in range(DIM)]
 MEMORY = "$memory"  # stands for the seeded memory's id
-TABLES = ("memories", "memory_events", "memory_requests", "memory_sessions", "memory_patterns", "memory_users")
+TABLES = ("memories", "memory_events", "memory_requests", "memory_sessions", "memory_patterns", "memory_users", "memory_terms")
 STREAMS = {"SubscribeMemories", "SubscribeArcs", "SubscribeBroadcasts"}
 RPCS = [m.name for m in pb.DESCRIPTOR.services_by_name["MemoryService"].methods]
 
