@@ -1443,18 +1443,23 @@ DECLARE
     farthest       double precision;
     kth            double precision;      -- the top_k-th score among the text list
     reach          integer;               -- the near memories that can make the page (a prefix)
+    reach_text_ids    uuid[];
+    reach_text_scores double precision[];
 BEGIN
     SELECT * INTO near FROM memory_vector_nearest(p_user_id, p_embedding, p_metric, pool,
                                                   p_min_gravity, p_since, p_emotion_type, p_exact_max);
     LOOP
+        -- Each read of a distributed table in a statement of its own: on Citus a
+        -- query on a shard may not call a function that reads distributed tables.
         SELECT coalesce(array_agg(t.memory_id ORDER BY t.text_score DESC, t.memory_id), '{}'),
-               array_agg(t.text_score ORDER BY t.text_score DESC, t.memory_id),
-               array_agg((SELECT CASE p_metric WHEN 'cosine' THEN m.embedding <=> p_embedding::vector
-                                               ELSE m.embedding <-> p_embedding::vector END
-                          FROM memories m WHERE m.user_id = p_user_id AND m.memory_id = t.memory_id)
-                         ORDER BY t.text_score DESC, t.memory_id)
-        INTO text_ids, text_scores, text_distances
+               array_agg(t.text_score ORDER BY t.text_score DESC, t.memory_id)
+        INTO text_ids, text_scores
         FROM memory_text_top(p_user_id, p_query, p_min_gravity, p_since, p_emotion_type, text_pool) t;
+        SELECT array_agg(CASE p_metric WHEN 'cosine' THEN m.embedding <=> p_embedding::vector
+                                       ELSE m.embedding <-> p_embedding::vector END ORDER BY u.ord)
+        INTO text_distances
+        FROM unnest(text_ids) WITH ORDINALITY u(memory_id, ord)
+        JOIN memories m ON m.user_id = p_user_id AND m.memory_id = u.memory_id;
         text_floor := CASE WHEN cardinality(text_ids) = text_pool THEN text_scores[text_pool] ELSE 0 END;
         IF by_index THEN
             reach := coalesce(cardinality(near.ids), 0);
@@ -1475,6 +1480,9 @@ BEGIN
         EXIT WHEN text_floor = 0 OR reach <= 10 * text_pool;
         text_pool := 4 * text_pool;
     END LOOP;
+    SELECT array_agg(x.memory_id), array_agg(x.text_score) INTO reach_text_ids, reach_text_scores
+    FROM memory_text_top(p_user_id, p_query, p_min_gravity, p_since, p_emotion_type, NULL,
+                         CASE WHEN text_floor > 0 THEN near.ids[1:reach] ELSE '{}' END) x;
     RETURN QUERY
         WITH candidates AS (
             SELECT t.id AS memory_id, t.d AS distance, t.s AS text_score
@@ -1482,8 +1490,7 @@ BEGIN
             UNION ALL
             SELECT v.id, v.d, x.text_score
             FROM unnest(near.ids[1:reach], near.distances[1:reach]) v(id, d)
-            LEFT JOIN memory_text_top(p_user_id, p_query, p_min_gravity, p_since, p_emotion_type, NULL,
-                                      CASE WHEN text_floor > 0 THEN near.ids[1:reach] ELSE '{}' END) x ON x.memory_id = v.id
+            LEFT JOIN unnest(reach_text_ids, reach_text_scores) x(memory_id, text_score) ON x.memory_id = v.id
             WHERE v.id <> ALL (text_ids)
         ), scale AS (
             SELECT coalesce(nearest, max(memory_similarity(c.distance, p_metric))) AS nearest,
@@ -2031,7 +2038,11 @@ CREATE FUNCTION public.search_memories(p_user_id text, p_embedding real[], p_que
     AS $$
 #variable_conflict use_column
 DECLARE
-    near record;
+    near   record;
+    ids    uuid[];
+    dists  double precision[];
+    texts  double precision[];
+    scores double precision[];
 BEGIN
     IF p_recency_weight > 0 OR p_gravity_weight > 0 THEN
         -- Re-ranks the best 100 (at least top_k) by relevance, recency and gravity.
@@ -2067,17 +2078,24 @@ BEGIN
             ORDER BY v.distance, m.memory_id;
         RETURN;
     ELSIF p_embedding IS NULL THEN
+        -- The ranking first, in a statement of its own (as for vectors above): on
+        -- Citus a query on a shard may not call a function that reads distributed tables.
+        SELECT array_agg(t.memory_id), array_agg(t.text_score) INTO ids, texts
+        FROM memory_text_top(p_user_id, p_query, p_min_gravity, p_since, p_emotion_type, p_top_k) t;
         RETURN QUERY
             SELECT memory_document(m), NULL::double precision, t.text_score, t.text_score
-            FROM memory_text_top(p_user_id, p_query, p_min_gravity, p_since, p_emotion_type, p_top_k) t
+            FROM unnest(ids, texts) t(memory_id, text_score)
             JOIN memories m ON m.user_id = p_user_id AND m.memory_id = t.memory_id
             ORDER BY t.text_score DESC, m.memory_id;
         RETURN;
     END IF;
+    SELECT array_agg(h.memory_id), array_agg(h.distance), array_agg(h.text_score), array_agg(h.score)
+    INTO ids, dists, texts, scores
+    FROM memory_hybrid_top(p_user_id, p_embedding, p_query, p_metric, p_top_k, p_min_gravity, p_since, p_emotion_type,
+                           p_vector_weight, p_exact_max) h;
     RETURN QUERY
         SELECT memory_document(m), h.distance, h.text_score, h.score
-        FROM memory_hybrid_top(p_user_id, p_embedding, p_query, p_metric, p_top_k, p_min_gravity, p_since, p_emotion_type,
-                               p_vector_weight, p_exact_max) h
+        FROM unnest(ids, dists, texts, scores) h(memory_id, distance, text_score, score)
         JOIN memories m ON m.user_id = p_user_id AND m.memory_id = h.memory_id
         ORDER BY h.score DESC, m.memory_id;
 END
