@@ -123,6 +123,16 @@ QUALITY_USERS = [f"bench-quality-{n}" for n in range(5)]
 CHATTER_PER_USER = 300
 
 
+# The row trigger that keeps each user's search statistics (db/0006, db/0010):
+# per memory, an upsert of its user's memory_users row and its memory_terms
+# rows. Loading a user's memories in one transaction that way updates one row
+# n times (each update O(n): its versions cannot be pruned before the commit)
+# and inserts the term rows one statement at a time: ~2000 s for the corpus.
+# The load turns it off in its own transaction and fills the same statistics
+# in bulk instead (FILL_SEARCH_STATISTICS).
+SEARCH_STATISTICS_TRIGGER = "memories_search_length_counted"
+
+
 def _load_sql(sizes: Sizes, dim: int) -> str:
     """Clustered vectors: 100 random centres, each memory a centre plus uniform noise."""
     return f"""
@@ -138,9 +148,34 @@ SELECT CASE WHEN n <= {sizes.big_user} THEN '{BIG_USER}' ELSE 'bench-mem-' || (n
        now() - random() * interval '30 days'
 FROM generate_series(1, {sizes.memories}) n
 JOIN bench_centres ce ON ce.c = 1 + (hashint4(n) & 1023) % 100;
-INSERT INTO memory_users (user_id, memory_count)
-SELECT user_id, count(*) FROM memories WHERE user_id LIKE 'bench-mem-%' GROUP BY user_id
-ON CONFLICT (user_id) DO UPDATE SET memory_count = EXCLUDED.memory_count;
+"""
+
+
+# What SEARCH_STATISTICS_TRIGGER (and create_memory's memory_count) keep, for
+# the loaded users at once: memory_terms as db/0010_search_speed.sql's
+# backfill, search_length_total as db/0006_retrieval.sql's. The loaded users
+# hold no other memories: the load runs only when the corpus is absent.
+FILL_SEARCH_STATISTICS = """
+INSERT INTO memory_terms (user_id, lexeme, memory_id)
+SELECT m.user_id, t.lexeme, m.memory_id
+FROM memories m CROSS JOIN LATERAL unnest(tsvector_to_array(m.search_vector)) t(lexeme)
+WHERE m.user_id LIKE 'bench-mem-%';
+INSERT INTO memory_users (user_id, memory_count, search_length_total)
+SELECT user_id, count(*), sum(search_length) FROM memories WHERE user_id LIKE 'bench-mem-%' GROUP BY user_id
+ON CONFLICT (user_id) DO UPDATE SET memory_count = EXCLUDED.memory_count,
+                                    search_length_total = EXCLUDED.search_length_total;
+"""
+
+# The bench users whose statistics differ from a recount of their memories:
+# (user, kept, recounted) with (memory_count, search_length_total, term rows).
+SEARCH_STATISTICS_OFF = """
+SELECT c.user_id, array[u.memory_count, u.search_length_total, t.rows]::bigint[] AS kept,
+       array[c.memories, c.length_total, c.term_rows]::bigint[] AS recounted
+FROM (SELECT user_id, count(*) AS memories, sum(search_length) AS length_total, sum(length(search_vector)) AS term_rows
+      FROM memories WHERE user_id = ANY ($1) GROUP BY user_id) c
+LEFT JOIN memory_users u ON u.user_id = c.user_id
+CROSS JOIN LATERAL (SELECT count(*) AS rows FROM memory_terms WHERE user_id = c.user_id) t
+WHERE (u.memory_count, u.search_length_total, t.rows) IS DISTINCT FROM (c.memories, c.length_total, c.term_rows)
 """
 
 
@@ -164,14 +199,20 @@ class _Run:
         return self.target.metadata
 
     async def load(self, conn: asyncpg.Connection) -> str:
-        """The search corpus, then the vector indexes the maintenance job builds for
-        users above ``search_exact_max_memories``; returns how the big user is searched."""
+        """The search corpus (its search statistics filled in bulk, then checked against
+        a recount), then the vector indexes the maintenance job builds for users above
+        ``search_exact_max_memories``; returns how the big user is searched."""
         if not await conn.fetchval("SELECT count(*) FROM memories WHERE user_id = $1", BIG_USER):
             progress(f"loading {self.sizes.memories} memories of {self.config.embedding_dim} dimensions")
             started = time.perf_counter()
-            await conn.execute(_load_sql(self.sizes, self.config.embedding_dim))
-            await conn.execute("VACUUM ANALYZE memories")
+            async with conn.transaction():
+                await conn.execute(f"ALTER TABLE memories DISABLE TRIGGER {SEARCH_STATISTICS_TRIGGER}")
+                await conn.execute(_load_sql(self.sizes, self.config.embedding_dim))
+                await conn.execute(FILL_SEARCH_STATISTICS)
+                await conn.execute(f"ALTER TABLE memories ENABLE TRIGGER {SEARCH_STATISTICS_TRIGGER}")
+            await conn.execute("VACUUM ANALYZE memories, memory_terms, memory_users")
             self.report.add(f"loaded {self.sizes.memories} memories in {time.perf_counter() - started:.0f} s")
+        await _check_search_statistics(conn)
         started = time.perf_counter()
         db = await database.Database.open(
             self.target.database_url, min_size=1, max_size=1, statement_timeout_ms=30_000, slow_warn_ms=10**9,
@@ -417,6 +458,16 @@ class _Run:
                 self.report.add(f"{count} idle streams opened in {opened:.1f} s (pass --server-pid for the server's RSS)")
         finally:
             await _close_streams(channels, calls)
+
+
+async def _check_search_statistics(conn: asyncpg.Connection) -> None:
+    """Fails the run unless the bench users' search statistics equal a recount of
+    their memories (the load fills them in bulk; search figures depend on them)."""
+    off = await conn.fetch(SEARCH_STATISTICS_OFF, [BIG_USER, *SMALL_USERS])
+    if off:
+        details = "; ".join(f"{r['user_id']} {list(r['kept'])} != {list(r['recounted'])}" for r in off)
+        raise BenchFailed("memory load: search statistics (memory_count, search_length_total, memory_terms rows) "
+                          f"differ from a recount: {details}")
 
 
 async def _open_streams(
