@@ -99,7 +99,7 @@ BEGIN
             END IF;
             SELECT * INTO m FROM memories WHERE memory_id = earlier.memory_id;
             IF NOT FOUND THEN
-                RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'request_id',
+                RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'request_id', DETAIL = 'request_id',
                     MESSAGE = format('the memory created by request_id %s has since been deleted', p_request_id);
             END IF;
             RETURN memory_document(m);
@@ -153,7 +153,7 @@ BEGIN
     WHERE memory_id = p_memory_id AND user_id = p_user_id
     RETURNING * INTO m;
     IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory.memory_id', MESSAGE = 'memory not found';
+        RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory.memory_id', DETAIL = 'memory.memory_id', MESSAGE = 'memory not found';
     END IF;
     document := memory_document(m);
     PERFORM emit_memory_event(p_user_id, 'memory', 'updated', document);
@@ -240,7 +240,7 @@ BEGIN
     SELECT memory_document(m), m.embedding::real[]
     FROM memories m WHERE m.memory_id = p_memory_id AND m.user_id = p_user_id;
     IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory_id', MESSAGE = 'memory not found';
+        RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory_id', DETAIL = 'memory_id', MESSAGE = 'memory not found';
     END IF;
 END $$;
 

@@ -848,7 +848,7 @@ BEGIN
             END IF;
             SELECT * INTO m FROM memories WHERE memory_id = earlier.memory_id;
             IF NOT FOUND THEN
-                RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'request_id',
+                RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'request_id', DETAIL = 'request_id',
                     MESSAGE = format('the memory created by request_id %s has since been deleted', p_request_id);
             END IF;
             RETURN memory_document(m);
@@ -884,7 +884,7 @@ DECLARE
 BEGIN
     SELECT * INTO e FROM entries WHERE entry_id = p_entry_id AND delete_time IS NULL FOR NO KEY UPDATE;
     IF NOT FOUND OR NOT entry_visible(e, p_user_id) THEN
-        RAISE EXCEPTION 'entry % not found', p_entry_id USING ERRCODE = 'NX404', COLUMN = 'entry_id';
+        RAISE EXCEPTION 'entry % not found', p_entry_id USING ERRCODE = 'NX404', COLUMN = 'entry_id', DETAIL = 'entry_id';
     END IF;
     IF e.author_id <> p_user_id THEN
         RAISE EXCEPTION 'only the author may delete entry %', p_entry_id USING ERRCODE = 'NX403';
@@ -909,7 +909,7 @@ BEGIN
     WHERE am.user_id = p_user_id AND am.memory_id = p_memory_id;
     DELETE FROM memories WHERE memory_id = p_memory_id AND user_id = p_user_id RETURNING * INTO m;
     IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory_id', MESSAGE = 'memory not found';
+        RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory_id', DETAIL = 'memory_id', MESSAGE = 'memory not found';
     END IF;
     UPDATE memory_users SET memory_count = memory_count - 1 WHERE user_id = p_user_id;
     PERFORM emit_memory_event(p_user_id, 'memory', 'deleted', memory_document(m));
@@ -1136,7 +1136,7 @@ BEGIN
     SELECT memory_document(m), m.embedding::real[]
     FROM memories m WHERE m.memory_id = p_memory_id AND m.user_id = p_user_id;
     IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory_id', MESSAGE = 'memory not found';
+        RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory_id', DETAIL = 'memory_id', MESSAGE = 'memory not found';
     END IF;
 END $$;
 
@@ -1917,7 +1917,7 @@ BEGIN
     SELECT * INTO e FROM entries WHERE entry_id = p_entry_id;
     IF shared_entry <> p_entry_id THEN
         RAISE EXCEPTION 'request_id % was already used for another entry', p_request_id
-            USING ERRCODE = 'NX409', COLUMN = 'request_id';
+            USING ERRCODE = 'NX409', COLUMN = 'request_id', DETAIL = 'request_id';
     END IF;
     RETURN reaction_outcome(e, true, false);
 END $$;
@@ -2177,7 +2177,7 @@ BEGIN
     WHERE memory_id = p_memory_id AND user_id = p_user_id
     RETURNING * INTO m;
     IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory.memory_id', MESSAGE = 'memory not found';
+        RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory.memory_id', DETAIL = 'memory.memory_id', MESSAGE = 'memory not found';
     END IF;
     document := memory_document(m);
     PERFORM emit_memory_event(p_user_id, 'memory', 'updated', document);
@@ -2245,7 +2245,7 @@ DECLARE
 BEGIN
     SELECT * INTO e FROM entries WHERE entry_id = p_entry_id AND delete_time IS NULL;
     IF NOT FOUND OR NOT entry_visible(e, p_viewer) THEN
-        RAISE EXCEPTION 'entry % not found', p_entry_id USING ERRCODE = 'NX404', COLUMN = p_field;
+        RAISE EXCEPTION 'entry % not found', p_entry_id USING ERRCODE = 'NX404', COLUMN = p_field, DETAIL = p_field;
     END IF;
     RETURN e;
 END $$;

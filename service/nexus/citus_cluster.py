@@ -208,9 +208,20 @@ async def cluster_nodes(coordinator_url: str) -> tuple[tuple[str, int], list[tup
     return coordinators[0], [(r["nodename"], r["nodeport"]) for r in rows if r["groupid"] != 0]
 
 
-async def _on_every_node(admin_url: str, statement: str) -> tuple[tuple[str, int], list[tuple[str, int]]]:
+# A DROP ... WITH (FORCE) ends the database's backends but not a connection that
+# a Citus background worker (the coordinator's maintenance daemon) is just
+# opening or closing, and CREATE ... TEMPLATE waits for the template's last
+# session to go: a statement refused as "in use" is tried again for this long.
+IN_USE_RETRY_S = 10.0
+
+
+async def _on_every_node(
+    admin_url: str, statement: str, *, coordinator_first: bool = False
+) -> tuple[tuple[str, int], list[tuple[str, int]]]:
     """Runs a CREATE/DROP/ALTER DATABASE statement on the coordinator and every worker,
-    on all nodes at once (a copy of a database is mostly the workers' shard files)."""
+    on all workers at once (a copy of a database is mostly the workers' shard files);
+    ``coordinator_first``: the coordinator before the workers (a drop: its daemon
+    then no longer connects to the workers' copies)."""
     coordinator, workers = await cluster_nodes(admin_url)
     admin_database = urlsplit(admin_url).path.lstrip("/")
 
@@ -219,11 +230,24 @@ async def _on_every_node(admin_url: str, statement: str) -> tuple[tuple[str, int
         try:
             # Each node on its own, whatever citus.enable_create_database_propagation says.
             await conn.execute("SET citus.enable_create_database_propagation = off")
-            await conn.execute(statement)
+            deadline = asyncio.get_running_loop().time() + IN_USE_RETRY_S
+            while True:
+                try:
+                    await conn.execute(statement)
+                    return
+                except asyncpg.ObjectInUseError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
         finally:
             await conn.close()
 
-    await asyncio.gather(run(admin_url), *(run(node_url(admin_url, host, port, admin_database)) for host, port in workers))
+    worker_urls = [node_url(admin_url, host, port, admin_database) for host, port in workers]
+    if coordinator_first:
+        await run(admin_url)
+        await asyncio.gather(*map(run, worker_urls))
+    else:
+        await asyncio.gather(run(admin_url), *map(run, worker_urls))
     return coordinator, workers
 
 
@@ -242,7 +266,7 @@ async def create_cluster_database(admin_url: str, name: str) -> str:
 
 async def drop_cluster_database(admin_url: str, name: str) -> None:
     """Drops database ``name`` on every node of ``admin_url``'s cluster (missing copies are fine)."""
-    await _on_every_node(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await _on_every_node(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', coordinator_first=True)
 
 
 async def freeze_template(admin_url: str, name: str) -> None:

@@ -173,7 +173,9 @@ def from_database(exc: BaseException) -> NexusError:
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = exc.sqlstate or ""
         message = getattr(exc, "message", str(exc))
-        field = getattr(exc, "column_name", None) or ""
+        # The request field: COLUMN, or DETAIL where COLUMN cannot travel (Citus
+        # re-raises a worker's error with message, detail and hint only; db/0012).
+        field = getattr(exc, "column_name", None) or getattr(exc, "detail", None) or ""
         if sqlstate in ("NX400", "NX403", "NX404", "NX409"):
             return from_raised(sqlstate, message, field)
         if sqlstate in ("40P01", "40001"):  # deadlock / serialization failure: rolled back, safe to retry
