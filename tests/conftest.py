@@ -8,7 +8,6 @@ copy (CREATE DATABASE ... TEMPLATE, tens of milliseconds) and its own server.
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import subprocess
@@ -29,7 +28,6 @@ from support import (
     ON_CITUS,
     Clients,
     backend_database,
-    create_test_database,
     drop_test_database,
     server_config,
     stop_leftover_postmaster,
@@ -146,15 +144,11 @@ async def template_db(admin_url: str) -> AsyncIterator[str]:
     await drop_test_database(admin_url, name)
 
 
-_db_numbers = itertools.count()
-
-
 @pytest.fixture
 async def db_url(admin_url: str, template_db: str) -> AsyncIterator[str]:
     """A fresh, migrated database for one test."""
-    name = f"nexus_test_{os.getpid()}_{next(_db_numbers)}"
-    yield await create_test_database(admin_url, template_db, name)
-    await drop_test_database(admin_url, name)
+    async with backend_database(admin_url, template_db, "nexus_test") as url:
+        yield url
 
 
 @pytest.fixture
