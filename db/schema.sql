@@ -1625,20 +1625,30 @@ BEGIN
            AND memory_vector_index_ready(p_user_id);
 END $$;
 
--- Name: memory_vector_indexes_due(integer); Type: FUNCTION; Schema: public
+-- Name: memory_vector_indexes_due(integer, integer); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.memory_vector_indexes_due(p_min_memories integer) RETURNS TABLE(user_id text, statements text[])
+CREATE FUNCTION public.memory_vector_indexes_due(p_min_memories integer, p_max_indexes integer) RETURNS TABLE(index_name text, user_id text, statements text[])
     LANGUAGE plpgsql STABLE
-    AS $$
+    AS $_$
 DECLARE
     big_users  text[];
     big_counts integer[];
 BEGIN
-    SELECT array_agg(u.user_id ORDER BY u.memory_count DESC), array_agg(u.memory_count ORDER BY u.memory_count DESC)
+    SELECT coalesce(array_agg(b.user_id ORDER BY b.memory_count DESC, b.user_id), '{}'),
+           array_agg(b.memory_count ORDER BY b.memory_count DESC, b.user_id)
     INTO big_users, big_counts
-    FROM memory_users u WHERE u.memory_count > p_min_memories;
+    FROM (SELECT u.user_id, u.memory_count FROM memory_users u WHERE u.memory_count > p_min_memories
+          ORDER BY u.memory_count DESC, u.user_id LIMIT p_max_indexes) b;
     RETURN QUERY
-    SELECT big.name_of_user,
+    SELECT c.relname::text, NULL::text, ARRAY[format('DROP INDEX CONCURRENTLY IF EXISTS %I', c.relname)]
+    FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+    WHERE i.indrelid = 'memories'::regclass
+      -- the shape of memory_vector_index_name: its prefix and an md5 in hex
+      AND c.relname::text ~ ('^' || left(memory_vector_index_name(''), -32) || '[0-9a-f]{32}$')
+      AND c.relname::text <> ALL (SELECT memory_vector_index_name(b) FROM unnest(big_users) b)
+    ORDER BY 1;
+    RETURN QUERY
+    SELECT sized.name, big.name_of_user,
            CASE
                WHEN i.indexrelid IS NULL THEN ARRAY[ddl.build]
                WHEN NOT (i.indisvalid AND i.indisready)
@@ -1662,7 +1672,7 @@ BEGIN
     WHERE i.indexrelid IS NULL OR NOT (i.indisvalid AND i.indisready)
           OR big.memory_count > 4 * current.built_lists * current.built_lists
     ORDER BY big.rank;
-END $$;
+END $_$;
 
 -- Name: memory_vector_nearest(text, real[], text, integer, double precision, timestamp with time zone, text, integer); Type: FUNCTION; Schema: public
 

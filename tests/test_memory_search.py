@@ -514,3 +514,40 @@ async def test_maintenance_builds_rebuilds_and_repairs_the_users_own_index(db_ur
             await server.stop(grace=0)
     finally:
         await conn.close()
+
+
+async def test_maintenance_indexes_only_the_largest_users(db_url: str) -> None:
+    """vector_index_max_users caps the per-user indexes (each costs every query and
+    write on memories): the largest users get them; a user who falls out of the
+    largest loses theirs and is searched exactly again, with the same answers."""
+    rng = random.Random(37)
+    conn = await database.connect(db_url)
+    try:
+        await bulk_create(conn, [("first", f"m{i}", 0.5, None, random_vector(rng)) for i in range(30)])
+        await bulk_create(conn, [("second", f"m{i}", 0.5, None, random_vector(rng)) for i in range(20)])
+        server = NexusServer(server_config(db_url, search_exact_max_memories=10, vector_index_max_users=1))
+        await server.start()
+        try:
+            assert server.maintenance is not None
+            job = server.maintenance.build_vector_indexes
+            assert await job() == ["first"]
+            assert (await index_lists(conn, "first"), await index_lists(conn, "second")) == (6, None)
+
+            await bulk_create(conn, [("second", f"n{i}", 0.5, None, random_vector(rng)) for i in range(40)])
+            assert await job() == ["second"]
+            assert await conn.fetchval("SELECT to_regclass(memory_vector_index_name('first'))") is None
+            assert await index_lists(conn, "second") == 8  # ceil(sqrt(60))
+            assert await job() == []  # nothing due
+            assert await conn.fetchval("SELECT to_regclass('memories_user_vectors')") is not None  # not a user's
+
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = memory_pb2_grpc.MemoryServiceStub(channel)
+                async with exact_connection(db_url) as exact:
+                    for _ in range(3):
+                        query = random_vector(rng)
+                        truth = [i for i, _ in await exact_nearest(exact, "first", query)]
+                        assert [r.memory.memory_id for r in await search(stub, "first", query, metadata=SERVICE)] == truth
+        finally:
+            await server.stop(grace=0)
+    finally:
+        await conn.close()

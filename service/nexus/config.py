@@ -110,10 +110,19 @@ class Config:
         metadata={"help": "Dimension of memory embeddings; fixed when the database is first migrated."},
     )
     search_exact_max_memories: int = field(
-        default=10_000,
+        default=2_000,
         metadata={
-            "help": "SearchMemories scans a user's memories exactly up to this many; maintenance gives a user with "
-            "more a vector index of their own (IVFFlat, cosine), which answers once built."
+            "help": "SearchMemories scans a user's memories exactly up to this many (a scan costs about 1 ms per "
+            "1000 memories of 384 dimensions); maintenance gives a user with more a vector index of their own "
+            "(IVFFlat, cosine), which answers once built."
+        },
+    )
+    vector_index_max_users: int = field(
+        default=50,
+        metadata={
+            "help": "Maintenance keeps a vector index of their own for at most this many users, the largest above "
+            "search_exact_max_memories; the others are searched exactly. Every index on memories costs every "
+            "query and write on it a lock and a look."
         },
     )
     embedder: str = field(
@@ -178,6 +187,8 @@ class Config:
             )
         if not 0 <= self.hybrid_vector_weight <= 1:
             raise ValueError("hybrid_vector_weight must be 0..1")
+        if self.search_exact_max_memories < 0 or self.vector_index_max_users < 0:
+            raise ValueError("search_exact_max_memories and vector_index_max_users must not be negative")
         if self.event_retention_hours < 24:
             raise ValueError("event_retention_hours must be at least 24")
         if self.stream_buffer_events < 1:

@@ -8,7 +8,9 @@ expiry of old CreateMemory request ids, and arcs going dormant.
 
 Then the vector-index job: a user with more than ``search_exact_max_memories``
 memories gets an IVFFlat index of their own (see db/0006_retrieval.sql),
-rebuilt when they outgrow its lists. Built CONCURRENTLY so that user's writes
+rebuilt when they outgrow its lists, for the ``vector_index_max_users``
+largest such users (db/0014_vector_index_cap.sql); the index of a user no
+longer among them is dropped. Built and dropped CONCURRENTLY so that user's writes
 go on meanwhile (which is why it runs here and not inside the stored function:
 a concurrent build cannot run in a transaction). One replica at a time builds,
 under a session advisory lock.
@@ -47,6 +49,7 @@ class Maintenance:
         self._event_retention = datetime.timedelta(hours=config.event_retention_hours)
         self._request_retention = datetime.timedelta(hours=config.idempotency_retention_hours)
         self._exact_search_max = config.search_exact_max_memories
+        self._vector_index_max_users = config.vector_index_max_users
 
     async def run_once(self) -> dict[str, int]:
         """Runs the jobs if this replica gets the lock and they are due; returns
@@ -67,9 +70,9 @@ class Maintenance:
         return done
 
     async def build_vector_indexes(self) -> list[str]:
-        """Builds (or rebuilds) the vector indexes due for users above the
-        exact-search size; returns those users. Empty when another replica
-        holds the job."""
+        """Drops the vector indexes of users no longer among the largest, then builds
+        (or rebuilds) those due; returns the users built for. Empty when another
+        replica holds the job."""
         built: list[str] = []
         async with self._db.pool.acquire() as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", VECTOR_INDEX_LOCK_KEY):
@@ -79,10 +82,16 @@ class Maintenance:
                 await conn.execute(
                     f"SET statement_timeout = 0; SET maintenance_work_mem = '{VECTOR_INDEX_BUILD_MEMORY}'"
                 )
-                for due in await conn.fetch(queries.MEMORY_VECTOR_INDEXES_DUE, self._exact_search_max):
+                due_now = await conn.fetch(
+                    queries.MEMORY_VECTOR_INDEXES_DUE, self._exact_search_max, self._vector_index_max_users
+                )
+                for due in due_now:
                     started = time.perf_counter()
                     for statement in due["statements"]:
                         await conn.execute(statement)
+                    if due["user_id"] is None:
+                        log.info("event=vector_index_dropped index=%s", due["index_name"])
+                        continue
                     log.info(
                         "event=vector_index_built user_id=%s duration_s=%.1f",
                         due["user_id"], time.perf_counter() - started,

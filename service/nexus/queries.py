@@ -69,7 +69,7 @@ SEARCH_MEMORIES = (
     " p_since => $7, p_emotion_type => $8, p_vector_weight => $9, p_exact_max => $10, p_recency_weight => $11,"
     " p_gravity_weight => $12)"
 )
-MEMORY_VECTOR_INDEXES_DUE = "SELECT * FROM memory_vector_indexes_due($1)"
+MEMORY_VECTOR_INDEXES_DUE = "SELECT * FROM memory_vector_indexes_due($1, $2)"
 LIST_ARCS = "SELECT d FROM list_arcs($1, $2, $3, $4) AS d"
 SET_IDENTITY_ENTITIES = "SELECT set_identity_entities($1, $2)"
 MEMORY_STREAM_POSITION = "SELECT * FROM memory_stream_position($1)"
