@@ -309,7 +309,7 @@ async def corpus(admin_url: str, template_db: str) -> AsyncIterator[Corpus]:
 
 async def test_exact_path_has_perfect_recall_for_every_user(corpus: Corpus) -> None:
     rng = random.Random(1)
-    async with serving(corpus.url) as stub, exact_connection(corpus.url) as conn:
+    async with serving(corpus.url, search_exact_max_memories=10_000) as stub, exact_connection(corpus.url) as conn:
         for user, metric in itertools.product([BIG, *SMALL_USERS], (COSINE, L2)):
             for _ in range(4):
                 query = corpus.query(rng)
