@@ -1459,7 +1459,7 @@ BEGIN
                                        ELSE m.embedding <-> p_embedding::vector END ORDER BY u.ord)
         INTO text_distances
         FROM unnest(text_ids) WITH ORDINALITY u(memory_id, ord)
-        JOIN memories m ON m.user_id = p_user_id AND m.memory_id = u.memory_id;
+        CROSS JOIN LATERAL (SELECT * FROM memories m WHERE m.user_id = p_user_id AND m.memory_id = u.memory_id LIMIT 1) m;
         text_floor := CASE WHEN cardinality(text_ids) = text_pool THEN text_scores[text_pool] ELSE 0 END;
         IF by_index THEN
             reach := coalesce(cardinality(near.ids), 0);
@@ -2084,7 +2084,7 @@ BEGIN
             SELECT memory_document(m), v.distance, NULL::double precision,
                    CASE p_metric WHEN 'cosine' THEN 1 - v.distance ELSE -v.distance END
             FROM unnest(near.ids, near.distances) v(memory_id, distance)
-            JOIN memories m ON m.user_id = p_user_id AND m.memory_id = v.memory_id
+            CROSS JOIN LATERAL (SELECT * FROM memories m WHERE m.user_id = p_user_id AND m.memory_id = v.memory_id LIMIT 1) m
             ORDER BY v.distance, m.memory_id;
         RETURN;
     ELSIF p_embedding IS NULL THEN
@@ -2095,7 +2095,7 @@ BEGIN
         RETURN QUERY
             SELECT memory_document(m), NULL::double precision, t.text_score, t.text_score
             FROM unnest(ids, texts) t(memory_id, text_score)
-            JOIN memories m ON m.user_id = p_user_id AND m.memory_id = t.memory_id
+            CROSS JOIN LATERAL (SELECT * FROM memories m WHERE m.user_id = p_user_id AND m.memory_id = t.memory_id LIMIT 1) m
             ORDER BY t.text_score DESC, m.memory_id;
         RETURN;
     END IF;
@@ -2106,7 +2106,7 @@ BEGIN
     RETURN QUERY
         SELECT memory_document(m), h.distance, h.text_score, h.score
         FROM unnest(ids, dists, texts, scores) h(memory_id, distance, text_score, score)
-        JOIN memories m ON m.user_id = p_user_id AND m.memory_id = h.memory_id
+        CROSS JOIN LATERAL (SELECT * FROM memories m WHERE m.user_id = p_user_id AND m.memory_id = h.memory_id LIMIT 1) m
         ORDER BY h.score DESC, m.memory_id;
 END
 $$;
