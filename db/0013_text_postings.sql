@@ -4,10 +4,9 @@
 -- 0010's memory_text_top counted document frequencies from memory_terms but
 -- scored each candidate from its memories row (search_vector for the term
 -- frequencies, search_length): ~1.7 KB rows (they carry the embedding), one
--- random heap page per candidate. Measured before (bench data copied from the
--- bench database, warm, the 100k-memory user, three words one of which is in
--- half the memories): ~20 ms per text query; a cold cache made it tens to
--- hundreds of ms (bench p99 336 ms text, 238 ms hybrid).
+-- random heap page per candidate, and every match of a common word when the
+-- query's words are all common (bench: text p99 336 ms, hybrid 238 ms for the
+-- 100k-memory user).
 --
 -- 1. memory_terms rows carry what BM25 needs: the lexeme's count in the memory
 --    (term_frequency) and the memory's search_length, in the primary key's
@@ -18,9 +17,24 @@
 --    the memory's rows are deleted and written anew.
 -- 3. memory_text_top scores from the postings: the same BM25, scores, order
 --    and MaxScore (the essential lexemes' postings read in full, the others'
---    looked up by (lexeme, memory) for those candidates only). The memories
---    rows are read only when a filter is given (min_gravity above 0, since,
---    emotion_type), for the candidates, before the limit.
+--    looked up by (lexeme, memory) for those candidates, or read and joined
+--    when they are many). memories is read only when a filter is given: the
+--    memories holding an essential lexeme, by the GIN index as before, so the
+--    filters apply before the limit.
+--
+-- Measured (the bench database's 100k-memory user and one 10k user copied
+-- into a scratch database, 0012 and 0013 side by side, calls alternated,
+-- warm; the machine was shared). The bench's queries (2-3 words of a stored
+-- memory, 400 of them): 100k user text p50 10.4 -> 4.3 ms, p99 39 -> 21 ms,
+-- hybrid p50 20 -> 12 ms, p99 94 -> 45 ms; 10k user text p99 26 -> 6 ms,
+-- hybrid p99 76 -> 36 ms (p50 unchanged, 2 and 22 ms). One word in half of
+-- the 100k user's memories ("w0"): text 245 -> 46 ms, hybrid 306 -> 66 ms; two
+-- common words 107 -> 33 ms. Three words with a rarer one: 10-21 ms before and
+-- after when warm (the common word's document frequency, counted from ~50k
+-- postings in ~6 ms, is in both), but 600-1300 random heap pages of the 1 GB
+-- memories table replaced by the postings' index pages. Filtered (min_gravity
+-- 0.5): common words 146 -> 88 ms, three words with a rarer one 18 -> 24 ms
+-- (the memories are read for the filter as before, and the postings too).
 
 -- On Citus, one connection per node for the whole migration: it changes
 -- distributed functions after statements on every shard, which Citus refuses
