@@ -154,13 +154,13 @@ JOIN bench_centres ce ON ce.c = 1 + (hashint4(n) & 1023) % 100;
 
 
 # What SEARCH_STATISTICS_TRIGGER (and create_memory's memory_count) keep, for
-# the loaded users at once: memory_terms as db/0010_search_speed.sql's
+# the loaded users at once: memory_terms as db/0013_text_postings.sql's
 # backfill, search_length_total as db/0006_retrieval.sql's. The loaded users
 # hold no other memories: the load runs only when the corpus is absent.
 FILL_SEARCH_STATISTICS = """
-INSERT INTO memory_terms (user_id, lexeme, memory_id)
-SELECT m.user_id, t.lexeme, m.memory_id
-FROM memories m CROSS JOIN LATERAL unnest(tsvector_to_array(m.search_vector)) t(lexeme)
+INSERT INTO memory_terms (user_id, lexeme, memory_id, term_frequency, search_length)
+SELECT m.user_id, t.lexeme, m.memory_id, cardinality(t.positions), m.search_length
+FROM memories m CROSS JOIN LATERAL unnest(m.search_vector) t
 WHERE m.user_id LIKE 'bench-mem-%';
 INSERT INTO memory_users (user_id, memory_count, search_length_total)
 SELECT user_id, count(*), sum(search_length) FROM memories WHERE user_id LIKE 'bench-mem-%' GROUP BY user_id
@@ -169,15 +169,20 @@ ON CONFLICT (user_id) DO UPDATE SET memory_count = EXCLUDED.memory_count,
 """
 
 # The bench users whose statistics differ from a recount of their memories:
-# (user, kept, recounted) with (memory_count, search_length_total, term rows).
+# (user, kept, recounted) with (memory_count, search_length_total, term rows,
+# the rows' term frequencies summed (each memory's add up to its length), the
+# rows' lengths summed (each memory's length once per lexeme)).
 SEARCH_STATISTICS_OFF = """
-SELECT c.user_id, array[u.memory_count, u.search_length_total, t.rows]::bigint[] AS kept,
-       array[c.memories, c.length_total, c.term_rows]::bigint[] AS recounted
-FROM (SELECT user_id, count(*) AS memories, sum(search_length) AS length_total, sum(length(search_vector)) AS term_rows
+SELECT c.user_id, array[u.memory_count, u.search_length_total, t.rows, t.frequencies, t.lengths]::bigint[] AS kept,
+       array[c.memories, c.length_total, c.term_rows, c.length_total, c.term_lengths]::bigint[] AS recounted
+FROM (SELECT user_id, count(*) AS memories, sum(search_length) AS length_total, sum(length(search_vector)) AS term_rows,
+             sum(search_length * length(search_vector)) AS term_lengths
       FROM memories WHERE user_id = ANY ($1) GROUP BY user_id) c
 LEFT JOIN memory_users u ON u.user_id = c.user_id
-CROSS JOIN LATERAL (SELECT count(*) AS rows FROM memory_terms WHERE user_id = c.user_id) t
-WHERE (u.memory_count, u.search_length_total, t.rows) IS DISTINCT FROM (c.memories, c.length_total, c.term_rows)
+CROSS JOIN LATERAL (SELECT count(*) AS rows, sum(term_frequency) AS frequencies, sum(search_length) AS lengths
+                    FROM memory_terms WHERE user_id = c.user_id) t
+WHERE (u.memory_count, u.search_length_total, t.rows, t.frequencies, t.lengths)
+      IS DISTINCT FROM (c.memories, c.length_total, c.term_rows, c.length_total, c.term_lengths)
 """
 
 

@@ -519,7 +519,7 @@ CREATE FUNCTION public.arc_gravity_threshold() RETURNS double precision
 
 CREATE FUNCTION public.bm25_term(p_idf double precision, p_tf integer, p_length integer, p_avgdl double precision) RETURNS double precision
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN (((p_idf * (p_tf)::double precision) * (2.2)::double precision) / ((p_tf)::double precision + ((1.2)::double precision * ((0.25)::double precision + (((0.75 * (p_length)::numeric))::double precision / p_avgdl)))));
+    RETURN (((p_idf * (p_tf)::double precision) * (2.2)::double precision) / ((p_tf)::double precision + ((1.2)::double precision * ((0.25)::double precision + (((0.75)::double precision * (p_length)::double precision) / p_avgdl)))));
 
 -- Name: branch_tree(uuid, text, integer, integer[], integer); Type: FUNCTION; Schema: public
 
@@ -667,8 +667,6 @@ DECLARE
     delta bigint := CASE TG_OP WHEN 'INSERT' THEN NEW.search_length
                                WHEN 'DELETE' THEN -OLD.search_length
                                ELSE NEW.search_length - OLD.search_length END;
-    added   text[] := CASE WHEN TG_OP <> 'DELETE' THEN tsvector_to_array(NEW.search_vector) ELSE '{}' END;
-    removed text[] := CASE WHEN TG_OP <> 'INSERT' THEN tsvector_to_array(OLD.search_vector) ELSE '{}' END;
 BEGIN
     IF delta <> 0 OR TG_OP <> 'UPDATE' THEN
         INSERT INTO memory_users AS u (user_id, search_length_total) VALUES (owner, delta)
@@ -676,11 +674,12 @@ BEGIN
     END IF;
     IF TG_OP <> 'INSERT' THEN
         DELETE FROM memory_terms t
-        WHERE t.user_id = owner AND t.lexeme = ANY (removed) AND t.lexeme <> ALL (added) AND t.memory_id = OLD.memory_id;
+        WHERE t.user_id = owner AND t.lexeme = ANY (tsvector_to_array(OLD.search_vector)) AND t.memory_id = OLD.memory_id;
     END IF;
     IF TG_OP <> 'DELETE' THEN
-        INSERT INTO memory_terms (user_id, lexeme, memory_id)
-        SELECT owner, l, NEW.memory_id FROM unnest(added) l WHERE l <> ALL (removed);
+        INSERT INTO memory_terms (user_id, lexeme, memory_id, term_frequency, search_length)
+        SELECT owner, t.lexeme, NEW.memory_id, cardinality(t.positions), NEW.search_length
+        FROM unnest(NEW.search_vector) t;
     END IF;
     RETURN NULL;
 END
@@ -1532,17 +1531,20 @@ END $$;
 
 CREATE FUNCTION public.memory_text_top(p_user_id text, p_query text, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_limit integer, p_ids uuid[] DEFAULT NULL::uuid[]) RETURNS TABLE(memory_id uuid, text_score double precision)
     LANGUAGE plpgsql STABLE
+    SET plan_cache_mode TO 'force_custom_plan'
     AS $$
 #variable_conflict use_column
 DECLARE
-    n        double precision;
-    avgdl    double precision;
-    lexemes  text[];   -- the query's lexemes the user has, rarest (highest IDF) first
-    idfs     double precision[];
-    essential integer;  -- the rarest lexemes whose matches are read (the others only add to their scores)
-    matches  tsquery;
-    ids      uuid[];
-    scores   double precision[];
+    -- gravity_score is 0..1, so a minimum of 0 (the service's default) filters nothing.
+    filtered  boolean := p_min_gravity > 0 OR p_since IS NOT NULL OR p_emotion_type IS NOT NULL;
+    n         double precision;
+    avgdl     double precision;
+    lexemes   text[];   -- the query's lexemes the user has, rarest (highest IDF) first
+    idfs      double precision[];
+    essential integer;  -- the rarest lexemes whose postings are read in full (the others only add to their scores)
+    matches   tsquery;  -- any essential lexeme (filtered searches find their memories by it)
+    ids       uuid[];
+    scores    double precision[];
 BEGIN
     SELECT greatest(u.memory_count, 1), greatest(u.search_length_total::double precision / greatest(u.memory_count, 1), 1)
     INTO n, avgdl FROM memory_users u WHERE u.user_id = p_user_id;
@@ -1558,34 +1560,49 @@ BEGIN
     END IF;
     IF p_ids IS NOT NULL THEN
         RETURN QUERY
-            SELECT m.memory_id, sum(bm25_term(w.idf, cardinality(t.positions), m.search_length, avgdl) ORDER BY t.lexeme)
-            FROM memories m
-            CROSS JOIN LATERAL unnest(ts_filter(setweight(m.search_vector, 'A', lexemes), '{a}')) t
-            JOIN unnest(lexemes, idfs) w(lexeme, idf) ON w.lexeme = t.lexeme
-            WHERE m.user_id = p_user_id AND m.memory_id = ANY (p_ids)
-            GROUP BY m.memory_id ORDER BY 2 DESC, 1;
+            SELECT t.memory_id,
+                   sum(bm25_term(idfs[array_position(lexemes, t.lexeme)], t.term_frequency, t.search_length, avgdl)
+                       ORDER BY t.lexeme)
+            FROM memory_terms t
+            WHERE t.user_id = p_user_id AND t.lexeme = ANY (lexemes) AND t.memory_id = ANY (p_ids)
+            GROUP BY t.memory_id ORDER BY 2 DESC, 1;
         RETURN;
     END IF;
     -- MaxScore: the rarest term first (every term when all matches are wanted).
     essential := CASE WHEN p_limit IS NULL THEN cardinality(lexemes) ELSE 1 END;
     LOOP
-        -- Each lexeme quoted for tsquery input (quotes and backslashes doubled).
-        SELECT string_agg('''' || replace(replace(l, '\', '\\'), '''', '''''') || '''', ' | ')::tsquery
-        INTO matches FROM unnest(lexemes[1:essential]) l;
+        IF filtered THEN  -- each lexeme quoted for tsquery input (quotes and backslashes doubled)
+            SELECT string_agg('''' || replace(replace(l, '\', '\\'), '''', '''''') || '''', ' | ')::tsquery
+            INTO matches FROM unnest(lexemes[1:essential]) l;
+        END IF;
+        -- The essential lexemes' postings, and the other lexemes' postings of
+        -- the same memories (looked up by memory, or read and joined when
+        -- they are many); filtered, the memories passing the filters among
+        -- those holding an essential lexeme (read once, by the GIN index).
+        WITH allowed AS MATERIALIZED (
+            SELECT m.memory_id FROM memories m
+            WHERE m.user_id = p_user_id AND m.search_vector @@ matches
+              AND m.gravity_score >= p_min_gravity AND (p_since IS NULL OR m.create_time >= p_since)
+              AND (p_emotion_type IS NULL OR m.emotion_type = p_emotion_type)
+        )
         SELECT array_agg(s.memory_id ORDER BY s.score DESC, s.memory_id), array_agg(s.score ORDER BY s.score DESC, s.memory_id)
         INTO ids, scores
-        FROM (SELECT m.memory_id,
-                     sum(bm25_term(w.idf, cardinality(t.positions), m.search_length, avgdl) ORDER BY t.lexeme) AS score
-              FROM memories m
-              CROSS JOIN LATERAL unnest(ts_filter(setweight(m.search_vector, 'A', lexemes), '{a}')) t
-              JOIN unnest(lexemes, idfs) w(lexeme, idf) ON w.lexeme = t.lexeme
-              WHERE m.user_id = p_user_id
-                AND m.search_vector @@ matches
-                AND m.gravity_score >= p_min_gravity AND (p_since IS NULL OR m.create_time >= p_since)
-                AND (p_emotion_type IS NULL OR m.emotion_type = p_emotion_type)
-              GROUP BY m.memory_id
+        FROM (SELECT p.memory_id,
+                     sum(bm25_term(idfs[array_position(lexemes, p.lexeme)], p.term_frequency, p.search_length, avgdl)
+                         ORDER BY p.lexeme) AS score
+              FROM (SELECT t.memory_id, t.lexeme, t.term_frequency, t.search_length
+                    FROM memory_terms t
+                    WHERE t.user_id = p_user_id AND t.lexeme = ANY (lexemes[1:essential])
+                    UNION ALL
+                    SELECT t.memory_id, t.lexeme, t.term_frequency, t.search_length
+                    FROM memory_terms t
+                    WHERE t.user_id = p_user_id AND t.lexeme = ANY (lexemes[essential + 1:])
+                      AND t.memory_id IN (SELECT e.memory_id FROM memory_terms e
+                                          WHERE e.user_id = p_user_id AND e.lexeme = ANY (lexemes[1:essential]))) p
+              WHERE NOT filtered OR p.memory_id IN (SELECT a.memory_id FROM allowed a)
+              GROUP BY p.memory_id
               ORDER BY 2 DESC, 1 LIMIT p_limit) s;
-        -- A memory matching none of the essential terms scores less than
+        -- A memory holding none of the essential terms scores less than
         -- IDF x (k1 + 1) summed over the other terms.
         EXIT WHEN essential = cardinality(lexemes)
                OR (coalesce(cardinality(ids), 0) = p_limit
@@ -2419,7 +2436,9 @@ CREATE TABLE public.memory_requests (
 CREATE TABLE public.memory_terms (
     user_id text NOT NULL,
     lexeme text NOT NULL,
-    memory_id uuid NOT NULL
+    memory_id uuid NOT NULL,
+    term_frequency integer NOT NULL,
+    search_length integer NOT NULL
 );
 
 -- Name: reactions; Type: TABLE; Schema: public
@@ -2536,7 +2555,7 @@ ALTER TABLE ONLY public.memory_sessions
 -- Name: memory_terms memory_terms_pkey; Type: CONSTRAINT; Schema: public
 
 ALTER TABLE ONLY public.memory_terms
-    ADD CONSTRAINT memory_terms_pkey PRIMARY KEY (user_id, lexeme, memory_id);
+    ADD CONSTRAINT memory_terms_pkey PRIMARY KEY (user_id, lexeme, memory_id) INCLUDE (term_frequency, search_length);
 
 -- Name: memory_users memory_users_pkey; Type: CONSTRAINT; Schema: public
 

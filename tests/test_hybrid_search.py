@@ -19,9 +19,11 @@ expected scores can be computed from the texts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import socket
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -31,10 +33,22 @@ import grpc
 import pytest
 
 from nexus import config as nexus_config
-from nexus import embedder
+from nexus import database, embedder, migrations
+from nexus.citus_cluster import create_cluster_database, drop_cluster_database
 from nexus.v1 import memory_pb2 as pb
 
-from support import Clients, auth, create, distance, f32, random_vector, rpc_error, scratch_database, serving
+from support import (
+    ON_CITUS,
+    Clients,
+    auth,
+    create,
+    distance,
+    f32,
+    random_vector,
+    rpc_error,
+    scratch_database,
+    serving,
+)
 
 K1, B = 1.2, 0.75
 COSINE = pb.DISTANCE_METRIC_COSINE
@@ -346,6 +360,43 @@ async def test_text_top_k_is_the_head_of_the_full_bm25_ranking(clients: Clients)
             assert [r.text_score for r in got] == pytest.approx([wanted[i] for i in ids(got)], rel=1e-9)
 
 
+async def test_filtered_text_top_k_is_the_head_of_the_filtered_bm25_ranking(clients: Clients) -> None:
+    """Text scores come from the postings, the filters from the memories: each
+    filter (and all three) applies before the limit, over the memories that
+    hold the rarest words and those that hold only common ones, with BM25's
+    statistics still over every memory of the user."""
+    stub = clients.memories
+    rng = random.Random(34)
+    specs = [
+        (" ".join(rng.choices(ZIPF_WORDS, ZIPF_WEIGHTS, k=rng.randint(1, 8))), round(rng.random(), 3),
+         rng.choice(["calm", "awe", ""]))
+        for _ in range(200)
+    ]  # fmt: skip
+    # In two rounds, so that `since` (the earliest of the second) parts them.
+    created = [
+        *await asyncio.gather(*(create(stub, "alice", t, gravity_score=g, emotion_type=e) for t, g, e in specs[:100])),
+        *await asyncio.gather(*(create(stub, "alice", t, gravity_score=g, emotion_type=e) for t, g, e in specs[100:])),
+    ]
+    texts = {m.memory_id: m.content for m in created}
+    since = min((m.create_time for m in created[100:]), key=lambda t: t.ToDatetime())
+    filters: list[tuple[dict[str, Any], Any]] = [
+        (dict(min_gravity=0.6), lambda m: m.gravity_score >= 0.6),
+        (dict(emotion_type="awe"), lambda m: m.emotion_type == "awe"),
+        (dict(since=since), lambda m: m.create_time.ToDatetime() >= since.ToDatetime()),
+        (dict(min_gravity=0.3, emotion_type="calm", since=since),
+         lambda m: m.gravity_score >= 0.3 and m.emotion_type == "calm" and m.create_time.ToDatetime() >= since.ToDatetime()),
+    ]  # fmt: skip
+    for query in ("walrus zebra", "walrus falcon cobalt lemon", "tulip quartz mango", "falcon"):
+        full = bm25(query, texts)
+        for fields, passes in filters:
+            wanted = {m.memory_id: full[m.memory_id] for m in created if m.memory_id in full and passes(m)}
+            assert 1 < len(wanted) < len(full), (query, fields)  # the filter removes some matches, not all
+            for top_k in (1, 5, 25):
+                got = await text_search(stub, "alice", query, top_k=top_k, **fields)
+                assert ids(got) == ranked(wanted, top_k), (query, fields, top_k)
+                assert [r.text_score for r in got] == pytest.approx([wanted[i] for i in ids(got)], rel=1e-9)
+
+
 async def test_hybrid_page_equals_fusing_every_memory(clients: Clients) -> None:
     """The exact path prunes both sides (the pool best by text, then only the
     nearest memories whose bound reaches the page): the page must equal the
@@ -375,13 +426,34 @@ async def test_hybrid_page_equals_fusing_every_memory(clients: Clients) -> None:
         )
 
 
+async def recounted_postings(db: asyncpg.Connection) -> list[tuple[str, str, Any, int, int]]:
+    """The memory_terms rows recounted from the memories' contents (words of
+    ZIPF_WORDS, no stop words): (user, lexeme, memory, the word's count, the
+    content's word count); a word's lexeme is its English stem."""
+    stems = dict(
+        await db.fetch("SELECT w, (tsvector_to_array(to_tsvector('english', w)))[1] FROM unnest($1::text[]) w", ZIPF_WORDS)
+    )
+    return sorted(
+        (m["user_id"], stems[word], m["memory_id"], count, len(m["content"].split()))
+        for m in await db.fetch("SELECT user_id, memory_id, content FROM memories")
+        for word, count in Counter(m["content"].split()).items()
+    )
+
+
+async def kept_postings(db: asyncpg.Connection) -> list[tuple[str, str, Any, int, int]]:
+    rows = await db.fetch("SELECT user_id, lexeme, memory_id, term_frequency, search_length FROM memory_terms")
+    return sorted(tuple(r) for r in rows)
+
+
 async def test_term_statistics_stay_exact_under_concurrent_writes(clients: Clients, db: asyncpg.Connection) -> None:
-    """memory_terms (which of each user's memories hold each lexeme) against a
-    recount, after concurrent creates, deletes and content updates of one user
-    (some keeping the length, some not) and a direct multi-row INSERT / DELETE."""
+    """memory_terms (each lexeme of each memory with its count and the memory's
+    length) against a recount from the contents, after concurrent creates,
+    deletes and content updates of one user (new words at the same length;
+    one word more, every other kept; the same length with other counts) and a
+    direct multi-row INSERT / DELETE."""
     stub = clients.memories
     rng = random.Random(33)
-    texts = [" ".join(rng.choices(ZIPF_WORDS, k=rng.randint(1, 6))) for _ in range(60)]
+    texts = [" ".join(rng.choices(ZIPF_WORDS, k=rng.randint(2, 6))) for _ in range(60)]
     created = await asyncio.gather(*(create(stub, "alice", t) for t in texts), *(create(stub, "bob", t) for t in texts[:20]))
 
     async def update(memory_id: str, content: str) -> None:
@@ -397,6 +469,7 @@ async def test_term_statistics_stay_exact_under_concurrent_writes(clients: Clien
           for m in alice[::4]),
         *(update(m.memory_id, " ".join(rng.sample(ZIPF_WORDS, len(m.content.split())))) for m in alice[1::4]),
         *(update(m.memory_id, "quartz " + m.content) for m in alice[2::4]),
+        *(update(m.memory_id, " ".join([m.content.split()[0]] * len(m.content.split()))) for m in alice[3::4]),
         *(create(stub, "alice", " ".join(rng.choices(ZIPF_WORDS, k=4))) for _ in range(20)),
     )  # fmt: skip
     await db.execute(
@@ -404,17 +477,68 @@ async def test_term_statistics_stay_exact_under_concurrent_writes(clients: Clien
            SELECT 'carol', 'zebra walrus ' || repeat('kiwi ', n), 0.5, 'present' FROM generate_series(1, 5) n"""
     )
     await db.execute("DELETE FROM memories WHERE user_id = 'carol' AND content LIKE '%kiwi kiwi kiwi%'")
-    kept = await db.fetch("SELECT user_id, lexeme, memory_id FROM memory_terms ORDER BY 1, 2, 3")
-    recount = await db.fetch(
-        """SELECT m.user_id, t.lexeme, m.memory_id
-           FROM memories m CROSS JOIN LATERAL unnest(tsvector_to_array(m.search_vector)) t(lexeme) ORDER BY 1, 2, 3"""
-    )
-    assert [tuple(r) for r in kept] == [tuple(r) for r in recount]
-    assert {r["user_id"] for r in kept} == {"alice", "bob", "carol"}
-    assert sum(1 for r in kept if r["user_id"] == "carol" and r["lexeme"] == "kiwi") == 2
+    kept = await kept_postings(db)
+    assert kept == await recounted_postings(db)
+    assert {r[0] for r in kept} == {"alice", "bob", "carol"}
+    assert sorted(r[3:] for r in kept if r[0] == "carol" and r[1] == "kiwi") == [(1, 3), (2, 4)]
     # No word of a deleted memory stays behind.
     await db.execute("DELETE FROM memories WHERE user_id = 'carol'")
     assert await db.fetchval("SELECT count(*) FROM memory_terms WHERE user_id = 'carol'") == 0
+
+
+@contextlib.asynccontextmanager
+async def empty_backend_database(admin_url: str, prefix: str) -> AsyncIterator[str]:
+    """An empty database on the backend under test (on every node of a cluster), dropped afterwards."""
+    if not ON_CITUS:
+        async with scratch_database(admin_url, prefix) as url:
+            yield url
+        return
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    url = await create_cluster_database(admin_url, name)
+    try:
+        yield url
+    finally:
+        await drop_cluster_database(admin_url, name)
+
+
+async def test_db_0013_fills_the_postings_of_existing_memories(admin_url: str) -> None:
+    """db/0013 on a database that holds memories (on a cluster, memory_terms is
+    distributed by then, so its columns are added to a distributed table): the
+    posting rows equal a recount, and search and writes work on them."""
+    rng = random.Random(35)
+    texts = [" ".join(rng.choices(ZIPF_WORDS, ZIPF_WEIGHTS, k=rng.randint(1, 8))) for _ in range(40)]
+    async with empty_backend_database(admin_url, "nexus_postings") as url:
+        conn = await database.connect(url)
+        try:
+            if ON_CITUS:
+                await conn.execute("SET citus.shard_count = 4")
+            every = migrations.load_migrations()
+            await migrations.migrate(conn, [m for m in every if m.name < "0013"])
+            await conn.execute("INSERT INTO memory_users (user_id, memory_count) VALUES ('alice', $1)", len(texts))
+            await conn.executemany(
+                "INSERT INTO memories (user_id, content, gravity_score, temporal_type) VALUES ('alice', $1, 0.5, 'present')",
+                [(t,) for t in texts],
+            )
+            assert await conn.fetchval("SELECT count(*) FROM memory_terms") > len(texts)  # 0010's rows
+            assert await migrations.migrate(conn, [m for m in every if m.name < "0014"]) == ["0013_text_postings.sql"]
+            assert await kept_postings(conn) == await recounted_postings(conn)
+            async with serving(url) as stub:
+                corpus = {str(r["memory_id"]): r["content"] for r in await conn.fetch("SELECT memory_id, content FROM memories")}
+                for query in ("walrus zebra", "falcon cobalt tulip"):
+                    got = await text_search(stub, "alice", query, top_k=100)
+                    expected = bm25(query, corpus)
+                    assert ids(got) == ranked(expected, 100), query
+                    assert [r.text_score for r in got] == pytest.approx([expected[i] for i in ids(got)], rel=1e-9)
+                longer = await create(stub, "alice", "quartz quartz walrus")
+                await stub.UpdateMemory(
+                    pb.UpdateMemoryRequest(memory=pb.Memory(memory_id=longer.memory_id, user_id="alice",
+                                                            content="quartz walrus walrus lemon"),
+                                           update_mask={"paths": ["content"]}),
+                    metadata=auth("alice"),
+                )  # fmt: skip
+            assert await kept_postings(conn) == await recounted_postings(conn)
+        finally:
+            await conn.close()
 
 
 # --- recency and gravity -------------------------------------------------------------
