@@ -491,7 +491,8 @@ async def _check_search_statistics(conn: asyncpg.Connection) -> None:
     off = await conn.fetch(SEARCH_STATISTICS_OFF, [BIG_USER, *SMALL_USERS])
     if off:
         details = "; ".join(f"{r['user_id']} {list(r['kept'])} != {list(r['recounted'])}" for r in off)
-        raise BenchFailed("memory load: search statistics (memory_count, search_length_total, memory_terms rows) "
+        raise BenchFailed("memory load: search statistics (memory_count, search_length_total, memory_terms rows, "
+                          "their term frequencies' sum, their lengths' sum) "
                           f"differ from a recount: {details}")
 
 
