@@ -71,7 +71,7 @@ class Sizes:
         def n(full: int, least: int) -> int:
             return max(least, round(full * scale))
 
-        return cls(per_small_user=n(10_000, 50), big_user=n(100_000, 100), search_queries=n(100, 10),
+        return cls(per_small_user=n(10_000, 50), big_user=n(100_000, 100), search_queries=n(300, 10),
                    live_subscribers=n(1000, 10), idle_streams=n(10_000, 20))
 
     @property
