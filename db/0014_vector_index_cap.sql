@@ -6,39 +6,64 @@
 -- A lower threshold means more such indexes, and every index on memories
 -- costs every query and write on memories: the planner opens and locks each
 -- one, an INSERT locks each one and tests its predicate. So maintenance keeps
--- indexes for the p_max_indexes largest users only (the service's
--- vector_index_max_users); others above the threshold are searched exactly
--- (memory_vector_index_usable is false without a ready index), and the index
--- of a user who is no longer among the largest is dropped.
+-- indexes for p_max_indexes users only (the service's vector_index_max_users);
+-- others above the threshold are searched exactly (memory_vector_index_usable
+-- is false without a ready index).
+--
+-- Which users: the largest, where a user who has an index counts 1.25 times
+-- their memories. Without that margin two users growing side by side at the
+-- edge of the cap would swap places run after run, each swap a concurrent
+-- drop and a concurrent build (two scans of memories); with it, a newcomer
+-- takes the place of the smallest indexed user once 25% larger.
+--
+-- The one-argument memory_vector_indexes_due is dropped rather than kept
+-- beside the new one: a replica still running the old version would build
+-- again what the new ones drop. During a rollout, old replicas' vector-index
+-- job fails (logged as vector_index_failed) until they are replaced.
 
 DROP FUNCTION memory_vector_indexes_due(integer);
 
--- The vector-index DDL due, drops first: (index, user, statements), the user
--- NULL for a drop. Builds and rebuilds as in 0006 / 0011. Read in two
--- statements because memory_users is distributed and the catalogs are local
--- to the node running maintenance (see 0011).
+-- The vector-index DDL due, drops first: (action, index, user, statements)
+-- with action 'drop' (an index of a user no longer chosen, or the remains of
+-- a failed REINDEX CONCURRENTLY: name_ccnew / name_ccold; user NULL),
+-- 'build', 'repair' (an invalid index dropped and built again) or 'rebuild'
+-- (new lists for a user who outgrew them; see 0006). Users are read in a
+-- statement of their own because memory_users is distributed and the
+-- catalogs are local to the node running maintenance (see 0011).
 CREATE FUNCTION memory_vector_indexes_due(p_min_memories integer, p_max_indexes integer)
-RETURNS TABLE (index_name text, user_id text, statements text[])
+RETURNS TABLE (action text, index_name text, user_id text, statements text[])
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
+    keep_margin CONSTANT double precision := 1.25;  -- a user who has an index counts this many times (see above)
     big_users  text[];
     big_counts integer[];
+    chosen     text[];
+    chosen_counts integer[];
 BEGIN
-    SELECT coalesce(array_agg(b.user_id ORDER BY b.memory_count DESC, b.user_id), '{}'),
-           array_agg(b.memory_count ORDER BY b.memory_count DESC, b.user_id)
+    SELECT coalesce(array_agg(u.user_id), '{}'), coalesce(array_agg(u.memory_count), '{}')
     INTO big_users, big_counts
-    FROM (SELECT u.user_id, u.memory_count FROM memory_users u WHERE u.memory_count > p_min_memories
-          ORDER BY u.memory_count DESC, u.user_id LIMIT p_max_indexes) b;
+    FROM memory_users u WHERE u.memory_count > p_min_memories;
+    SELECT coalesce(array_agg(c.name_of_user ORDER BY c.memory_count DESC, c.name_of_user), '{}'),
+           coalesce(array_agg(c.memory_count ORDER BY c.memory_count DESC, c.name_of_user), '{}')
+    INTO chosen, chosen_counts
+    FROM (SELECT b.name_of_user, b.memory_count
+          FROM unnest(big_users, big_counts) b(name_of_user, memory_count)
+          ORDER BY b.memory_count * CASE WHEN memory_vector_index_ready(b.name_of_user) THEN keep_margin ELSE 1 END DESC,
+                   b.name_of_user
+          LIMIT p_max_indexes) c;
     RETURN QUERY
-    SELECT c.relname::text, NULL::text, ARRAY[format('DROP INDEX CONCURRENTLY IF EXISTS %I', c.relname)]
+    SELECT 'drop', c.relname::text, NULL::text, ARRAY[format('DROP INDEX CONCURRENTLY IF EXISTS %I', c.relname)]
     FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
     WHERE i.indrelid = 'memories'::regclass
       -- the shape of memory_vector_index_name: its prefix and an md5 in hex
-      AND c.relname::text ~ ('^' || left(memory_vector_index_name(''), -32) || '[0-9a-f]{32}$')
-      AND c.relname::text <> ALL (SELECT memory_vector_index_name(b) FROM unnest(big_users) b)
-    ORDER BY 1;
+      AND c.relname::text ~ ('^' || left(memory_vector_index_name(''), -32) || '[0-9a-f]{32}(_cc(new|old)[0-9]*)?$')
+      AND c.relname::text <> ALL (SELECT memory_vector_index_name(u) FROM unnest(chosen) u)
+    ORDER BY 2;
     RETURN QUERY
-    SELECT sized.name, big.name_of_user,
+    SELECT CASE WHEN i.indexrelid IS NULL THEN 'build'
+                WHEN NOT (i.indisvalid AND i.indisready) THEN 'repair'
+                ELSE 'rebuild' END,
+           sized.name, big.name_of_user,
            CASE
                WHEN i.indexrelid IS NULL THEN ARRAY[ddl.build]
                WHEN NOT (i.indisvalid AND i.indisready)
@@ -46,7 +71,7 @@ BEGIN
                ELSE ARRAY[format('ALTER INDEX %I SET (lists = %s)', sized.name, sized.lists),
                           format('REINDEX INDEX CONCURRENTLY %I', sized.name)]
            END
-    FROM unnest(big_users, big_counts) WITH ORDINALITY AS big(name_of_user, memory_count, rank)
+    FROM unnest(chosen, chosen_counts) WITH ORDINALITY AS big(name_of_user, memory_count, rank)
     CROSS JOIN LATERAL (SELECT memory_vector_index_name(big.name_of_user) AS name,
                                ceil(sqrt(big.memory_count))::integer AS lists) sized
     CROSS JOIN LATERAL (

@@ -44,7 +44,9 @@ BEGIN
                                        ELSE m.embedding <-> p_embedding::vector END ORDER BY u.ord)
         INTO text_distances
         FROM unnest(text_ids) WITH ORDINALITY u(memory_id, ord)
-        CROSS JOIN LATERAL (SELECT * FROM memories m WHERE m.user_id = p_user_id AND m.memory_id = u.memory_id LIMIT 1) m;
+        -- LEFT: a memory deleted since the ranking keeps its place (a NULL distance).
+        LEFT JOIN LATERAL (SELECT * FROM memories m WHERE m.user_id = p_user_id AND m.memory_id = u.memory_id LIMIT 1) m
+            ON true;
         text_floor := CASE WHEN cardinality(text_ids) = text_pool THEN text_scores[text_pool] ELSE 0 END;
         IF by_index THEN
             reach := coalesce(cardinality(near.ids), 0);

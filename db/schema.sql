@@ -1458,7 +1458,9 @@ BEGIN
                                        ELSE m.embedding <-> p_embedding::vector END ORDER BY u.ord)
         INTO text_distances
         FROM unnest(text_ids) WITH ORDINALITY u(memory_id, ord)
-        CROSS JOIN LATERAL (SELECT * FROM memories m WHERE m.user_id = p_user_id AND m.memory_id = u.memory_id LIMIT 1) m;
+        -- LEFT: a memory deleted since the ranking keeps its place (a NULL distance).
+        LEFT JOIN LATERAL (SELECT * FROM memories m WHERE m.user_id = p_user_id AND m.memory_id = u.memory_id LIMIT 1) m
+            ON true;
         text_floor := CASE WHEN cardinality(text_ids) = text_pool THEN text_scores[text_pool] ELSE 0 END;
         IF by_index THEN
             reach := coalesce(cardinality(near.ids), 0);
@@ -1644,28 +1646,40 @@ END $$;
 
 -- Name: memory_vector_indexes_due(integer, integer); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.memory_vector_indexes_due(p_min_memories integer, p_max_indexes integer) RETURNS TABLE(index_name text, user_id text, statements text[])
+CREATE FUNCTION public.memory_vector_indexes_due(p_min_memories integer, p_max_indexes integer) RETURNS TABLE(action text, index_name text, user_id text, statements text[])
     LANGUAGE plpgsql STABLE
     AS $_$
 DECLARE
+    keep_margin CONSTANT double precision := 1.25;  -- a user who has an index counts this many times (see above)
     big_users  text[];
     big_counts integer[];
+    chosen     text[];
+    chosen_counts integer[];
 BEGIN
-    SELECT coalesce(array_agg(b.user_id ORDER BY b.memory_count DESC, b.user_id), '{}'),
-           array_agg(b.memory_count ORDER BY b.memory_count DESC, b.user_id)
+    SELECT coalesce(array_agg(u.user_id), '{}'), coalesce(array_agg(u.memory_count), '{}')
     INTO big_users, big_counts
-    FROM (SELECT u.user_id, u.memory_count FROM memory_users u WHERE u.memory_count > p_min_memories
-          ORDER BY u.memory_count DESC, u.user_id LIMIT p_max_indexes) b;
+    FROM memory_users u WHERE u.memory_count > p_min_memories;
+    SELECT coalesce(array_agg(c.name_of_user ORDER BY c.memory_count DESC, c.name_of_user), '{}'),
+           coalesce(array_agg(c.memory_count ORDER BY c.memory_count DESC, c.name_of_user), '{}')
+    INTO chosen, chosen_counts
+    FROM (SELECT b.name_of_user, b.memory_count
+          FROM unnest(big_users, big_counts) b(name_of_user, memory_count)
+          ORDER BY b.memory_count * CASE WHEN memory_vector_index_ready(b.name_of_user) THEN keep_margin ELSE 1 END DESC,
+                   b.name_of_user
+          LIMIT p_max_indexes) c;
     RETURN QUERY
-    SELECT c.relname::text, NULL::text, ARRAY[format('DROP INDEX CONCURRENTLY IF EXISTS %I', c.relname)]
+    SELECT 'drop', c.relname::text, NULL::text, ARRAY[format('DROP INDEX CONCURRENTLY IF EXISTS %I', c.relname)]
     FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
     WHERE i.indrelid = 'memories'::regclass
       -- the shape of memory_vector_index_name: its prefix and an md5 in hex
-      AND c.relname::text ~ ('^' || left(memory_vector_index_name(''), -32) || '[0-9a-f]{32}$')
-      AND c.relname::text <> ALL (SELECT memory_vector_index_name(b) FROM unnest(big_users) b)
-    ORDER BY 1;
+      AND c.relname::text ~ ('^' || left(memory_vector_index_name(''), -32) || '[0-9a-f]{32}(_cc(new|old)[0-9]*)?$')
+      AND c.relname::text <> ALL (SELECT memory_vector_index_name(u) FROM unnest(chosen) u)
+    ORDER BY 2;
     RETURN QUERY
-    SELECT sized.name, big.name_of_user,
+    SELECT CASE WHEN i.indexrelid IS NULL THEN 'build'
+                WHEN NOT (i.indisvalid AND i.indisready) THEN 'repair'
+                ELSE 'rebuild' END,
+           sized.name, big.name_of_user,
            CASE
                WHEN i.indexrelid IS NULL THEN ARRAY[ddl.build]
                WHEN NOT (i.indisvalid AND i.indisready)
@@ -1673,7 +1687,7 @@ BEGIN
                ELSE ARRAY[format('ALTER INDEX %I SET (lists = %s)', sized.name, sized.lists),
                           format('REINDEX INDEX CONCURRENTLY %I', sized.name)]
            END
-    FROM unnest(big_users, big_counts) WITH ORDINALITY AS big(name_of_user, memory_count, rank)
+    FROM unnest(chosen, chosen_counts) WITH ORDINALITY AS big(name_of_user, memory_count, rank)
     CROSS JOIN LATERAL (SELECT memory_vector_index_name(big.name_of_user) AS name,
                                ceil(sqrt(big.memory_count))::integer AS lists) sized
     CROSS JOIN LATERAL (

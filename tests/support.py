@@ -236,7 +236,7 @@ async def serving(
     try:
         if build_indexes:
             assert server.maintenance is not None
-            assert await server.maintenance.build_vector_indexes() == list(build_indexes)
+            assert await server.maintenance.maintain_vector_indexes() == list(build_indexes)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             yield memory_pb2_grpc.MemoryServiceStub(channel)
     finally:

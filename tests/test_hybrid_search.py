@@ -486,6 +486,38 @@ async def test_term_statistics_stay_exact_under_concurrent_writes(clients: Clien
     assert await db.fetchval("SELECT count(*) FROM memory_terms WHERE user_id = 'carol'") == 0
 
 
+async def test_term_statistics_stay_exact_when_writes_race_on_one_memory(
+    clients: Clients, db: asyncpg.Connection
+) -> None:
+    """Ten content updates of one memory at once, and updates racing a delete of
+    another: memory_terms equals a recount of whatever won, and the deleted
+    memory leaves no row (an update that comes after the delete is NOT_FOUND)."""
+    stub = clients.memories
+    rng = random.Random(35)
+    contested, doomed = await asyncio.gather(*(create(stub, "alice", " ".join(rng.choices(ZIPF_WORDS, k=3)))
+                                               for _ in range(2)))  # fmt: skip
+
+    async def update(memory_id: str, content: str) -> None:
+        try:
+            await stub.UpdateMemory(
+                pb.UpdateMemoryRequest(memory=pb.Memory(memory_id=memory_id, user_id="alice", content=content),
+                                       update_mask={"paths": ["content"]}),
+                metadata=auth("alice"),
+            )  # fmt: skip
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND and memory_id == doomed.memory_id
+
+    contents = [" ".join(rng.choices(ZIPF_WORDS, k=rng.randint(1, 7))) for _ in range(10)]
+    await asyncio.gather(
+        *(update(contested.memory_id, c) for c in contents),
+        *(update(doomed.memory_id, c) for c in contents[:5]),
+        stub.DeleteMemory(pb.DeleteMemoryRequest(user_id="alice", memory_id=doomed.memory_id), metadata=auth("alice")),
+    )
+    assert await db.fetchval("SELECT content FROM memories WHERE memory_id = $1", uuid.UUID(contested.memory_id)) in contents
+    assert await kept_postings(db) == await recounted_postings(db)
+    assert await db.fetchval("SELECT count(*) FROM memory_terms WHERE memory_id = $1", uuid.UUID(doomed.memory_id)) == 0
+
+
 @contextlib.asynccontextmanager
 async def empty_backend_database(admin_url: str, prefix: str) -> AsyncIterator[str]:
     """An empty database on the backend under test (on every node of a cluster), dropped afterwards."""

@@ -25,6 +25,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from nexus import database
+from nexus.maintenance import Maintenance
 from nexus.migrations import MigrationError, migrate
 from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
@@ -483,7 +484,7 @@ async def test_maintenance_builds_rebuilds_and_repairs_the_users_own_index(db_ur
         await server.start()
         try:
             assert server.maintenance is not None
-            job = server.maintenance.build_vector_indexes
+            job = server.maintenance.maintain_vector_indexes
             assert await job() == ["big"]  # "small" has 10, not more
             assert await index_lists(conn, "big") == 6  # ceil(sqrt(30))
             assert await index_lists(conn, "small") is None
@@ -518,8 +519,11 @@ async def test_maintenance_builds_rebuilds_and_repairs_the_users_own_index(db_ur
 
 async def test_maintenance_indexes_only_the_largest_users(db_url: str) -> None:
     """vector_index_max_users caps the per-user indexes (each costs every query and
-    write on memories): the largest users get them; a user who falls out of the
-    largest loses theirs and is searched exactly again, with the same answers."""
+    write on memories): the largest users get them, a user who has one keeps it
+    until someone else is 25% larger (no swapping run after run at the edge),
+    and a user who loses it is searched exactly again, with the same answers.
+    Only user indexes on memories are dropped, and the remains of a failed
+    concurrent reindex with them; a user at or below the threshold loses theirs."""
     rng = random.Random(37)
     conn = await database.connect(db_url)
     try:
@@ -529,16 +533,19 @@ async def test_maintenance_indexes_only_the_largest_users(db_url: str) -> None:
         await server.start()
         try:
             assert server.maintenance is not None
-            job = server.maintenance.build_vector_indexes
+            job = server.maintenance.maintain_vector_indexes
             assert await job() == ["first"]
             assert (await index_lists(conn, "first"), await index_lists(conn, "second")) == (6, None)
 
-            await bulk_create(conn, [("second", f"n{i}", 0.5, None, random_vector(rng)) for i in range(40)])
-            assert await job() == ["second"]
+            await bulk_create(conn, [("second", f"n{i}", 0.5, None, random_vector(rng)) for i in range(16)])
+            assert await job() == []  # 36 memories: larger than first's 30, not 25% larger
+            assert (await index_lists(conn, "first"), await index_lists(conn, "second")) == (6, None)
+
+            await bulk_create(conn, [("second", f"o{i}", 0.5, None, random_vector(rng)) for i in range(4)])
+            assert await job() == ["second"]  # 40 > 1.25 x 30
             assert await conn.fetchval("SELECT to_regclass(memory_vector_index_name('first'))") is None
-            assert await index_lists(conn, "second") == 8  # ceil(sqrt(60))
+            assert await index_lists(conn, "second") == 7  # ceil(sqrt(40))
             assert await job() == []  # nothing due
-            assert await conn.fetchval("SELECT to_regclass('memories_user_vectors')") is not None  # not a user's
 
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 stub = memory_pb2_grpc.MemoryServiceStub(channel)
@@ -547,6 +554,28 @@ async def test_maintenance_indexes_only_the_largest_users(db_url: str) -> None:
                         query = random_vector(rng)
                         truth = [i for i, _ in await exact_nearest(exact, "first", query)]
                         assert [r.memory.memory_id for r in await search(stub, "first", query, metadata=SERVICE)] == truth
+
+            # Another table's index of the same shape stays; a reindex's leftover goes.
+            await conn.execute("CREATE TABLE not_memories (user_id text)")
+            foreign = await conn.fetchval("SELECT memory_vector_index_name('someone')")
+            leftover = await conn.fetchval("SELECT memory_vector_index_name('second') || '_ccnew'")
+            await conn.execute(f'CREATE INDEX "{foreign}" ON not_memories (user_id)')
+            await conn.execute(f'CREATE INDEX "{leftover}" ON memories (user_id) WHERE user_id = \'second\'')
+            assert await job() == []
+            assert await conn.fetchval("SELECT to_regclass($1)", foreign) is not None
+            assert await conn.fetchval("SELECT to_regclass($1)", leftover) is None
+            assert await index_lists(conn, "second") == 7
+
+            # Nobody above a higher threshold: every user index is dropped.
+            pool = await database.Database.open(
+                db_url, min_size=1, max_size=1, statement_timeout_ms=30_000, slow_warn_ms=10**9, slow_error_ms=10**9
+            )
+            try:
+                higher = Maintenance(pool, server_config(db_url, search_exact_max_memories=40))
+                assert await higher.maintain_vector_indexes() == []
+            finally:
+                await pool.close()
+            assert await index_lists(conn, "second") is None
         finally:
             await server.stop(grace=0)
     finally:

@@ -114,7 +114,7 @@ class Config:
         metadata={
             "help": "SearchMemories scans a user's memories exactly up to this many (a scan costs about 1 ms per "
             "1000 memories of 384 dimensions); maintenance gives a user with more a vector index of their own "
-            "(IVFFlat, cosine), which answers once built."
+            "(IVFFlat, cosine; the vector_index_max_users largest such users), which answers once built."
         },
     )
     vector_index_max_users: int = field(

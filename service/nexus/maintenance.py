@@ -69,9 +69,9 @@ class Maintenance:
             log.info("event=maintenance %s", " ".join(f"{job}={n}" for job, n in done.items()))
         return done
 
-    async def build_vector_indexes(self) -> list[str]:
-        """Drops the vector indexes of users no longer among the largest, then builds
-        (or rebuilds) those due; returns the users built for. Empty when another
+    async def maintain_vector_indexes(self) -> list[str]:
+        """Drops the vector indexes of users no longer chosen, then builds (or
+        rebuilds) those due; returns the users built for. Empty when another
         replica holds the job."""
         built: list[str] = []
         async with self._db.pool.acquire() as conn:
@@ -89,14 +89,18 @@ class Maintenance:
                     started = time.perf_counter()
                     for statement in due["statements"]:
                         await conn.execute(statement)
-                    if due["user_id"] is None:
-                        log.info("event=vector_index_dropped index=%s", due["index_name"])
-                        continue
                     log.info(
-                        "event=vector_index_built user_id=%s duration_s=%.1f",
-                        due["user_id"], time.perf_counter() - started,
+                        "event=vector_index_%s index=%s user_id=%s duration_s=%.1f",
+                        due["action"], due["index_name"], due["user_id"], time.perf_counter() - started,
                     )  # fmt: skip
-                    built.append(due["user_id"])
+                    if due["action"] != "drop":
+                        built.append(due["user_id"])
+                above = await conn.fetchval(queries.MEMORY_USERS_ABOVE, self._exact_search_max)
+                if above > self._vector_index_max_users:
+                    log.warning(
+                        "event=vector_indexes_capped users_above_exact_max=%d vector_index_max_users=%d",
+                        above, self._vector_index_max_users,
+                    )  # fmt: skip
             finally:
                 await conn.execute("RESET statement_timeout; RESET maintenance_work_mem")
                 await conn.execute("SELECT pg_advisory_unlock($1)", VECTOR_INDEX_LOCK_KEY)
@@ -110,6 +114,6 @@ class Maintenance:
             except NexusError as exc:
                 log.warning("event=maintenance_failed error=%r", exc)
             try:
-                await self.build_vector_indexes()
+                await self.maintain_vector_indexes()
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 log.warning("event=vector_index_failed error=%r", exc)

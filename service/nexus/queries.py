@@ -70,6 +70,7 @@ SEARCH_MEMORIES = (
     " p_gravity_weight => $12)"
 )
 MEMORY_VECTOR_INDEXES_DUE = "SELECT * FROM memory_vector_indexes_due($1, $2)"
+MEMORY_USERS_ABOVE = "SELECT count(*) FROM memory_users WHERE memory_count > $1"
 LIST_ARCS = "SELECT d FROM list_arcs($1, $2, $3, $4) AS d"
 SET_IDENTITY_ENTITIES = "SELECT set_identity_entities($1, $2)"
 MEMORY_STREAM_POSITION = "SELECT * FROM memory_stream_position($1)"
