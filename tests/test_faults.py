@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from nexus.v1 import interaction_pb2 as pb
-from nexus.v1 import token_pb2
+from nexus.v1 import memory_pb2, token_pb2
 
 from support import SERVICE, Clients, auth
 
@@ -146,6 +146,53 @@ async def test_acknowledged_credits_are_in_the_ledger_exactly_once_across_a_stal
             assert ledger.get(f"r{call}") == call + 1, f"call {call} was acknowledged but is not in the ledger"
         assert await db.fetchval("SELECT balance FROM balances WHERE user_id = $1", user) == sum(ledger.values())
     assert await db.fetchval("SELECT count(*) FROM reconcile_balances(false)") == 0
+
+
+async def test_acknowledged_memories_are_stored_once_with_exact_search_statistics_across_a_stall(
+    clients: Clients, db: asyncpg.Connection
+) -> None:
+    """CreateMemory (group commit, the search-statistics trigger) across a stall:
+    an acknowledged create is stored once as acknowledged, retries of every
+    request_id afterwards add nothing twice, and the user's count, length total
+    and posting rows equal a recount of the memories."""
+    stub = clients.memories
+    for round_number in range(ROUNDS):
+        user = f"rememberer-{round_number}"
+
+        def create(user: str, call: int, deadline_s: float) -> Callable[[], Awaitable[memory_pb2.CreateMemoryResponse]]:
+            request = memory_pb2.CreateMemoryRequest(
+                user_id=user, content=f"stalled note {call} " + "word " * (call % 5), gravity_score=0.5,
+                request_id=f"m{call}",
+            )
+            return lambda: stub.CreateMemory(request, metadata=auth(user), timeout=deadline_s)
+
+        results = await replies_during_stall(db, [create(user, call, deadline_of(call)) for call in range(CALLS_PER_ROUND)])
+        stored = {row["content"]: str(row["memory_id"])
+                  for row in await db.fetch("SELECT content, memory_id FROM memories WHERE user_id = $1", user)}
+        for call, result in enumerate(results):
+            if isinstance(result, grpc.aio.AioRpcError):
+                assert result.code() in OUTCOME_UNKNOWN, f"call {call}: {result.code()} {result.details()}"
+                continue
+            assert stored.get(result.memory.content) == result.memory.memory_id, f"call {call} acknowledged, not stored"
+
+        retried = await asyncio.gather(*(create(user, call, LONG_DEADLINE_S)() for call in range(CALLS_PER_ROUND)))
+        for call, result in enumerate(results):
+            if not isinstance(result, grpc.aio.AioRpcError):
+                assert retried[call].memory.memory_id == result.memory.memory_id, f"call {call}'s retry is another memory"
+        assert await db.fetchval("SELECT count(*) FROM memories WHERE user_id = $1", user) == CALLS_PER_ROUND
+        kept = await db.fetchrow(
+            """SELECT u.memory_count, u.search_length_total,
+                      (SELECT count(*) FROM memory_terms WHERE user_id = $1) AS term_rows
+               FROM memory_users u WHERE u.user_id = $1""",
+            user,
+        )
+        recounted = await db.fetchrow(
+            """SELECT count(*) AS memory_count, sum(search_length) AS search_length_total,
+                      sum(length(search_vector)) AS term_rows
+               FROM memories WHERE user_id = $1""",
+            user,
+        )
+        assert dict(kept) == dict(recounted), f"round {round_number}: kept {dict(kept)} != recounted {dict(recounted)}"
 
 
 async def test_a_statement_ends_in_the_server_at_its_deadline_even_when_no_cancel_can_arrive(
