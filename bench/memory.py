@@ -349,10 +349,11 @@ class _Run:
         latencies: dict[str, list[float]] = {mode: [] for mode in hits}
         for (user, fact), memory_id in evidence.items():
             question = FACTS[fact][1]
+            embedding = padded(question)
             requests = {
-                "vector": pb.SearchMemoriesRequest(user_id=user, embedding=padded(question), top_k=10),
+                "vector": pb.SearchMemoriesRequest(user_id=user, embedding=embedding, top_k=10),
                 "text": pb.SearchMemoriesRequest(user_id=user, query=question, top_k=10),
-                "hybrid": pb.SearchMemoriesRequest(user_id=user, query=question, embedding=padded(question), top_k=10),
+                "hybrid": pb.SearchMemoriesRequest(user_id=user, query=question, embedding=embedding, top_k=10),
             }
             for mode, request in requests.items():
                 for round_ in range(QUALITY_LATENCY_ROUNDS):

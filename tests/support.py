@@ -34,6 +34,7 @@ from nexus import database, migrations
 from nexus.auth import mint_token
 from nexus.citus_cluster import copy_cluster_database, drop_cluster_database
 from nexus.config import Config
+from nexus.maintenance import Maintenance
 from nexus.server import NexusServer
 from nexus.v1 import follow_pb2_grpc, interaction_pb2_grpc, memory_pb2, memory_pb2_grpc, token_pb2_grpc
 from nexus.v1 import interaction_pb2 as pb
@@ -222,6 +223,19 @@ async def create(
 ) -> memory_pb2.Memory:
     request = memory_pb2.CreateMemoryRequest(user_id=user, content=content, embedding=embedding, **fields)
     return (await stub.CreateMemory(request, metadata=auth(user))).memory
+
+
+@contextlib.asynccontextmanager
+async def maintenance_runner(db_url: str, **overrides: Any) -> AsyncIterator[Maintenance]:
+    """A Maintenance on its own pool (no background loop), configured as
+    server_config(db_url, **overrides)."""
+    db = await database.Database.open(
+        db_url, min_size=1, max_size=2, statement_timeout_ms=30_000, slow_warn_ms=10_000, slow_error_ms=20_000
+    )
+    try:
+        yield Maintenance(db, server_config(db_url, **overrides))
+    finally:
+        await db.close()
 
 
 @contextlib.asynccontextmanager

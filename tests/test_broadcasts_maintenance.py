@@ -33,13 +33,11 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 
 from nexus import maintenance as maintenance_module
-from nexus.database import Database
-from nexus.maintenance import Maintenance
 from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
 
-from support import SERVICE, Clients, auth, bad_request_fields, rpc_error, server_config
+from support import SERVICE, Clients, auth, bad_request_fields, maintenance_runner, rpc_error, server_config
 
 READ_TIMEOUT_S = 5.0
 JOBS = {"cache_cleanup", "event_retention", "request_expiry", "arc_dormancy"}
@@ -89,19 +87,6 @@ async def replica(
             yield memory_pb2_grpc.MemoryServiceStub(channel)
     finally:
         await server.stop(grace=0)
-
-
-@contextlib.asynccontextmanager
-async def runner(db_url: str, interval_s: float = 0.0) -> AsyncIterator[Maintenance]:
-    """A Maintenance runner on its own pool (no background loop): every
-    run_once is due when interval_s is 0."""
-    db = await Database.open(
-        db_url, min_size=1, max_size=2, statement_timeout_ms=30_000, slow_warn_ms=10_000, slow_error_ms=20_000
-    )
-    try:
-        yield Maintenance(db, server_config(db_url, maintenance_interval_s=interval_s))
-    finally:
-        await db.close()
 
 
 class Collector:
@@ -363,7 +348,7 @@ async def test_cache_entries_older_than_a_day_are_removed_newer_kept(db_url: str
             "VALUES ('alice', $1, '{}', now() - make_interval(hours => $2))",
             key, hours,
         )  # fmt: skip
-    async with runner(db_url) as maintenance:
+    async with maintenance_runner(db_url, maintenance_interval_s=0) as maintenance:
         done = await maintenance.run_once()
     assert set(done) == JOBS
     assert done["cache_cleanup"] == 2
@@ -386,7 +371,7 @@ async def test_events_past_retention_are_removed_and_marked_purged(
     await age(db, "memory_events", "create_time", 71, "user_id = 'alice' AND seq = 4")  # inside 72 h
     await age(db, "memory_events", "create_time", 100, "user_id = 'bob' AND seq = 1")
 
-    async with runner(db_url) as maintenance:  # event_retention_hours = 72 (the default)
+    async with maintenance_runner(db_url, maintenance_interval_s=0) as maintenance:  # event_retention_hours = 72 (the default)
         done = await maintenance.run_once()
     assert done["event_retention"] == 4
     assert await event_seqs(db, "alice") == [4, 5]
@@ -408,7 +393,7 @@ async def test_request_ids_past_retention_stop_deduplicating_newer_ones_still_do
     new = await create_memory(clients, "alice", "new request", request_id="req-new")
     await age(db, "memory_requests", "create_time", 169, "request_id = 'req-old'")  # retention: 168 h
     await age(db, "memory_requests", "create_time", 167, "request_id = 'req-new'")
-    async with runner(db_url) as maintenance:
+    async with maintenance_runner(db_url, maintenance_interval_s=0) as maintenance:
         done = await maintenance.run_once()
     assert done["request_expiry"] == 1
     assert {r["request_id"] for r in await db.fetch("SELECT request_id FROM memory_requests")} == {"req-new"}
@@ -439,7 +424,7 @@ async def test_idle_arc_goes_dormant_and_a_new_cluster_forms_a_new_arc(
     call = clients.memories.SubscribeArcs(pb.SubscribeArcsRequest(user_id="alice"), metadata=auth("alice"))
     try:
         await call.initial_metadata()
-        async with runner(db_url) as maintenance:
+        async with maintenance_runner(db_url, maintenance_interval_s=0) as maintenance:
             done = await maintenance.run_once()
         assert done["arc_dormancy"] == 1
         event = await asyncio.wait_for(call.read(), READ_TIMEOUT_S)
@@ -480,7 +465,7 @@ async def test_arc_that_gains_members_while_maintenance_waits_for_its_user_stays
     await strong_memories(clients, "alice", "joy", 2)  # two fresh ones: no cluster of three yet
     assert await db.fetchval("SELECT count(*) FROM memory_arc_members") == 3
 
-    async with runner(db_url) as maintenance:
+    async with maintenance_runner(db_url, maintenance_interval_s=0) as maintenance:
         async with db.transaction():
             await db.execute("SELECT lock_memory_user('alice')")  # as a CreateMemory in flight holds it
             run = asyncio.create_task(maintenance.run_once())
@@ -499,7 +484,8 @@ async def test_each_due_run_is_done_by_exactly_one_of_two_replicas(db_url: str, 
         "INSERT INTO consciousness_cache (user_id, cache_key, value, create_time) "
         "SELECT 'alice', 'k' || i, '{}', now() - interval '2 days' FROM generate_series(1, 40) i"
     )
-    async with runner(db_url, interval_s=3600) as a, runner(db_url, interval_s=3600) as b:
+    hourly = {"maintenance_interval_s": 3600}
+    async with maintenance_runner(db_url, **hourly) as a, maintenance_runner(db_url, **hourly) as b:
         for round_ in range(15):
             if round_:
                 # The interval has passed since the last run.
@@ -560,7 +546,7 @@ async def test_jobs_remove_at_most_batch_rows_per_run_and_later_runs_continue(
         """
     )
     expected = [3, 3, 1, 0]
-    async with runner(db_url) as maintenance:
+    async with maintenance_runner(db_url, maintenance_interval_s=0) as maintenance:
         for run, count in enumerate(expected):
             done = await maintenance.run_once()
             assert done == dict.fromkeys(JOBS, count), f"run {run}: {done}"

@@ -25,7 +25,7 @@ import random
 import socket
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
 import asyncpg
@@ -36,6 +36,7 @@ from nexus import config as nexus_config
 from nexus import database, embedder, migrations
 from nexus.citus_cluster import create_cluster_database, drop_cluster_database
 from nexus.v1 import memory_pb2 as pb
+from nexus.v1 import memory_pb2_grpc
 
 from support import (
     ON_CITUS,
@@ -445,6 +446,17 @@ async def kept_postings(db: asyncpg.Connection) -> list[tuple[str, str, Any, int
     return sorted(tuple(r) for r in rows)
 
 
+def update_content(
+    stub: memory_pb2_grpc.MemoryServiceStub, user: str, memory_id: str, content: str
+) -> Awaitable[pb.UpdateMemoryResponse]:
+    """UpdateMemory of the memory's content alone, as its user."""
+    return stub.UpdateMemory(
+        pb.UpdateMemoryRequest(memory=pb.Memory(memory_id=memory_id, user_id=user, content=content),
+                               update_mask={"paths": ["content"]}),
+        metadata=auth(user),
+    )  # fmt: skip
+
+
 async def test_term_statistics_stay_exact_under_concurrent_writes(clients: Clients, db: asyncpg.Connection) -> None:
     """memory_terms (each lexeme of each memory with its count and the memory's
     length) against a recount from the contents, after concurrent creates,
@@ -456,20 +468,15 @@ async def test_term_statistics_stay_exact_under_concurrent_writes(clients: Clien
     texts = [" ".join(rng.choices(ZIPF_WORDS, k=rng.randint(2, 6))) for _ in range(60)]
     created = await asyncio.gather(*(create(stub, "alice", t) for t in texts), *(create(stub, "bob", t) for t in texts[:20]))
 
-    async def update(memory_id: str, content: str) -> None:
-        await stub.UpdateMemory(
-            pb.UpdateMemoryRequest(memory=pb.Memory(memory_id=memory_id, user_id="alice", content=content),
-                                   update_mask={"paths": ["content"]}),
-            metadata=auth("alice"),
-        )  # fmt: skip
-
     alice = created[:60]
     await asyncio.gather(
         *(stub.DeleteMemory(pb.DeleteMemoryRequest(user_id="alice", memory_id=m.memory_id), metadata=auth("alice"))
           for m in alice[::4]),
-        *(update(m.memory_id, " ".join(rng.sample(ZIPF_WORDS, len(m.content.split())))) for m in alice[1::4]),
-        *(update(m.memory_id, "quartz " + m.content) for m in alice[2::4]),
-        *(update(m.memory_id, " ".join([m.content.split()[0]] * len(m.content.split()))) for m in alice[3::4]),
+        *(update_content(stub, "alice", m.memory_id, " ".join(rng.sample(ZIPF_WORDS, len(m.content.split()))))
+          for m in alice[1::4]),
+        *(update_content(stub, "alice", m.memory_id, "quartz " + m.content) for m in alice[2::4]),
+        *(update_content(stub, "alice", m.memory_id, " ".join([m.content.split()[0]] * len(m.content.split())))
+          for m in alice[3::4]),
         *(create(stub, "alice", " ".join(rng.choices(ZIPF_WORDS, k=4))) for _ in range(20)),
     )  # fmt: skip
     await db.execute(
@@ -499,11 +506,7 @@ async def test_term_statistics_stay_exact_when_writes_race_on_one_memory(
 
     async def update(memory_id: str, content: str) -> None:
         try:
-            await stub.UpdateMemory(
-                pb.UpdateMemoryRequest(memory=pb.Memory(memory_id=memory_id, user_id="alice", content=content),
-                                       update_mask={"paths": ["content"]}),
-                metadata=auth("alice"),
-            )  # fmt: skip
+            await update_content(stub, "alice", memory_id, content)
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.NOT_FOUND and memory_id == doomed.memory_id
 

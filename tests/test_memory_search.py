@@ -25,7 +25,6 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from nexus import database
-from nexus.maintenance import Maintenance
 from nexus.migrations import MigrationError, migrate
 from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
@@ -40,6 +39,7 @@ from support import (
     create,
     distance,
     f32,
+    maintenance_runner,
     random_vector,
     rpc_error,
     scratch_database,
@@ -567,14 +567,8 @@ async def test_maintenance_indexes_only_the_largest_users(db_url: str) -> None:
             assert await index_lists(conn, "second") == 7
 
             # Nobody above a higher threshold: every user index is dropped.
-            pool = await database.Database.open(
-                db_url, min_size=1, max_size=1, statement_timeout_ms=30_000, slow_warn_ms=10**9, slow_error_ms=10**9
-            )
-            try:
-                higher = Maintenance(pool, server_config(db_url, search_exact_max_memories=40))
+            async with maintenance_runner(db_url, search_exact_max_memories=40) as higher:
                 assert await higher.maintain_vector_indexes() == []
-            finally:
-                await pool.close()
             assert await index_lists(conn, "second") is None
         finally:
             await server.stop(grace=0)
