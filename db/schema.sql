@@ -1650,7 +1650,8 @@ CREATE FUNCTION public.memory_vector_indexes_due(p_min_memories integer, p_max_i
     LANGUAGE plpgsql STABLE
     AS $_$
 DECLARE
-    keep_margin CONSTANT double precision := 1.25;  -- a user who has an index counts this many times (see above)
+    keep_margin CONSTANT double precision := 1.25;  -- a user who has an index counts this many times (see 0014)
+    keep_floor  CONSTANT double precision := 0.8;   -- an index is kept down to this share of p_min_memories
     big_users  text[];
     big_counts integer[];
     chosen     text[];
@@ -1658,7 +1659,12 @@ DECLARE
 BEGIN
     SELECT coalesce(array_agg(u.user_id), '{}'), coalesce(array_agg(u.memory_count), '{}')
     INTO big_users, big_counts
-    FROM memory_users u WHERE u.memory_count > p_min_memories;
+    FROM memory_users u WHERE u.memory_count > floor(keep_floor * p_min_memories);
+    -- Apart from the statement above: memory_users is distributed, the catalogs are local (see 0011).
+    SELECT coalesce(array_agg(b.name_of_user), '{}'), coalesce(array_agg(b.memory_count), '{}')
+    INTO big_users, big_counts
+    FROM unnest(big_users, big_counts) b(name_of_user, memory_count)
+    WHERE b.memory_count > p_min_memories OR memory_vector_index_ready(b.name_of_user);
     SELECT coalesce(array_agg(c.name_of_user ORDER BY c.memory_count DESC, c.name_of_user), '{}'),
            coalesce(array_agg(c.memory_count ORDER BY c.memory_count DESC, c.name_of_user), '{}')
     INTO chosen, chosen_counts

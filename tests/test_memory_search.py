@@ -521,9 +521,9 @@ async def test_maintenance_indexes_only_the_largest_users(db_url: str) -> None:
     """vector_index_max_users caps the per-user indexes (each costs every query and
     write on memories): the largest users get them, a user who has one keeps it
     until someone else is 25% larger (no swapping run after run at the edge),
-    and a user who loses it is searched exactly again, with the same answers.
-    Only user indexes on memories are dropped, and the remains of a failed
-    concurrent reindex with them; a user at or below the threshold loses theirs."""
+    and a user who loses it is searched exactly again. Only user indexes on
+    memories are dropped, and the remains of a failed concurrent reindex with
+    them; a user at or below 80% of the threshold loses theirs."""
     rng = random.Random(37)
     conn = await database.connect(db_url)
     try:
@@ -544,6 +544,7 @@ async def test_maintenance_indexes_only_the_largest_users(db_url: str) -> None:
             await bulk_create(conn, [("second", f"o{i}", 0.5, None, random_vector(rng)) for i in range(4)])
             assert await job() == ["second"]  # 40 > 1.25 x 30
             assert await conn.fetchval("SELECT to_regclass(memory_vector_index_name('first'))") is None
+            assert await conn.fetchval("SELECT memory_vector_index_usable('first', 10)") is False
             assert await index_lists(conn, "second") == 7  # ceil(sqrt(40))
             assert await job() == []  # nothing due
 
@@ -566,11 +567,36 @@ async def test_maintenance_indexes_only_the_largest_users(db_url: str) -> None:
             assert await conn.fetchval("SELECT to_regclass($1)", leftover) is None
             assert await index_lists(conn, "second") == 7
 
-            # Nobody above a higher threshold: every user index is dropped.
-            async with maintenance_runner(db_url, search_exact_max_memories=40) as higher:
+            # Nobody above 80% of a higher threshold (40 of 50): every user index is dropped.
+            async with maintenance_runner(db_url, search_exact_max_memories=50) as higher:
                 assert await higher.maintain_vector_indexes() == []
             assert await index_lists(conn, "second") is None
         finally:
             await server.stop(grace=0)
+    finally:
+        await conn.close()
+
+
+async def test_an_index_stays_while_its_user_hovers_around_the_threshold(db_url: str) -> None:
+    """A user whose count goes back and forth across search_exact_max_memories
+    keeps their index (no drop and build per maintenance run, each build a scan of
+    memories) and is searched exactly while at or below it; the index goes once
+    they fall to 80% of the threshold."""
+    rng = random.Random(38)
+    conn = await database.connect(db_url)
+    try:
+        ids = await bulk_create(conn, [("hover", f"m{i}", 0.5, None, random_vector(rng)) for i in range(11)])
+        async with maintenance_runner(db_url, search_exact_max_memories=10) as runner:
+            assert await runner.maintain_vector_indexes() == ["hover"]
+            for memory_id in ids[:3]:  # 10, 9, 8 memories
+                await conn.execute("SELECT delete_memory('hover', $1::uuid)", memory_id)
+                count = await conn.fetchval("SELECT memory_count FROM memory_users WHERE user_id = 'hover'")
+                assert await runner.maintain_vector_indexes() == []
+                kept = await index_lists(conn, "hover") is not None
+                assert kept == (count > 8), count
+                assert await conn.fetchval("SELECT memory_vector_index_usable('hover', 10)") is False
+            await bulk_create(conn, [("hover", f"n{i}", 0.5, None, random_vector(rng)) for i in range(3)])  # 11
+            assert await runner.maintain_vector_indexes() == ["hover"]
+            assert await conn.fetchval("SELECT memory_vector_index_usable('hover', 10)") is True
     finally:
         await conn.close()

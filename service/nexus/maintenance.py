@@ -50,6 +50,7 @@ class Maintenance:
         self._request_retention = datetime.timedelta(hours=config.idempotency_retention_hours)
         self._exact_search_max = config.search_exact_max_memories
         self._vector_index_max_users = config.vector_index_max_users
+        self._capped_logged = 0  # the users above the threshold when vector_indexes_capped was last logged
 
     async def run_once(self) -> dict[str, int]:
         """Runs the jobs if this replica gets the lock and they are due; returns
@@ -96,11 +97,13 @@ class Maintenance:
                     if due["action"] != "drop":
                         built.append(due["user_id"])
                 above = await conn.fetchval(queries.MEMORY_USERS_ABOVE, self._exact_search_max)
-                if above > self._vector_index_max_users:
+                capped = above if above > self._vector_index_max_users else 0
+                if capped and capped != self._capped_logged:  # once per change, not once a minute
                     log.warning(
                         "event=vector_indexes_capped users_above_exact_max=%d vector_index_max_users=%d",
                         above, self._vector_index_max_users,
                     )  # fmt: skip
+                self._capped_logged = capped
             finally:
                 await conn.execute("RESET statement_timeout; RESET maintenance_work_mem")
                 await conn.execute("SELECT pg_advisory_unlock($1)", VECTOR_INDEX_LOCK_KEY)
