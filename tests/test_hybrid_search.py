@@ -498,7 +498,9 @@ async def test_term_statistics_stay_exact_when_writes_race_on_one_memory(
 ) -> None:
     """Ten content updates of one memory at once, and updates racing a delete of
     another: memory_terms equals a recount of whatever won, and the deleted
-    memory leaves no row (an update that comes after the delete is NOT_FOUND)."""
+    memory leaves no row (an update that comes after the delete is NOT_FOUND).
+    Through the service these writes queue on the user's lock (UpdateMemory and
+    DeleteMemory take it first); the next test races the trigger itself."""
     stub = clients.memories
     rng = random.Random(35)
     contested, doomed = await asyncio.gather(*(create(stub, "alice", " ".join(rng.choices(ZIPF_WORDS, k=3)))
@@ -519,6 +521,35 @@ async def test_term_statistics_stay_exact_when_writes_race_on_one_memory(
     assert await db.fetchval("SELECT content FROM memories WHERE memory_id = $1", uuid.UUID(contested.memory_id)) in contents
     assert await kept_postings(db) == await recounted_postings(db)
     assert await db.fetchval("SELECT count(*) FROM memory_terms WHERE memory_id = $1", uuid.UUID(doomed.memory_id)) == 0
+
+
+async def test_term_statistics_stay_exact_when_direct_updates_race_on_one_memory(
+    clients: Clients, db: asyncpg.Connection, db_url: str
+) -> None:
+    """The posting trigger under contention, with no service lock in front: per
+    round, ten connections UPDATE one memory's content at once (each waits on the
+    row, then its trigger runs on what the winner wrote) while five update another
+    that a sixth deletes. memory_terms equals a recount after every round."""
+    rng = random.Random(36)
+    pool = await asyncpg.create_pool(db_url, min_size=16, max_size=16)
+    assert pool is not None
+    try:
+        for _ in range(5):
+            contested, doomed = await asyncio.gather(*(create(clients.memories, "alice", " ".join(rng.choices(ZIPF_WORDS, k=3)))
+                                                       for _ in range(2)))  # fmt: skip
+            contents = [" ".join(rng.choices(ZIPF_WORDS, k=rng.randint(1, 7))) for _ in range(10)]
+            update = "UPDATE memories SET content = $2 WHERE user_id = 'alice' AND memory_id = $1"
+            await asyncio.gather(
+                *(pool.execute(update, uuid.UUID(contested.memory_id), c) for c in contents),
+                *(pool.execute(update, uuid.UUID(doomed.memory_id), c) for c in contents[:5]),
+                pool.execute("DELETE FROM memories WHERE user_id = 'alice' AND memory_id = $1", uuid.UUID(doomed.memory_id)),
+            )
+            assert await kept_postings(db) == await recounted_postings(db)
+            doomed_id, contested_id = uuid.UUID(doomed.memory_id), uuid.UUID(contested.memory_id)
+            assert await db.fetchval("SELECT count(*) FROM memory_terms WHERE memory_id = $1", doomed_id) == 0
+            assert await db.fetchval("SELECT content FROM memories WHERE memory_id = $1", contested_id) in contents
+    finally:
+        await pool.close()
 
 
 @contextlib.asynccontextmanager
@@ -565,12 +596,7 @@ async def test_db_0013_fills_the_postings_of_existing_memories(admin_url: str) -
                     assert ids(got) == ranked(expected, 100), query
                     assert [r.text_score for r in got] == pytest.approx([expected[i] for i in ids(got)], rel=1e-9)
                 longer = await create(stub, "alice", "quartz quartz walrus")
-                await stub.UpdateMemory(
-                    pb.UpdateMemoryRequest(memory=pb.Memory(memory_id=longer.memory_id, user_id="alice",
-                                                            content="quartz walrus walrus lemon"),
-                                           update_mask={"paths": ["content"]}),
-                    metadata=auth("alice"),
-                )  # fmt: skip
+                await update_content(stub, "alice", longer.memory_id, "quartz walrus walrus lemon")
             assert await kept_postings(conn) == await recounted_postings(conn)
         finally:
             await conn.close()
