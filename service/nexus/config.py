@@ -16,6 +16,8 @@ from pathlib import Path
 
 from nexus.constants import DEFAULT_EMBEDDING_DIM
 
+POSTGRES_INTEGER_MAX = 2**31 - 1
+
 
 def default_data_dir() -> Path:
     """Per-user data directory: $XDG_DATA_HOME/nexus or ~/.local/share/nexus."""
@@ -166,6 +168,11 @@ class Config:
         return f"{host}:{self.port}"
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            # Settings reach SQL as integer parameters: a larger one would fail every call that sends it.
+            if type(value) is int and abs(value) > POSTGRES_INTEGER_MAX:
+                raise ValueError(f"{f.name} must be at most {POSTGRES_INTEGER_MAX}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:
