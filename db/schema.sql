@@ -1426,7 +1426,7 @@ CREATE FUNCTION public.memory_events_channel() RETURNS text
 -- Name: memory_hybrid_top(text, real[], text, text, integer, double precision, timestamp with time zone, text, double precision, integer); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.memory_hybrid_top(p_user_id text, p_embedding real[], p_query text, p_metric text, p_top_k integer, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_vector_weight double precision, p_exact_max integer) RETURNS TABLE(memory_id uuid, distance double precision, text_score double precision, score double precision)
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql STABLE
     AS $$
 #variable_conflict use_column
 DECLARE
@@ -1714,7 +1714,7 @@ END $_$;
 -- Name: memory_vector_nearest(text, real[], text, integer, double precision, timestamp with time zone, text, integer); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.memory_vector_nearest(p_user_id text, p_embedding real[], p_metric text, p_limit integer, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_exact_max integer, OUT ids uuid[], OUT distances double precision[], OUT farthest double precision) RETURNS record
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql STABLE
     AS $_$
 DECLARE
     operator text := CASE p_metric WHEN 'cosine' THEN '<=>' WHEN 'l2' THEN '<->' END;
@@ -2081,7 +2081,7 @@ $$;
 -- Name: search_memories(text, real[], text, text, integer, double precision, timestamp with time zone, text, double precision, integer, double precision, double precision); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.search_memories(p_user_id text, p_embedding real[], p_query text, p_metric text, p_top_k integer, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_vector_weight double precision, p_exact_max integer, p_recency_weight double precision, p_gravity_weight double precision) RETURNS TABLE(document jsonb, distance double precision, text_score double precision, score double precision)
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql STABLE
     AS $$
 #variable_conflict use_column
 DECLARE

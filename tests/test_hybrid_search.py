@@ -737,3 +737,51 @@ async def test_without_embedder_a_query_alone_is_text_only(clients: Clients) -> 
     assert len(got) == 1 and not got[0].HasField("distance")
     error = await rpc_error(clients.memories.SearchMemories(pb.SearchMemoriesRequest(user_id="alice"), metadata=auth("alice")))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_search_racing_deletes_answers_from_one_snapshot(clients: Clients, db_url: str) -> None:
+    """Searches of every mode while the user's memories are deleted one by one:
+    each answer is a full page (the user always keeps more than top_k), as if it
+    was read at one instant, never a page with a hole where a memory deleted
+    between the search's statements was ranked."""
+    stub = clients.memories
+    rng = random.Random(39)
+    query_vector = random_vector(rng)
+
+    def near_memory() -> Awaitable[pb.Memory]:
+        content = "zebra " + " ".join(rng.choices(FILLER, k=rng.randint(0, 4)))
+        return create(stub, "alice", content, random_vector(rng, center=query_vector, spread=0.5))
+
+    created = await asyncio.gather(*(near_memory() for _ in range(260)))
+    doomed = [uuid.UUID(m.memory_id) for m in created[:240]]
+    rng.shuffle(doomed)
+    requests = [
+        pb.SearchMemoriesRequest(user_id="alice", query="zebra", top_k=10),
+        pb.SearchMemoriesRequest(user_id="alice", embedding=query_vector, top_k=10),
+        pb.SearchMemoriesRequest(user_id="alice", query="zebra", embedding=query_vector, top_k=10),
+    ]
+    deleting = True
+    searched = asyncio.Event()
+    short: list[tuple[str, int]] = []  # (mode, results)
+
+    async def search_until_done(request: pb.SearchMemoriesRequest) -> None:
+        mode = "hybrid" if request.query and request.embedding else "text" if request.query else "vector"
+        while deleting:
+            results = (await stub.SearchMemories(request, metadata=auth("alice"))).results
+            searched.set()
+            if len(results) != 10:
+                short.append((mode, len(results)))
+
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=1)  # deletes faster than through the service
+    assert pool is not None
+    searchers = [asyncio.create_task(search_until_done(r)) for r in requests for _ in range(2)]
+    try:
+        for memory_id in doomed:
+            searched.clear()
+            await pool.execute("SELECT delete_memory('alice', $1)", memory_id)
+            await asyncio.wait_for(searched.wait(), timeout=30)  # a search ends between deletes: they overlap
+    finally:
+        deleting = False
+        await asyncio.gather(*searchers)
+        await pool.close()
+    assert short == []
