@@ -328,7 +328,11 @@ async def test_sigterm_with_the_embedded_database_already_dead_exits_zero(pg_dir
     # (asyncpg's pool may log a traceback when its connections die: not part of the shutdown.)
     shutdown_log = log_file.read_text().split("event=shutdown_requested", 1)[1]
     assert "Traceback" not in shutdown_log, shutdown_log
-    assert shutdown_log.count("event=embedded_postgres_already_down") == 1, shutdown_log
+    # Usually the shutdown finds the database down. If the health probe began a
+    # restart first (a loaded machine), the shutdown waits for it and stops the
+    # restarted database. Either way the database is dealt with once.
+    outcomes = [e for e in ("embedded_postgres_already_down", "embedded_postgres_stopped") if f"event={e}" in shutdown_log]
+    assert len(outcomes) == 1 and shutdown_log.count(f"event={outcomes[0]}") == 1, shutdown_log
     await wait_until_no_cluster_processes(pg_dir / "pg")
 
 
