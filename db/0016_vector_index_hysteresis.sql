@@ -6,8 +6,10 @@
 -- index dropped and built again by maintenance run after run, each build a
 -- scan of memories. Now an index, once built, stays until its user falls
 -- below 0.8 times the threshold; in between, search goes exact as before
--- (memory_vector_index_usable still asks for more than the threshold). The
--- cap and its 1.25 keep-margin are as in 0014.
+-- (memory_vector_index_usable still asks for more than the threshold). Such a
+-- kept index takes one of the capped places only while no user above the
+-- threshold wants it. Among users above it, the cap and its 1.25 keep-margin
+-- are as in 0014.
 
 CREATE OR REPLACE FUNCTION memory_vector_indexes_due(p_min_memories integer, p_max_indexes integer)
 RETURNS TABLE (action text, index_name text, user_id text, statements text[])
@@ -33,7 +35,9 @@ BEGIN
     INTO chosen, chosen_counts
     FROM (SELECT b.name_of_user, b.memory_count
           FROM unnest(big_users, big_counts) b(name_of_user, memory_count)
-          ORDER BY b.memory_count * CASE WHEN memory_vector_index_ready(b.name_of_user) THEN keep_margin ELSE 1 END DESC,
+          -- Users above the threshold first: a kept index below it (unused by search) yields its place.
+          ORDER BY b.memory_count > p_min_memories DESC,
+                   b.memory_count * CASE WHEN memory_vector_index_ready(b.name_of_user) THEN keep_margin ELSE 1 END DESC,
                    b.name_of_user
           LIMIT p_max_indexes) c;
     RETURN QUERY

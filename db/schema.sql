@@ -1670,7 +1670,9 @@ BEGIN
     INTO chosen, chosen_counts
     FROM (SELECT b.name_of_user, b.memory_count
           FROM unnest(big_users, big_counts) b(name_of_user, memory_count)
-          ORDER BY b.memory_count * CASE WHEN memory_vector_index_ready(b.name_of_user) THEN keep_margin ELSE 1 END DESC,
+          -- Users above the threshold first: a kept index below it (unused by search) yields its place.
+          ORDER BY b.memory_count > p_min_memories DESC,
+                   b.memory_count * CASE WHEN memory_vector_index_ready(b.name_of_user) THEN keep_margin ELSE 1 END DESC,
                    b.name_of_user
           LIMIT p_max_indexes) c;
     RETURN QUERY

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime
 import itertools
+import logging
 import math
 import random
 from collections.abc import AsyncIterator, Sequence
@@ -544,7 +545,6 @@ async def test_maintenance_indexes_only_the_largest_users(db_url: str) -> None:
             await bulk_create(conn, [("second", f"o{i}", 0.5, None, random_vector(rng)) for i in range(4)])
             assert await job() == ["second"]  # 40 > 1.25 x 30
             assert await conn.fetchval("SELECT to_regclass(memory_vector_index_name('first'))") is None
-            assert await conn.fetchval("SELECT memory_vector_index_usable('first', 10)") is False
             assert await index_lists(conn, "second") == 7  # ceil(sqrt(40))
             assert await job() == []  # nothing due
 
@@ -581,7 +581,8 @@ async def test_an_index_stays_while_its_user_hovers_around_the_threshold(db_url:
     """A user whose count goes back and forth across search_exact_max_memories
     keeps their index (no drop and build per maintenance run, each build a scan of
     memories) and is searched exactly while at or below it; the index goes once
-    they fall to 80% of the threshold."""
+    they fall to 80% of the threshold, or when the cap's last place is wanted by
+    a user above the threshold."""
     rng = random.Random(38)
     conn = await database.connect(db_url)
     try:
@@ -598,5 +599,36 @@ async def test_an_index_stays_while_its_user_hovers_around_the_threshold(db_url:
             await bulk_create(conn, [("hover", f"n{i}", 0.5, None, random_vector(rng)) for i in range(3)])  # 11
             assert await runner.maintain_vector_indexes() == ["hover"]
             assert await conn.fetchval("SELECT memory_vector_index_usable('hover', 10)") is True
+        await conn.execute("SELECT delete_memory('hover', $1::uuid)", ids[3])  # 10: kept, unused
+        await bulk_create(conn, [("above", f"m{i}", 0.5, None, random_vector(rng)) for i in range(11)])
+        async with maintenance_runner(db_url, search_exact_max_memories=10, vector_index_max_users=1) as capped:
+            assert await capped.maintain_vector_indexes() == ["above"]  # 11 beats hover's 10 x 1.25: hover is below
+            assert await index_lists(conn, "hover") is None
     finally:
         await conn.close()
+
+
+async def test_maintenance_warns_once_per_change_in_the_users_left_unindexed(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """vector_indexes_capped is logged when the number of users above the threshold
+    (more than the cap) changes, not at every run (once a minute)."""
+    caplog.set_level(logging.WARNING, logger="nexus.maintenance")
+    rng = random.Random(40)
+    conn = await database.connect(db_url)
+    try:
+        for user in ("one", "two"):
+            await bulk_create(conn, [(user, f"m{i}", 0.5, None, random_vector(rng)) for i in range(11)])
+        async with maintenance_runner(db_url, search_exact_max_memories=10, vector_index_max_users=1) as runner:
+            for _ in range(3):
+                await runner.maintain_vector_indexes()
+            await bulk_create(conn, [("three", f"m{i}", 0.5, None, random_vector(rng)) for i in range(11)])
+            for _ in range(2):
+                await runner.maintain_vector_indexes()
+    finally:
+        await conn.close()
+    capped = [r.getMessage() for r in caplog.records if "event=vector_indexes_capped" in r.getMessage()]
+    assert capped == [
+        "event=vector_indexes_capped users_above_exact_max=2 vector_index_max_users=1",
+        "event=vector_indexes_capped users_above_exact_max=3 vector_index_max_users=1",
+    ]

@@ -123,8 +123,9 @@ class Config:
         default=50,
         metadata={
             "help": "Maintenance keeps a vector index of their own for at most this many users, the largest above "
-            "search_exact_max_memories; the others are searched exactly. Every index on memories costs every "
-            "query and write on it a lock and a look."
+            "search_exact_max_memories (an index stays until its user falls to 80% of it, while no user above "
+            "wants its place); the others are searched exactly. Every index on memories costs every query and "
+            "write on it a lock and a look."
         },
     )
     embedder: str = field(
@@ -172,7 +173,7 @@ class Config:
             value = getattr(self, f.name)
             # Settings reach SQL as integer parameters: a larger one would fail every call that sends it.
             if type(value) is int and abs(value) > POSTGRES_INTEGER_MAX:
-                raise ValueError(f"{f.name} must be at most {POSTGRES_INTEGER_MAX}")
+                raise ValueError(f"{f.name} must fit a PostgreSQL integer (at most {POSTGRES_INTEGER_MAX})")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:
