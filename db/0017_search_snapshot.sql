@@ -6,8 +6,8 @@
 -- them left a hole in the page (9 results of 10 while more matched), and one
 -- updated between them came back with its new content beside the old score.
 -- A STABLE function's statements all read the calling query's snapshot.
--- These only read (set_config is a SELECT); the functions they call already
--- are STABLE or IMMUTABLE.
+-- These only read; what they call is STABLE or IMMUTABLE, except set_config
+-- (a built-in that runs no statement, so takes no snapshot).
 
 ALTER FUNCTION memory_vector_nearest(text, real[], text, integer, double precision, timestamptz, text, integer) STABLE;
 ALTER FUNCTION memory_hybrid_top(text, real[], text, text, integer, double precision, timestamptz, text,

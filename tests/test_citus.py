@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -183,3 +185,11 @@ async def test_postgres_programs_run_as_the_system_user_while_grpc_is_busy(tmp_p
             assert min(await asyncio.gather(*checkers)) > 0
     finally:
         await server.stop(None)
+    # And they run as the system user: initdb refuses root. (pytest's tmp_path is root's alone.)
+    home = Path(tempfile.mkdtemp(prefix="nexus-test-setpriv-"))
+    try:
+        shutil.chown(home, cluster.system_user)
+        cluster._pg("initdb", ["-D", str(home / "pgdata"), "--no-sync", "--no-instructions"])
+        assert (home / "pgdata" / "PG_VERSION").owner() == cluster.system_user
+    finally:
+        shutil.rmtree(home)

@@ -333,6 +333,9 @@ async def test_sigterm_with_the_embedded_database_already_dead_exits_zero(pg_dir
     # restarted database. Either way the database is dealt with once.
     outcomes = [e for e in ("embedded_postgres_already_down", "embedded_postgres_stopped") if f"event={e}" in shutdown_log]
     assert len(outcomes) == 1 and shutdown_log.count(f"event={outcomes[0]}") == 1, shutdown_log
+    if outcomes == ["embedded_postgres_stopped"]:  # then it was a restarted database
+        after_down = log_file.read_text().partition("event=embedded_postgres_down")[2]
+        assert "event=embedded_postgres_started" in after_down, log_file.read_text()
     await wait_until_no_cluster_processes(pg_dir / "pg")
 
 

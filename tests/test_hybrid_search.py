@@ -545,6 +545,10 @@ async def test_term_statistics_stay_exact_when_direct_updates_race_on_one_memory
                 pool.execute("DELETE FROM memories WHERE user_id = 'alice' AND memory_id = $1", uuid.UUID(doomed.memory_id)),
             )
             assert await kept_postings(db) == await recounted_postings(db)
+            assert await db.fetchval(
+                """SELECT u.search_length_total = (SELECT sum(m.search_length) FROM memories m WHERE m.user_id = u.user_id)
+                   FROM memory_users u WHERE u.user_id = 'alice'"""
+            )
             doomed_id, contested_id = uuid.UUID(doomed.memory_id), uuid.UUID(contested.memory_id)
             assert await db.fetchval("SELECT count(*) FROM memory_terms WHERE memory_id = $1", doomed_id) == 0
             assert await db.fetchval("SELECT content FROM memories WHERE memory_id = $1", contested_id) in contents
