@@ -16,6 +16,13 @@
 -- drop and a concurrent build (two scans of memories); with it, a newcomer
 -- takes the place of the smallest indexed user once 25% larger.
 --
+-- An index, once built, stays until its user falls to 80% of the threshold:
+-- otherwise a user hovering around it (one delete below, one create above)
+-- would have it dropped and built again run after run, each build a scan of
+-- memories. In between, search goes exact (memory_vector_index_usable asks
+-- for more than the threshold), and such a kept index takes one of the capped
+-- places only while no user above the threshold wants it.
+--
 -- The one-argument memory_vector_indexes_due is dropped rather than kept
 -- beside the new one: a replica still running the old version would build
 -- again what the new ones drop. During a rollout, old replicas' vector-index
@@ -35,6 +42,7 @@ RETURNS TABLE (action text, index_name text, user_id text, statements text[])
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     keep_margin CONSTANT double precision := 1.25;  -- a user who has an index counts this many times (see above)
+    keep_floor  CONSTANT double precision := 0.8;   -- an index is kept down to this share of p_min_memories
     big_users  text[];
     big_counts integer[];
     chosen     text[];
@@ -42,13 +50,20 @@ DECLARE
 BEGIN
     SELECT coalesce(array_agg(u.user_id), '{}'), coalesce(array_agg(u.memory_count), '{}')
     INTO big_users, big_counts
-    FROM memory_users u WHERE u.memory_count > p_min_memories;
+    FROM memory_users u WHERE u.memory_count > floor(keep_floor * p_min_memories);
+    -- Apart from the statement above: memory_users is distributed, the catalogs are local (see 0011).
+    SELECT coalesce(array_agg(b.name_of_user), '{}'), coalesce(array_agg(b.memory_count), '{}')
+    INTO big_users, big_counts
+    FROM unnest(big_users, big_counts) b(name_of_user, memory_count)
+    WHERE b.memory_count > p_min_memories OR memory_vector_index_ready(b.name_of_user);
     SELECT coalesce(array_agg(c.name_of_user ORDER BY c.memory_count DESC, c.name_of_user), '{}'),
            coalesce(array_agg(c.memory_count ORDER BY c.memory_count DESC, c.name_of_user), '{}')
     INTO chosen, chosen_counts
     FROM (SELECT b.name_of_user, b.memory_count
           FROM unnest(big_users, big_counts) b(name_of_user, memory_count)
-          ORDER BY b.memory_count * CASE WHEN memory_vector_index_ready(b.name_of_user) THEN keep_margin ELSE 1 END DESC,
+          -- Users above the threshold first: a kept index below it (unused by search) yields its place.
+          ORDER BY b.memory_count > p_min_memories DESC,
+                   b.memory_count * CASE WHEN memory_vector_index_ready(b.name_of_user) THEN keep_margin ELSE 1 END DESC,
                    b.name_of_user
           LIMIT p_max_indexes) c;
     RETURN QUERY

@@ -1650,7 +1650,7 @@ CREATE FUNCTION public.memory_vector_indexes_due(p_min_memories integer, p_max_i
     LANGUAGE plpgsql STABLE
     AS $_$
 DECLARE
-    keep_margin CONSTANT double precision := 1.25;  -- a user who has an index counts this many times (see 0014)
+    keep_margin CONSTANT double precision := 1.25;  -- a user who has an index counts this many times (see above)
     keep_floor  CONSTANT double precision := 0.8;   -- an index is kept down to this share of p_min_memories
     big_users  text[];
     big_counts integer[];
