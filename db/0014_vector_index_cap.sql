@@ -34,9 +34,11 @@ DROP FUNCTION memory_vector_indexes_due(integer);
 -- with action 'drop' (an index of a user no longer chosen, or the remains of
 -- a failed REINDEX CONCURRENTLY: name_ccnew / name_ccold; user NULL),
 -- 'build', 'repair' (an invalid index dropped and built again) or 'rebuild'
--- (new lists for a user who outgrew them; see 0006). Users are read in a
--- statement of their own because memory_users is distributed and the
--- catalogs are local to the node running maintenance (see 0011).
+-- (new lists for a user who outgrew them, see 0006; or again after a failed
+-- REINDEX CONCURRENTLY, whose name_ccnew is dropped first: the lists were
+-- already set, so the index reports sizes it was not built with). Users are
+-- read in a statement of their own because memory_users is distributed and
+-- the catalogs are local to the node running maintenance (see 0011).
 CREATE FUNCTION memory_vector_indexes_due(p_min_memories integer, p_max_indexes integer)
 RETURNS TABLE (action text, index_name text, user_id text, statements text[])
 LANGUAGE plpgsql STABLE AS $$
@@ -101,5 +103,7 @@ BEGIN
         WHERE c.oid = i.indexrelid AND o.option_name = 'lists') current ON true
     WHERE i.indexrelid IS NULL OR NOT (i.indisvalid AND i.indisready)
           OR big.memory_count > 4 * current.built_lists * current.built_lists
+          OR EXISTS (SELECT FROM pg_index f JOIN pg_class c ON c.oid = f.indexrelid
+                     WHERE f.indrelid = 'memories'::regclass AND c.relname::text ~ ('^' || sized.name || '_ccnew[0-9]*$'))
     ORDER BY big.rank;
 END $$;

@@ -1710,6 +1710,8 @@ BEGIN
         WHERE c.oid = i.indexrelid AND o.option_name = 'lists') current ON true
     WHERE i.indexrelid IS NULL OR NOT (i.indisvalid AND i.indisready)
           OR big.memory_count > 4 * current.built_lists * current.built_lists
+          OR EXISTS (SELECT FROM pg_index f JOIN pg_class c ON c.oid = f.indexrelid
+                     WHERE f.indrelid = 'memories'::regclass AND c.relname::text ~ ('^' || sized.name || '_ccnew[0-9]*$'))
     ORDER BY big.rank;
 END $_$;
 
