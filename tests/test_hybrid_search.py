@@ -535,23 +535,24 @@ async def test_term_statistics_stay_exact_when_direct_updates_race_on_one_memory
     assert pool is not None
     try:
         for _ in range(5):
-            contested, doomed = await asyncio.gather(*(create(clients.memories, "alice", " ".join(rng.choices(ZIPF_WORDS, k=3)))
-                                                       for _ in range(2)))  # fmt: skip
+            contested, doomed = [
+                uuid.UUID((await create(clients.memories, "alice", " ".join(rng.choices(ZIPF_WORDS, k=3)))).memory_id)
+                for _ in range(2)
+            ]
             contents = [" ".join(rng.choices(ZIPF_WORDS, k=rng.randint(1, 7))) for _ in range(10)]
             update = "UPDATE memories SET content = $2 WHERE user_id = 'alice' AND memory_id = $1"
             await asyncio.gather(
-                *(pool.execute(update, uuid.UUID(contested.memory_id), c) for c in contents),
-                *(pool.execute(update, uuid.UUID(doomed.memory_id), c) for c in contents[:5]),
-                pool.execute("DELETE FROM memories WHERE user_id = 'alice' AND memory_id = $1", uuid.UUID(doomed.memory_id)),
+                *(pool.execute(update, contested, c) for c in contents),
+                *(pool.execute(update, doomed, c) for c in contents[:5]),
+                pool.execute("DELETE FROM memories WHERE user_id = 'alice' AND memory_id = $1", doomed),
             )
             assert await kept_postings(db) == await recounted_postings(db)
             assert await db.fetchval(
                 """SELECT u.search_length_total = (SELECT sum(m.search_length) FROM memories m WHERE m.user_id = u.user_id)
                    FROM memory_users u WHERE u.user_id = 'alice'"""
             )
-            doomed_id, contested_id = uuid.UUID(doomed.memory_id), uuid.UUID(contested.memory_id)
-            assert await db.fetchval("SELECT count(*) FROM memory_terms WHERE memory_id = $1", doomed_id) == 0
-            assert await db.fetchval("SELECT content FROM memories WHERE memory_id = $1", contested_id) in contents
+            assert await db.fetchval("SELECT count(*) FROM memory_terms WHERE memory_id = $1", doomed) == 0
+            assert await db.fetchval("SELECT content FROM memories WHERE memory_id = $1", contested) in contents
     finally:
         await pool.close()
 
