@@ -1,7 +1,8 @@
 """Writes while the database stalls or crashes: every process of the test's
 PostgreSQL stopped (SIGSTOP) while calls with mixed deadlines arrive, then
-resumed (SIGCONT); a backend killed (SIGKILL, so PostgreSQL restarts every
-session and recovers) in the middle of a storm of writes.
+resumed (SIGCONT); backends terminated (pg_terminate_backend), or one killed
+(SIGKILL, so PostgreSQL restarts every session and recovers), in the middle
+of a storm of writes.
 
 The promise under test: an acknowledged reply is never wrong and nothing is
 applied twice. A call that ends DEADLINE_EXCEEDED or UNAVAILABLE has an
@@ -17,17 +18,35 @@ import os
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
 import psutil
 import pytest
+from google.rpc import error_details_pb2
 
+from nexus import errors
+from nexus.config import Config
+from nexus.server import HEALTH_PROBE_INTERVAL_S, HEALTH_PROBE_TIMEOUT_S, NexusServer
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2, token_pb2
 
-from support import SERVICE, Clients, auth
+from support import (
+    JWT_SECRET,
+    NOT_SERVING,
+    SERVICE,
+    SERVING,
+    Clients,
+    auth,
+    error_details,
+    kill_postmaster,
+    reaction_lock,
+    rpc_error,
+    wait_for_health,
+    wait_until_toggle_blocks,
+)
 
 # The stalls and kills signal the one server's processes; a cluster's faults are other ones.
 pytestmark = pytest.mark.single_node("signals the processes of the one PostgreSQL server")
@@ -229,8 +248,110 @@ async def test_a_statement_ends_in_the_server_at_its_deadline_even_when_no_cance
     assert await db.fetchval("SELECT count(*) FROM reactions WHERE entry_id = $1", uuid.UUID(entry_id)) == 0
 
 
-CRASH_STORM_CALLS = 600
-CRASH_AFTER_REPLIES = 100
+# --- storms of writes with backends ended mid-call ---------------------------------
+#
+# Each call of a storm writes a key no other call touches, so the final state
+# tells whether it was applied: a toggle of its own (user, entry) pair, a
+# credit or a memory with its own request_id. Every reply is then checked
+# against that state: OK means applied once; an error must be UNAVAILABLE or
+# DEADLINE_EXCEEDED, and one whose ErrorInfo says NOTHING_WRITTEN must not
+# have been applied (a client that trusted it and toggled again would flip
+# the state back).
+
+STORM_CALLS = 450
+# A restart of the embedded database costs seconds: fewer rounds unless hunting.
+POSTMASTER_KILL_ROUNDS = max(1, ROUNDS // 2)
+STORM_CONCURRENCY = 40
+FAULT_AFTER_REPLIES = 60
+
+
+class Storm:
+    """One storm of ToggleResonance, Credit and CreateMemory calls, tagged ``tag``."""
+
+    def __init__(self, clients: Clients, tag: str) -> None:
+        self.clients = clients
+        self.tag = tag
+        self.entries: list[str] = []
+
+    async def prepare(self) -> None:
+        author = f"author-{self.tag}"
+        for n in range(10):
+            request = pb.CreateEntryRequest(author_id=author, type="post", title=f"t{n}", content="c")
+            reply = await self.clients.interactions.CreateEntry(request, metadata=auth(author), timeout=10)
+            self.entries.append(reply.entry.entry_id)
+
+    def call(self, n: int) -> Awaitable[Any]:
+        if n % 3 == 0:
+            user = f"fan-{self.tag}-{n}"
+            toggle = pb.ToggleResonanceRequest(user_id=user, entry_id=self.entries[n % 10])
+            return self.clients.interactions.ToggleResonance(toggle, metadata=auth(user), timeout=15)
+        if n % 3 == 1:
+            credit = token_pb2.CreditRequest(
+                user_id=f"payee-{self.tag}-{n % 5}", amount=n, reason="storm", request_id=f"{self.tag}-r{n}"
+            )
+            return self.clients.tokens.Credit(credit, metadata=SERVICE, timeout=15)
+        user = f"writer-{self.tag}-{n % 5}"
+        memory = memory_pb2.CreateMemoryRequest(
+            user_id=user, content=f"storm note {n}", gravity_score=0.5, request_id=f"{self.tag}-m{n}"
+        )
+        return self.clients.memories.CreateMemory(memory, metadata=auth(user), timeout=15)
+
+    async def applied(self, conn: asyncpg.Connection, n: int) -> bool:
+        if n % 3 == 0:
+            return await conn.fetchval(
+                "SELECT EXISTS (SELECT FROM reactions WHERE user_id = $1 AND entry_id = $2 AND kind = 'resonance')",
+                f"fan-{self.tag}-{n}", uuid.UUID(self.entries[n % 10]),
+            )
+        if n % 3 == 1:
+            return await conn.fetchval(
+                "SELECT EXISTS (SELECT FROM token_transactions WHERE user_id = $1 AND request_id = $2)",
+                f"payee-{self.tag}-{n % 5}", f"{self.tag}-r{n}",
+            )
+        return await conn.fetchval(
+            "SELECT EXISTS (SELECT FROM memory_requests WHERE user_id = $1 AND request_id = $2)",
+            f"writer-{self.tag}-{n % 5}", f"{self.tag}-m{n}",
+        )
+
+    async def run(self, fault: Callable[[], Awaitable[None]]) -> list[Any]:
+        """Every call's reply or RpcError; ``fault`` runs once FAULT_AFTER_REPLIES calls have replied."""
+        replies = 0
+        enough_replies = asyncio.Event()
+        slots = asyncio.Semaphore(STORM_CONCURRENCY)
+
+        async def one(n: int) -> Any:
+            nonlocal replies
+            async with slots:
+                try:
+                    return await self.call(n)
+                except grpc.aio.AioRpcError as error:
+                    return error
+                finally:
+                    replies += 1
+                    if replies == FAULT_AFTER_REPLIES:
+                        enough_replies.set()
+
+        storm = asyncio.gather(*(one(n) for n in range(STORM_CALLS)))
+        await asyncio.wait_for(enough_replies.wait(), timeout=60)
+        await fault()
+        return await asyncio.wait_for(storm, timeout=120)
+
+    async def check(self, conn: asyncpg.Connection, results: list[Any]) -> dict[str, int]:
+        """Asserts every reply's claim against the final state; counts the kinds of reply."""
+        kinds = {"ok": 0, errors.OUTCOME_UNKNOWN: 0, errors.NOTHING_WRITTEN: 0}
+        for n, result in enumerate(results):
+            applied = await self.applied(conn, n)
+            if not isinstance(result, grpc.aio.AioRpcError):
+                assert applied, f"call {n} was acknowledged but is not in the database"
+                kinds["ok"] += 1
+                continue
+            assert result.code() in OUTCOME_UNKNOWN, f"call {n}: {result.code()} {result.details()}"
+            (info,) = error_details(result, error_details_pb2.ErrorInfo)
+            kinds[info.reason] += 1
+            if info.reason == errors.NOTHING_WRITTEN:
+                assert not applied, f"call {n} answered {result.code()} '{result.details()}', and was applied"
+        assert await conn.fetchval("SELECT count(*) FROM reconcile_entry_counters(false)") == 0
+        assert await conn.fetchval("SELECT count(*) FROM reconcile_balances(false)") == 0
+        return kinds
 
 
 async def connect_when_back(db_url: str, timeout: float = 30) -> asyncpg.Connection:
@@ -245,80 +366,157 @@ async def connect_when_back(db_url: str, timeout: float = 30) -> asyncpg.Connect
             await asyncio.sleep(0.1)
 
 
-async def test_a_database_crash_mid_storm_loses_no_acknowledged_write_and_the_service_recovers(
-    clients: Clients, db: asyncpg.Connection, db_url: str
-) -> None:
-    stub, tokens = clients.interactions, clients.tokens
-    entries = []
-    for n in range(10):
-        request = pb.CreateEntryRequest(author_id="author", type="post", title=f"t{n}", content="c")
-        entries.append((await stub.CreateEntry(request, metadata=auth("author"), timeout=10)).entry.entry_id)
-
-    def write(n: int) -> Awaitable[Any]:
-        if n % 4 == 3:
-            credit = token_pb2.CreditRequest(user_id=f"payee-{n % 5}", amount=n, reason="storm", request_id=f"r{n}")
-            return tokens.Credit(credit, metadata=SERVICE, timeout=15)
-        like = pb.SetResonanceRequest(user_id=f"fan-{n}", entry_id=entries[n % 10], resonated=True)
-        return stub.SetResonance(like, metadata=auth(f"fan-{n}"), timeout=15)
-
-    replies = 0
-    enough_replies = asyncio.Event()
-    slots = asyncio.Semaphore(40)
-
-    async def one(n: int) -> Any:
-        nonlocal replies
-        async with slots:
-            try:
-                return await write(n)
-            except grpc.aio.AioRpcError as error:
-                return error
-            finally:
-                replies += 1
-                if replies == CRASH_AFTER_REPLIES:
-                    enough_replies.set()
-
-    storm = asyncio.gather(*(one(n) for n in range(CRASH_STORM_CALLS)))
-    await asyncio.wait_for(enough_replies.wait(), timeout=30)
-    victim = await db.fetchval(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'nexus' AND backend_type = 'client backend' LIMIT 1"
-    )
-    os.kill(victim, signal.SIGKILL)  # PostgreSQL ends every session and recovers
-    results = await asyncio.wait_for(storm, timeout=120)
-
-    failures = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
-    assert failures, "the crash happened after the storm: nothing was tested"
-    for failure in failures:
-        assert failure.code() in OUTCOME_UNKNOWN, f"{failure.code()}: {failure.details()}"
-
-    checker = await connect_when_back(db_url)
-    try:
-        for n, result in enumerate(results):
-            if isinstance(result, grpc.aio.AioRpcError):
-                continue
-            if n % 4 == 3:
-                count = await checker.fetchval(
-                    "SELECT count(*) FROM token_transactions WHERE user_id = $1 AND request_id = $2", f"payee-{n % 5}", f"r{n}"
-                )
-            else:
-                count = await checker.fetchval(
-                    "SELECT count(*) FROM reactions WHERE user_id = $1 AND entry_id = $2", f"fan-{n}",
-                    uuid.UUID(entries[n % 10]),
-                )
-            assert count == 1, f"write {n} was acknowledged but is not in the database once"
-        assert await checker.fetchval("SELECT count(*) FROM reconcile_entry_counters(false)") == 0
-        assert await checker.fetchval("SELECT count(*) FROM reconcile_balances(false)") == 0
-    finally:
-        await checker.close()
-
-    # The service reconnects by itself: a new write succeeds within a bounded wait.
-    deadline = asyncio.get_running_loop().time() + 30
+async def write_succeeds_again(clients: Clients, entry_id: str, timeout: float = 30) -> None:
+    """The service reconnects by itself: a new write succeeds within a bounded wait."""
+    deadline = asyncio.get_running_loop().time() + timeout
     while True:
         try:
-            await stub.SetResonance(
-                pb.SetResonanceRequest(user_id="after", entry_id=entries[0], resonated=True), metadata=auth("after"), timeout=5
-            )
-            break
+            request = pb.SetResonanceRequest(user_id="after", entry_id=entry_id, resonated=True)
+            await clients.interactions.SetResonance(request, metadata=auth("after"), timeout=5)
+            return
         except grpc.aio.AioRpcError as error:
             assert error.code() in OUTCOME_UNKNOWN, f"{error.code()}: {error.details()}"
-            assert asyncio.get_running_loop().time() < deadline, "the service did not recover within 30 s"
+            assert asyncio.get_running_loop().time() < deadline, f"the service did not recover within {timeout} s"
             await asyncio.sleep(0.1)
+
+
+async def terminate_service_backends(db_url: str) -> None:
+    """pg_terminate_backend of every backend of the service, once at least one
+    of them is running a statement: each ends with FATAL 57P01, whether its
+    statement was running, committing or done."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        for _ in range(200):
+            ended = await conn.fetchval(
+                """SELECT count(*) FILTER (WHERE state = 'active') FROM (
+                       SELECT state, pg_terminate_backend(pid) FROM pg_stat_activity
+                       WHERE application_name = 'nexus' AND datname = current_database()
+                         AND EXISTS (SELECT FROM pg_stat_activity a
+                                     WHERE a.application_name = 'nexus' AND a.datname = current_database()
+                                       AND a.state = 'active')) terminated"""
+            )
+            if ended:
+                return
+            await asyncio.sleep(0.005)
+        pytest.fail("no backend of the service was running a statement to terminate")
+    finally:
+        await conn.close()
+
+
+async def test_backends_terminated_mid_storm_every_error_reply_tells_the_truth(clients: Clients, db_url: str) -> None:
+    for round_number in range(ROUNDS):
+        storm = Storm(clients, f"t{round_number}")
+        await storm.prepare()
+        results = await storm.run(lambda: terminate_service_backends(db_url))
+        checker = await asyncpg.connect(db_url)
+        try:
+            kinds = await storm.check(checker, results)
+        finally:
+            await checker.close()
+        assert kinds[errors.OUTCOME_UNKNOWN] + kinds[errors.NOTHING_WRITTEN], "the fault came after the storm"
+        await write_succeeds_again(clients, storm.entries[0])
+
+
+async def test_a_database_crash_mid_storm_every_reply_tells_the_truth_and_the_service_recovers(
+    clients: Clients, db: asyncpg.Connection, db_url: str
+) -> None:
+    """SIGKILL of one backend: PostgreSQL ends every session, recovers, and
+    refuses connections meanwhile (those calls wrote nothing)."""
+    storm = Storm(clients, "crash")
+    await storm.prepare()
+
+    async def crash() -> None:
+        victim = await db.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'nexus' AND backend_type = 'client backend' LIMIT 1"
+        )
+        os.kill(victim, signal.SIGKILL)
+
+    results = await storm.run(crash)
+    checker = await connect_when_back(db_url)
+    try:
+        kinds = await storm.check(checker, results)
+    finally:
+        await checker.close()
+    assert kinds[errors.OUTCOME_UNKNOWN] + kinds[errors.NOTHING_WRITTEN], "the crash came after the storm"
+    await write_succeeds_again(clients, storm.entries[0])
+
+
+async def test_the_embedded_postmaster_killed_mid_storm_every_reply_tells_the_truth(pg_dir: Path) -> None:
+    """kill -9 of the embedded postmaster: its orphaned backends are killed and
+    it is restarted by the server (nexus.embedded), which then serves again."""
+    server = NexusServer(Config(data_dir=pg_dir, port=0, jwt_secret=JWT_SECRET, log_level="warning"))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            clients = Clients(channel)
+            for round_number in range(POSTMASTER_KILL_ROUNDS):
+                storm = Storm(clients, f"k{round_number}")
+                await storm.prepare()
+
+                async def kill() -> None:
+                    kill_postmaster(pg_dir / "pg")
+
+                results = await storm.run(kill)
+                await write_succeeds_again(clients, storm.entries[0])
+                checker = await connect_when_back(server.database_url)
+                try:
+                    kinds = await storm.check(checker, results)
+                finally:
+                    await checker.close()
+                assert kinds[errors.OUTCOME_UNKNOWN] + kinds[errors.NOTHING_WRITTEN], "the kill came after the storm"
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_a_write_whose_backend_is_terminated_mid_call_has_an_unknown_outcome(
+    clients: Clients, db: asyncpg.Connection, db_url: str
+) -> None:
+    """The FATAL 57P01 of a terminated backend cannot say whether the call
+    committed (it can come after the commit, while the reply is sent), so the
+    reply must not say nothing was written: here the toggle waits on a row
+    lock when its backend is terminated."""
+    author = "lock-author"
+    request = pb.CreateEntryRequest(author_id=author, type="post", title="t", content="c")
+    entry_id = (await clients.interactions.CreateEntry(request, metadata=auth(author), timeout=10)).entry.entry_id
+    locker = await asyncpg.connect(db_url)
+    try:
+        async with reaction_lock(locker, "bob", entry_id):
+            toggle = asyncio.ensure_future(
+                clients.interactions.ToggleResonance(
+                    pb.ToggleResonanceRequest(user_id="bob", entry_id=entry_id), metadata=auth("bob"), timeout=20
+                )
+            )
+            await wait_until_toggle_blocks(db)
+            await db.execute(
+                """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                   WHERE application_name = 'nexus' AND query LIKE '%apply_reactions%'"""
+            )
+            error = await rpc_error(toggle)
+    finally:
+        await locker.close()
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert [i.reason for i in error_details(error, error_details_pb2.ErrorInfo)] == [errors.OUTCOME_UNKNOWN]
+    assert "nothing was written" not in (error.details() or "")
+
+
+# --- health while the database stalls ------------------------------------------------
+
+HEALTH_STALL_S = 4.0
+
+
+async def test_health_is_not_serving_while_the_database_is_stalled_and_serving_after(
+    server: NexusServer, db: asyncpg.Connection
+) -> None:
+    """Health probes the database on a connection of its own, bounded by
+    HEALTH_PROBE_TIMEOUT_S: a stalled PostgreSQL (every process stopped) turns
+    it NOT_SERVING within the stall, and the first answer after it SERVING."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        await wait_for_health(channel, SERVING)
+        loop = asyncio.get_running_loop()
+        async with stalled_database(db):
+            stalled_at = loop.time()
+            await wait_for_health(channel, NOT_SERVING, timeout=HEALTH_STALL_S)
+            noticed_s = loop.time() - stalled_at
+        await wait_for_health(channel, SERVING, timeout=HEALTH_STALL_S)
+    bound_s = HEALTH_PROBE_INTERVAL_S + HEALTH_PROBE_TIMEOUT_S
+    assert noticed_s < HEALTH_STALL_S, f"NOT_SERVING came {noticed_s:.1f} s into the stall (probe bound {bound_s} s)"

@@ -7,14 +7,18 @@ step) ends the statement in the server even when that cancel request cannot
 get through (a stalled postmaster). Slow calls are logged, and any database
 error is translated into a ``NexusError``.
 
-What a failed call means for a write: an error the server reported (a
-constraint, a conflict, its own statement_timeout) means the statement was
-rolled back. A call that stopped waiting (its deadline) or lost its connection
-has an unknown outcome: the write may have committed.
+What a failed call means for a write (``errors.from_database``): a failure
+before the statement was sent (no connection, the deadline already passed)
+wrote nothing; so did an error PostgreSQL reported for the statement (a
+constraint, a conflict, its own statement_timeout), which rolls it back. A call
+that stopped waiting (its deadline), lost its connection, or whose backend
+ended (a FATAL: terminated, crashed) has an unknown outcome: the write may
+have committed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -86,8 +90,15 @@ async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:
 class Database:
     """A pool plus the service's calling conventions."""
 
-    def __init__(self, pool: asyncpg.Pool, statement_timeout_ms: int, slow_warn_ms: int, slow_error_ms: int) -> None:
+    def __init__(
+        self, url: str, pool: asyncpg.Pool, statement_timeout_ms: int, slow_warn_ms: int, slow_error_ms: int,
+        distributed: bool = False,
+    ) -> None:
+        self._url = url
         self.pool = pool
+        self._probe: asyncpg.Connection | None = None
+        # A Citus database: a cancelled call may have committed on a worker.
+        self.distributed = distributed
         self._ceiling_ms = statement_timeout_ms
         self._ceiling_s = statement_timeout_ms / 1000
         self._slow_warn_s = slow_warn_ms / 1000
@@ -107,9 +118,12 @@ class Database:
             # A server-side ceiling as well, in case the client side never gets to cancel.
             server_settings={"statement_timeout": str(statement_timeout_ms), "application_name": "nexus"},
         )
-        return cls(pool, statement_timeout_ms, slow_warn_ms, slow_error_ms)
+        distributed = await pool.fetchval("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")
+        return cls(url, pool, statement_timeout_ms, slow_warn_ms, slow_error_ms, distributed)
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.terminate()
         await self.pool.close()
 
     def _timeout(self) -> float:
@@ -118,7 +132,7 @@ class Database:
             return self._ceiling_s
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise errors.DeadlineExceeded(errors.DeadlineExceeded.NOT_SENT)
+            raise errors.DeadlineExceeded.not_sent()
         return min(remaining, self._ceiling_s)
 
     @staticmethod
@@ -126,7 +140,7 @@ class Database:
         """Seconds left of ``timeout`` since ``started``; DeadlineExceeded (nothing sent) if none."""
         left = timeout - (time.perf_counter() - started)
         if left <= 0:
-            raise errors.DeadlineExceeded(errors.DeadlineExceeded.NOT_SENT)
+            raise errors.DeadlineExceeded.not_sent()
         return left
 
     async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
@@ -148,6 +162,7 @@ class Database:
     async def _call(self, name: str, method: str, query: str, args: Sequence[Any]) -> Any:
         timeout = self._timeout()
         started = time.perf_counter()
+        sent = False
         try:
             # No timeout on acquire (it would spawn a task per call): an RPC
             # waiting for a connection past its deadline is cancelled by gRPC,
@@ -156,24 +171,33 @@ class Database:
                 try:
                     await conn.bound_statements(statement_timeout_step(self._left(timeout, started), self._ceiling_ms),
                                                 self._left(timeout, started))
-                    return await getattr(conn, method)(query, *args, timeout=self._left(timeout, started))
+                    left = self._left(timeout, started)
+                    sent = True
+                    return await getattr(conn, method)(query, *args, timeout=left)
                 except asyncpg.InternalClientError:
                     # The connection is in a state it cannot leave (an operation
                     # cut short by a lost server): drop it, the pool opens a new one.
                     conn.terminate()
                     raise
         except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError) as exc:
-            raise errors.from_database(exc) from exc
+            raise errors.from_database(exc, sent=sent, distributed=self.distributed) from exc
         finally:
             elapsed = time.perf_counter() - started
             if elapsed >= self._slow_warn_s:
                 level = logging.ERROR if elapsed >= self._slow_error_s else logging.WARNING
                 log.log(level, "event=slow_query query=%s duration_ms=%.1f", name, elapsed * 1000)
 
-    async def ping(self) -> None:
-        """Raises Unavailable unless a connection answers within two seconds."""
+    async def ping(self, timeout_s: float) -> None:
+        """Raises Unavailable unless the database answers ``SELECT 1`` within
+        ``timeout_s``, on a connection of its own: a busy pool is not a sick
+        database, and a stalled one must not keep the answer waiting."""
         try:
-            async with self.pool.acquire(timeout=2) as conn:
-                await conn.fetchval("SELECT 1", timeout=2)
+            async with asyncio.timeout(timeout_s):
+                if self._probe is None or self._probe.is_closed():
+                    self._probe = await asyncpg.connect(self._url, server_settings={"application_name": "nexus-health"})
+                await self._probe.fetchval("SELECT 1")
         except Exception as exc:  # any failure to reach the database means "not serving"
-            raise errors.Unavailable() from exc
+            if self._probe is not None:
+                self._probe.terminate()  # it may be stuck mid-query; the next ping connects afresh
+                self._probe = None
+            raise errors.Unavailable.refused() from exc

@@ -12,8 +12,8 @@ the interceptor turns any of them into a ``google.rpc.Status`` with rich details
     ├── FailedPrecondition          FAILED_PRECONDITION + PreconditionFailure(type)
     ├── Aborted                     ABORTED (deadlock / serialization failure)
     ├── ResourceExhausted           RESOURCE_EXHAUSTED
-    ├── Unavailable                 UNAVAILABLE
-    └── DeadlineExceeded            DEADLINE_EXCEEDED
+    ├── Unavailable                 UNAVAILABLE + ErrorInfo(NOTHING_WRITTEN | OUTCOME_UNKNOWN)
+    └── DeadlineExceeded            DEADLINE_EXCEEDED + ErrorInfo(NOTHING_WRITTEN | OUTCOME_UNKNOWN)
 
 Custom SQLSTATEs raised by the stored functions (see db/0001_interactions.sql):
 NX400 invalid argument, NX403 permission denied, NX404 not found,
@@ -122,22 +122,61 @@ class ResourceExhausted(NexusError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class Unavailable(NexusError):
-    """The database cannot be reached; retry with backoff. A write cut off by a
-    lost connection may or may not have been applied: retry it with the same
-    request_id where the RPC has one."""
+class _OutcomeError(NexusError):
+    """An error after which a write may or may not have been applied. The reply
+    says which in an ErrorInfo (domain ``ERROR_DOMAIN``): reason
+    ``NOTHING_WRITTEN`` where the call provably wrote nothing (it never reached
+    the database, or PostgreSQL reported an error that rolled it back), reason
+    ``OUTCOME_UNKNOWN`` where it may have committed (the connection was lost or
+    the backend ended during the call, or the caller stopped waiting)."""
+
+    UNKNOWN = ""
+
+    def __init__(self, message: str = "", *, nothing_written: bool = False) -> None:
+        super().__init__(message or self.UNKNOWN)
+        self.nothing_written = nothing_written
+
+    def details(self) -> list[any_pb2.Any]:
+        reason = NOTHING_WRITTEN if self.nothing_written else OUTCOME_UNKNOWN
+        return [_pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))]
+
+
+class Unavailable(_OutcomeError):
+    """The database cannot be reached; retry with backoff."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    REFUSED = "the database refused the call (nothing was written); retry with backoff"
+    UNKNOWN = (
+        "the call lost the database before it answered: a write's outcome is unknown; "
+        "retry it with the same request_id, or use the Set form"
+    )
+
+    @classmethod
+    def refused(cls) -> Unavailable:
+        return cls("the database refused the call (nothing was written); retry with backoff", nothing_written=True)
 
 
-class DeadlineExceeded(NexusError):
-    """The deadline passed before the database answered: a write may or may not
-    have been applied. Retry it with the same request_id where the RPC has one."""
+class DeadlineExceeded(_OutcomeError):
+    """The deadline passed before the call was done."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-    NOT_SENT = "the deadline passed before the call reached the database; nothing was written"
-    CANCELLED = "the database cancelled the statement at the deadline; nothing was written"
+    UNKNOWN = (
+        "the deadline passed before the database answered: a write's outcome is unknown; "
+        "retry it with the same request_id, or use the Set form"
+    )
+
+    @classmethod
+    def not_sent(cls) -> DeadlineExceeded:
+        return cls("the deadline passed before the call reached the database; nothing was written", nothing_written=True)
+
+    @classmethod
+    def cancelled(cls) -> DeadlineExceeded:
+        return cls("the database cancelled the statement at the deadline; nothing was written", nothing_written=True)
+
+
+# The ErrorInfo of UNAVAILABLE and DEADLINE_EXCEEDED: what the call wrote.
+ERROR_DOMAIN = "nexus"
+NOTHING_WRITTEN = "NOTHING_WRITTEN"
+OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
 
 
 def _pack(message: object) -> any_pb2.Any:
@@ -148,6 +187,22 @@ def _pack(message: object) -> any_pb2.Any:
 
 # SQLSTATE classes meaning "the database is not there right now".
 _UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53")
+
+
+def _rolled_back(exc: asyncpg.PostgresError, distributed: bool) -> bool:
+    """Whether PostgreSQL's report of a failed statement proves it was rolled back.
+
+    An ERROR ends the statement before its implicit transaction commits. A FATAL
+    or PANIC ends the session, and can come after the commit (a backend told to
+    terminate while it sends the reply). A connection failure (class 08) or a
+    terminated backend (57P01, 57P02) leaves the commit unknown, and so, on a
+    Citus cluster, does a cancel: the coordinator may lose a worker that had
+    already committed a delegated call."""
+    severity = getattr(exc, "severity_en", None) or getattr(exc, "severity", None)
+    sqlstate = exc.sqlstate or ""
+    if severity != "ERROR" or sqlstate.startswith("08") or sqlstate in ("57P01", "57P02"):
+        return False
+    return not (distributed and sqlstate == "57014")
 
 
 def from_raised(sqlstate: str, message: str, field: str) -> NexusError:
@@ -164,12 +219,14 @@ def from_raised(sqlstate: str, message: str, field: str) -> NexusError:
     raise ValueError(f"not one of the service's SQLSTATEs: {sqlstate}")
 
 
-def from_database(exc: BaseException) -> NexusError:
-    """Translates an asyncpg / connection error into a NexusError."""
+def from_database(exc: BaseException, *, sent: bool, distributed: bool = False) -> NexusError:
+    """Translates an asyncpg / connection error into a NexusError. ``sent``: the
+    statement had been sent (before, nothing can have been written);
+    ``distributed``: the database is a Citus coordinator."""
     if isinstance(exc, NexusError):
         return exc
-    if isinstance(exc, TimeoutError):  # stopped waiting: the outcome is unknown
-        return DeadlineExceeded()
+    if isinstance(exc, TimeoutError):  # stopped waiting
+        return DeadlineExceeded() if sent else DeadlineExceeded.not_sent()
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = exc.sqlstate or ""
         message = getattr(exc, "message", str(exc))
@@ -178,19 +235,22 @@ def from_database(exc: BaseException) -> NexusError:
         field = getattr(exc, "column_name", None) or getattr(exc, "detail", None) or ""
         if sqlstate in ("NX400", "NX403", "NX404", "NX409"):
             return from_raised(sqlstate, message, field)
-        if sqlstate in ("40P01", "40001"):  # deadlock / serialization failure: rolled back, safe to retry
+        if sent and not _rolled_back(exc, distributed):
+            return Unavailable()
+        # Below: errors that rolled the statement back, or came before it was sent.
+        if sqlstate in ("40P01", "40001"):  # deadlock / serialization failure: safe to retry
             return Aborted()
         if sqlstate == "NX412":
             return FailedPrecondition(getattr(exc, "detail", None) or "FAILED_PRECONDITION", message)
-        # Below: errors the server reported, so the statement was rolled back.
         if sqlstate == "57014":  # query_canceled: statement_timeout, or the cancel sent at the deadline
-            return DeadlineExceeded(DeadlineExceeded.CANCELLED)
+            return DeadlineExceeded.cancelled()
         if sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
-            return Unavailable(Unavailable.REFUSED)
+            return Unavailable.refused()
         log.error("event=unexpected_database_error sqlstate=%s error=%r", sqlstate, exc)
         return NexusError(f"database error {sqlstate}")
     if isinstance(exc, OSError | asyncpg.ConnectionDoesNotExistError | asyncpg.InternalClientError):
-        return Unavailable()  # the connection broke mid-call: the outcome is unknown
+        # The connection broke: during the call, the outcome is unknown.
+        return Unavailable() if sent else Unavailable.refused()
     log.error("event=unexpected_database_error error=%r", exc)
     return NexusError()
 

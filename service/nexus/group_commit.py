@@ -96,7 +96,7 @@ class GroupCommit:
         deadline = call_deadline.get()
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded(DeadlineExceeded.NOT_SENT)
+            raise DeadlineExceeded.not_sent()
         item = _Item(batch_key, arguments, frozenset(keys), deadline)
         self._pending.append(item)
         if self._in_flight == 0 or len(self._pending) >= self._min_batch:
@@ -105,7 +105,7 @@ class GroupCommit:
             async with asyncio.timeout(remaining):
                 return await item.rows
         except TimeoutError:
-            raise DeadlineExceeded() if item.sent else DeadlineExceeded(DeadlineExceeded.NOT_SENT) from None
+            raise DeadlineExceeded() if item.sent else DeadlineExceeded.not_sent() from None
 
     def _dispatch(self) -> None:
         while self._in_flight < self._max_in_flight:

@@ -92,7 +92,7 @@ class _Subscription:
         Raises Unavailable when the server shuts down."""
         while True:
             if self.closed:
-                raise Unavailable("the server is shutting down; reconnect and resume")
+                raise Unavailable("the server is shutting down; reconnect and resume", nothing_written=True)
             if self._buffer:
                 return self._buffer.popleft()
             if self.overflowed:

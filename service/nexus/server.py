@@ -50,7 +50,11 @@ SERVICE_NAMES = tuple(
     for module in (interaction_pb2, follow_pb2, token_pb2, memory_pb2)
     for service in module.DESCRIPTOR.services_by_name.values()
 )
-HEALTH_PROBE_INTERVAL_S = 1.0
+# Health follows the database: probed every interval, NOT_SERVING when a probe
+# gets no answer within the timeout (a stalled or dead database), SERVING again
+# at the first answer.
+HEALTH_PROBE_INTERVAL_S = 0.5
+HEALTH_PROBE_TIMEOUT_S = 1.0
 
 
 class ListenError(Exception):
@@ -198,7 +202,7 @@ class NexusServer:
             await asyncio.sleep(delay)
             delay = HEALTH_PROBE_INTERVAL_S
             try:
-                await self._db.ping()
+                await self._db.ping(HEALTH_PROBE_TIMEOUT_S)
                 healthy = True
             except Exception:
                 healthy = False

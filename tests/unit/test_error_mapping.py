@@ -13,10 +13,18 @@ from google.rpc import error_details_pb2, status_pb2
 from nexus import errors
 
 
-def postgres_error(sqlstate: str, message: str = "m", **fields: str) -> asyncpg.PostgresError:
+def postgres_error(sqlstate: str, message: str = "m", severity: str = "ERROR", **fields: str) -> asyncpg.PostgresError:
     """The exception asyncpg raises for an error message with these fields
-    (C: SQLSTATE, M: message, D: detail, c: column)."""
-    return asyncpg.PostgresError.new({"C": sqlstate, "M": message, **fields})
+    (S/V: severity, C: SQLSTATE, M: message, D: detail, c: column)."""
+    return asyncpg.PostgresError.new({"S": severity, "V": severity, "C": sqlstate, "M": message, **fields})
+
+
+def outcome(error: errors.NexusError) -> str:
+    """The ErrorInfo reason of an UNAVAILABLE or DEADLINE_EXCEEDED error."""
+    (detail,) = error.details()
+    info = error_details_pb2.ErrorInfo()
+    assert detail.Unpack(info) and info.domain == errors.ERROR_DOMAIN
+    return info.reason
 
 
 @pytest.mark.parametrize(
@@ -30,27 +38,69 @@ def postgres_error(sqlstate: str, message: str = "m", **fields: str) -> asyncpg.
         ("40P01", grpc.StatusCode.ABORTED),  # deadlock: rolled back, safe to retry
         ("40001", grpc.StatusCode.ABORTED),  # serialization failure
         ("57014", grpc.StatusCode.DEADLINE_EXCEEDED),  # statement timeout / cancel at the deadline
-        ("08006", grpc.StatusCode.UNAVAILABLE),  # connection failure
-        ("57P01", grpc.StatusCode.UNAVAILABLE),  # admin shutdown
         ("53300", grpc.StatusCode.UNAVAILABLE),  # too many connections
+        ("57P03", grpc.StatusCode.UNAVAILABLE),  # cannot connect now (starting up)
         ("42P01", grpc.StatusCode.INTERNAL),  # a bug (undefined table): never mistaken for bad input
     ],
 )
-def test_each_sqlstate_maps_to_its_code(sqlstate: str, code: grpc.StatusCode) -> None:
-    assert errors.from_database(postgres_error(sqlstate)).code == code
+def test_each_statement_error_maps_to_its_code(sqlstate: str, code: grpc.StatusCode) -> None:
+    assert errors.from_database(postgres_error(sqlstate), sent=True).code == code
+
+
+@pytest.mark.parametrize("sqlstate", ["57014", "53300", "57P03"])
+def test_an_error_that_rolled_the_statement_back_says_nothing_was_written(sqlstate: str) -> None:
+    error = errors.from_database(postgres_error(sqlstate), sent=True)
+    assert outcome(error) == errors.NOTHING_WRITTEN and "nothing was written" in error.message
+
+
+@pytest.mark.parametrize(
+    ("exc", "distributed"),
+    [
+        # A backend told to terminate (or left by its postmaster) can end after its commit.
+        (postgres_error("57P01", "terminating connection due to administrator command", severity="FATAL"), False),
+        (postgres_error("57P02", "terminating connection because of crash", severity="FATAL"), False),
+        (postgres_error("XX000", "?", severity="PANIC"), False),
+        (postgres_error("53300", "too many connections", severity="FATAL"), False),
+        # A node's connection broke mid-call: a Citus worker may have committed.
+        (postgres_error("08006", "connection to the remote node failed"), False),
+        # On Citus the coordinator's cancel can come after a worker's commit.
+        (postgres_error("57014", "canceling statement due to statement timeout"), True),
+        (asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"), False),
+        (ConnectionResetError(), False),
+    ],
+)
+def test_a_call_cut_off_after_it_was_sent_has_an_unknown_outcome(exc: BaseException, distributed: bool) -> None:
+    error = errors.from_database(exc, sent=True, distributed=distributed)
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert outcome(error) == errors.OUTCOME_UNKNOWN and "nothing was written" not in error.message
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        postgres_error("57P03", "the database system is starting up", severity="FATAL"),
+        postgres_error("08006", "connection refused"),
+        ConnectionRefusedError(),
+        TimeoutError(),
+    ],
+)
+def test_a_call_that_failed_before_it_was_sent_wrote_nothing(exc: BaseException) -> None:
+    error = errors.from_database(exc, sent=False)
+    assert error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert outcome(error) == errors.NOTHING_WRITTEN and "nothing was written" in error.message
 
 
 def test_the_services_own_errors_keep_their_message_and_field() -> None:
-    invalid = errors.from_database(postgres_error("NX400", "too long", c="content"))
+    invalid = errors.from_database(postgres_error("NX400", "too long", c="content"), sent=True)
     assert isinstance(invalid, errors.InvalidArgument)
     assert (invalid.field, invalid.description) == ("content", "too long")
-    refused = errors.from_database(postgres_error("NX412", "balance too low", D="INSUFFICIENT_FUNDS"))
+    refused = errors.from_database(postgres_error("NX412", "balance too low", D="INSUFFICIENT_FUNDS"), sent=True)
     assert isinstance(refused, errors.FailedPrecondition)
     assert refused.violation_type == "INSUFFICIENT_FUNDS"
 
 
 def test_an_unexpected_database_error_says_only_its_sqlstate() -> None:
-    error = errors.from_database(postgres_error("42P01", 'relation "secret_table" does not exist'))
+    error = errors.from_database(postgres_error("42P01", 'relation "secret_table" does not exist'), sent=True)
     assert error.message == "database error 42P01"
 
 
@@ -60,16 +110,17 @@ def test_an_unexpected_database_error_says_only_its_sqlstate() -> None:
         (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED),
         (ConnectionResetError(), grpc.StatusCode.UNAVAILABLE),
         (asyncpg.ConnectionDoesNotExistError("closed"), grpc.StatusCode.UNAVAILABLE),
+        (asyncpg.InterfaceError("the server expects 2 arguments"), grpc.StatusCode.INTERNAL),  # a bug
         (RuntimeError("?"), grpc.StatusCode.INTERNAL),
     ],
 )
 def test_client_side_failures_map_to_their_codes(exc: BaseException, code: grpc.StatusCode) -> None:
-    assert errors.from_database(exc).code == code
+    assert errors.from_database(exc, sent=True).code == code
 
 
 def test_a_nexus_error_passes_through_unchanged() -> None:
     error = errors.PermissionDenied("not yours")
-    assert errors.from_database(error) is error
+    assert errors.from_database(error, sent=True) is error
 
 
 def test_from_raised_refuses_a_sqlstate_that_is_not_the_services() -> None:
