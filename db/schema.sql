@@ -1139,11 +1139,23 @@ BEGIN
     END IF;
 END $$;
 
+-- Name: score_product(double precision, double precision); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.score_product(a double precision, b double precision) RETURNS double precision
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN CASE WHEN ((a = (0)::double precision) OR (b = (0)::double precision)) THEN (0)::double precision WHEN ((ln(abs(a)) + ln(abs(b))) < ('-708'::integer)::double precision) THEN (0)::double precision ELSE (a * b) END;
+
+-- Name: score_ratio(double precision, double precision); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.score_ratio(a double precision, b double precision) RETURNS double precision
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN CASE WHEN (b = (0)::double precision) THEN NULL::double precision WHEN (a = (0)::double precision) THEN (0)::double precision WHEN ((ln(abs(a)) - ln(abs(b))) < ('-708'::integer)::double precision) THEN (0)::double precision ELSE (a / b) END;
+
 -- Name: hybrid_score(double precision, double precision, double precision, double precision, double precision, double precision); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.hybrid_score(p_similarity double precision, p_nearest double precision, p_farthest double precision, p_text_score double precision, p_best_text double precision, p_vector_weight double precision) RETURNS double precision
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN ((p_vector_weight * COALESCE(((p_similarity - p_farthest) / NULLIF((p_nearest - p_farthest), (0)::double precision)), (0)::double precision)) + (((1)::double precision - p_vector_weight) * COALESCE((p_text_score / NULLIF(p_best_text, (0)::double precision)), (0)::double precision)));
+    RETURN (public.score_product(p_vector_weight, COALESCE(public.score_ratio((p_similarity - p_farthest), (p_nearest - p_farthest)), (0)::double precision)) + public.score_product(((1)::double precision - p_vector_weight), COALESCE(public.score_ratio(p_text_score, p_best_text), (0)::double precision)));
 
 -- Name: infer_temporal_type(text); Type: FUNCTION; Schema: public
 
@@ -1765,6 +1777,12 @@ BEGIN
     RETURN result;
 END $$;
 
+-- Name: recency(interval); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.recency(p_age interval) RETURNS double precision
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN CASE WHEN (EXTRACT(epoch FROM p_age) > ((100000 * 3600))::numeric) THEN (0)::double precision ELSE power((0.995)::double precision, GREATEST(((EXTRACT(epoch FROM p_age))::double precision / (3600)::double precision), (0)::double precision)) END;
+
 -- Name: reconcile_balances(boolean); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.reconcile_balances(p_fix boolean) RETURNS TABLE(user_id text, sequence bigint, counter text, stored bigint, actual bigint)
@@ -2103,16 +2121,15 @@ BEGIN
                                               p_min_gravity, p_since, p_emotion_type, p_vector_weight, p_exact_max, 0, 0)
             ), parts AS (
                 SELECT b.document, b.distance, b.text_score,
-                       coalesce((b.score - min(b.score) OVER ()) / nullif(max(b.score) OVER () - min(b.score) OVER (), 0), 0)
+                       coalesce(score_ratio(b.score - min(b.score) OVER (), max(b.score) OVER () - min(b.score) OVER ()), 0)
                            AS relevance,
-                       power(0.995, extract(epoch FROM now() - (b.document ->> 'create_time')::timestamptz) / 3600)
-                           AS recency,
+                       recency(now() - (b.document ->> 'create_time')::timestamptz) AS recency,
                        (b.document ->> 'gravity_score')::double precision AS gravity
                 FROM best b
             )
             SELECT p.document, p.distance, p.text_score,
-                   (1 - p_recency_weight - p_gravity_weight) * p.relevance + p_recency_weight * p.recency
-                   + p_gravity_weight * p.gravity
+                   score_product(1 - p_recency_weight - p_gravity_weight, p.relevance)
+                   + score_product(p_recency_weight, p.recency) + score_product(p_gravity_weight, p.gravity)
             FROM parts p
             ORDER BY 4 DESC, p.document ->> 'memory_id'
             LIMIT p_top_k;

@@ -26,6 +26,7 @@ import base64
 import math
 import os
 import re
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,10 +39,11 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from nexus.pagination import PageTokens
 from nexus.servicers.memory import UPDATABLE_FIELDS
 from nexus.v1 import follow_pb2, interaction_pb2, memory_pb2, token_pb2
 
-from support import SERVICE, Clients, auth, bad_request_fields
+from support import JWT_SECRET, SERVICE, Clients, auth, bad_request_fields
 
 _EXAMPLES = os.environ.get("NEXUS_FUZZ_EXAMPLES")
 settings.register_profile(
@@ -92,13 +94,17 @@ TIMESTAMP_SECONDS = [0, -1, 253402300799, 253402300800, -62135596800, -621355968
 TIMESTAMP_NANOS = [0, 999_999_999, 1_000_000_000, 2_000_000_000, -5, -(2**31), 2**31 - 1]
 
 
+# Scores whose product underflows a double (PostgreSQL raises rather than round to 0).
+TINY_FLOATS = [1e-200, 1e-310, 5e-324, 2.2250738585072014e-308]
+
+
 def integers(field: descriptor.FieldDescriptor) -> st.SearchStrategy[int]:
     low, high = INT_BOUNDS[field.type]
     return st.sampled_from(sorted({low, high, -1 if low else 0, 0, 1, 1000, 1001})) | st.integers(low, high)
 
 
 def doubles(width: int = 64) -> st.SearchStrategy[float]:
-    extremes = [math.nan, math.inf, -math.inf, -0.0, 5e-324 if width == 64 else 1e-45, 1e308 if width == 64 else 3e38]
+    extremes = [math.nan, math.inf, -math.inf, -0.0, *(TINY_FLOATS if width == 64 else [1e-45]), 1e308 if width == 64 else 3e38]
     return st.sampled_from(extremes) | st.floats(width=width)
 
 
@@ -142,9 +148,20 @@ class Seed:
     page_tokens: tuple[str, ...]
 
 
+# Tokens signed with the server's key holding what it never issues (a bigint
+# overflow, a tree path beyond integer, nesting past the JSON decoder's depth).
+SERVER_TOKENS = PageTokens(JWT_SECRET.encode())
+SIGNED_ODD_TOKENS = [
+    SERVER_TOKENS.encode(scope, position)
+    for scope in (("transactions", USER), ("events", "memory", USER), ("events", "arc", USER))
+    for position in ([2**63], [2**70], [-1], [math.inf], [[1]])
+] + [SERVER_TOKENS.sign(b'["transactions:' + USER.encode() + b'",' + b"[" * 2500 + b"]" * 2500 + b"]")]
+
+
 def odd_page_tokens(seed: Seed) -> st.SearchStrategy[str]:
     forged = base64.urlsafe_b64encode(b'["transactions:fuzzer",1]' + bytes(16)).decode()
-    return st.sampled_from(["", "abc", "%%%", forged, "A" * 10_000, *seed.page_tokens]) | st.text(max_size=40)
+    tokens = ["", "abc", "%%%", forged, "A" * 10_000, *seed.page_tokens, *SIGNED_ODD_TOKENS]
+    return st.sampled_from(tokens) | st.text(max_size=40)
 
 
 def valid_fields(message_type: descriptor.Descriptor, seed: Seed) -> st.SearchStrategy[dict[str, Any]]:
@@ -187,7 +204,9 @@ def valid_value(field: descriptor.FieldDescriptor, seed: Seed) -> st.SearchStrat
     if name == "content":
         return st.just("something that happened")
     if name in ("gravity_score", "min_gravity", "intensity"):
-        return st.floats(0, 1)
+        return st.sampled_from(TINY_FLOATS) | st.floats(0, 1)
+    if name in ("recency_weight", "gravity_weight"):  # at most 1 together
+        return st.sampled_from(TINY_FLOATS) | st.floats(0, 0.5)
     if name == "amount":
         return st.integers(1, 1000)
     return None
@@ -273,6 +292,12 @@ async def fuzz_target(
             memory_pb2.CreateMemoryRequest(user_id=USER, content="seed", embedding=GOOD_EMBEDDING), metadata=SERVICE
         )
     ).memory
+    tiny = await clients.memories.CreateMemory(
+        memory_pb2.CreateMemoryRequest(user_id=USER, content="tiny", gravity_score=1e-200, embedding=GOOD_EMBEDDING),
+        metadata=SERVICE,
+    )
+    # A subnormal gravity, as stored before the service normalised them.
+    await db.execute("UPDATE memories SET gravity_score = 5e-324 WHERE memory_id = $1", uuid.UUID(tiny.memory.memory_id))
     for i in range(2):
         await api.RecordInteraction(
             interaction_pb2.RecordInteractionRequest(user_id=USER, target_id=f"t{i}", action="saved"), metadata=SERVICE

@@ -23,10 +23,12 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
 
+from nexus.pagination import PageTokens
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2 as memory_pb
+from nexus.v1 import token_pb2 as token_pb
 
-from support import SERVICE, Clients, bad_request_fields, new_uuid, rpc_error
+from support import JWT_SECRET, SERVICE, Clients, bad_request_fields, new_uuid, rpc_error
 
 USER = "alice"
 ENTRY = "$entry"  # stands for the seeded entry's id (also inside strings, for unique request ids)
@@ -530,3 +532,92 @@ async def test_an_embedding_near_the_limits_is_stored_and_its_distances_are_numb
             )
             assert response.results
             assert not any(math.isnan(r.distance) for r in response.results)
+
+
+# A token signed with the server's key (as an attacker who has the secret could)
+# holding what the service never issues: INVALID_ARGUMENT naming the field.
+SERVER_TOKENS = PageTokens(JWT_SECRET.encode())
+SIGNED_ODD_POSITIONS = {
+    "int64-overflow": [2**63],
+    "int64-underflow": [-(2**63) - 1],
+    "beyond-int32": [2**40, 1],
+    "huge": [2**70],
+    "negative": [-1],
+    "nested": [[1]],
+    "infinite": [math.inf],
+}
+
+
+def signed_odd_requests(entry_id: str, position: list[Any]) -> list[tuple[str, Any, str]]:
+    """(rpc, request, token field) of every list whose token a position can break."""
+
+    def token(*scope: Any) -> str:
+        return SERVER_TOKENS.encode(tuple(scope), position)
+
+    return [
+        ("ListTransactions", token_pb.ListTransactionsRequest(user_id=USER, page_token=token("transactions", USER)),
+         "page_token"),
+        ("GetBranchTree", pb.GetBranchTreeRequest(root_entry_id=entry_id, viewer_id=USER,
+                                                  page_token=token("tree", entry_id, 0, USER)), "page_token"),
+        ("SubscribeMemories", memory_pb.SubscribeMemoriesRequest(user_id=USER,
+                                                                 resume_token=token("events", "memory", USER)),
+         "resume_token"),
+    ]
+
+
+@pytest.mark.parametrize("position", SIGNED_ODD_POSITIONS.values(), ids=SIGNED_ODD_POSITIONS.keys())
+async def test_a_signed_token_the_service_never_issued_is_invalid_argument(
+    shared: tuple[Clients, asyncpg.Connection], entry_id: str, position: list[Any]
+) -> None:
+    clients, _ = shared
+    for rpc, request, field in signed_odd_requests(entry_id, position):
+        if rpc == "SubscribeMemories":
+            stream = clients.memories.SubscribeMemories(request, metadata=SERVICE, timeout=10)
+            error = await rpc_error(stream.read())
+        else:
+            service = clients.tokens if rpc == "ListTransactions" else clients.interactions
+            error = await rpc_error(getattr(service, rpc)(request, metadata=SERVICE, timeout=10))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{rpc} {position}: {error.code()} {error.details()}"
+        assert bad_request_fields(error) == [field], rpc
+
+
+# Tiny floats: a product of two of them underflows a double, which PostgreSQL
+# reports as an error rather than 0. No search may fail for it.
+TINY = (1e-200, 1e-310, 5e-324)
+
+
+async def test_tiny_gravities_and_weights_never_fail_a_search(shared: tuple[Clients, asyncpg.Connection]) -> None:
+    clients, db = shared
+    user = "tiny_floats"
+    metadata = SERVICE
+    for n, gravity in enumerate((*TINY, 0.0, 0.9)):
+        await clients.memories.CreateMemory(
+            memory_pb.CreateMemoryRequest(user_id=user, content=f"lake {n}", gravity_score=gravity, embedding=EMBEDDING),
+            metadata=metadata,
+        )
+    # A subnormal stored before the service normalised them (or written by hand).
+    await db.execute("UPDATE memories SET gravity_score = 5e-324 WHERE user_id = $1 AND content = 'lake 0'", user)
+    smallest = "SELECT min(gravity_score) FILTER (WHERE gravity_score > 0) FROM memories WHERE user_id = $1"
+    assert await db.fetchval(smallest, user) == 5e-324
+    for weight in (*TINY, 0.1):
+        both = dict(gravity_weight=weight, recency_weight=weight)
+        for weights in (dict(gravity_weight=weight), dict(recency_weight=weight), both):
+            for query in (dict(query="lake"), dict(embedding=EMBEDDING), dict(query="lake", embedding=EMBEDDING)):
+                request = memory_pb.SearchMemoriesRequest(user_id=user, top_k=10, **query, **weights)
+                reply = await clients.memories.SearchMemories(request, metadata=metadata, timeout=10)
+                assert len(reply.results) == 5, (weights, query)
+                scores = [r.score for r in reply.results]
+                assert all(math.isfinite(s) for s in scores) and scores == sorted(scores, reverse=True), scores
+
+
+async def test_a_subnormal_score_is_stored_as_zero(shared: tuple[Clients, asyncpg.Connection]) -> None:
+    clients, _ = shared
+    for value in (5e-324, 1e-310):
+        reply = await clients.memories.CreateMemory(
+            memory_pb.CreateMemoryRequest(user_id="subnormal", content="x", gravity_score=value), metadata=SERVICE
+        )
+        assert reply.memory.gravity_score == 0.0
+    reply = await clients.memories.CreateMemory(
+        memory_pb.CreateMemoryRequest(user_id="subnormal", content="y", gravity_score=1e-200), metadata=SERVICE
+    )
+    assert reply.memory.gravity_score == 1e-200

@@ -18,12 +18,19 @@ import datetime
 import hashlib
 import hmac
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 from nexus.errors import InvalidArgument
 
 _MAC_BYTES = 16
+# The longest token this service accepts: far above any it issues (a scope of
+# a few ids, a position of a few values or a reply's tree path), far below one
+# that costs anything to decode.
+MAX_TOKEN_CHARS = 8192
+# The largest integer in a position: a PostgreSQL bigint's.
+_INT64_MAX = 2**63 - 1
 
 Scope: TypeAlias = tuple[str | int | None, ...]
 Row = TypeVar("Row")
@@ -44,15 +51,21 @@ class PageTokens:
         self._key = hashlib.sha256(b"nexus page tokens\0" + key).digest()
 
     def encode(self, scope: Scope, position: list[Any]) -> str:
-        body = json.dumps([scope_key(scope), *position], separators=(",", ":")).encode()
+        return self.sign(json.dumps([scope_key(scope), *position], separators=(",", ":")).encode())
+
+    def sign(self, body: bytes) -> str:
+        """A token of ``body`` as it stands (encode's JSON, or any bytes, for tests)."""
         mac = hmac.new(self._key, body, hashlib.sha256).digest()[:_MAC_BYTES]
         return base64.urlsafe_b64encode(body + mac).rstrip(b"=").decode()
 
     def decode(self, scope: Scope, token: str, field: str = "page_token") -> list[Any] | None:
-        """The position a token encodes, or None for an empty token (first page).
-        ``field`` names the request field in errors."""
+        """The position a token encodes, or None for an empty token (first page):
+        a list of strings and of numbers from 0 (integers up to PostgreSQL's
+        bigint), as the service issues. ``field`` names the request field in errors."""
         if not token:
             return None
+        if len(token) > MAX_TOKEN_CHARS:
+            raise _not_ours(field)
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
             body, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
@@ -60,11 +73,14 @@ class PageTokens:
             if len(raw) <= _MAC_BYTES or not hmac.compare_digest(mac, expected):
                 raise ValueError("bad signature")
             decoded = json.loads(body)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise _not_ours(field) from exc
         if not isinstance(decoded, list) or not decoded or decoded[0] != scope_key(scope):
             raise InvalidArgument(field, "token belongs to a different list or stream")
-        return decoded[1:]
+        position = decoded[1:]
+        if not all(_issuable(value) for value in position):
+            raise _not_ours(field)
+        return position
 
     def decode_as(self, scope: Scope, token: str, types: tuple[type, ...], field: str = "page_token") -> list[Any] | None:
         """Like decode, for a position of exactly these types (a signed token of
@@ -102,6 +118,17 @@ class PageTokens:
 def time_key(time: datetime.datetime, key: str) -> list[Any]:
     """The position of a row in a list ordered by (time, key), for ``PageTokens.page``."""
     return [(time - _EPOCH) // _MICROSECOND, key]
+
+
+def _issuable(value: Any) -> bool:
+    """Whether a position holds a value the service could have put there: every
+    number it issues (a time since 1970, a sequence, a tree path, an intensity)
+    is at least 0."""
+    if type(value) is int:
+        return 0 <= value <= _INT64_MAX
+    if type(value) is float:
+        return 0 <= value < math.inf
+    return type(value) is str
 
 
 def _not_ours(field: str = "page_token") -> InvalidArgument:

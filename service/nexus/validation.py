@@ -9,6 +9,7 @@ import datetime
 import json
 import math
 import re
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -191,10 +192,11 @@ def page_size(value: int, field: str = "page_size") -> int:
 
 
 def unit_interval(value: float, field: str) -> float:
-    """A score in 0..1."""
+    """A score in 0..1; a subnormal one (below 2.2e-308, too small for
+    arithmetic to keep) is 0."""
     if not math.isfinite(value) or not 0 <= value <= 1:
         raise InvalidArgument(field, "must be between 0 and 1")
-    return value
+    return value if value >= sys.float_info.min else 0.0
 
 
 def timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime.datetime:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import base64
 import datetime
+import math
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus.errors import InvalidArgument
-from nexus.pagination import PageTokens, Scope, scope_key, time_key
+from nexus.pagination import MAX_TOKEN_CHARS, PageTokens, Scope, scope_key, time_key
 
 TOKENS = PageTokens(b"unit-test-key")
 SCOPE: Scope = ("resonators", "entry-1")
@@ -26,7 +27,11 @@ def refusal(scope: Scope, token: str, tokens: PageTokens = TOKENS) -> InvalidArg
     return info.value
 
 
-@given(scope=scopes, position=st.lists(st.one_of(st.integers(), st.text(max_size=20)), max_size=3))
+bigints = st.integers(0, 2**63 - 1)
+
+
+@given(scope=scopes, position=st.lists(st.one_of(bigints, st.floats(0, allow_infinity=False),
+                                                st.text(max_size=20)), max_size=3))
 def test_a_token_decodes_to_its_position_in_its_own_scope(scope: Scope, position: list[object]) -> None:
     assert TOKENS.decode(scope, TOKENS.encode(scope, position)) == position
 
@@ -93,3 +98,24 @@ def test_time_keys_round_trip_to_the_microsecond() -> None:
 def test_a_time_key_out_of_range_is_refused() -> None:
     with pytest.raises(InvalidArgument):
         TOKENS.decode_time_key(SCOPE, TOKENS.encode(SCOPE, [10**20, "m-1"]))
+
+
+@pytest.mark.parametrize(
+    "position",
+    [[2**63], [-1], [-0.5], [2**70], [math.nan], [math.inf], [[1]], [{"a": 1}], [None], [True], ["x", [2**40, 1]]],
+)
+def test_a_signed_token_holding_what_the_service_never_issues_is_refused(position: list[object]) -> None:
+    assert refusal(SCOPE, TOKENS.encode(SCOPE, position)).description == "not a token issued by this service"
+
+
+def test_a_signed_token_nested_past_any_decoder_is_refused() -> None:
+    body = b'["' + scope_key(SCOPE).encode() + b'",' + b"[" * 2500 + b"]" * 2500 + b"]"
+    token = TOKENS.sign(body)
+    assert len(token) <= MAX_TOKEN_CHARS  # within the size bound: the decoder itself meets the depth
+    assert refusal(SCOPE, token).description == "not a token issued by this service"
+
+
+def test_a_token_longer_than_any_the_service_issues_is_refused_before_decoding() -> None:
+    token = TOKENS.encode(SCOPE, ["x" * MAX_TOKEN_CHARS])
+    assert len(token) > MAX_TOKEN_CHARS
+    assert refusal(SCOPE, token).description == "not a token issued by this service"

@@ -10,6 +10,7 @@ import grpc
 
 from nexus import errors, queries, validation
 from nexus.auth import acting_user, current_principal, optional_acting_user
+from nexus.config import POSTGRES_INTEGER_MAX
 from nexus.database import Database
 from nexus.errors import InvalidArgument
 from nexus.group_commit import GroupCommit
@@ -169,7 +170,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         viewer = optional_acting_user(request.viewer_id, "viewer_id") or current_principal.get().viewer
         scope = ("tree", str(entry_id), request.max_depth, viewer)
         after = self._tokens.decode(scope, request.page_token)
-        if after is not None and not all(isinstance(i, int) for i in after):
+        if after is not None and not all(type(i) is int and i <= POSTGRES_INTEGER_MAX for i in after):  # a tree_path
             raise InvalidArgument("page_token", "not a page token issued by this service")
         rows = await self._db.fetch(
             "branch_tree", queries.BRANCH_TREE, entry_id, viewer, request.max_depth or None, after, limit + 1
