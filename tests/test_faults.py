@@ -312,8 +312,9 @@ class Storm:
             f"writer-{self.tag}-{n % 5}", f"{self.tag}-m{n}",
         )
 
-    async def run(self, fault: Callable[[], Awaitable[None]]) -> list[Any]:
-        """Every call's reply or RpcError; ``fault`` runs once FAULT_AFTER_REPLIES calls have replied."""
+    async def run(self, fault: Callable[[], Awaitable[None]], db_url: str) -> None:
+        """Runs the storm, ``fault`` once FAULT_AFTER_REPLIES calls have replied,
+        then checks every reply against the database at ``db_url``."""
         replies = 0
         enough_replies = asyncio.Event()
         slots = asyncio.Semaphore(STORM_CONCURRENCY)
@@ -333,7 +334,13 @@ class Storm:
         storm = asyncio.gather(*(one(n) for n in range(STORM_CALLS)))
         await asyncio.wait_for(enough_replies.wait(), timeout=60)
         await fault()
-        return await asyncio.wait_for(storm, timeout=120)
+        results = await asyncio.wait_for(storm, timeout=120)
+        checker = await connect_when_back(db_url)
+        try:
+            kinds = await self.check(checker, results)
+        finally:
+            await checker.close()
+        assert kinds[errors.OUTCOME_UNKNOWN] + kinds[errors.NOTHING_WRITTEN], "the fault came after the storm"
 
     async def check(self, conn: asyncpg.Connection, results: list[Any]) -> dict[str, int]:
         """Asserts every reply's claim against the final state; counts the kinds of reply."""
@@ -380,25 +387,30 @@ async def write_succeeds_again(clients: Clients, entry_id: str, timeout: float =
             await asyncio.sleep(0.1)
 
 
+TERMINATION_BURSTS = 3
+
+
 async def terminate_service_backends(db_url: str) -> None:
-    """pg_terminate_backend of every backend of the service, once at least one
-    of them is running a statement: each ends with FATAL 57P01, whether its
-    statement was running, committing or done."""
+    """pg_terminate_backend of every backend of the service, TERMINATION_BURSTS
+    times, each once at least one of them is running a statement: each ends
+    with FATAL 57P01, whether its statement was running, committing or done (a
+    backend that finishes first ends idle, unseen by any call: hence the bursts)."""
     conn = await asyncpg.connect(db_url)
     try:
-        for _ in range(200):
-            ended = await conn.fetchval(
+        bursts = 0
+        for _ in range(500):
+            bursts += bool(await conn.fetchval(
                 """SELECT count(*) FILTER (WHERE state = 'active') FROM (
                        SELECT state, pg_terminate_backend(pid) FROM pg_stat_activity
                        WHERE application_name = 'nexus' AND datname = current_database()
                          AND EXISTS (SELECT FROM pg_stat_activity a
                                      WHERE a.application_name = 'nexus' AND a.datname = current_database()
                                        AND a.state = 'active')) terminated"""
-            )
-            if ended:
+            ))
+            if bursts == TERMINATION_BURSTS:
                 return
-            await asyncio.sleep(0.005)
-        pytest.fail("no backend of the service was running a statement to terminate")
+            await asyncio.sleep(0.01)
+        pytest.fail(f"the service's backends ran a statement {bursts} times of {TERMINATION_BURSTS}")
     finally:
         await conn.close()
 
@@ -407,13 +419,7 @@ async def test_backends_terminated_mid_storm_every_error_reply_tells_the_truth(c
     for round_number in range(ROUNDS):
         storm = Storm(clients, f"t{round_number}")
         await storm.prepare()
-        results = await storm.run(lambda: terminate_service_backends(db_url))
-        checker = await asyncpg.connect(db_url)
-        try:
-            kinds = await storm.check(checker, results)
-        finally:
-            await checker.close()
-        assert kinds[errors.OUTCOME_UNKNOWN] + kinds[errors.NOTHING_WRITTEN], "the fault came after the storm"
+        await storm.run(lambda: terminate_service_backends(db_url), db_url)
         await write_succeeds_again(clients, storm.entries[0])
 
 
@@ -431,13 +437,7 @@ async def test_a_database_crash_mid_storm_every_reply_tells_the_truth_and_the_se
         )
         os.kill(victim, signal.SIGKILL)
 
-    results = await storm.run(crash)
-    checker = await connect_when_back(db_url)
-    try:
-        kinds = await storm.check(checker, results)
-    finally:
-        await checker.close()
-    assert kinds[errors.OUTCOME_UNKNOWN] + kinds[errors.NOTHING_WRITTEN], "the crash came after the storm"
+    await storm.run(crash, db_url)
     await write_succeeds_again(clients, storm.entries[0])
 
 
@@ -456,14 +456,8 @@ async def test_the_embedded_postmaster_killed_mid_storm_every_reply_tells_the_tr
                 async def kill() -> None:
                     kill_postmaster(pg_dir / "pg")
 
-                results = await storm.run(kill)
+                await storm.run(kill, server.database_url)
                 await write_succeeds_again(clients, storm.entries[0])
-                checker = await connect_when_back(server.database_url)
-                try:
-                    kinds = await storm.check(checker, results)
-                finally:
-                    await checker.close()
-                assert kinds[errors.OUTCOME_UNKNOWN] + kinds[errors.NOTHING_WRITTEN], "the kill came after the storm"
     finally:
         await server.stop(grace=0)
 
