@@ -1139,23 +1139,23 @@ BEGIN
     END IF;
 END $$;
 
--- Name: score_product(double precision, double precision); Type: FUNCTION; Schema: public
+-- Name: score_factor(double precision); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.score_product(a double precision, b double precision) RETURNS double precision
+CREATE FUNCTION public.score_factor(x double precision) RETURNS double precision
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN CASE WHEN ((a = (0)::double precision) OR (b = (0)::double precision)) THEN (0)::double precision WHEN ((ln(abs(a)) + ln(abs(b))) < ('-708'::integer)::double precision) THEN (0)::double precision ELSE (a * b) END;
+    RETURN CASE WHEN (abs(x) < (0.000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000001)::double precision) THEN (0)::double precision ELSE x END;
 
 -- Name: score_ratio(double precision, double precision); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.score_ratio(a double precision, b double precision) RETURNS double precision
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN CASE WHEN (b = (0)::double precision) THEN NULL::double precision WHEN (a = (0)::double precision) THEN (0)::double precision WHEN ((ln(abs(a)) - ln(abs(b))) < ('-708'::integer)::double precision) THEN (0)::double precision ELSE (a / b) END;
+    RETURN CASE WHEN (b = (0)::double precision) THEN NULL::double precision WHEN ((abs(a) >= (0.00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000001)::double precision) AND (abs(b) <= ('10000000000'::numeric)::double precision)) THEN (a / b) WHEN (a = (0)::double precision) THEN (0)::double precision WHEN ((ln(abs(a)) - ln(abs(b))) < ('-345'::integer)::double precision) THEN (0)::double precision ELSE (a / b) END;
 
 -- Name: hybrid_score(double precision, double precision, double precision, double precision, double precision, double precision); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.hybrid_score(p_similarity double precision, p_nearest double precision, p_farthest double precision, p_text_score double precision, p_best_text double precision, p_vector_weight double precision) RETURNS double precision
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN (public.score_product(p_vector_weight, COALESCE(public.score_ratio((p_similarity - p_farthest), (p_nearest - p_farthest)), (0)::double precision)) + public.score_product(((1)::double precision - p_vector_weight), COALESCE(public.score_ratio(p_text_score, p_best_text), (0)::double precision)));
+    RETURN ((public.score_factor(p_vector_weight) * COALESCE(public.score_ratio((p_similarity - p_farthest), (p_nearest - p_farthest)), (0)::double precision)) + (public.score_factor(((1)::double precision - p_vector_weight)) * COALESCE(public.score_ratio(p_text_score, p_best_text), (0)::double precision)));
 
 -- Name: infer_temporal_type(text); Type: FUNCTION; Schema: public
 
@@ -1781,7 +1781,7 @@ END $$;
 
 CREATE FUNCTION public.recency(p_age interval) RETURNS double precision
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN CASE WHEN (EXTRACT(epoch FROM p_age) > ((100000 * 3600))::numeric) THEN (0)::double precision ELSE power((0.995)::double precision, GREATEST(((EXTRACT(epoch FROM p_age))::double precision / (3600)::double precision), (0)::double precision)) END;
+    RETURN CASE WHEN (EXTRACT(epoch FROM p_age) > ((100000 * 3600))::numeric) THEN (0)::double precision WHEN (EXTRACT(epoch FROM p_age) < (0)::numeric) THEN (1)::double precision ELSE power((0.995)::double precision, ((EXTRACT(epoch FROM p_age))::double precision / (3600)::double precision)) END;
 
 -- Name: reconcile_balances(boolean); Type: FUNCTION; Schema: public
 
@@ -2123,13 +2123,13 @@ BEGIN
                 SELECT b.document, b.distance, b.text_score,
                        coalesce(score_ratio(b.score - min(b.score) OVER (), max(b.score) OVER () - min(b.score) OVER ()), 0)
                            AS relevance,
-                       recency(now() - (b.document ->> 'create_time')::timestamptz) AS recency,
-                       (b.document ->> 'gravity_score')::double precision AS gravity
+                       score_factor(recency(now() - (b.document ->> 'create_time')::timestamptz)) AS recency,
+                       score_factor((b.document ->> 'gravity_score')::double precision) AS gravity
                 FROM best b
             )
             SELECT p.document, p.distance, p.text_score,
-                   score_product(1 - p_recency_weight - p_gravity_weight, p.relevance)
-                   + score_product(p_recency_weight, p.recency) + score_product(p_gravity_weight, p.gravity)
+                   score_factor(1 - p_recency_weight - p_gravity_weight) * p.relevance
+                   + score_factor(p_recency_weight) * p.recency + score_factor(p_gravity_weight) * p.gravity
             FROM parts p
             ORDER BY 4 DESC, p.document ->> 'memory_id'
             LIMIT p_top_k;

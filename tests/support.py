@@ -35,11 +35,14 @@ from nexus.auth import mint_token
 from nexus.citus_cluster import copy_cluster_database, drop_cluster_database
 from nexus.config import Config
 from nexus.maintenance import Maintenance
+from nexus.pagination import PageTokens
 from nexus.server import NexusServer
 from nexus.v1 import follow_pb2_grpc, interaction_pb2_grpc, memory_pb2, memory_pb2_grpc, token_pb2_grpc
 from nexus.v1 import interaction_pb2 as pb
 
 JWT_SECRET = "test-secret-" + "x" * 32
+# The page tokens of a server configured with JWT_SECRET, to forge odd ones.
+SERVER_TOKENS = PageTokens(JWT_SECRET.encode())
 
 
 def with_database(url: str, name: str) -> str:
@@ -276,6 +279,18 @@ async def eventually(probe: Callable[[], Awaitable[T]], what: str, timeout: floa
         if loop.time() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def connect_when_back(db_url: str, timeout: float = 30) -> asyncpg.Connection:
+    """A new connection, once PostgreSQL accepts them again (bounded)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await asyncpg.connect(db_url)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 def free_port() -> int:

@@ -39,11 +39,10 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from nexus.pagination import PageTokens
 from nexus.servicers.memory import UPDATABLE_FIELDS
 from nexus.v1 import follow_pb2, interaction_pb2, memory_pb2, token_pb2
 
-from support import JWT_SECRET, SERVICE, Clients, auth, bad_request_fields
+from support import SERVER_TOKENS, SERVICE, Clients, auth, bad_request_fields
 
 _EXAMPLES = os.environ.get("NEXUS_FUZZ_EXAMPLES")
 settings.register_profile(
@@ -150,7 +149,6 @@ class Seed:
 
 # Tokens signed with the server's key holding what it never issues (a bigint
 # overflow, a tree path beyond integer, nesting past the JSON decoder's depth).
-SERVER_TOKENS = PageTokens(JWT_SECRET.encode())
 SIGNED_ODD_TOKENS = [
     SERVER_TOKENS.encode(scope, position)
     for scope in (("transactions", USER), ("events", "memory", USER), ("events", "arc", USER))

@@ -32,11 +32,10 @@ import asyncpg
 import grpc
 import pytest
 
-from nexus.pagination import PageTokens
 from nexus.servicers.memory_streams import RESUME_TOKEN_METADATA
 from nexus.v1 import memory_pb2, memory_pb2_grpc
 
-from support import JWT_SECRET, SERVING, auth, eventually, free_port, nexus_env, wait_for_health
+from support import JWT_SECRET, SERVER_TOKENS, SERVING, auth, connect_when_back, eventually, free_port, nexus_env, wait_for_health
 
 pytestmark = pytest.mark.single_node("kills the server's and the database's processes")
 
@@ -46,7 +45,6 @@ READERS_PER_USER = 3
 WRITERS = 4
 WRITES_PER_ROUND = 40
 RESTART_AFTER_S = 0.5
-TOKENS = PageTokens(JWT_SECRET.encode())
 
 
 @dataclass
@@ -107,7 +105,7 @@ async def follow(stub: memory_pb2_grpc.MemoryServiceStub, reader: Reader) -> Non
             announced = metadata.get(RESUME_TOKEN_METADATA)
             if announced is not None:
                 if reader.start is None:
-                    (reader.start,) = TOKENS.decode_as(("events", "memory", reader.user), str(announced), (int,)) or [0]
+                    (reader.start,) = SERVER_TOKENS.decode_as(("events", "memory", reader.user), str(announced), (int,)) or [0]
                 token = token or str(announced)
             received, leave_after = 0, reader.leaving.randint(1, 30)
             async for event in call:
@@ -155,14 +153,6 @@ async def memory_log(db: asyncpg.Connection, user: str, after: int) -> list[tupl
     return [(r["memory_id"], types[r["change"]]) for r in rows]
 
 
-async def connected(db_url: str) -> asyncpg.Connection:
-    for _ in range(300):
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            return await asyncpg.connect(db_url)
-        await asyncio.sleep(0.1)
-    pytest.fail("the database did not come back within 30 s")
-
-
 @contextlib.asynccontextmanager
 async def running(tasks: list[asyncio.Task[None]]) -> AsyncIterator[None]:
     try:
@@ -206,7 +196,7 @@ async def test_resumed_streams_get_every_event_once_across_kills_of_server_and_d
                     stop.set()
                     await asyncio.wait_for(asyncio.gather(*writing), timeout=60)
 
-                db = await connected(db_url)
+                db = await connect_when_back(db_url)
                 try:
 
                     async def caught_up() -> bool:
@@ -242,7 +232,7 @@ async def strike(round_number: int, service: Service, channel: grpc.aio.Channel,
         await asyncio.sleep(RESTART_AFTER_S)  # the shape of the fault: a supervisor's restart delay
         await service.start(channel)
         return
-    conn = await connected(db_url)
+    conn = await connect_when_back(db_url)
     try:
         if fault == 1:
             await conn.execute(

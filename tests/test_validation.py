@@ -23,12 +23,11 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
 
-from nexus.pagination import PageTokens
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2 as memory_pb
 from nexus.v1 import token_pb2 as token_pb
 
-from support import JWT_SECRET, SERVICE, Clients, bad_request_fields, new_uuid, rpc_error
+from support import SERVER_TOKENS, SERVICE, Clients, bad_request_fields, new_uuid, rpc_error
 
 USER = "alice"
 ENTRY = "$entry"  # stands for the seeded entry's id (also inside strings, for unique request ids)
@@ -536,7 +535,6 @@ async def test_an_embedding_near_the_limits_is_stored_and_its_distances_are_numb
 
 # A token signed with the server's key (as an attacker who has the secret could)
 # holding what the service never issues: INVALID_ARGUMENT naming the field.
-SERVER_TOKENS = PageTokens(JWT_SECRET.encode())
 SIGNED_ODD_POSITIONS = {
     "int64-overflow": [2**63],
     "int64-underflow": [-(2**63) - 1],

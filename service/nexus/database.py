@@ -190,7 +190,9 @@ class Database:
     async def ping(self, timeout_s: float) -> None:
         """Raises Unavailable unless the database answers ``SELECT 1`` within
         ``timeout_s``, on a connection of its own: a busy pool is not a sick
-        database, and a stalled one must not keep the answer waiting."""
+        database, and a stalled one must not keep the answer waiting. The
+        bound includes (re)opening that connection: a database that takes longer
+        to accept one is not serving either."""
         try:
             async with asyncio.timeout(timeout_s):
                 if self._probe is None or self._probe.is_closed():

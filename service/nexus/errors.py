@@ -189,20 +189,26 @@ def _pack(message: object) -> any_pb2.Any:
 _UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53")
 
 
+# On Citus, the errors a worker's statement raises before its commit: data,
+# constraint and conflict errors, and the service's own SQLSTATEs.
+_STATEMENT_SQLSTATE_PREFIXES = ("22", "23", "40", "NX")
+
+
 def _rolled_back(exc: asyncpg.PostgresError, distributed: bool) -> bool:
     """Whether PostgreSQL's report of a failed statement proves it was rolled back.
 
     An ERROR ends the statement before its implicit transaction commits. A FATAL
     or PANIC ends the session, and can come after the commit (a backend told to
     terminate while it sends the reply). A connection failure (class 08) or a
-    terminated backend (57P01, 57P02) leaves the commit unknown, and so, on a
-    Citus cluster, does a cancel: the coordinator may lose a worker that had
-    already committed a delegated call."""
+    terminated backend (57P01, 57P02) leaves the commit unknown. On a Citus
+    cluster only the statement's own errors prove it: the coordinator can fail
+    (cancelled, out of connections, a worker lost) after a worker committed a
+    delegated call."""
     severity = getattr(exc, "severity_en", None) or getattr(exc, "severity", None)
     sqlstate = exc.sqlstate or ""
     if severity != "ERROR" or sqlstate.startswith("08") or sqlstate in ("57P01", "57P02"):
         return False
-    return not (distributed and sqlstate == "57014")
+    return not distributed or sqlstate.startswith(_STATEMENT_SQLSTATE_PREFIXES)
 
 
 def from_raised(sqlstate: str, message: str, field: str) -> NexusError:
@@ -236,7 +242,7 @@ def from_database(exc: BaseException, *, sent: bool, distributed: bool = False) 
         if sqlstate in ("NX400", "NX403", "NX404", "NX409"):
             return from_raised(sqlstate, message, field)
         if sent and not _rolled_back(exc, distributed):
-            return Unavailable()
+            return DeadlineExceeded() if sqlstate == "57014" else Unavailable()
         # Below: errors that rolled the statement back, or came before it was sent.
         if sqlstate in ("40P01", "40001"):  # deadlock / serialization failure: safe to retry
             return Aborted()

@@ -33,10 +33,11 @@ callers, so one impatient caller never cuts short the others' writes; a caller
 whose own deadline passes stops waiting with DEADLINE_EXCEEDED (nothing was
 written if its item had not been sent yet; otherwise its outcome is unknown —
 the batch may still commit it). A batch is sent once and never re-sent: when it
-fails, every item gets the batch's error — an error PostgreSQL reported means
-nothing was written; a lost connection or a deadline means the outcome is
-unknown, and re-applying it blindly could apply a write twice (a toggle
-flipped back, an acknowledged state that is not the database's). A caller that
+fails, every item gets the batch's error, which says whether anything may
+have been written (``errors.from_database``: an ERROR that rolled the batch
+back wrote nothing; a lost connection, an ended backend or a deadline leave
+the outcome unknown), and re-applying it blindly could apply a write twice (a
+toggle flipped back, an acknowledged state that is not the database's). A caller that
 has gone (cancelled, past its deadline) before its batch is sent is dropped
 from it.
 

@@ -192,10 +192,16 @@ def page_size(value: int, field: str = "page_size") -> int:
 
 
 def unit_interval(value: float, field: str) -> float:
-    """A score in 0..1; a subnormal one (below 2.2e-308, too small for
-    arithmetic to keep) is 0."""
+    """A value in 0..1 (a threshold, an intensity)."""
     if not math.isfinite(value) or not 0 <= value <= 1:
         raise InvalidArgument(field, "must be between 0 and 1")
+    return value
+
+
+def score(value: float, field: str) -> float:
+    """A value in 0..1 that scores multiply (a gravity, a weight); a subnormal
+    one (below 2.2e-308, too small for arithmetic to keep) is 0."""
+    value = unit_interval(value, field)
     return value if value >= sys.float_info.min else 0.0
 
 

@@ -63,8 +63,9 @@ def test_an_error_that_rolled_the_statement_back_says_nothing_was_written(sqlsta
         (postgres_error("53300", "too many connections", severity="FATAL"), False),
         # A node's connection broke mid-call: a Citus worker may have committed.
         (postgres_error("08006", "connection to the remote node failed"), False),
-        # On Citus the coordinator's cancel can come after a worker's commit.
-        (postgres_error("57014", "canceling statement due to statement timeout"), True),
+        # On Citus the coordinator can fail after a worker's commit.
+        (postgres_error("53300", "too many connections"), True),
+        (postgres_error("XX000", "?"), True),
         (asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"), False),
         (ConnectionResetError(), False),
     ],
@@ -73,6 +74,17 @@ def test_a_call_cut_off_after_it_was_sent_has_an_unknown_outcome(exc: BaseExcept
     error = errors.from_database(exc, sent=True, distributed=distributed)
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert outcome(error) == errors.OUTCOME_UNKNOWN and "nothing was written" not in error.message
+
+
+def test_a_cancel_on_citus_is_a_deadline_with_an_unknown_outcome() -> None:
+    error = errors.from_database(postgres_error("57014", "canceling statement"), sent=True, distributed=True)
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED and outcome(error) == errors.OUTCOME_UNKNOWN
+
+
+@pytest.mark.parametrize("sqlstate", ["NX400", "NX412", "23505", "22003", "40P01"])
+def test_a_statement_error_on_citus_still_proves_the_rollback(sqlstate: str) -> None:
+    error = errors.from_database(postgres_error(sqlstate), sent=True, distributed=True)
+    assert error.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @pytest.mark.parametrize(

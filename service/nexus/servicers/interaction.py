@@ -171,7 +171,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         scope = ("tree", str(entry_id), request.max_depth, viewer)
         after = self._tokens.decode(scope, request.page_token)
         if after is not None and not all(type(i) is int and i <= POSTGRES_INTEGER_MAX for i in after):  # a tree_path
-            raise InvalidArgument("page_token", "not a page token issued by this service")
+            raise InvalidArgument("page_token", "not a token issued by this service")
         rows = await self._db.fetch(
             "branch_tree", queries.BRANCH_TREE, entry_id, viewer, request.max_depth or None, after, limit + 1
         )

@@ -71,7 +71,7 @@ class MemoryServicer(MemorySearch, MemoryContext, MemoryStreams, memory_pb2_grpc
             validation.optional_opaque_id(request.thread_id, "thread_id"),
             validation.optional_opaque_id(request.session_id, "session_id"),
             validation.optional_opaque_id(request.memory_trace_id, "memory_trace_id"),
-            validation.unit_interval(request.gravity_score, "gravity_score"),
+            validation.score(request.gravity_score, "gravity_score"),
             validation.word(request.emotion_type, "emotion_type", required=False),
             validation.tags(request.entities, "entities", max_tags=MAX_ENTITIES, max_chars=MAX_ID_CHARS),
             validation.tags(request.meta_tags, "meta_tags", max_tags=MAX_TAGS),
@@ -131,7 +131,7 @@ class MemoryServicer(MemorySearch, MemoryContext, MemoryStreams, memory_pb2_grpc
                 "memory_trace_id",
                 lambda: validation.optional_opaque_id(memory.memory_trace_id, "memory.memory_trace_id"),
             ),
-            value("gravity_score", lambda: validation.unit_interval(memory.gravity_score, "memory.gravity_score")),
+            value("gravity_score", lambda: validation.score(memory.gravity_score, "memory.gravity_score")),
             value("emotion_type", lambda: validation.word(memory.emotion_type, "memory.emotion_type", required=False)),
             value(
                 "entities",

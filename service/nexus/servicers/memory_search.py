@@ -43,8 +43,8 @@ class MemorySearch:
         metric = validation.enum_value(request.metric, "metric", METRICS, default="cosine")
         min_gravity = validation.unit_interval(request.min_gravity, "min_gravity")
         emotion_type = validation.word(request.emotion_type, "emotion_type", required=False)
-        recency_weight = validation.unit_interval(request.recency_weight, "recency_weight")
-        gravity_weight = validation.unit_interval(request.gravity_weight, "gravity_weight")
+        recency_weight = validation.score(request.recency_weight, "recency_weight")
+        gravity_weight = validation.score(request.gravity_weight, "gravity_weight")
         if recency_weight + gravity_weight > 1:
             raise InvalidArgument("gravity_weight", "recency_weight + gravity_weight must be at most 1")
         if embedding is None and query is not None and self._embedder is not None:
