@@ -41,8 +41,18 @@ from nexus.v1 import follow_pb2_grpc, interaction_pb2_grpc, memory_pb2, memory_p
 from nexus.v1 import interaction_pb2 as pb
 
 JWT_SECRET = "test-secret-" + "x" * 32
-# The page tokens of a server configured with JWT_SECRET, to forge odd ones.
+# The page tokens of a server configured with JWT_SECRET, to forge odd ones,
+# and positions such a token may hold that the service never issues.
 SERVER_TOKENS = PageTokens(JWT_SECRET.encode())
+SIGNED_ODD_POSITIONS = {
+    "int64-overflow": [2**63],
+    "int64-underflow": [-(2**63) - 1],
+    "beyond-int32": [2**40, 1],
+    "huge": [2**70],
+    "negative": [-1],
+    "nested": [[1]],
+    "infinite": [math.inf],
+}
 
 
 def with_database(url: str, name: str) -> str:

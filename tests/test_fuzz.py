@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 from nexus.servicers.memory import UPDATABLE_FIELDS
 from nexus.v1 import follow_pb2, interaction_pb2, memory_pb2, token_pb2
 
-from support import SERVER_TOKENS, SERVICE, Clients, auth, bad_request_fields
+from support import SERVER_TOKENS, SERVICE, SIGNED_ODD_POSITIONS, Clients, auth, bad_request_fields
 
 _EXAMPLES = os.environ.get("NEXUS_FUZZ_EXAMPLES")
 settings.register_profile(
@@ -152,7 +152,7 @@ class Seed:
 SIGNED_ODD_TOKENS = [
     SERVER_TOKENS.encode(scope, position)
     for scope in (("transactions", USER), ("events", "memory", USER), ("events", "arc", USER))
-    for position in ([2**63], [2**70], [-1], [math.inf], [[1]])
+    for position in SIGNED_ODD_POSITIONS.values()
 ] + [SERVER_TOKENS.sign(b'["transactions:' + USER.encode() + b'",' + b"[" * 2500 + b"]" * 2500 + b"]")]
 
 

@@ -23,7 +23,6 @@ import contextlib
 import os
 import random
 import signal
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,18 @@ import pytest
 from nexus.servicers.memory_streams import RESUME_TOKEN_METADATA
 from nexus.v1 import memory_pb2, memory_pb2_grpc
 
-from support import JWT_SECRET, SERVER_TOKENS, SERVING, auth, connect_when_back, eventually, free_port, nexus_env, wait_for_health
+from support import (
+    JWT_SECRET,
+    SERVER_TOKENS,
+    SERVING,
+    auth,
+    connect_when_back,
+    eventually,
+    free_port,
+    nexus_env,
+    nexus_serve,
+    wait_for_health,
+)
 
 pytestmark = pytest.mark.single_node("kills the server's and the database's processes")
 
@@ -67,30 +77,16 @@ class Service:
         self._env = nexus_env(NEXUS_DATABASE_URL=db_url, NEXUS_JWT_SECRET=JWT_SECRET, NEXUS_PORT=self.port)
         self._log_dir = log_dir
         self._starts = 0
-        self.process: asyncio.subprocess.Process | None = None
+        self._running = contextlib.AsyncExitStack()
 
     async def start(self, channel: grpc.aio.Channel) -> None:
         self._starts += 1
-        log = (self._log_dir / f"serve-{self._starts}.log").open("wb")
-        with log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "nexus.cli", "serve", env=self._env, stdout=log, stderr=log
-            )
+        await self._running.enter_async_context(nexus_serve(self._env, self._log_dir / f"serve-{self._starts}.log"))
         await wait_for_health(channel, SERVING, timeout=60)
 
     async def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        await self.process.wait()
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), 30)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
+        """SIGKILL (nexus_serve's exit), as a crash would."""
+        await self._running.aclose()
 
 
 async def follow(stub: memory_pb2_grpc.MemoryServiceStub, reader: Reader) -> None:
@@ -220,7 +216,7 @@ async def test_resumed_streams_get_every_event_once_across_kills_of_server_and_d
                 finally:
                     await db.close()
         finally:
-            await service.stop()
+            await service.kill()
 
 
 async def strike(round_number: int, service: Service, channel: grpc.aio.Channel, db_url: str) -> None:

@@ -27,7 +27,7 @@ from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2 as memory_pb
 from nexus.v1 import token_pb2 as token_pb
 
-from support import SERVER_TOKENS, SERVICE, Clients, bad_request_fields, new_uuid, rpc_error
+from support import SERVER_TOKENS, SERVICE, SIGNED_ODD_POSITIONS, Clients, bad_request_fields, new_uuid, rpc_error
 
 USER = "alice"
 ENTRY = "$entry"  # stands for the seeded entry's id (also inside strings, for unique request ids)
@@ -535,17 +535,6 @@ async def test_an_embedding_near_the_limits_is_stored_and_its_distances_are_numb
 
 # A token signed with the server's key (as an attacker who has the secret could)
 # holding what the service never issues: INVALID_ARGUMENT naming the field.
-SIGNED_ODD_POSITIONS = {
-    "int64-overflow": [2**63],
-    "int64-underflow": [-(2**63) - 1],
-    "beyond-int32": [2**40, 1],
-    "huge": [2**70],
-    "negative": [-1],
-    "nested": [[1]],
-    "infinite": [math.inf],
-}
-
-
 def signed_odd_requests(entry_id: str, position: list[Any]) -> list[tuple[str, Any, str]]:
     """(rpc, request, token field) of every list whose token a position can break."""
 
