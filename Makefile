@@ -31,11 +31,11 @@ protos: setup
 lint: setup
 	$(BIN)/buf lint
 
-# ruff over the tree, mypy over the service (and bench/ once it holds Python);
+# ruff over the tree, mypy over the service and devtools/ (and bench/ once it holds Python);
 # tests/test_source.py runs the same checks in the suite.
 check: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy service/nexus $(if $(wildcard bench/*.py bench/**/*.py),bench)
+	$(BIN)/mypy service/nexus devtools $(if $(wildcard bench/*.py bench/**/*.py),bench)
 
 # db/schema.sql, the schema after all migrations: regenerate after adding one.
 schema: setup

@@ -30,9 +30,9 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from devtools.citus_cluster import copy_cluster_database, drop_cluster_database
 from nexus import database, migrations
 from nexus.auth import mint_token
-from nexus.citus_cluster import copy_cluster_database, drop_cluster_database
 from nexus.config import Config
 from nexus.maintenance import Maintenance
 from nexus.pagination import PageTokens

@@ -25,16 +25,16 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from nexus import database, migrations
-from nexus.citus_cluster import (
+from devtools.citus_cluster import (
     CitusCluster,
     CitusNode,
     _system_user,
     cluster_nodes,
     create_cluster_database,
     drop_cluster_database,
-    node_url,
 )
+from nexus import database, migrations
+from nexus.distribution import node_url
 
 _numbers = itertools.count()
 

@@ -20,8 +20,8 @@ import asyncpg
 import grpc
 import pytest
 
+from devtools.citus_cluster import cluster_nodes, create_cluster_database, drop_cluster_database
 from nexus import database, distribution, migrations
-from nexus.citus_cluster import cluster_nodes, create_cluster_database, drop_cluster_database
 from nexus.server import NexusServer
 from nexus.v1 import token_pb2 as pb
 from nexus.v1 import token_pb2_grpc

@@ -32,9 +32,9 @@ import asyncpg
 import grpc
 import pytest
 
+from devtools.citus_cluster import create_cluster_database, drop_cluster_database
 from nexus import config as nexus_config
 from nexus import database, embedder, migrations
-from nexus.citus_cluster import create_cluster_database, drop_cluster_database
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
 

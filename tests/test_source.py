@@ -16,8 +16,8 @@ BIN = Path(sys.executable).parent
 
 
 def typed_paths() -> list[str]:
-    """What mypy checks: the service, and the bench once it has Python files of its own."""
-    paths = ["service/nexus"]
+    """What mypy checks: the service, the dev tools, and the bench once it has Python files of its own."""
+    paths = ["service/nexus", "devtools"]
     if any((ROOT / "bench").rglob("*.py")):
         paths.append("bench")
     return paths

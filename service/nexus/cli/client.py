@@ -17,9 +17,8 @@ import asyncpg
 import grpc
 
 from nexus import database, embedded
-from nexus.auth import SECRET_FILE_NAME, mint_token
+from nexus.auth import SECRET_FILE_NAME, mint_token, resolve_secret
 from nexus.config import Config
-from nexus.server import resolve_secret
 
 
 class ClientError(Exception):

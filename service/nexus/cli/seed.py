@@ -8,7 +8,7 @@ second run changes nothing.
 
 from __future__ import annotations
 
-from nexus.client import open_channel, service_metadata
+from nexus.cli.client import open_channel, service_metadata
 from nexus.config import Config
 from nexus.v1 import follow_pb2, follow_pb2_grpc, interaction_pb2_grpc, token_pb2, token_pb2_grpc
 from nexus.v1 import interaction_pb2 as pb

@@ -1,4 +1,8 @@
-"""The nexus command: serve, migrate, token, health, seed, reconcile."""
+"""The nexus command: serve, migrate, token, health, seed, reconcile.
+
+Only ``serve`` loads the server (and with it every servicer); the other
+commands reach a running server or its database through ``nexus.cli.client``.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nexus import client, migrations
 from nexus import config as config_module
+from nexus import migrations
 from nexus.auth import mint_token
+from nexus.cli import client
 from nexus.config import Config
-from nexus.server import ListenError, NexusServer
 
 log = logging.getLogger("nexus.cli")
 
@@ -32,6 +36,8 @@ def setup_logging(level: str) -> None:
 
 
 async def serve(config: Config) -> int:
+    from nexus.server import ListenError, NexusServer
+
     server = NexusServer(config)
     try:
         await server.start()
@@ -59,7 +65,7 @@ async def migrate(config: Config) -> int:
 
 
 async def reconcile(config: Config, fix: bool) -> int:
-    from nexus.reconcile import reconcile as run_reconcile
+    from nexus.cli.reconcile import reconcile as run_reconcile
 
     async with client.database_connection(config) as conn:
         drift = await run_reconcile(conn, fix=fix)
@@ -138,10 +144,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _seed(config: Config) -> int:
-    from nexus.seed import seed
+    from nexus.cli.seed import seed
 
     return await seed(config)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
