@@ -32,7 +32,7 @@ lint: setup
 	$(BIN)/buf lint
 
 # ruff over the tree, mypy over the service and devtools/ (and bench/ once it holds Python);
-# tests/test_source.py runs the same checks in the suite.
+# tests/operations/test_source.py runs the same checks in the suite.
 check: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy service/nexus devtools $(if $(wildcard bench/*.py bench/**/*.py),bench)

@@ -23,15 +23,10 @@ from devtools.citus_cluster import CitusCluster, create_cluster_database, drop_c
 from nexus import database, embedded, migrations
 from nexus.server import NexusServer
 
-from support import (
-    ON_CITUS,
-    Clients,
-    backend_database,
-    drop_test_database,
-    server_config,
-    stop_leftover_postmaster,
-    with_database,
-)
+from support.databases import ON_CITUS, backend_database, drop_test_database, with_database
+from support.processes import stop_leftover_postmaster
+from support.rpc import Clients
+from support.servers import server_config
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,8 @@ from nexus.server import NexusServer
 from nexus.v1 import token_pb2 as pb
 from nexus.v1 import token_pb2_grpc
 
-from support import SERVICE, auth, server_config
+from support.rpc import SERVICE, auth
+from support.servers import server_config
 
 _numbers = itertools.count()
 

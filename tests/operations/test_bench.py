@@ -25,9 +25,11 @@ import pytest
 
 from nexus.server import NexusServer
 
-from support import JWT_SECRET, free_port, nexus_env, run_program
+from support.processes import nexus_env, run_program
+from support.rpc import JWT_SECRET
+from support.servers import free_port
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 QUICK = ("--suite", "interactions", "--duration", "0.3", "--concurrency", "2", "--scale", "0.01")
 
 

@@ -37,7 +37,8 @@ from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
 
-from support import SERVICE, Clients, auth, bad_request_fields, maintenance_runner, rpc_error, server_config
+from support.rpc import SERVICE, Clients, auth, bad_request_fields, rpc_error
+from support.servers import maintenance_runner, server_config
 
 READ_TIMEOUT_S = 5.0
 JOBS = {"cache_cleanup", "event_retention", "request_expiry", "arc_dormancy"}

@@ -1,6 +1,6 @@
 """The client commands as an operator meets them: `nexus token`, `seed`, `health`
 and `reconcile`, run as subprocesses of the virtualenv's `nexus` (the bench:
-tests/test_bench.py).
+tests/operations/test_bench.py).
 
 What goes wrong is one line on stderr and a non-zero exit, never a traceback;
 nothing is created or written by a command that fails.
@@ -16,7 +16,9 @@ import jwt
 
 from nexus.server import NexusServer
 
-from support import JWT_SECRET, free_port, nexus_env, run_nexus
+from support.processes import nexus_env, run_nexus
+from support.rpc import JWT_SECRET
+from support.servers import free_port
 
 # --- token ------------------------------------------------------------------------
 

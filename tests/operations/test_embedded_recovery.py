@@ -26,31 +26,29 @@ from nexus.embedded import EmbeddedPostgres
 from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
 
-from support import (
-    JWT_SECRET,
-    NOT_SERVING,
-    SERVICE,
-    SERVING,
-    create_entry,
-    eventually,
+from support.processes import (
     exit_code,
-    free_port,
-    health_status,
     kill_postmaster,
-    next_status,
     nexus_env,
     nexus_serve,
     postmaster_pid,
     process_alive,
     run_cli,
-    running_server,
-    server_config,
     start_embedded_elsewhere,
-    stub,
-    toggle,
-    wait_for_health,
     wait_until_gone,
 )
+from support.rpc import JWT_SECRET, SERVICE, create_entry, stub, toggle
+from support.servers import (
+    NOT_SERVING,
+    SERVING,
+    free_port,
+    health_status,
+    next_status,
+    running_server,
+    server_config,
+    wait_for_health,
+)
+from support.waiting import eventually
 
 RECOVERY_BOUND_S = 15.0  # kill -9 of the postmaster → SERVING again; about 3 s when idle
 

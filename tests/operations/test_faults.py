@@ -34,21 +34,10 @@ from nexus.server import HEALTH_PROBE_INTERVAL_S, HEALTH_PROBE_TIMEOUT_S, NexusS
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2, token_pb2
 
-from support import (
-    JWT_SECRET,
-    NOT_SERVING,
-    SERVICE,
-    SERVING,
-    Clients,
-    auth,
-    connect_when_back,
-    error_details,
-    kill_postmaster,
-    reaction_lock,
-    rpc_error,
-    wait_for_health,
-    wait_until_toggle_blocks,
-)
+from support.databases import connect_when_back, reaction_lock, wait_until_toggle_blocks
+from support.processes import kill_postmaster
+from support.rpc import JWT_SECRET, SERVICE, Clients, auth, error_details, rpc_error
+from support.servers import NOT_SERVING, SERVING, wait_for_health
 
 # The stalls and kills signal the one server's processes; a cluster's faults are other ones.
 pytestmark = pytest.mark.single_node("signals the processes of the one PostgreSQL server")

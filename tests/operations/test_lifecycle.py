@@ -22,34 +22,11 @@ from nexus.embedded import EmbeddedPostgres
 from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
 
-from support import (
-    JWT_SECRET,
-    NOT_SERVING,
-    SERVICE,
-    SERVING,
-    Clients,
-    create_entry,
-    eventually,
-    exit_code,
-    free_port,
-    next_status,
-    nexus_env,
-    nexus_serve,
-    nexus_toggles,
-    postmaster_pid,
-    process_alive,
-    reaction_exists,
-    reaction_lock,
-    rpc_error,
-    run_cli,
-    running_server,
-    server_config,
-    start_embedded_elsewhere,
-    stub,
-    toggle,
-    wait_for_health,
-    wait_until_toggle_blocks,
-)
+from support.databases import nexus_toggles, reaction_exists, reaction_lock, wait_until_toggle_blocks
+from support.processes import exit_code, nexus_env, nexus_serve, postmaster_pid, process_alive, run_cli, start_embedded_elsewhere
+from support.rpc import JWT_SECRET, SERVICE, Clients, create_entry, rpc_error, stub, toggle
+from support.servers import NOT_SERVING, SERVING, free_port, next_status, running_server, server_config, wait_for_health
+from support.waiting import eventually
 
 TOGGLE_METHOD = "/nexus.v1.InteractionService/ToggleResonance"
 

@@ -20,9 +20,9 @@ import pytest
 from nexus import database
 from nexus.migrations import MIGRATION_LOCK_KEY, Migration, MigrationError, load_migrations, migrate
 
-from support import with_database
+from support.databases import with_database
 
-DB_DIR = Path(__file__).resolve().parent.parent / "db"
+DB_DIR = Path(__file__).resolve().parents[2] / "db"
 
 EXTRA = Migration("0002_extra.sql", "CREATE TABLE extra_thing (id integer PRIMARY KEY);")
 LATER = Migration("0003_later.sql", "CREATE TABLE later_thing (id integer PRIMARY KEY);")

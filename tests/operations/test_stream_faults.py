@@ -34,18 +34,11 @@ import pytest
 from nexus.servicers.memory_streams import RESUME_TOKEN_METADATA
 from nexus.v1 import memory_pb2, memory_pb2_grpc
 
-from support import (
-    JWT_SECRET,
-    SERVER_TOKENS,
-    SERVING,
-    auth,
-    connect_when_back,
-    eventually,
-    free_port,
-    nexus_env,
-    nexus_serve,
-    wait_for_health,
-)
+from support.databases import connect_when_back
+from support.processes import nexus_env, nexus_serve
+from support.rpc import JWT_SECRET, SERVER_TOKENS, auth
+from support.servers import SERVING, free_port, wait_for_health
+from support.waiting import eventually
 
 pytestmark = pytest.mark.single_node("kills the server's and the database's processes")
 

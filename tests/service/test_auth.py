@@ -35,7 +35,8 @@ from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2 as mpb
 
-from support import JWT_SECRET, SERVICE, Clients, auth, rpc_error, server_config, token
+from support.rpc import JWT_SECRET, SERVICE, Clients, auth, rpc_error, token
+from support.servers import server_config
 from test_validation import snapshot
 
 ALICE, BOB = "alice", "bob"

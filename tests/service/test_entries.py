@@ -16,7 +16,7 @@ from nexus.pagination import scope_key
 from nexus.v1 import follow_pb2 as fpb
 from nexus.v1 import interaction_pb2 as pb
 
-from support import SERVICE, Clients, all_pages, auth, bad_request_fields, new_uuid, rpc_error
+from support.rpc import SERVICE, Clients, all_pages, auth, bad_request_fields, new_uuid, rpc_error
 
 
 def struct(value: dict[str, Any]) -> struct_pb2.Struct:

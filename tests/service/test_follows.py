@@ -18,7 +18,7 @@ import pytest
 from nexus.v1 import follow_pb2 as pb
 from nexus.v1 import interaction_pb2 as ipb
 
-from support import JWT_SECRET, SERVICE, Clients, all_pages, auth, bad_request_fields, rpc_error
+from support.rpc import JWT_SECRET, SERVICE, Clients, all_pages, auth, bad_request_fields, rpc_error
 
 # --- helpers ------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ another user. For every call, unary or stream:
 The run is seeded (derandomize) and bounded: NEXUS_FUZZ_EXAMPLES examples per
 RPC (default 30; a fifth of that of random bytes). For a longer, random exploration:
 
-    NEXUS_FUZZ_EXAMPLES=2000 ./.venv/bin/pytest tests/test_fuzz.py -q
+    NEXUS_FUZZ_EXAMPLES=2000 ./.venv/bin/pytest tests/service/test_fuzz.py -q
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 from nexus.servicers.memory import UPDATABLE_FIELDS
 from nexus.v1 import follow_pb2, interaction_pb2, memory_pb2, token_pb2
 
-from support import SERVER_TOKENS, SERVICE, SIGNED_ODD_POSITIONS, Clients, auth, bad_request_fields
+from support.rpc import SERVER_TOKENS, SERVICE, SIGNED_ODD_POSITIONS, Clients, auth, bad_request_fields
 
 _EXAMPLES = os.environ.get("NEXUS_FUZZ_EXAMPLES")
 settings.register_profile(

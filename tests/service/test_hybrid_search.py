@@ -38,18 +38,10 @@ from nexus import database, embedder, migrations
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
 
-from support import (
-    ON_CITUS,
-    Clients,
-    auth,
-    create,
-    distance,
-    f32,
-    random_vector,
-    rpc_error,
-    scratch_database,
-    serving,
-)
+from support.databases import ON_CITUS, scratch_database
+from support.rpc import Clients, auth, rpc_error
+from support.servers import serving
+from support.vectors import create, distance, f32, random_vector
 
 K1, B = 1.2, 0.75
 COSINE = pb.DISTANCE_METRIC_COSINE

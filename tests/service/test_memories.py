@@ -37,7 +37,7 @@ from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from nexus.v1 import memory_pb2 as pb
 
-from support import SERVICE, Clients, all_pages, auth, bad_request_fields, rpc_error
+from support.rpc import SERVICE, Clients, all_pages, auth, bad_request_fields, rpc_error
 
 DIM = 384
 PAST, PRESENT, FUTURE = pb.TEMPORAL_TYPE_PAST, pb.TEMPORAL_TYPE_PRESENT, pb.TEMPORAL_TYPE_FUTURE

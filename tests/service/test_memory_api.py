@@ -39,16 +39,9 @@ from nexus import database
 from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
 
-from support import (
-    SERVICE,
-    Clients,
-    all_pages,
-    auth,
-    backend_database,
-    bad_request_fields,
-    rpc_error,
-    server_config,
-)
+from support.databases import backend_database
+from support.rpc import SERVICE, Clients, all_pages, auth, bad_request_fields, rpc_error
+from support.servers import server_config
 
 USER = "alice"
 DIM = 384

@@ -31,22 +31,10 @@ from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
 
-from support import (
-    SERVICE,
-    Clients,
-    auth,
-    backend_database,
-    bad_request_fields,
-    create,
-    distance,
-    f32,
-    maintenance_runner,
-    random_vector,
-    rpc_error,
-    scratch_database,
-    server_config,
-    serving,
-)
+from support.databases import backend_database, scratch_database
+from support.rpc import SERVICE, Clients, auth, bad_request_fields, rpc_error
+from support.servers import maintenance_runner, server_config, serving
+from support.vectors import create, distance, f32, random_vector
 
 DIM = 384
 COSINE, L2 = pb.DISTANCE_METRIC_COSINE, pb.DISTANCE_METRIC_L2

@@ -24,7 +24,8 @@ from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2 as mpb
 
-from support import SERVICE, Clients, auth, rpc_error, server_config
+from support.rpc import SERVICE, Clients, auth, rpc_error
+from support.servers import server_config
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 WAIT_S = 10.0

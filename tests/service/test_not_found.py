@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 from nexus.v1 import follow_pb2, memory_pb2
 from nexus.v1 import interaction_pb2 as pb
 
-from support import SERVICE, Clients, auth, error_details, new_uuid, rpc_error
+from support.rpc import SERVICE, Clients, auth, error_details, new_uuid, rpc_error
 
 
 def resource_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ResourceInfo:

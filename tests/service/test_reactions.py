@@ -17,7 +17,7 @@ import pytest
 
 from nexus.v1 import interaction_pb2 as pb
 
-from support import SERVICE, Clients, all_pages, auth, bad_request_fields, new_uuid, rpc_error
+from support.rpc import SERVICE, Clients, all_pages, auth, bad_request_fields, new_uuid, rpc_error
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from nexus.server import SERVICE_NAMES, NexusServer
 from nexus.v1 import interaction_pb2 as pb
 
-from support import SERVICE, Clients, rpc_error
+from support.rpc import SERVICE, Clients, rpc_error
 
 V1ALPHA_METHOD = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 V1_METHOD = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"

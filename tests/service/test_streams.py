@@ -40,7 +40,8 @@ from nexus.server import NexusServer
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
 
-from support import Clients, auth, bad_request_fields, precondition_types, rpc_error, server_config
+from support.rpc import Clients, auth, bad_request_fields, precondition_types, rpc_error
+from support.servers import server_config
 
 RESUME_TOKEN = "x-nexus-resume-token"
 # Bound on any one wait for an event or a condition.

@@ -23,7 +23,9 @@ from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import interaction_pb2_grpc
 
-from support import JWT_SECRET, SERVICE, nexus_env, run_nexus, server_config
+from support.processes import nexus_env, run_nexus
+from support.rpc import JWT_SECRET, SERVICE
+from support.servers import server_config
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

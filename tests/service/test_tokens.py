@@ -22,7 +22,7 @@ import pytest
 
 from nexus.v1 import token_pb2 as pb
 
-from support import SERVICE, Clients, all_pages, auth, bad_request_fields, precondition_types, rpc_error, token
+from support.rpc import SERVICE, Clients, all_pages, auth, bad_request_fields, precondition_types, rpc_error, token
 
 TABLES = ("balances", "token_transactions", "token_requests")
 INT64_MAX = 2**63 - 1

@@ -13,7 +13,7 @@ import pytest
 from nexus.pagination import PageTokens
 from nexus.v1 import interaction_pb2 as pb
 
-from support import JWT_SECRET, SERVICE, Clients, auth, bad_request_fields, rpc_error
+from support.rpc import JWT_SECRET, SERVICE, Clients, auth, bad_request_fields, rpc_error
 
 
 async def record(

@@ -27,7 +27,7 @@ from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2 as memory_pb
 from nexus.v1 import token_pb2 as token_pb
 
-from support import SERVER_TOKENS, SERVICE, SIGNED_ODD_POSITIONS, Clients, bad_request_fields, new_uuid, rpc_error
+from support.rpc import SERVER_TOKENS, SERVICE, SIGNED_ODD_POSITIONS, Clients, bad_request_fields, new_uuid, rpc_error
 
 USER = "alice"
 ENTRY = "$entry"  # stands for the seeded entry's id (also inside strings, for unique request ids)
