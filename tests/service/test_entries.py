@@ -18,6 +18,8 @@ from nexus.v1 import interaction_pb2 as pb
 
 from support.rpc import SERVICE, Clients, all_pages, auth, bad_request_fields, new_uuid, rpc_error
 
+pytestmark = pytest.mark.cluster
+
 
 def struct(value: dict[str, Any]) -> struct_pb2.Struct:
     message = struct_pb2.Struct()

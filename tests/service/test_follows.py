@@ -20,6 +20,8 @@ from nexus.v1 import interaction_pb2 as ipb
 
 from support.rpc import JWT_SECRET, SERVICE, Clients, all_pages, auth, bad_request_fields, rpc_error
 
+pytestmark = pytest.mark.cluster
+
 # --- helpers ------------------------------------------------------------------
 
 

@@ -17,6 +17,8 @@ from nexus import errors, queries
 from nexus.database import Database, call_deadline
 from nexus.group_commit import GroupCommit
 
+pytestmark = pytest.mark.cluster
+
 DatabaseT = TypeVar("DatabaseT", bound=Database)
 
 

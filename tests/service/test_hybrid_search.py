@@ -43,6 +43,8 @@ from support.rpc import Clients, auth, rpc_error
 from support.servers import serving
 from support.vectors import create, distance, f32, random_vector
 
+pytestmark = pytest.mark.cluster
+
 K1, B = 1.2, 0.75
 COSINE = pb.DISTANCE_METRIC_COSINE
 FILLER = ["walrus", "falcon", "cobalt", "tulip", "basalt", "orchid", "granite", "violet", "copper", "meadow"]

@@ -39,6 +39,8 @@ from nexus.v1 import memory_pb2 as pb
 
 from support.rpc import SERVICE, Clients, all_pages, auth, bad_request_fields, rpc_error
 
+pytestmark = pytest.mark.cluster
+
 DIM = 384
 PAST, PRESENT, FUTURE = pb.TEMPORAL_TYPE_PAST, pb.TEMPORAL_TYPE_PRESENT, pb.TEMPORAL_TYPE_FUTURE
 FORMING, ACTIVE = pb.EVOLUTION_STAGE_FORMING, pb.EVOLUTION_STAGE_ACTIVE

@@ -36,6 +36,8 @@ from support.rpc import SERVICE, Clients, auth, bad_request_fields, rpc_error
 from support.servers import maintenance_runner, server_config, serving
 from support.vectors import create, distance, f32, random_vector
 
+pytestmark = pytest.mark.cluster
+
 DIM = 384
 COSINE, L2 = pb.DISTANCE_METRIC_COSINE, pb.DISTANCE_METRIC_L2
 SQL_OPERATORS = {COSINE: "<=>", L2: "<->"}

@@ -19,6 +19,8 @@ from nexus.v1 import interaction_pb2 as pb
 
 from support.rpc import SERVICE, Clients, all_pages, auth, bad_request_fields, new_uuid, rpc_error
 
+pytestmark = pytest.mark.cluster
+
 
 @dataclass(frozen=True)
 class Reaction:

@@ -43,6 +43,8 @@ from nexus.v1 import memory_pb2_grpc
 from support.rpc import Clients, auth, bad_request_fields, precondition_types, rpc_error
 from support.servers import server_config
 
+pytestmark = pytest.mark.cluster
+
 RESUME_TOKEN = "x-nexus-resume-token"
 # Bound on any one wait for an event or a condition.
 WAIT_S = 10.0

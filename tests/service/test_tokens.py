@@ -24,6 +24,8 @@ from nexus.v1 import token_pb2 as pb
 
 from support.rpc import SERVICE, Clients, all_pages, auth, bad_request_fields, precondition_types, rpc_error, token
 
+pytestmark = pytest.mark.cluster
+
 TABLES = ("balances", "token_transactions", "token_requests")
 INT64_MAX = 2**63 - 1
 DB_KINDS = {"credit": 1, "transfer_in": 1, "debit": -1, "transfer_out": -1}
