@@ -5,18 +5,29 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 # The virtualenv's tools (buf, protoc plugins) come first on PATH.
 export PATH := $(BIN):$(PATH)
+# What is installed in the virtualenv: serving needs the service and its embedder
+# (the wordllama extra); the tests, checks and codegen need the dev extra too.
+SERVE_INSTALLED := $(VENV)/.installed-serve
+DEV_INSTALLED := $(VENV)/.installed-dev
 
 .PHONY: setup serve test bench protos lint check schema
 
-$(BIN)/nexus: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+
+$(SERVE_INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[wordllama]'
 	touch $@
 
-setup: $(BIN)/nexus
+# The dev extra includes the serving one, so it counts as both.
+$(DEV_INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(SERVE_INSTALLED)
 
-serve: setup
+setup: $(DEV_INSTALLED)
+
+serve: $(SERVE_INSTALLED)
 	$(BIN)/nexus serve
 
 test: setup
