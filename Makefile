@@ -5,18 +5,29 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 # The virtualenv's tools (buf, protoc plugins) come first on PATH.
 export PATH := $(BIN):$(PATH)
+# What is installed in the virtualenv: serving needs the service and its embedder
+# (the wordllama extra); the tests, checks and codegen need the dev extra too.
+SERVE_INSTALLED := $(VENV)/.installed-serve
+DEV_INSTALLED := $(VENV)/.installed-dev
 
 .PHONY: setup serve test bench protos lint check schema
 
-$(BIN)/nexus: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+
+$(SERVE_INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[wordllama]'
 	touch $@
 
-setup: $(BIN)/nexus
+# The dev extra includes the serving one, so it counts as both.
+$(DEV_INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(SERVE_INSTALLED)
 
-serve: setup
+setup: $(DEV_INSTALLED)
+
+serve: $(SERVE_INSTALLED)
 	$(BIN)/nexus serve
 
 test: setup
@@ -31,11 +42,11 @@ protos: setup
 lint: setup
 	$(BIN)/buf lint
 
-# ruff over the tree, mypy over the service (and bench/ once it holds Python);
-# tests/test_source.py runs the same checks in the suite.
+# ruff over the tree, mypy over the service and devtools/ (and bench/ once it holds Python);
+# tests/operations/test_source.py runs the same checks in the suite.
 check: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy service/nexus $(if $(wildcard bench/*.py bench/**/*.py),bench)
+	$(BIN)/mypy service/nexus devtools $(if $(wildcard bench/*.py bench/**/*.py),bench)
 
 # db/schema.sql, the schema after all migrations: regenerate after adding one.
 schema: setup

@@ -32,9 +32,10 @@ from bench.interactions import run_interactions
 from bench.memory import run_memory
 from bench.targets import configured_target, single_node
 from bench.workload import Workload
+from devtools.citus_build import CitusBuildError
+from devtools.citus_cluster import CitusClusterError
 from nexus import config as config_module
-from nexus.citus_cluster import CitusClusterError
-from nexus.client import describe_rpc_error
+from nexus.cli.client import describe_rpc_error
 from nexus.config import Config
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(run(config, args))
     except BenchFailed as exc:
         print(exc, file=sys.stderr)
-    except (OSError, asyncpg.PostgresError, CitusClusterError) as exc:
+    except (OSError, asyncpg.PostgresError, CitusBuildError, CitusClusterError) as exc:
         print(f"bench failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted; its servers and databases are stopped and removed", file=sys.stderr)

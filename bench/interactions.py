@@ -14,7 +14,7 @@ from bench.core import BenchFailed, CpuPerCall, Figures, Report, measure, progre
 from bench.targets import Target
 from bench.workload import Workload
 from nexus import database
-from nexus.reconcile import reconcile
+from nexus.cli.reconcile import reconcile
 
 GET_ENTRIES_IN_FLIGHT = 8
 # (script, pgbench clients)

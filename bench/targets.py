@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,15 +29,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.core import BenchFailed, Processes, progress
+from devtools.citus_build import citus_install
+from devtools.citus_cluster import CitusCluster
 from nexus import embedded
 from nexus.auth import mint_token
-from nexus.citus_cluster import CitusCluster
-from nexus.client import ClientError, database_url, describe_rpc_error, server_address, service_metadata
+from nexus.cli.client import ClientError, database_url, describe_rpc_error, server_address, service_metadata
 from nexus.config import Config, env_var
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILD_CITUS = REPO_ROOT / "scripts" / "build_citus.py"
-BUILD_CITUS_NO_SOURCE = 3  # scripts/build_citus.py EXIT_NO_SOURCE
 SERVING_TIMEOUT_S = 300.0  # a first start migrates (and on Citus distributes) the schema
 
 # Settings the bench's own server does not take from the bench's: where it listens,
@@ -123,23 +120,12 @@ async def single_node(config: Config) -> AsyncIterator[Target]:
             await asyncio.to_thread(pg.stop)
 
 
-def citus_install() -> Path:
-    """The Citus-enabled PostgreSQL install, built (or found cached) by scripts/build_citus.py."""
-    progress("building Citus (cached after the first time)")
-    build = subprocess.run([sys.executable, str(BUILD_CITUS)], capture_output=True, text=True, timeout=1200)
-    if build.returncode == BUILD_CITUS_NO_SOURCE:
-        raise BenchFailed("no Citus source: set NEXUS_CITUS_SOURCE to a Citus release tarball "
-                          "(default ../shared/citus/citus-v14.0.1-src.tar.gz beside the repository)")
-    if build.returncode != 0:
-        raise BenchFailed(f"scripts/build_citus.py failed: {(build.stderr.strip().splitlines() or ['-'])[-1]}")
-    return Path(build.stdout.strip())
-
-
 @contextlib.asynccontextmanager
 async def citus_cluster(config: Config, workers: int = 2) -> AsyncIterator[Target]:
     """The bench's own server on a fresh Citus cluster (a coordinator and ``workers``
     workers on 127.0.0.1) in a temporary directory; the server distributes the schema
     when it migrates. Stopped and removed afterwards."""
+    progress("building Citus (cached after the first time)")
     pginstall = await asyncio.to_thread(citus_install)
     base_dir = Path(tempfile.mkdtemp(prefix="nexus-bench-citus-"))
     try:

@@ -5,7 +5,7 @@ A function's current definition can sit in a later migration than its table
 not a description. This migrates an empty database, dumps its schema with the
 embedded PostgreSQL's own pg_dump and strips what varies between runs (the
 version header, comments, SET lines, pg_dump's random \\restrict key), so the
-output depends on the migrations alone. tests/test_source.py fails when the
+output depends on the migrations alone. tests/operations/test_source.py fails when the
 committed file differs from a fresh dump.
 
     python scripts/dump_schema.py             # a throwaway embedded PostgreSQL; writes db/schema.sql

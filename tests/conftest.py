@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,19 +18,15 @@ import asyncpg
 import grpc
 import pytest
 
+from devtools.citus_build import CitusSourceMissing, citus_install
+from devtools.citus_cluster import CitusCluster, create_cluster_database, drop_cluster_database, freeze_template
 from nexus import database, embedded, migrations
-from nexus.citus_cluster import CitusCluster, create_cluster_database, drop_cluster_database, freeze_template
 from nexus.server import NexusServer
 
-from support import (
-    ON_CITUS,
-    Clients,
-    backend_database,
-    drop_test_database,
-    server_config,
-    stop_leftover_postmaster,
-    with_database,
-)
+from support.databases import ON_CITUS, backend_database, drop_test_database, with_database
+from support.processes import stop_leftover_postmaster
+from support.rpc import Clients
+from support.servers import server_config
 
 
 @pytest.fixture(scope="session")
@@ -50,30 +44,21 @@ def pg_admin_url() -> Iterator[str]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CITUS_BUILD_NO_SOURCE = 3  # scripts/build_citus.py EXIT_NO_SOURCE
-
-
 @pytest.fixture(scope="session")
 async def citus_url() -> AsyncIterator[str]:
     """A Citus coordinator database with two workers: NEXUS_TEST_CITUS_URL, or a local
-    cluster on loopback from Citus built by scripts/build_citus.py (cached in .citus-build/)."""
+    cluster on loopback from Citus built by devtools.citus_build (cached in .citus-build/)."""
     external = os.environ.get("NEXUS_TEST_CITUS_URL")
     if external:
         yield external
         return
-    build = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "build_citus.py")], capture_output=True, text=True, timeout=1200
-    )
-    if build.returncode == CITUS_BUILD_NO_SOURCE:
-        pytest.skip(
-            "no Citus cluster: set NEXUS_TEST_CITUS_URL to a coordinator, or NEXUS_CITUS_SOURCE to a Citus "
-            "release tarball (default ../shared/citus/citus-v14.0.1-src.tar.gz) to build and start one"
-        )
-    assert build.returncode == 0, f"scripts/build_citus.py failed:\n{build.stderr}"
+    try:
+        pginstall = citus_install()
+    except CitusSourceMissing as missing:
+        pytest.skip(f"no Citus cluster: set NEXUS_TEST_CITUS_URL to a coordinator, or build and start one ({missing})")
     base_dir = Path(tempfile.mkdtemp(prefix="nexus-test-citus-"))
     # Not durable (fsync off): every test database is a throwaway copy.
-    cluster = await CitusCluster.start(Path(build.stdout.strip()), base_dir, durable=False)
+    cluster = await CitusCluster.start(pginstall, base_dir, durable=False)
     try:
         yield cluster.url
     finally:

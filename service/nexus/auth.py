@@ -27,6 +27,7 @@ from pathlib import Path
 import jwt
 
 from nexus import errors, validation
+from nexus.config import Config
 from nexus.validation import USER_ID_PATTERN
 
 SERVICE_ROLE = "service"
@@ -164,3 +165,12 @@ def load_or_create_secret(data_dir: Path) -> str:
         finally:
             os.unlink(tmp)
     return path.read_text().strip()
+
+
+def resolve_secret(config: Config) -> str:
+    """The HS256 secret: configured, or generated into the embedded data directory."""
+    if config.jwt_secret:
+        return config.jwt_secret
+    if config.embedded:
+        return load_or_create_secret(config.data_dir)
+    return ""

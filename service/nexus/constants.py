@@ -1,7 +1,7 @@
 """Values the service and the database must agree on, each written once here.
 
 The database's side of each is an IMMUTABLE SQL function of the same meaning
-(db/0009_one_home.sql), which every SQL place uses; tests/test_constants.py
+(db/0009_one_home.sql), which every SQL place uses; tests/operations/test_constants.py
 reads those and asserts they equal these.
 """
 

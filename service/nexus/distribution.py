@@ -17,11 +17,9 @@ rather than staying on the coordinator unnoticed.
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-
-from nexus.citus_cluster import node_url
 
 log = logging.getLogger("nexus.distribution")
 
@@ -107,6 +105,14 @@ async def is_cluster(conn: asyncpg.Connection) -> bool:
             "SELECT EXISTS (SELECT FROM pg_dist_node WHERE groupid <> 0 AND noderole = 'primary' AND isactive)"
         )
     )
+
+
+def node_url(url: str, host: str, port: int, database: str) -> str:
+    """``url`` with another host, port and database: the credentials stay (workers share them)."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=netloc, path="/" + database))
 
 
 async def worker_urls(conn: asyncpg.Connection, url: str) -> list[str]:

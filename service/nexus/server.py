@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nexus import database, embedded, migrations
-from nexus.auth import Authenticator, load_or_create_secret
+from nexus.auth import Authenticator, resolve_secret
 from nexus.config import Config
 from nexus.interceptor import RpcInterceptor
 from nexus.introspection import HealthServicer, enable_reflection
@@ -59,15 +59,6 @@ HEALTH_PROBE_TIMEOUT_S = 1.0
 
 class ListenError(Exception):
     """The gRPC address cannot be listened on (the port is in use, or the host is not local)."""
-
-
-def resolve_secret(config: Config) -> str:
-    """The HS256 secret: configured, or generated into the embedded data directory."""
-    if config.jwt_secret:
-        return config.jwt_secret
-    if config.embedded:
-        return load_or_create_secret(config.data_dir)
-    return ""
 
 
 def make_authenticator(config: Config) -> Authenticator:

@@ -11,9 +11,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def pg_admin_url() -> str:
-    pytest.fail("unit tests run without a database: move this test up to tests/")
+    pytest.fail("unit tests run without a database: move this test to tests/service or tests/operations")
 
 
 @pytest.fixture(scope="session")
 def citus_url() -> str:
-    pytest.fail("unit tests run without a database: move this test up to tests/")
+    pytest.fail("unit tests run without a database: move this test to tests/service or tests/operations")

@@ -1,5 +1,5 @@
 """Bearer-token checks alone (nexus.auth.Authenticator): which JWTs are accepted,
-as whom, and that every refusal is UNAUTHENTICATED. tests/test_auth.py checks
+as whom, and that every refusal is UNAUTHENTICATED. tests/service/test_auth.py checks
 the same through a server."""
 
 from __future__ import annotations

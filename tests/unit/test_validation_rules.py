@@ -1,6 +1,6 @@
 """The request validators alone: what each accepts, and that each refusal is an
 InvalidArgument naming the field (the BadRequest the caller sees). No database,
-no server: tests/test_validation.py checks the same rules through every RPC."""
+no server: tests/service/test_validation.py checks the same rules through every RPC."""
 
 from __future__ import annotations
 
