@@ -2,8 +2,11 @@
 
 Every setting has a documented default, an environment variable ``NEXUS_<NAME>``
 and a command-line flag ``--<name>`` (flags win over the environment). The
-field list below is the single source: the CLI builds its flags from it and the
-README's configuration table mirrors it.
+field list below is the single source: the CLI builds its flags from it, and
+docs/configuration.md is generated from it (``scripts/gen_config_doc.py``; a
+unit test fails when the document is stale). Each field's ``help`` is its flag's
+help text; an optional ``doc`` adds what only the document says, and
+``default_doc`` describes a default that is computed.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ EMBEDDER_DIMENSIONS: dict[str, int | None] = {"none": None, "wordllama": 256}
 
 @dataclass(frozen=True)
 class Config:
-    host: str = field(default="127.0.0.1", metadata={"help": "Address the gRPC server listens on."})
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "Address the gRPC server listens on.", "doc": "The container image sets 0.0.0.0."},
+    )
     port: int = field(default=50051, metadata={"help": "gRPC port; 0 picks a free one."})
     reuse_port: bool = field(
         default=False,
@@ -42,11 +48,17 @@ class Config:
     )
     data_dir: Path = field(
         default_factory=default_data_dir,
-        metadata={"help": "Directory of the embedded PostgreSQL and the generated JWT secret."},
+        metadata={
+            "help": "Directory of the embedded PostgreSQL and the generated JWT secret.",
+            "default_doc": "`$XDG_DATA_HOME/nexus`, else `~/.local/share/nexus`",
+        },
     )
     database_url: str = field(
         default="",
-        metadata={"help": "External PostgreSQL URL; when set, no embedded database is started."},
+        metadata={
+            "help": "External PostgreSQL URL; when set, no embedded database is started.",
+            "doc": "PostgreSQL 16 or later with pgvector, or a Citus coordinator (docs/citus.md).",
+        },
     )
     jwt_secret: str = field(
         default="",
@@ -60,13 +72,19 @@ class Config:
     )
     jwt_leeway_s: float = field(
         default=30.0,
-        metadata={"help": "Clock skew allowed on a token's exp, nbf and iat, in seconds."},
+        metadata={"help": "Clock skew allowed on a token's exp, nbf and iat, in seconds.", "doc": "0 to 300."},
     )
     jwt_max_lifetime_s: float = field(
         default=0.0,
         metadata={"help": "Longest token lifetime (exp - iat) accepted, in seconds; tokens must then carry iat. 0 = no cap."},
     )
-    metrics_port: int = field(default=0, metadata={"help": "Prometheus metrics port; 0 = off."})
+    metrics_port: int = field(
+        default=0,
+        metadata={
+            "help": "Prometheus metrics port; 0 = off.",
+            "doc": "Serves `/metrics`; the metrics are listed in docs/operations.md.",
+        },
+    )
     pool_min_size: int = field(default=2, metadata={"help": "Database connections kept open."})
     pool_max_size: int = field(default=16, metadata={"help": "Most database connections at once."})
     statement_timeout_ms: int = field(
@@ -77,7 +95,10 @@ class Config:
     slow_query_error_ms: int = field(default=1000, metadata={"help": "Log an error for database calls slower than this."})
     max_pending_rpcs: int = field(
         default=10_000,
-        metadata={"help": "Calls gRPC queues before a handler takes them; beyond it calls are refused, not dropped."},
+        metadata={
+            "help": "Calls gRPC queues before a handler takes them; beyond it calls are refused, not dropped.",
+            "doc": "Refused means RESOURCE_EXHAUSTED, never a silent cancel.",
+        },
     )
     shutdown_grace_s: float = field(
         default=10.0, metadata={"help": "Seconds in-flight calls may take to finish after SIGTERM/SIGINT."}
@@ -152,7 +173,10 @@ class Config:
     maintenance_interval_s: float = field(
         default=60.0, metadata={"help": "How often maintenance runs (on one replica at a time)."}
     )
-    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error."})
+    log_level: str = field(
+        default="info",
+        metadata={"help": "debug, info, warning or error.", "doc": "At info, one structured line per RPC (stderr)."},
+    )
 
     @property
     def embedded(self) -> bool:
