@@ -128,7 +128,7 @@ QUALITY_LATENCY_ROUNDS = 3
 CHATTER_PER_USER = 600
 
 
-# The row trigger that keeps each user's search statistics (db/0006, db/0010, db/0013):
+# The row trigger that keeps each user's search statistics (count_search_length, db/functions/search.sql):
 # per memory, an upsert of its user's memory_users row and its memory_terms
 # rows. Loading a user's memories in one transaction that way updates one row
 # n times (each update O(n): its versions cannot be pruned before the commit)
@@ -157,8 +157,8 @@ JOIN bench_centres ce ON ce.c = 1 + (hashint4(n) & 1023) % 100;
 
 
 # What SEARCH_STATISTICS_TRIGGER (and create_memory's memory_count) keep, for
-# the loaded users at once: memory_terms as db/0013_text_postings.sql's
-# backfill, search_length_total as db/0006_retrieval.sql's. The loaded users
+# the loaded users at once: memory_terms and search_length_total as the trigger
+# would have written them. The loaded users
 # hold no other memories: the load runs only when the corpus is absent.
 FILL_SEARCH_STATISTICS = """
 INSERT INTO memory_terms (user_id, lexeme, memory_id, term_frequency, search_length)

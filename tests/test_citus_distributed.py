@@ -102,7 +102,7 @@ async def test_hot_write_functions_are_delegated_with_their_tables(coordinator: 
         assert row["names"][row["arg"]] == argument
         assert row["colocationid"] == groups[colocate_with]
     # The hot write paths named by the issue: reactions, follows, token operations, memory writes.
-    assert {"apply_reactions_v2", "follow", "unfollow", "apply_token_operations_v2", "create_memory",
+    assert {"apply_reactions", "follow", "unfollow", "apply_token_operations", "create_memory",
             "update_memory", "delete_memory"} <= set(delegated)
 
 
@@ -128,11 +128,11 @@ async def test_a_delegated_toggle_runs_on_the_worker_that_owns_the_entry(coordin
     coordinator.add_log_listener(lambda _conn, message: notices.append(f"{message.message} {message.detail}"))
     try:
         await coordinator.fetch(
-            "SELECT * FROM apply_reactions_v2($1, '{toggle}', '{resonance}', '{delegation-user}')", entry
+            "SELECT * FROM apply_reactions($1, '{toggle}', '{resonance}', '{delegation-user}')", entry
         )
     finally:
         await coordinator.execute("RESET citus.log_remote_commands")
-    remote = [n for n in notices if "apply_reactions_v2" in n]
+    remote = [n for n in notices if "apply_reactions" in n]
     assert len(remote) == 1, f"not one delegated call: {notices}"
     assert f":{owner} " in remote[0], remote[0]  # "on server postgres@127.0.0.1:<port> connectionId: ..."
 
