@@ -152,7 +152,7 @@ class Workload:
         transfer = ("\\set payer random(1, {payers})\n\\set request random(1, 1000000000000)\n"
                     "SELECT count(*) FROM apply_token_operations('bench-payer-' || :payer, ARRAY['transfer'], "
                     "ARRAY[{payee}], ARRAY[1::bigint], ARRAY['bench'], ARRAY[''], ARRAY['pgbench-' || :request]);")
-        embedding = "{" + ",".join(f"{x:.4f}" for x in self.embedding()) + "}"
+        embedding = "[" + ",".join(f"{x:.4f}" for x in self.embedding()) + "]"
         return {
             "toggle uniform": f"\\set entry random(1, {self.entries})\n\\set user random(1, {USERS})\n"
             + toggle.format(entry=ENTRY_SQL.format(n=":entry")),
@@ -173,6 +173,6 @@ SELECT count(*) FROM entry_counts(
             "transfer hot": transfer.format(payers=self.payers, payee="'bench-merchant'"),
             "create_memories 1": f"\\set writer random(1, {WRITERS})\n"
             "SELECT count(*) FROM create_memories('bench-writer-' || :writer, ARRAY[ROW('bench-writer-' || :writer, "
-            f"'bench create', NULL, NULL, NULL, 0.5, 'calm', '{{}}', '{{}}', NULL, '{embedding}'::real[], NULL)"
+            f"'bench create', NULL, NULL, NULL, 0.5, 'calm', '{{}}', '{{}}', NULL, '{embedding}'::vector, NULL)"
             "::memory_create]);",
         }

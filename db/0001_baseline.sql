@@ -338,7 +338,7 @@ CREATE TABLE memory_terms (
 CREATE TYPE memory_create AS (
     user_id text, content text, thread_id text, session_id text, memory_trace_id text,
     gravity_score double precision, emotion_type text, entities text[], meta_tags text[], temporal_type text,
-    embedding real[], request_id text);
+    embedding vector, request_id text);
 
 -- CreateMemory request ids: (user, request_id) -> the memory it created.
 -- Kept for the idempotency retention (maintenance expires older ones).

@@ -29,7 +29,7 @@ CREATE TYPE public.memory_create AS (
 	entities text[],
 	meta_tags text[],
 	temporal_type text,
-	embedding real[],
+	embedding public.vector,
 	request_id text
 );
 
@@ -640,9 +640,9 @@ BEGIN
 END
 $$;
 
--- Name: create_memory(text, text, text, text, text, double precision, text, text[], text[], text, real[], text); Type: FUNCTION; Schema: public
+-- Name: create_memory(text, text, text, text, text, double precision, text, text[], text[], text, public.vector, text); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.create_memory(p_user_id text, p_content text, p_thread_id text, p_session_id text, p_memory_trace_id text, p_gravity_score double precision, p_emotion_type text, p_entities text[], p_meta_tags text[], p_temporal_type text, p_embedding real[], p_request_id text) RETURNS jsonb
+CREATE FUNCTION public.create_memory(p_user_id text, p_content text, p_thread_id text, p_session_id text, p_memory_trace_id text, p_gravity_score double precision, p_emotion_type text, p_entities text[], p_meta_tags text[], p_temporal_type text, p_embedding public.vector, p_request_id text) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -673,7 +673,7 @@ BEGIN
     INSERT INTO memories (user_id, content, thread_id, session_id, memory_trace_id, gravity_score, emotion_type,
                           entities, meta_tags, temporal_type, embedding)
     VALUES (p_user_id, p_content, p_thread_id, p_session_id, p_memory_trace_id, p_gravity_score, p_emotion_type,
-            p_entities, p_meta_tags, p_temporal_type, p_embedding::vector)
+            p_entities, p_meta_tags, p_temporal_type, p_embedding)
     RETURNING * INTO m;
     IF p_request_id IS NOT NULL THEN
         INSERT INTO memory_requests (user_id, request_id, fingerprint, memory_id)
@@ -943,12 +943,12 @@ END $$;
 
 -- Name: get_memory(text, uuid); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.get_memory(p_user_id text, p_memory_id uuid) RETURNS TABLE(document jsonb, embedding real[])
+CREATE FUNCTION public.get_memory(p_user_id text, p_memory_id uuid) RETURNS TABLE(document jsonb, embedding public.vector)
     LANGUAGE plpgsql STABLE
     AS $$
 BEGIN
     RETURN QUERY
-    SELECT memory_document(m), m.embedding::real[]
+    SELECT memory_document(m), m.embedding
     FROM memories m WHERE m.memory_id = p_memory_id AND m.user_id = p_user_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory_id', DETAIL = 'memory_id', MESSAGE = 'memory not found';
@@ -1251,9 +1251,9 @@ CREATE FUNCTION public.memory_events_channel() RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN 'nexus_memory_events'::text;
 
--- Name: memory_hybrid_top(text, real[], text, text, integer, double precision, timestamp with time zone, text, double precision, integer); Type: FUNCTION; Schema: public
+-- Name: memory_hybrid_top(text, public.vector, text, text, integer, double precision, timestamp with time zone, text, double precision, integer); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.memory_hybrid_top(p_user_id text, p_embedding real[], p_query text, p_metric text, p_top_k integer, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_vector_weight double precision, p_exact_max integer) RETURNS TABLE(memory_id uuid, distance double precision, text_score double precision, score double precision)
+CREATE FUNCTION public.memory_hybrid_top(p_user_id text, p_embedding public.vector, p_query text, p_metric text, p_top_k integer, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_vector_weight double precision, p_exact_max integer) RETURNS TABLE(memory_id uuid, distance double precision, text_score double precision, score double precision)
     LANGUAGE plpgsql STABLE
     AS $$
 #variable_conflict use_column
@@ -1282,8 +1282,8 @@ BEGIN
                array_agg(t.text_score ORDER BY t.text_score DESC, t.memory_id)
         INTO text_ids, text_scores
         FROM memory_text_top(p_user_id, p_query, p_min_gravity, p_since, p_emotion_type, text_pool) t;
-        SELECT array_agg(CASE p_metric WHEN 'cosine' THEN m.embedding <=> p_embedding::vector
-                                       ELSE m.embedding <-> p_embedding::vector END ORDER BY u.ord)
+        SELECT array_agg(CASE p_metric WHEN 'cosine' THEN m.embedding <=> p_embedding
+                                       ELSE m.embedding <-> p_embedding END ORDER BY u.ord)
         INTO text_distances
         FROM unnest(text_ids) WITH ORDINALITY u(memory_id, ord)
         -- LEFT: a memory deleted since the ranking keeps its place (a NULL distance).
@@ -1543,14 +1543,14 @@ BEGIN
     ORDER BY big.rank;
 END $_$;
 
--- Name: memory_vector_nearest(text, real[], text, integer, double precision, timestamp with time zone, text, integer); Type: FUNCTION; Schema: public
+-- Name: memory_vector_nearest(text, public.vector, text, integer, double precision, timestamp with time zone, text, integer); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.memory_vector_nearest(p_user_id text, p_embedding real[], p_metric text, p_limit integer, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_exact_max integer, OUT ids uuid[], OUT distances double precision[], OUT farthest double precision) RETURNS record
+CREATE FUNCTION public.memory_vector_nearest(p_user_id text, p_embedding public.vector, p_metric text, p_limit integer, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_exact_max integer, OUT ids uuid[], OUT distances double precision[], OUT farthest double precision) RETURNS record
     LANGUAGE plpgsql STABLE
     AS $_$
 DECLARE
     operator text := CASE p_metric WHEN 'cosine' THEN '<=>' WHEN 'l2' THEN '<->' END;
-    dim      integer := cardinality(p_embedding);
+    dim      integer := vector_dims(p_embedding);
 BEGIN
     IF p_metric = 'cosine' AND p_limit IS NOT NULL AND memory_vector_index_usable(p_user_id, p_exact_max) THEN
         PERFORM set_config('ivfflat.iterative_scan', 'relaxed_order', true);
@@ -1559,7 +1559,7 @@ BEGIN
         -- The user_id as a literal, so the planner matches the partial index's predicate.
         EXECUTE format(
             'SELECT array_agg(memory_id ORDER BY distance, memory_id), array_agg(distance ORDER BY distance, memory_id)
-             FROM (SELECT c.memory_id, c.embedding <=> $2::vector AS distance FROM (
+             FROM (SELECT c.memory_id, c.embedding <=> $2 AS distance FROM (
                        SELECT m.memory_id, m.embedding FROM memories m WHERE m.user_id = %L AND %s
                        ORDER BY m.embedding::halfvec(%s) <=> $2::halfvec(%s) LIMIT greatest(4 * $6, 40)) c
                    ORDER BY 2, 1 LIMIT $6) nearest', p_user_id, memory_vector_filters(), dim, dim)
@@ -1571,7 +1571,7 @@ BEGIN
     END IF;
     -- Exact: distances computed in a materialized CTE, so no index order is used.
     EXECUTE format('WITH mine AS MATERIALIZED (
-                        SELECT m.memory_id, m.embedding %s $2::vector AS distance FROM memories m WHERE %s)
+                        SELECT m.memory_id, m.embedding %s $2 AS distance FROM memories m WHERE %s)
                     SELECT array_agg(memory_id ORDER BY distance, memory_id), array_agg(distance ORDER BY distance, memory_id),
                            (SELECT max(distance) FROM mine)
                     FROM (SELECT * FROM mine ORDER BY distance, memory_id LIMIT $6) nearest',
@@ -1906,9 +1906,9 @@ BEGIN
 END
 $$;
 
--- Name: search_memories(text, real[], text, text, integer, double precision, timestamp with time zone, text, double precision, integer, double precision, double precision); Type: FUNCTION; Schema: public
+-- Name: search_memories(text, public.vector, text, text, integer, double precision, timestamp with time zone, text, double precision, integer, double precision, double precision); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.search_memories(p_user_id text, p_embedding real[], p_query text, p_metric text, p_top_k integer, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_vector_weight double precision, p_exact_max integer, p_recency_weight double precision, p_gravity_weight double precision) RETURNS TABLE(document jsonb, distance double precision, text_score double precision, score double precision)
+CREATE FUNCTION public.search_memories(p_user_id text, p_embedding public.vector, p_query text, p_metric text, p_top_k integer, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_vector_weight double precision, p_exact_max integer, p_recency_weight double precision, p_gravity_weight double precision) RETURNS TABLE(document jsonb, distance double precision, text_score double precision, score double precision)
     LANGUAGE plpgsql STABLE
     AS $$
 #variable_conflict use_column
@@ -2026,9 +2026,9 @@ BEGIN
     RETURN true;
 END $$;
 
--- Name: update_memory(text, uuid, text[], text, text, text, text, double precision, text, text[], text[], text, boolean, real[]); Type: FUNCTION; Schema: public
+-- Name: update_memory(text, uuid, text[], text, text, text, text, double precision, text, text[], text[], text, boolean, public.vector); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.update_memory(p_user_id text, p_memory_id uuid, p_fields text[], p_content text, p_thread_id text, p_session_id text, p_memory_trace_id text, p_gravity_score double precision, p_emotion_type text, p_entities text[], p_meta_tags text[], p_temporal_type text, p_identity_anchor boolean, p_embedding real[]) RETURNS jsonb
+CREATE FUNCTION public.update_memory(p_user_id text, p_memory_id uuid, p_fields text[], p_content text, p_thread_id text, p_session_id text, p_memory_trace_id text, p_gravity_score double precision, p_emotion_type text, p_entities text[], p_meta_tags text[], p_temporal_type text, p_identity_anchor boolean, p_embedding public.vector) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -2047,7 +2047,7 @@ BEGIN
         meta_tags       = CASE WHEN 'meta_tags' = ANY (p_fields) THEN p_meta_tags ELSE meta_tags END,
         temporal_type   = CASE WHEN 'temporal_type' = ANY (p_fields) THEN p_temporal_type ELSE temporal_type END,
         identity_anchor = CASE WHEN 'identity_anchor' = ANY (p_fields) THEN p_identity_anchor ELSE identity_anchor END,
-        embedding       = CASE WHEN 'embedding' = ANY (p_fields) THEN p_embedding::vector ELSE embedding END
+        embedding       = CASE WHEN 'embedding' = ANY (p_fields) THEN p_embedding ELSE embedding END
     WHERE memory_id = p_memory_id AND user_id = p_user_id
     RETURNING * INTO m;
     IF NOT FOUND THEN

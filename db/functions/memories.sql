@@ -160,7 +160,7 @@ $$;
 CREATE OR REPLACE FUNCTION create_memory(
     p_user_id text, p_content text, p_thread_id text, p_session_id text, p_memory_trace_id text,
     p_gravity_score double precision, p_emotion_type text, p_entities text[], p_meta_tags text[],
-    p_temporal_type text, p_embedding real[], p_request_id text)
+    p_temporal_type text, p_embedding vector, p_request_id text)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -191,7 +191,7 @@ BEGIN
     INSERT INTO memories (user_id, content, thread_id, session_id, memory_trace_id, gravity_score, emotion_type,
                           entities, meta_tags, temporal_type, embedding)
     VALUES (p_user_id, p_content, p_thread_id, p_session_id, p_memory_trace_id, p_gravity_score, p_emotion_type,
-            p_entities, p_meta_tags, p_temporal_type, p_embedding::vector)
+            p_entities, p_meta_tags, p_temporal_type, p_embedding)
     RETURNING * INTO m;
     IF p_request_id IS NOT NULL THEN
         INSERT INTO memory_requests (user_id, request_id, fingerprint, memory_id)
@@ -256,7 +256,7 @@ $$;
 CREATE OR REPLACE FUNCTION update_memory(
     p_user_id text, p_memory_id uuid, p_fields text[], p_content text, p_thread_id text, p_session_id text,
     p_memory_trace_id text, p_gravity_score double precision, p_emotion_type text, p_entities text[],
-    p_meta_tags text[], p_temporal_type text, p_identity_anchor boolean, p_embedding real[])
+    p_meta_tags text[], p_temporal_type text, p_identity_anchor boolean, p_embedding vector)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -275,7 +275,7 @@ BEGIN
         meta_tags       = CASE WHEN 'meta_tags' = ANY (p_fields) THEN p_meta_tags ELSE meta_tags END,
         temporal_type   = CASE WHEN 'temporal_type' = ANY (p_fields) THEN p_temporal_type ELSE temporal_type END,
         identity_anchor = CASE WHEN 'identity_anchor' = ANY (p_fields) THEN p_identity_anchor ELSE identity_anchor END,
-        embedding       = CASE WHEN 'embedding' = ANY (p_fields) THEN p_embedding::vector ELSE embedding END
+        embedding       = CASE WHEN 'embedding' = ANY (p_fields) THEN p_embedding ELSE embedding END
     WHERE memory_id = p_memory_id AND user_id = p_user_id
     RETURNING * INTO m;
     IF NOT FOUND THEN
@@ -325,11 +325,11 @@ END $$;
 
 -- Reads. A memory that is not there is NX404, like every other error of the service.
 CREATE OR REPLACE FUNCTION get_memory(p_user_id text, p_memory_id uuid)
-RETURNS TABLE (document jsonb, embedding real[])
+RETURNS TABLE (document jsonb, embedding vector)
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
     RETURN QUERY
-    SELECT memory_document(m), m.embedding::real[]
+    SELECT memory_document(m), m.embedding
     FROM memories m WHERE m.memory_id = p_memory_id AND m.user_id = p_user_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory_id', DETAIL = 'memory_id', MESSAGE = 'memory not found';

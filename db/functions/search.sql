@@ -241,13 +241,13 @@ RETURN 'm.user_id = $1 AND m.embedding IS NOT NULL AND m.gravity_score >= $3
 -- filters), for 4 x p_limit (at least 40) candidates re-ranked by their
 -- full-precision distance (exact when it finds too few), and farthest is NULL.
 CREATE OR REPLACE FUNCTION memory_vector_nearest(
-    p_user_id text, p_embedding real[], p_metric text, p_limit integer, p_min_gravity double precision,
+    p_user_id text, p_embedding vector, p_metric text, p_limit integer, p_min_gravity double precision,
     p_since timestamptz, p_emotion_type text, p_exact_max integer,
     OUT ids uuid[], OUT distances double precision[], OUT farthest double precision)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     operator text := CASE p_metric WHEN 'cosine' THEN '<=>' WHEN 'l2' THEN '<->' END;
-    dim      integer := cardinality(p_embedding);
+    dim      integer := vector_dims(p_embedding);
 BEGIN
     IF p_metric = 'cosine' AND p_limit IS NOT NULL AND memory_vector_index_usable(p_user_id, p_exact_max) THEN
         PERFORM set_config('ivfflat.iterative_scan', 'relaxed_order', true);
@@ -256,7 +256,7 @@ BEGIN
         -- The user_id as a literal, so the planner matches the partial index's predicate.
         EXECUTE format(
             'SELECT array_agg(memory_id ORDER BY distance, memory_id), array_agg(distance ORDER BY distance, memory_id)
-             FROM (SELECT c.memory_id, c.embedding <=> $2::vector AS distance FROM (
+             FROM (SELECT c.memory_id, c.embedding <=> $2 AS distance FROM (
                        SELECT m.memory_id, m.embedding FROM memories m WHERE m.user_id = %L AND %s
                        ORDER BY m.embedding::halfvec(%s) <=> $2::halfvec(%s) LIMIT greatest(4 * $6, 40)) c
                    ORDER BY 2, 1 LIMIT $6) nearest', p_user_id, memory_vector_filters(), dim, dim)
@@ -268,7 +268,7 @@ BEGIN
     END IF;
     -- Exact: distances computed in a materialized CTE, so no index order is used.
     EXECUTE format('WITH mine AS MATERIALIZED (
-                        SELECT m.memory_id, m.embedding %s $2::vector AS distance FROM memories m WHERE %s)
+                        SELECT m.memory_id, m.embedding %s $2 AS distance FROM memories m WHERE %s)
                     SELECT array_agg(memory_id ORDER BY distance, memory_id), array_agg(distance ORDER BY distance, memory_id),
                            (SELECT max(distance) FROM mine)
                     FROM (SELECT * FROM mine ORDER BY distance, memory_id LIMIT $6) nearest',
@@ -336,7 +336,7 @@ RETURN score_factor(p_vector_weight) * coalesce(score_ratio(p_similarity - p_far
 -- own index: the 100 (at least top_k) nearest plus the 100 best by text, each
 -- with both parts, scaled over those candidates.
 CREATE OR REPLACE FUNCTION memory_hybrid_top(
-    p_user_id text, p_embedding real[], p_query text, p_metric text, p_top_k integer,
+    p_user_id text, p_embedding vector, p_query text, p_metric text, p_top_k integer,
     p_min_gravity double precision, p_since timestamptz, p_emotion_type text, p_vector_weight double precision,
     p_exact_max integer)
 RETURNS TABLE (memory_id uuid, distance double precision, text_score double precision, score double precision)
@@ -367,8 +367,8 @@ BEGIN
                array_agg(t.text_score ORDER BY t.text_score DESC, t.memory_id)
         INTO text_ids, text_scores
         FROM memory_text_top(p_user_id, p_query, p_min_gravity, p_since, p_emotion_type, text_pool) t;
-        SELECT array_agg(CASE p_metric WHEN 'cosine' THEN m.embedding <=> p_embedding::vector
-                                       ELSE m.embedding <-> p_embedding::vector END ORDER BY u.ord)
+        SELECT array_agg(CASE p_metric WHEN 'cosine' THEN m.embedding <=> p_embedding
+                                       ELSE m.embedding <-> p_embedding END ORDER BY u.ord)
         INTO text_distances
         FROM unnest(text_ids) WITH ORDINALITY u(memory_id, ord)
         -- LEFT: a memory deleted since the ranking keeps its place (a NULL distance).
@@ -433,7 +433,7 @@ $$;
 --   SearchMemoriesRequest.recency_weight in protos/nexus/v1/memory.proto),
 --   through the safe forms.
 CREATE OR REPLACE FUNCTION search_memories(
-    p_user_id text, p_embedding real[], p_query text, p_metric text, p_top_k integer,
+    p_user_id text, p_embedding vector, p_query text, p_metric text, p_top_k integer,
     p_min_gravity double precision, p_since timestamptz, p_emotion_type text, p_vector_weight double precision,
     p_exact_max integer, p_recency_weight double precision, p_gravity_weight double precision)
 RETURNS TABLE (document jsonb, distance double precision, text_score double precision, score double precision)

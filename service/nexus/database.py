@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any, Self
 
 import asyncpg
+from pgvector.asyncpg import register_vector
 
 from nexus import errors
 from nexus.queries import Query
@@ -72,6 +73,12 @@ def statement_timeout_step(remaining_s: float, ceiling_ms: int) -> int:
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for json_type in ("json", "jsonb"):
         await conn.set_type_codec(json_type, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    # pgvector's types in binary: a list of floats goes as a vector, and a
+    # vector comes back as a pgvector.Vector. A connection opened before the
+    # baseline migration created the extension (the migrator's own, on an empty
+    # database) has no vectors to carry.
+    if await conn.fetchval("SELECT to_regtype('public.vector') IS NOT NULL"):
+        await register_vector(conn)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -87,7 +87,7 @@ class MemoryServicer(MemorySearch, MemoryContext, MemoryStreams, memory_pb2_grpc
         user_id = acting_user(request.user_id)
         memory_id = validation.memory_id(request.memory_id, "memory_id")
         row = await self._db.fetchone(queries.GET_MEMORY, user_id, memory_id)  # NX404 when there is none
-        embedding = row["embedding"] if request.include_embedding else None
+        embedding = row["embedding"].to_list() if request.include_embedding and row["embedding"] is not None else None
         return pb.GetMemoryResponse(memory=memory_message(row["document"], embedding))
 
     async def UpdateMemory(self, request: pb.UpdateMemoryRequest, context: grpc.aio.ServicerContext) -> pb.UpdateMemoryResponse:
