@@ -191,7 +191,7 @@ WHERE (u.memory_count, u.search_length_total, t.rows, t.frequencies, t.lengths)
 
 EXACT_TOP10 = """
 SELECT array_agg(memory_id::text) FROM (
-    SELECT memory_id FROM memories WHERE user_id = $1 ORDER BY embedding <=> $2::real[]::vector LIMIT 10) nearest
+    SELECT memory_id FROM memories WHERE user_id = $1 ORDER BY embedding <=> $2 LIMIT 10) nearest
 """
 
 
@@ -242,11 +242,11 @@ class _Run:
         label = f"{label} ({await self._searched_by(conn, users)})"
         progress(f"SearchMemories {label}")
         queries = await conn.fetch(
-            "SELECT user_id, embedding::real[] AS v FROM memories WHERE user_id = ANY($1) ORDER BY random() LIMIT $2",
+            "SELECT user_id, embedding AS v FROM memories WHERE user_id = ANY($1) ORDER BY random() LIMIT $2",
             users, self.sizes.search_queries,
         )
         # Each query is near, not on, a stored vector of its user.
-        probes = [(q["user_id"], [x + random.uniform(-0.05, 0.05) for x in q["v"]]) for q in queries]
+        probes = [(q["user_id"], [x + random.uniform(-0.05, 0.05) for x in q["v"].to_list()]) for q in queries]
         latencies, recalls = [], []
         async with conn.transaction():
             await conn.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off")
@@ -279,7 +279,7 @@ class _Run:
         a stored memory of the user as the query, a vector near it as the embedding."""
         progress(f"SearchMemories text and hybrid, {label}")
         rows = await conn.fetch(
-            "SELECT user_id, content, embedding::real[] AS v FROM memories WHERE user_id = ANY($1)"
+            "SELECT user_id, content, embedding AS v FROM memories WHERE user_id = ANY($1)"
             " ORDER BY random() LIMIT $2",
             users, self.sizes.search_queries,
         )
@@ -292,7 +292,7 @@ class _Run:
                     query=" ".join(random.sample(words, min(len(words), random.randint(2, 3)))),
                 )
                 if mode == "hybrid":
-                    request.embedding.extend(x + random.uniform(-0.05, 0.05) for x in row["v"])
+                    request.embedding.extend(x + random.uniform(-0.05, 0.05) for x in row["v"].to_list())
                 started = time.perf_counter()
                 response = await stub.SearchMemories(request, metadata=self.metadata)
                 latencies.append(time.perf_counter() - started)
