@@ -113,6 +113,33 @@ async def test_a_second_migrate_changes_nothing(coordinator: asyncpg.Connection)
     assert await coordinator.fetchval("SELECT count(*) FROM pg_dist_object") == before
 
 
+async def test_a_changed_function_file_is_applied_again_on_the_cluster(coordinator: asyncpg.Connection) -> None:
+    """Re-applied on the coordinator, a file of db/functions/ replaces delegated functions and the
+    triggers of distributed tables on the workers too, and the functions stay delegated."""
+    repeatables = migrations.load_repeatables()
+    position = next(i for i, r in enumerate(repeatables) if r.name == "functions/tokens.sql")
+    tokens = repeatables[position]
+    changed = migrations.Migration(
+        tokens.name, tokens.sql.replace("'the token ledger is append-only'", "'the token ledger is append-only, always'")
+    )
+    assert changed.sql != tokens.sql
+    try:
+        assert await migrations.migrate(
+            coordinator, repeatables=[*repeatables[:position], changed, *repeatables[position + 1:]]
+        ) == [changed.name]
+        await coordinator.fetch(
+            "SELECT * FROM apply_token_operations('reapplied', '{credit}', '{NULL}', '{5}', '{r}', '{ref}', '{req-1}')"
+        )
+        with pytest.raises(asyncpg.PostgresError, match="append-only, always"):
+            await coordinator.execute("UPDATE token_transactions SET reason = 'x' WHERE user_id = 'reapplied'")
+        assert await coordinator.fetchval(
+            """SELECT distribution_argument_index IS NOT NULL FROM pg_dist_object
+               WHERE objid = 'apply_token_operations'::regproc"""
+        )
+    finally:
+        assert await migrations.migrate(coordinator) == [changed.name]
+
+
 async def test_a_delegated_toggle_runs_on_the_worker_that_owns_the_entry(coordinator: asyncpg.Connection) -> None:
     """The reply of a delegated call comes from the owning worker's backend."""
     entry = await coordinator.fetchval(

@@ -29,6 +29,7 @@ from nexus.migrations import (
     load_migrations,
     load_repeatables,
     migrate,
+    statements,
 )
 
 from support import with_database
@@ -120,6 +121,19 @@ def test_each_function_is_defined_once_and_none_has_a_version_suffix() -> None:
     names = re.findall(r"CREATE (?:OR REPLACE )?FUNCTION (\w+)", sql)
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
     assert not [n for n in names if re.search(r"_v\d+$", n)]
+
+
+def test_a_function_file_is_sent_one_statement_at_a_time() -> None:
+    sql = (
+        "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $body$ BEGIN RETURN 'a;b'; END $body$;\n"
+        "-- a comment; not a statement\n"
+        "CREATE FUNCTION g() RETURNS text LANGUAGE sql RETURN 'it''s; fine' /* ; */;\n"
+        "-- the end\n"
+    )
+    assert [re.findall(r"FUNCTION (\w+)", s) for s in statements(sql)] == [["f"], ["g"]]
+    assert "".join(statements(sql)) + "\n-- the end\n" == sql
+    with pytest.raises(MigrationError, match="BEGIN ATOMIC"):
+        statements("CREATE FUNCTION h() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END;")
 
 
 async def test_empty_database_gets_every_file_recorded_with_its_sha256(conn: asyncpg.Connection) -> None:

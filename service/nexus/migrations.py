@@ -167,10 +167,12 @@ async def _apply_repeatables(conn: asyncpg.Connection, repeatables: list[Migrati
                 # A re-applied file replaces triggers of distributed tables (on
                 # every shard: refused unless allowed) and distributed functions
                 # (which Citus refuses after a parallel operation on the shards
-                # in the same transaction: one connection per node instead).
+                # in the same transaction: one connection per node instead), one
+                # statement at a time (see statements).
                 await conn.execute("SET LOCAL citus.enable_unsafe_triggers = on")
                 await conn.execute("SET LOCAL citus.multi_shard_modify_mode = 'sequential'")
-            await conn.execute(repeatable.sql)
+            for statement in statements(repeatable.sql):
+                await conn.execute(statement)
             await conn.execute(
                 """INSERT INTO schema_repeatables (name, checksum) VALUES ($1, $2)
                    ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_time = now()""",
@@ -179,6 +181,28 @@ async def _apply_repeatables(conn: asyncpg.Connection, repeatables: list[Migrati
         log.info("event=repeatable_applied name=%s", repeatable.name)
         applied.append(repeatable.name)
     return applied
+
+
+# What statements() skips over: a comment, a quoted string or identifier, a
+# dollar-quoted body; or a semicolon, which ends a statement.
+_SQL_TOKEN = re.compile(r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|(\$\w*\$).*?\1|;", re.DOTALL)
+
+
+def statements(sql: str) -> list[str]:
+    """The statements of a file of db/functions/, each sent on its own: Citus
+    propagates a trigger of a distributed table with the text it was given,
+    and refuses text of several commands ("cannot insert multiple commands into
+    a prepared statement"). Function bodies are dollar-quoted or one RETURN
+    expression, never BEGIN ATOMIC, whose inner semicolons this would split."""
+    if re.search(r"\bBEGIN\s+ATOMIC\b", sql, re.IGNORECASE):
+        raise MigrationError("a file of db/functions/ uses BEGIN ATOMIC; write the body dollar-quoted instead")
+    found, start = [], 0
+    for token in _SQL_TOKEN.finditer(sql):
+        if token.group() == ";":
+            found.append(sql[start:token.end()])
+            start = token.end()
+    found.append(sql[start:])
+    return [s for s in found if _SQL_TOKEN.sub("", s).strip()]
 
 
 async def _check_embedding_dim(conn: asyncpg.Connection, expected: int) -> None:
