@@ -9,6 +9,10 @@ triggers that call them, by area) is repeatable: applied in the order of
 ``FUNCTION_FILES`` when first seen and again, in its own transaction, whenever
 its SHA-256 differs from the one recorded in ``schema_repeatables``. So each
 function is written once, with its current body, and changed in place.
+``CREATE OR REPLACE`` cannot change a function's arguments or result type, and
+a function taken out of a file stays in the database: such a change drops the
+old function in a new numbered migration, which runs before the files (and so
+sees the functions of the release before).
 
 A session advisory lock serialises migrators, so replicas that start together
 apply each file exactly once. On a Citus coordinator with workers, the schema
