@@ -42,6 +42,9 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN p_viewer IS NULL OR p_privacy = 'public' OR p_author_id = p_viewer
        OR (p_privacy = 'followers' AND p_author_id = ANY (p_followed));
 
+-- What p_viewer may see around the entries asked for: the authors of
+-- FOLLOWERS entries among them (and their parents and roots) that p_viewer
+-- follows, and which of their parents and roots p_viewer may see.
 CREATE OR REPLACE FUNCTION viewer_context(p_viewer text, p_entry_ids uuid[], OUT followed text[], OUT visible_links uuid[])
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -228,6 +231,9 @@ BEGIN
     RETURN NEXT created;
 END $$;
 
+-- Blanks the author's entry (title, content, tags, metadata) and marks it
+-- deleted; it keeps its place and id in the tree. NX404 for an entry the
+-- user cannot see, NX403 for someone else's.
 CREATE OR REPLACE FUNCTION delete_entry(p_user_id text, p_entry_id uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE

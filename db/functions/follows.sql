@@ -46,6 +46,7 @@ BEGIN
     RETURN true;
 END $$;
 
+-- Idempotent: returns whether this call removed the edge.
 CREATE OR REPLACE FUNCTION unfollow(p_follower_id text, p_followed_id text) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -104,6 +105,7 @@ BEGIN
     LIMIT p_limit;
 END $$;
 
+-- Newest first; keyset after (p_after_time, p_after_user).
 CREATE OR REPLACE FUNCTION list_following(p_user_id text, p_after_time timestamptz, p_after_user text, p_limit integer)
 RETURNS TABLE (user_id text, create_time timestamptz)
 LANGUAGE plpgsql STABLE AS $$

@@ -213,6 +213,8 @@ BEGIN
     LIMIT p_limit;
 END $$;
 
+-- Whether p_user_id has resonated with / amplified each entry, in the order
+-- asked for; entries the user may not see, deleted and unknown ones absent.
 CREATE OR REPLACE FUNCTION user_interaction_states(p_user_id text, p_entry_ids uuid[])
 RETURNS TABLE (entry_id uuid, has_resonated boolean, has_amplified boolean)
 LANGUAGE plpgsql STABLE AS $$
@@ -231,6 +233,8 @@ BEGIN
     ORDER BY asked.position;
 END $$;
 
+-- Records the user's interaction with a target, one row per (user, target);
+-- created says whether this call made the row.
 CREATE OR REPLACE FUNCTION record_interaction(p_user_id text, p_target_id text, p_action text, p_notes text)
 RETURNS TABLE (user_id text, target_id text, action text, notes text, create_time timestamptz,
                update_time timestamptz, created boolean)

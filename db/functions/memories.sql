@@ -68,6 +68,7 @@ RETURN CASE
     ELSE 'present'
 END;
 
+-- The rules above, on every insert and update of a memory.
 CREATE OR REPLACE FUNCTION apply_memory_rules() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -290,6 +291,8 @@ BEGIN
 END
 $$;
 
+-- Deletes the memory (its arc memberships go with it), refreshes the arcs it
+-- was in and emits the events; NX404 when there is none.
 CREATE OR REPLACE FUNCTION delete_memory(p_user_id text, p_memory_id uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -312,6 +315,8 @@ BEGIN
 END
 $$;
 
+-- The names the user is known by (apply_memory_rules tags a memory naming
+-- one of them 'identity').
 CREATE OR REPLACE FUNCTION set_identity_entities(p_user_id text, p_entities text[]) RETURNS text[]
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -415,6 +420,7 @@ BEGIN
     LIMIT p_limit;
 END $$;
 
+-- Records an occurrence of a pattern: its latest intensity and a count.
 CREATE OR REPLACE FUNCTION record_pattern(p_user_id text, p_pattern_type text, p_intensity double precision)
 RETURNS memory_patterns
 LANGUAGE plpgsql AS $$
