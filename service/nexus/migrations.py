@@ -56,6 +56,12 @@ FUNCTION_FILES = (
     "maintenance.sql",
 )
 
+# What was applied: schema_migrations (numbered files), schema_repeatables (files of db/functions/).
+HISTORY_TABLE = """CREATE TABLE IF NOT EXISTS {} (
+    name text PRIMARY KEY,
+    checksum text NOT NULL,
+    applied_time timestamptz NOT NULL DEFAULT now())"""
+
 
 class MigrationError(Exception):
     """The database's migration history does not match the migration files."""
@@ -109,20 +115,10 @@ async def migrate(
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
         await conn.execute("SELECT set_config('nexus.embedding_dim', $1, false)", str(embedding_dim))
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS schema_migrations (
-                   name text PRIMARY KEY,
-                   checksum text NOT NULL,
-                   applied_time timestamptz NOT NULL DEFAULT now())"""
-        )
+        await conn.execute(HISTORY_TABLE.format("schema_migrations"))
         applied = {r["name"]: r["checksum"] for r in await conn.fetch("SELECT name, checksum FROM schema_migrations")}
         _check_history(applied, migrations)
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS schema_repeatables (
-                   name text PRIMARY KEY,
-                   checksum text NOT NULL,
-                   applied_time timestamptz NOT NULL DEFAULT now())"""
-        )
+        await conn.execute(HISTORY_TABLE.format("schema_repeatables"))
         newly_applied = []
         for migration in migrations:
             if migration.name in applied:
