@@ -128,7 +128,7 @@ QUALITY_LATENCY_ROUNDS = 3
 CHATTER_PER_USER = 600
 
 
-# The row trigger that keeps each user's search statistics (db/0006, db/0010, db/0013):
+# The row trigger that keeps each user's search statistics (count_search_length, db/functions/search.sql):
 # per memory, an upsert of its user's memory_users row and its memory_terms
 # rows. Loading a user's memories in one transaction that way updates one row
 # n times (each update O(n): its versions cannot be pruned before the commit)
@@ -157,8 +157,8 @@ JOIN bench_centres ce ON ce.c = 1 + (hashint4(n) & 1023) % 100;
 
 
 # What SEARCH_STATISTICS_TRIGGER (and create_memory's memory_count) keep, for
-# the loaded users at once: memory_terms as db/0013_text_postings.sql's
-# backfill, search_length_total as db/0006_retrieval.sql's. The loaded users
+# the loaded users at once: memory_terms and search_length_total as the trigger
+# would have written them. The loaded users
 # hold no other memories: the load runs only when the corpus is absent.
 FILL_SEARCH_STATISTICS = """
 INSERT INTO memory_terms (user_id, lexeme, memory_id, term_frequency, search_length)
@@ -191,7 +191,7 @@ WHERE (u.memory_count, u.search_length_total, t.rows, t.frequencies, t.lengths)
 
 EXACT_TOP10 = """
 SELECT array_agg(memory_id::text) FROM (
-    SELECT memory_id FROM memories WHERE user_id = $1 ORDER BY embedding <=> $2::real[]::vector LIMIT 10) nearest
+    SELECT memory_id FROM memories WHERE user_id = $1 ORDER BY embedding <=> $2 LIMIT 10) nearest
 """
 
 
@@ -242,11 +242,11 @@ class _Run:
         label = f"{label} ({await self._searched_by(conn, users)})"
         progress(f"SearchMemories {label}")
         queries = await conn.fetch(
-            "SELECT user_id, embedding::real[] AS v FROM memories WHERE user_id = ANY($1) ORDER BY random() LIMIT $2",
+            "SELECT user_id, embedding AS v FROM memories WHERE user_id = ANY($1) ORDER BY random() LIMIT $2",
             users, self.sizes.search_queries,
         )
         # Each query is near, not on, a stored vector of its user.
-        probes = [(q["user_id"], [x + random.uniform(-0.05, 0.05) for x in q["v"]]) for q in queries]
+        probes = [(q["user_id"], [x + random.uniform(-0.05, 0.05) for x in q["v"].to_list()]) for q in queries]
         latencies, recalls = [], []
         async with conn.transaction():
             await conn.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off")
@@ -279,7 +279,7 @@ class _Run:
         a stored memory of the user as the query, a vector near it as the embedding."""
         progress(f"SearchMemories text and hybrid, {label}")
         rows = await conn.fetch(
-            "SELECT user_id, content, embedding::real[] AS v FROM memories WHERE user_id = ANY($1)"
+            "SELECT user_id, content, embedding AS v FROM memories WHERE user_id = ANY($1)"
             " ORDER BY random() LIMIT $2",
             users, self.sizes.search_queries,
         )
@@ -292,7 +292,7 @@ class _Run:
                     query=" ".join(random.sample(words, min(len(words), random.randint(2, 3)))),
                 )
                 if mode == "hybrid":
-                    request.embedding.extend(x + random.uniform(-0.05, 0.05) for x in row["v"])
+                    request.embedding.extend(x + random.uniform(-0.05, 0.05) for x in row["v"].to_list())
                 started = time.perf_counter()
                 response = await stub.SearchMemories(request, metadata=self.metadata)
                 latencies.append(time.perf_counter() - started)

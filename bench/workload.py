@@ -78,7 +78,7 @@ class Workload:
             # One call per payer, outside a transaction block: on Citus each runs on the payer's worker.
             await asyncio.gather(*(
                 pool.fetchval(
-                    "SELECT count(*) FROM apply_token_operations_v2($1, ARRAY['credit'], ARRAY[NULL], ARRAY[$2::bigint],"
+                    "SELECT count(*) FROM apply_token_operations($1, ARRAY['credit'], ARRAY[NULL], ARRAY[$2::bigint],"
                     " ARRAY['bench funding'], ARRAY[''], ARRAY['bench-funding'])", f"bench-payer-{n}", FUNDING)
                 for n in range(1, self.payers + 1)
             ))
@@ -147,18 +147,18 @@ class Workload:
 
     def pgbench_scripts(self) -> dict[str, str]:
         """pgbench scripts by name: what the service sends to the database for one call."""
-        toggle = ("SELECT * FROM apply_reactions_v2({entry}, ARRAY['toggle'], ARRAY['resonance']::reaction_kind[], "
+        toggle = ("SELECT * FROM apply_reactions({entry}, ARRAY['toggle'], ARRAY['resonance']::reaction_kind[], "
                   "ARRAY['bench-user-' || :user]);")
         transfer = ("\\set payer random(1, {payers})\n\\set request random(1, 1000000000000)\n"
-                    "SELECT count(*) FROM apply_token_operations_v2('bench-payer-' || :payer, ARRAY['transfer'], "
+                    "SELECT count(*) FROM apply_token_operations('bench-payer-' || :payer, ARRAY['transfer'], "
                     "ARRAY[{payee}], ARRAY[1::bigint], ARRAY['bench'], ARRAY[''], ARRAY['pgbench-' || :request]);")
-        embedding = "{" + ",".join(f"{x:.4f}" for x in self.embedding()) + "}"
+        embedding = "[" + ",".join(f"{x:.4f}" for x in self.embedding()) + "]"
         return {
             "toggle uniform": f"\\set entry random(1, {self.entries})\n\\set user random(1, {USERS})\n"
             + toggle.format(entry=ENTRY_SQL.format(n=":entry")),
             "toggle hot": f"\\set user random(1, {USERS})\n" + toggle.format(entry=ENTRY_SQL.format(n=1)),
             # 16 users on one entry in one call: what group commit sends for a hot entry.
-            "toggle hot, 16 per call": f"""SELECT count(*) FROM apply_reactions_v2({ENTRY_SQL.format(n=1)},
+            "toggle hot, 16 per call": f"""SELECT count(*) FROM apply_reactions({ENTRY_SQL.format(n=1)},
     array_fill('toggle'::text, ARRAY[16]), array_fill('resonance'::reaction_kind, ARRAY[16]),
     (SELECT array_agg('bench-user-' || (1 + floor(random() * {USERS}))::int) FROM generate_series(1, 16)));""",
             # 100 entries, the hot one among them, as GetEntries' counts read them: one uuid[] parameter.
@@ -173,6 +173,6 @@ SELECT count(*) FROM entry_counts(
             "transfer hot": transfer.format(payers=self.payers, payee="'bench-merchant'"),
             "create_memories 1": f"\\set writer random(1, {WRITERS})\n"
             "SELECT count(*) FROM create_memories('bench-writer-' || :writer, ARRAY[ROW('bench-writer-' || :writer, "
-            f"'bench create', NULL, NULL, NULL, 0.5, 'calm', '{{}}', '{{}}', NULL, '{embedding}'::real[], NULL)"
+            f"'bench create', NULL, NULL, NULL, 0.5, 'calm', '{{}}', '{{}}', NULL, '{embedding}'::vector, NULL)"
             "::memory_create]);",
         }

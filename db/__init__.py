@@ -1,1 +1,2 @@
-"""The SQL migrations (NNNN_name.sql), applied in order; shipped in the wheel as nexus.schema."""
+"""The SQL schema: numbered migrations (NNNN_name.sql) applied once each, then the stored functions
+(functions/*.sql) re-applied when they change; shipped in the wheel as nexus.schema."""

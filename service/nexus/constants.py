@@ -1,7 +1,7 @@
 """Values the service and the database must agree on, each written once here.
 
 The database's side of each is an IMMUTABLE SQL function of the same meaning
-(db/0009_one_home.sql), which every SQL place uses; tests/operations/test_constants.py
+(db/functions/common.sql), which every SQL place uses; tests/operations/test_constants.py
 reads those and asserts they equal these.
 """
 
@@ -21,5 +21,5 @@ VECTOR_INDEX_LOCK_KEY = 7_160_813_371_207
 
 # Memory embeddings' dimension when NEXUS_EMBEDDING_DIM is not set. The SQL
 # side is the memories.embedding column, sized by the migrator from the
-# setting (db/0004_memories.sql).
+# setting (db/0001_baseline.sql).
 DEFAULT_EMBEDDING_DIM = 384

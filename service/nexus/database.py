@@ -27,8 +27,10 @@ from collections.abc import Sequence
 from typing import Any, Self
 
 import asyncpg
+from pgvector.asyncpg import register_vector
 
 from nexus import errors
+from nexus.queries import Query
 
 log = logging.getLogger("nexus.database")
 
@@ -71,6 +73,12 @@ def statement_timeout_step(remaining_s: float, ceiling_ms: int) -> int:
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for json_type in ("json", "jsonb"):
         await conn.set_type_codec(json_type, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    # pgvector's types in binary: a list of floats goes as a vector, and a
+    # vector comes back as a pgvector.Vector. A connection opened before the
+    # baseline migration created the extension (the migrator's own, on an empty
+    # database) has no vectors to carry.
+    if await conn.fetchval("SELECT to_regtype('public.vector') IS NOT NULL"):
+        await register_vector(conn)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -143,23 +151,23 @@ class Database:
             raise errors.DeadlineExceeded.not_sent()
         return left
 
-    async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
-        return await self._call(name, "fetch", query, args)
+    async def fetch(self, query: Query, *args: Any) -> list[asyncpg.Record]:
+        return await self._call(query, "fetch", args)
 
-    async def fetchone(self, name: str, query: str, *args: Any) -> asyncpg.Record:
+    async def fetchone(self, query: Query, *args: Any) -> asyncpg.Record:
         """For a stored function that returns exactly one row (or raises)."""
-        row = await self._call(name, "fetchrow", query, args)
+        row = await self._call(query, "fetchrow", args)
         if row is None:
-            raise RuntimeError(f"{name} returned no row")
+            raise RuntimeError(f"{query.name} returned no row")
         return row
 
-    async def fetchval(self, name: str, query: str, *args: Any) -> Any:
-        return await self._call(name, "fetchval", query, args)
+    async def fetchval(self, query: Query, *args: Any) -> Any:
+        return await self._call(query, "fetchval", args)
 
-    async def execute(self, name: str, query: str, *args: Any) -> str:
-        return await self._call(name, "execute", query, args)
+    async def execute(self, query: Query, *args: Any) -> str:
+        return await self._call(query, "execute", args)
 
-    async def _call(self, name: str, method: str, query: str, args: Sequence[Any]) -> Any:
+    async def _call(self, query: Query, method: str, args: Sequence[Any]) -> Any:
         timeout = self._timeout()
         started = time.perf_counter()
         sent = False
@@ -173,7 +181,7 @@ class Database:
                                                 self._left(timeout, started))
                     left = self._left(timeout, started)
                     sent = True
-                    return await getattr(conn, method)(query, *args, timeout=left)
+                    return await getattr(conn, method)(query.sql, *args, timeout=left)
                 except asyncpg.InternalClientError:
                     # The connection is in a state it cannot leave (an operation
                     # cut short by a lost server): drop it, the pool opens a new one.
@@ -185,7 +193,7 @@ class Database:
             elapsed = time.perf_counter() - started
             if elapsed >= self._slow_warn_s:
                 level = logging.ERROR if elapsed >= self._slow_error_s else logging.WARNING
-                log.log(level, "event=slow_query query=%s duration_ms=%.1f", name, elapsed * 1000)
+                log.log(level, "event=slow_query query=%s duration_ms=%.1f", query.name, elapsed * 1000)
 
     async def ping(self, timeout_s: float) -> None:
         """Raises Unavailable unless the database answers ``SELECT 1`` within

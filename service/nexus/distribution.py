@@ -58,14 +58,14 @@ TABLES: tuple[tuple[str, str, str], ...] = (
 )
 
 # Touched only by coordinator-side code (migrations, the maintenance election).
-LOCAL_TABLES = frozenset({"schema_migrations", "maintenance_runs"})
+LOCAL_TABLES = frozenset({"schema_migrations", "schema_repeatables", "maintenance_runs"})
 
 # (function, argument that names the owning key, co-located with): a call runs
 # on the worker that owns the key, in one hop. Statements of another key inside
 # it (a transfer's payee, a follow's second counter) still work: the worker runs
 # them as a distributed transaction (two-phase commit).
 FUNCTIONS: tuple[tuple[str, str, str], ...] = (
-    ("apply_token_operations_v2", "p_user_id", BY_USER),
+    ("apply_token_operations", "p_user_id", BY_USER),
     ("list_transactions", "p_user_id", BY_USER),
     ("create_memory", "p_user_id", BY_USER),
     ("create_memories", "p_user_id", BY_USER),
@@ -88,9 +88,7 @@ FUNCTIONS: tuple[tuple[str, str, str], ...] = (
     ("follow_states", "p_user_id", BY_USER),
     ("list_following", "p_user_id", BY_USER),
     ("record_share", "p_user_id", BY_USER),
-    ("apply_reactions_v3", "p_entry_id", BY_ENTRY),
-    # The previous release's call of reactions, kept in one hop through a rolling upgrade.
-    ("apply_reactions_v2", "p_entry_id", BY_ENTRY),
+    ("apply_reactions", "p_entry_id", BY_ENTRY),
     ("delete_entry", "p_entry_id", BY_ENTRY),
     ("list_reactors", "p_entry_id", BY_ENTRY),
 )

@@ -15,7 +15,7 @@ the interceptor turns any of them into a ``google.rpc.Status`` with rich details
     ├── Unavailable                 UNAVAILABLE + ErrorInfo(NOTHING_WRITTEN | OUTCOME_UNKNOWN)
     └── DeadlineExceeded            DEADLINE_EXCEEDED + ErrorInfo(NOTHING_WRITTEN | OUTCOME_UNKNOWN)
 
-Custom SQLSTATEs raised by the stored functions (see db/0001_interactions.sql):
+Custom SQLSTATEs raised by the stored functions (see db/functions/common.sql):
 NX400 invalid argument, NX403 permission denied, NX404 not found,
 NX409 already exists, NX412 failed precondition (DETAIL = precondition type).
 """
@@ -211,17 +211,21 @@ def _rolled_back(exc: asyncpg.PostgresError, distributed: bool) -> bool:
     return not distributed or sqlstate.startswith(_STATEMENT_SQLSTATE_PREFIXES)
 
 
-def from_raised(sqlstate: str, message: str, field: str) -> NexusError:
+def from_raised(sqlstate: str, message: str, detail: str) -> NexusError:
     """The error for one of the service's own SQLSTATEs (NX400, NX403, NX404,
-    NX409), raised by a function or caught and returned by a batch function."""
+    NX409, NX412), raised by a function or returned by a batch function in its
+    error columns. ``detail``: the request field the error names, or for NX412
+    the precondition type."""
     if sqlstate == "NX400":
-        return InvalidArgument(field, message)
+        return InvalidArgument(detail, message)
     if sqlstate == "NX403":
         return PermissionDenied(message)
     if sqlstate == "NX404":
-        return NotFound(message, field)
+        return NotFound(message, detail)
     if sqlstate == "NX409":
         return AlreadyExists(message)
+    if sqlstate == "NX412":
+        return FailedPrecondition(detail or "FAILED_PRECONDITION", message)
     raise ValueError(f"not one of the service's SQLSTATEs: {sqlstate}")
 
 
@@ -237,7 +241,7 @@ def from_database(exc: BaseException, *, sent: bool, distributed: bool = False) 
         sqlstate = exc.sqlstate or ""
         message = getattr(exc, "message", str(exc))
         # The request field: COLUMN, or DETAIL where COLUMN cannot travel (Citus
-        # re-raises a worker's error with message, detail and hint only; db/0012).
+        # re-raises a worker's error with message, detail and hint only).
         field = getattr(exc, "column_name", None) or getattr(exc, "detail", None) or ""
         if sqlstate in ("NX400", "NX403", "NX404", "NX409"):
             return from_raised(sqlstate, message, field)
@@ -247,7 +251,7 @@ def from_database(exc: BaseException, *, sent: bool, distributed: bool = False) 
         if sqlstate in ("40P01", "40001"):  # deadlock / serialization failure: safe to retry
             return Aborted()
         if sqlstate == "NX412":
-            return FailedPrecondition(getattr(exc, "detail", None) or "FAILED_PRECONDITION", message)
+            return from_raised(sqlstate, message, getattr(exc, "detail", None) or "")
         if sqlstate == "57014":  # query_canceled: statement_timeout, or the cancel sent at the deadline
             return DeadlineExceeded.cancelled()
         if sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):

@@ -17,8 +17,13 @@ result rows tagged with ``item`` (1-based). One key per batch is what lets
 Citus delegate the call to the one worker that owns the key (docs/citus.md);
 on one node it costs nothing, since the storms group commit exists for are
 storms on one key. Semantics are
-those of one call each: each gets its own rows (per-item failures are
-statuses in those rows, for the caller to turn into errors).
+those of one call each: each gets its own rows. An item that fails alone
+(a request_id reused with other arguments, a missing entry, too few tokens)
+gets one row with its error in the columns ``error_code`` (one of the
+service's SQLSTATEs), ``error_message`` and ``error_detail`` (the request
+field, or the precondition type), as a RAISE would carry them; ``submit``
+raises that error (``errors.from_raised``), so callers see rows of successes
+only.
 
 Each item names the keys it writes (an entry; the two balance holders of a
 transfer). Two batches in flight in one process never share a key, and an
@@ -58,7 +63,8 @@ from typing import Any
 import asyncpg
 
 from nexus.database import Database, call_deadline
-from nexus.errors import DeadlineExceeded, NexusError, ResourceExhausted, Unavailable
+from nexus.errors import DeadlineExceeded, NexusError, ResourceExhausted, Unavailable, from_raised
+from nexus.queries import Query
 
 log = logging.getLogger("nexus.group_commit")
 
@@ -75,11 +81,10 @@ class _Item:
 
 class GroupCommit:
     def __init__(
-        self, db: Database, name: str, query: str, *, max_batch: int = 256, max_in_flight: int = 4,
+        self, db: Database, query: Query, *, max_batch: int = 256, max_in_flight: int = 4,
         min_batch: int = 8, max_pending: int = 10_000,
     ) -> None:
         self._db = db
-        self._name = name
         self._query = query
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
@@ -91,9 +96,10 @@ class GroupCommit:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, batch_key: Hashable, keys: Iterable[Hashable], *arguments: Any) -> list[asyncpg.Record]:
-        """Applies one item writing `keys` in a batch of `batch_key`; returns its result rows."""
+        """Applies one item writing `keys` in a batch of `batch_key`; returns its result rows,
+        or raises the error the batch function reported for it."""
         if len(self._pending) >= self._max_pending:
-            raise ResourceExhausted(f"more than {self._max_pending} {self._name} writes are queued")
+            raise ResourceExhausted(f"more than {self._max_pending} {self._query.name} writes are queued")
         deadline = call_deadline.get()
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
@@ -159,7 +165,7 @@ class GroupCommit:
             # not hold its keys past every caller's deadline.
             async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
                 columns = (list(column) for column in zip(*(i.arguments for i in batch), strict=True))
-                rows = await self._db.fetch(self._name, self._query, batch[0].batch_key, *columns)
+                rows = await self._db.fetch(self._query, batch[0].batch_key, *columns)
         except TimeoutError:  # the outcome is unknown if the statement was sent
             self._fail(batch, DeadlineExceeded())
             return
@@ -169,7 +175,7 @@ class GroupCommit:
             elif isinstance(exc, asyncio.CancelledError):
                 failure = Unavailable("the server is shutting down; the write's outcome is unknown")
             else:
-                log.exception("event=group_commit_failed function=%s items=%d", self._name, len(batch))
+                log.exception("event=group_commit_failed function=%s items=%d", self._query.name, len(batch))
                 failure = NexusError()
             self._fail(batch, failure)
             if not isinstance(exc, Exception):
@@ -179,8 +185,16 @@ class GroupCommit:
         for row in rows:
             by_item[row["item"]].append(row)
         for position, item in enumerate(batch, start=1):
-            if not item.rows.done():
-                item.rows.set_result(by_item[position])
+            if item.rows.done():
+                continue
+            item_rows = by_item[position]
+            if item_rows and item_rows[0]["error_code"] is not None:
+                failed = item_rows[0]
+                item.rows.set_exception(
+                    from_raised(failed["error_code"], failed["error_message"], failed["error_detail"] or "")
+                )
+            else:
+                item.rows.set_result(item_rows)
 
     @staticmethod
     def _fail(items: list[_Item], failure: BaseException) -> None:

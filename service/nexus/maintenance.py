@@ -7,9 +7,9 @@ across all of them. Jobs: the seed's cache cleanup, event-log retention,
 expiry of old CreateMemory request ids, and arcs going dormant.
 
 Then the vector-index job: a user with more than ``search_exact_max_memories``
-memories gets an IVFFlat index of their own (see db/0006_retrieval.sql),
+memories gets an IVFFlat index of their own (see db/functions/search.sql),
 rebuilt when they outgrow its lists, for the ``vector_index_max_users``
-largest such users (db/0014_vector_index_cap.sql); the index of a user no
+largest such users (memory_vector_indexes_due); the index of a user no
 longer among them is dropped. Built and dropped CONCURRENTLY so that user's writes
 go on meanwhile (which is why it runs here and not inside the stored function:
 a concurrent build cannot run in a transaction). One replica at a time builds,
@@ -56,7 +56,6 @@ class Maintenance:
         """Runs the jobs if this replica gets the lock and they are due; returns
         rows affected per job (empty: not this replica's turn)."""
         rows = await self._db.fetch(
-            "run_maintenance",
             queries.RUN_MAINTENANCE,
             self._interval,
             self._event_retention,
@@ -84,7 +83,7 @@ class Maintenance:
                     f"SET statement_timeout = 0; SET maintenance_work_mem = '{VECTOR_INDEX_BUILD_MEMORY}'"
                 )
                 due_now = await conn.fetch(
-                    queries.MEMORY_VECTOR_INDEXES_DUE, self._exact_search_max, self._vector_index_max_users
+                    queries.MEMORY_VECTOR_INDEXES_DUE.sql, self._exact_search_max, self._vector_index_max_users
                 )
                 for due in due_now:
                     started = time.perf_counter()
@@ -96,7 +95,7 @@ class Maintenance:
                     )  # fmt: skip
                     if due["action"] != "drop":
                         built.append(due["user_id"])
-                above = await conn.fetchval(queries.MEMORY_USERS_ABOVE, self._exact_search_max)
+                above = await conn.fetchval(queries.MEMORY_USERS_ABOVE.sql, self._exact_search_max)
                 capped = above if above > self._vector_index_max_users else 0
                 if capped and capped != self._capped_logged:  # once per change, not once a minute
                     log.warning(

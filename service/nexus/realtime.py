@@ -2,7 +2,7 @@
 
 The source of truth is the durable event log (``memory_events``, written in the
 transaction of each change and numbered per user 1, 2, 3 ... in commit order,
-see db/0004_memories.sql). NOTIFY is only a wake-up hint naming the user: it
+see db/functions/streams.sql). NOTIFY is only a wake-up hint naming the user: it
 is lost while the listener is disconnected, so after every reconnect the hub
 re-reads the log from each feed's cursor, and streams never depend on a hint
 arriving.
@@ -256,7 +256,7 @@ class EventHub:
         retention has removed."""
         with self._subscribe(user_id) as subscription:
             # Registered before the read: every event committed after it hints this feed.
-            row = await self._db.fetchone("memory_stream_position", queries.MEMORY_STREAM_POSITION, user_id)
+            row = await self._db.fetchone(queries.MEMORY_STREAM_POSITION, user_id)
             self._start_feed(user_id, row["last_event_seq"])
             if after is None:
                 after = row["last_event_seq"]
@@ -331,7 +331,7 @@ class EventHub:
         users = list(feeds)
         try:
             rows = await self._db.fetch(
-                "memory_events_after", queries.MEMORY_EVENTS_AFTER, users, [f.cursor for f in feeds.values()], READ_BATCH
+                queries.MEMORY_EVENTS_AFTER, users, [f.cursor for f in feeds.values()], READ_BATCH
             )
         except NexusError as exc:
             log.warning("event=hub_read_failed users=%d error=%r", len(users), exc)
@@ -383,7 +383,7 @@ class EventStream:
         while True:
             self._subscription.overflowed = False  # whatever the hub dropped until now is read here
             events = await self._db.fetch(
-                "memory_events_after", queries.MEMORY_EVENTS_AFTER, [self._user_id], [self.position], READ_BATCH
+                queries.MEMORY_EVENTS_AFTER, [self._user_id], [self.position], READ_BATCH
             )
             for event in events:
                 if event["seq"] != self.position + 1:  # the log is gapless but for retention

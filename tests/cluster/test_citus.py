@@ -143,7 +143,7 @@ async def test_notify_in_a_delegated_call_fires_on_the_owning_worker_only(citus_
 async def test_migrations_run_on_the_coordinator(citus_db: str) -> None:
     conn = await database.connect(citus_db)
     try:
-        names = [m.name for m in migrations.load_migrations()]
+        names = [m.name for m in (*migrations.load_migrations(), *migrations.load_repeatables())]
         assert await migrations.migrate(conn) == names
         assert await migrations.migrate(conn) == []
         assert await conn.fetchval("SELECT count(*) FROM pg_dist_node WHERE groupid <> 0") == 2

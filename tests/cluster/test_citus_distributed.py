@@ -103,7 +103,7 @@ async def test_hot_write_functions_are_delegated_with_their_tables(coordinator: 
         assert row["names"][row["arg"]] == argument
         assert row["colocationid"] == groups[colocate_with]
     # The hot write paths named by the issue: reactions, follows, token operations, memory writes.
-    assert {"apply_reactions_v2", "follow", "unfollow", "apply_token_operations_v2", "create_memory",
+    assert {"apply_reactions", "follow", "unfollow", "apply_token_operations", "create_memory",
             "update_memory", "delete_memory"} <= set(delegated)
 
 
@@ -112,6 +112,33 @@ async def test_a_second_migrate_changes_nothing(coordinator: asyncpg.Connection)
     assert await migrations.migrate(coordinator) == []
     assert await distribution.distribute(coordinator) == []
     assert await coordinator.fetchval("SELECT count(*) FROM pg_dist_object") == before
+
+
+async def test_a_changed_function_file_is_applied_again_on_the_cluster(coordinator: asyncpg.Connection) -> None:
+    """Re-applied on the coordinator, a file of db/functions/ replaces delegated functions and the
+    triggers of distributed tables on the workers too, and the functions stay delegated."""
+    repeatables = migrations.load_repeatables()
+    position = next(i for i, r in enumerate(repeatables) if r.name == "functions/tokens.sql")
+    tokens = repeatables[position]
+    changed = migrations.Migration(
+        tokens.name, tokens.sql.replace("'the token ledger is append-only'", "'the token ledger is append-only, always'")
+    )
+    assert changed.sql != tokens.sql
+    try:
+        assert await migrations.migrate(
+            coordinator, repeatables=[*repeatables[:position], changed, *repeatables[position + 1:]]
+        ) == [changed.name]
+        await coordinator.fetch(
+            "SELECT * FROM apply_token_operations('reapplied', '{credit}', '{NULL}', '{5}', '{r}', '{ref}', '{req-1}')"
+        )
+        with pytest.raises(asyncpg.PostgresError, match="append-only, always"):
+            await coordinator.execute("UPDATE token_transactions SET reason = 'x' WHERE user_id = 'reapplied'")
+        assert await coordinator.fetchval(
+            """SELECT distribution_argument_index IS NOT NULL FROM pg_dist_object
+               WHERE objid = 'apply_token_operations'::regproc"""
+        )
+    finally:
+        assert await migrations.migrate(coordinator) == [changed.name]
 
 
 async def test_a_delegated_toggle_runs_on_the_worker_that_owns_the_entry(coordinator: asyncpg.Connection) -> None:
@@ -129,11 +156,11 @@ async def test_a_delegated_toggle_runs_on_the_worker_that_owns_the_entry(coordin
     coordinator.add_log_listener(lambda _conn, message: notices.append(f"{message.message} {message.detail}"))
     try:
         await coordinator.fetch(
-            "SELECT * FROM apply_reactions_v2($1, '{toggle}', '{resonance}', '{delegation-user}')", entry
+            "SELECT * FROM apply_reactions($1, '{toggle}', '{resonance}', '{delegation-user}')", entry
         )
     finally:
         await coordinator.execute("RESET citus.log_remote_commands")
-    remote = [n for n in notices if "apply_reactions_v2" in n]
+    remote = [n for n in notices if "apply_reactions" in n]
     assert len(remote) == 1, f"not one delegated call: {notices}"
     assert f":{owner} " in remote[0], remote[0]  # "on server postgres@127.0.0.1:<port> connectionId: ..."
 

@@ -1,5 +1,5 @@
 """Values the service and the database share have one home on each side:
-``nexus/constants.py``, and an IMMUTABLE SQL function each (db/0009_one_home.sql).
+``nexus/constants.py``, and an IMMUTABLE SQL function each (db/functions/common.sql).
 The two sides agree, and no function of the current schema writes one of the
 values out instead of calling its function."""
 

@@ -16,6 +16,7 @@ import pytest
 from nexus import errors, queries
 from nexus.database import Database, call_deadline
 from nexus.group_commit import GroupCommit
+from nexus.queries import Query
 
 pytestmark = pytest.mark.cluster
 
@@ -27,9 +28,9 @@ class CountingDatabase(Database):
 
     calls = 0
 
-    async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    async def fetch(self, query: Query, *args: Any) -> list[asyncpg.Record]:
         self.calls += 1
-        return await super().fetch(name, query, *args)
+        return await super().fetch(query, *args)
 
 
 async def open_database(kind: type[DatabaseT], db_url: str) -> DatabaseT:
@@ -44,7 +45,7 @@ async def counting_db(db_url: str) -> Any:
 
 
 def reaction_writer(db: Database, max_in_flight: int) -> GroupCommit:
-    return GroupCommit(db, "apply_reactions", queries.APPLY_REACTIONS, max_in_flight=max_in_flight)
+    return GroupCommit(db, queries.APPLY_REACTIONS, max_in_flight=max_in_flight)
 
 
 async def apply(writer: GroupCommit, op: str, kind: str, user: str, entry: uuid.UUID) -> Any:
@@ -91,8 +92,12 @@ async def test_a_missing_entry_fails_only_its_own_item(counting_db: CountingData
     private = await create_entry(db, "alice", "private")
     writer = reaction_writer(counting_db, max_in_flight=1)
     targets = [public, uuid.uuid4(), private, public]
-    results = await asyncio.gather(*(apply(writer, "on", "amplification", "bob", target) for target in targets))
-    assert [r["found"] for r in results] == [True, False, False, True]
+    results = await asyncio.gather(
+        *(apply(writer, "on", "amplification", "bob", target) for target in targets), return_exceptions=True
+    )
+    for missing, target in zip(results[1:3], targets[1:3], strict=True):
+        assert isinstance(missing, errors.NotFound)
+        assert (missing.message, missing.field) == (f"entry {target} not found", "entry_id")
     assert results[0]["changed"] and not results[3]["changed"]
     assert await db.fetchval("SELECT count(*) FROM reactions") == 1
     assert await db.fetchval("SELECT count(*) FROM entry_counter_shards WHERE entry_id = $1", private) == 0
@@ -104,13 +109,13 @@ class OverlapRecordingDatabase(Database):
     in_flight: list[set[uuid.UUID]]
     overlaps = 0
 
-    async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    async def fetch(self, query: Query, *args: Any) -> list[asyncpg.Record]:
         entries = set(args[3])
         if any(entries & other for other in self.in_flight):
             self.overlaps += 1
         self.in_flight.append(entries)
         try:
-            return await super().fetch(name, query, *args)
+            return await super().fetch(query, *args)
         finally:
             self.in_flight.remove(entries)
 

@@ -19,7 +19,6 @@ expected scores can be computed from the texts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
 import socket
@@ -32,13 +31,12 @@ import asyncpg
 import grpc
 import pytest
 
-from devtools.citus_cluster import create_cluster_database, drop_cluster_database
 from nexus import config as nexus_config
-from nexus import database, embedder, migrations
+from nexus import embedder
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
 
-from support.databases import ON_CITUS, scratch_database
+from support.databases import scratch_database
 from support.rpc import Clients, auth, rpc_error
 from support.servers import serving
 from support.vectors import create, distance, f32, random_vector
@@ -549,56 +547,6 @@ async def test_term_statistics_stay_exact_when_direct_updates_race_on_one_memory
             assert await db.fetchval("SELECT content FROM memories WHERE memory_id = $1", contested) in contents
     finally:
         await pool.close()
-
-
-@contextlib.asynccontextmanager
-async def empty_backend_database(admin_url: str, prefix: str) -> AsyncIterator[str]:
-    """An empty database on the backend under test (on every node of a cluster), dropped afterwards."""
-    if not ON_CITUS:
-        async with scratch_database(admin_url, prefix) as url:
-            yield url
-        return
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    url = await create_cluster_database(admin_url, name)
-    try:
-        yield url
-    finally:
-        await drop_cluster_database(admin_url, name)
-
-
-async def test_db_0013_fills_the_postings_of_existing_memories(admin_url: str) -> None:
-    """db/0013 on a database that holds memories (on a cluster, memory_terms is
-    distributed by then, so its columns are added to a distributed table): the
-    posting rows equal a recount, and search and writes work on them."""
-    rng = random.Random(35)
-    texts = [" ".join(rng.choices(ZIPF_WORDS, ZIPF_WEIGHTS, k=rng.randint(1, 8))) for _ in range(40)]
-    async with empty_backend_database(admin_url, "nexus_postings") as url:
-        conn = await database.connect(url)
-        try:
-            if ON_CITUS:
-                await conn.execute("SET citus.shard_count = 4")
-            every = migrations.load_migrations()
-            await migrations.migrate(conn, [m for m in every if m.name < "0013"])
-            await conn.execute("INSERT INTO memory_users (user_id, memory_count) VALUES ('alice', $1)", len(texts))
-            await conn.executemany(
-                "INSERT INTO memories (user_id, content, gravity_score, temporal_type) VALUES ('alice', $1, 0.5, 'present')",
-                [(t,) for t in texts],
-            )
-            assert await conn.fetchval("SELECT count(*) FROM memory_terms") > len(texts)  # 0010's rows
-            assert await migrations.migrate(conn, [m for m in every if m.name < "0014"]) == ["0013_text_postings.sql"]
-            assert await kept_postings(conn) == await recounted_postings(conn)
-            async with serving(url) as stub:
-                corpus = {str(r["memory_id"]): r["content"] for r in await conn.fetch("SELECT memory_id, content FROM memories")}
-                for query in ("walrus zebra", "falcon cobalt tulip"):
-                    got = await text_search(stub, "alice", query, top_k=100)
-                    expected = bm25(query, corpus)
-                    assert ids(got) == ranked(expected, 100), query
-                    assert [r.text_score for r in got] == pytest.approx([expected[i] for i in ids(got)], rel=1e-9)
-                longer = await create(stub, "alice", "quartz quartz walrus")
-                await update_content(stub, "alice", longer.memory_id, "quartz walrus walrus lemon")
-            assert await kept_postings(conn) == await recounted_postings(conn)
-        finally:
-            await conn.close()
 
 
 # --- recency and gravity -------------------------------------------------------------

@@ -241,7 +241,7 @@ async def bulk_create(conn: asyncpg.Connection, rows: list[tuple[str, str, float
     rules, counts and events apply), all in one statement."""
     users, contents, gravities, emotions, vectors = zip(*rows, strict=True)
     created = await conn.fetch(
-        """SELECT create_memory(u, c, NULL, NULL, NULL, g, e, '{}', '{}', 'present', v::vector::real[], NULL)
+        """SELECT create_memory(u, c, NULL, NULL, NULL, g, e, '{}', '{}', 'present', v::vector, NULL)
                   ->> 'memory_id'
            FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[], $5::text[]) AS r(u, c, g, e, v)""",
         users, contents, gravities, emotions, [literal(v) for v in vectors],

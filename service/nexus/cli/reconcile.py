@@ -25,5 +25,5 @@ async def reconcile(conn: asyncpg.Connection, *, fix: bool) -> list[dict[str, An
     drift: list[dict[str, Any]] = []
     async with conn.transaction():
         for name, query in RECONCILERS:
-            drift.extend({"check": name, **dict(row)} for row in await conn.fetch(query, fix))
+            drift.extend({"check": name, **dict(row)} for row in await conn.fetch(query.sql, fix))
     return drift

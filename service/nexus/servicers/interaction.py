@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import grpc
 
-from nexus import errors, queries, validation
+from nexus import queries, validation
 from nexus.auth import acting_user, current_principal, optional_acting_user
 from nexus.config import POSTGRES_INTEGER_MAX
 from nexus.database import Database
@@ -70,12 +70,11 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
     def __init__(self, db: Database, page_tokens: PageTokens) -> None:
         self._db = db
         self._tokens = page_tokens
-        self._reactions = GroupCommit(db, "apply_reactions", queries.APPLY_REACTIONS)
+        self._reactions = GroupCommit(db, queries.APPLY_REACTIONS)
 
     async def _create_entry(self, request: pb.CreateEntryRequest | pb.CreateBranchRequest, parent: Any) -> pb.Entry:
         author_id = acting_user(request.author_id, "author_id")
         row = await self._db.fetchone(
-            "create_entry",
             queries.CREATE_ENTRY,
             author_id,
             parent,
@@ -100,7 +99,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         entry_ids = validation.entry_ids(request.entry_ids, "entry_ids")
         viewer = optional_acting_user(request.viewer_id, "viewer_id")
         rows = await self._db.fetch(
-            "get_entries", queries.GET_ENTRIES, entry_ids, viewer or current_principal.get().viewer, viewer
+            queries.GET_ENTRIES, entry_ids, viewer or current_principal.get().viewer, viewer
         )
         response = pb.GetEntriesResponse()
         for row in rows:
@@ -117,7 +116,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
     async def DeleteEntry(self, request: pb.DeleteEntryRequest, context: grpc.aio.ServicerContext) -> pb.DeleteEntryResponse:
         user_id = acting_user(request.user_id)
         entry_id = validation.entry_id(request.entry_id, "entry_id")
-        await self._db.execute("delete_entry", queries.DELETE_ENTRY, user_id, entry_id)
+        await self._db.execute(queries.DELETE_ENTRY, user_id, entry_id)
         return pb.DeleteEntryResponse()
 
     async def _react(self, kind: str, request: Any, on: bool | None) -> tuple[asyncpg.Record, pb.InteractionCounts]:
@@ -126,8 +125,6 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         entry_id = validation.entry_id(request.entry_id, "entry_id")
         op = "toggle" if on is None else "on" if on else "off"
         (row,) = await self._reactions.submit(entry_id, (entry_id,), op, kind, user_id)
-        if row["error_code"] is not None:
-            raise errors.from_raised(row["error_code"], row["error_message"], row["error_column"] or "")
         outcome = row["outcome"]
         return outcome, counts_message(outcome, str(entry_id))
 
@@ -157,7 +154,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         user_id = acting_user(request.user_id)
         entry_id = validation.entry_id(request.entry_id, "entry_id")
         request_id = validation.request_id(request.request_id, required=True)
-        row = await self._db.fetchone("record_share", queries.RECORD_SHARE, user_id, entry_id, request_id)
+        row = await self._db.fetchone(queries.RECORD_SHARE, user_id, entry_id, request_id)
         return pb.RecordShareResponse(counts=counts_message(row, str(entry_id)), recorded=row["changed"])
 
     async def GetBranchTree(
@@ -173,7 +170,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         if after is not None and not all(type(i) is int and i <= POSTGRES_INTEGER_MAX for i in after):  # a tree_path
             raise InvalidArgument("page_token", "not a token issued by this service")
         rows = await self._db.fetch(
-            "branch_tree", queries.BRANCH_TREE, entry_id, viewer, request.max_depth or None, after, limit + 1
+            queries.BRANCH_TREE, entry_id, viewer, request.max_depth or None, after, limit + 1
         )
         page, next_page_token = self._tokens.page(scope, rows, limit, lambda row: list(row["tree_path"]))
         return pb.GetBranchTreeResponse(
@@ -194,7 +191,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         self, request: pb.GetInteractionCountsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetInteractionCountsResponse:
         entry_ids = validation.entry_ids(request.entry_ids, "entry_ids")
-        rows = await self._db.fetch("entry_counts", queries.ENTRY_COUNTS, entry_ids, current_principal.get().viewer)
+        rows = await self._db.fetch(queries.ENTRY_COUNTS, entry_ids, current_principal.get().viewer)
         return pb.GetInteractionCountsResponse(counts=[counts_message(r, str(r["entry_id"])) for r in rows])
 
     async def GetUserInteractionStates(
@@ -202,7 +199,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
     ) -> pb.GetUserInteractionStatesResponse:
         user_id = acting_user(request.user_id)
         entry_ids = validation.entry_ids(request.entry_ids, "entry_ids")
-        rows = await self._db.fetch("user_interaction_states", queries.USER_INTERACTION_STATES, user_id, entry_ids)
+        rows = await self._db.fetch(queries.USER_INTERACTION_STATES, user_id, entry_ids)
         return pb.GetUserInteractionStatesResponse(
             states=[
                 pb.UserInteractionState(
@@ -220,7 +217,6 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         scope = ("resonators", str(entry_id))
         after_time, after_user = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(
-            "list_reactors",
             queries.LIST_REACTORS,
             "resonance",
             entry_id,
@@ -242,7 +238,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         action = validation.word(request.action, "action")
         notes = validation.text(request.notes, "notes", MAX_NOTES_CHARS)
         row = await self._db.fetchone(
-            "record_interaction", queries.RECORD_INTERACTION, user_id, target_id, action, notes
+            queries.RECORD_INTERACTION, user_id, target_id, action, notes
         )
         return pb.RecordInteractionResponse(interaction=interaction_message(row), created=row["created"])
 
@@ -255,7 +251,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         scope = ("interactions", user_id, action)
         after_time, after_target = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(
-            "list_interactions", queries.LIST_INTERACTIONS, user_id, action, after_time, after_target, limit + 1
+            queries.LIST_INTERACTIONS, user_id, action, after_time, after_target, limit + 1
         )
         page, next_page_token = self._tokens.page(
             scope, rows, limit, lambda row: time_key(row["update_time"], row["target_id"])

@@ -2,7 +2,7 @@
 
 Memories, arcs, sessions and patterns belong to their user: only that user
 (or a service) reads or writes them. The insert rules, arc building and the
-event log live in the database (db/0004_memories.sql); the servicer
+event log live in the database (db/functions/memories.sql); the servicer
 validates and converts. ``MemoryServicer`` is the one servicer of the
 service, made of its areas: memories (here), search (memory_search), arcs,
 sessions and patterns (memory_context), and streams (memory_streams).
@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from nexus import embedder, errors, queries, validation
+from nexus import embedder, queries, validation
 from nexus.auth import acting_user
 from nexus.config import Config
 from nexus.database import Database
@@ -53,7 +53,7 @@ class MemoryServicer(MemorySearch, MemoryContext, MemoryStreams, memory_pb2_grpc
         self._exact_search_max = config.search_exact_max_memories
         # Keyed by user: a user's creates apply in arrival order, and this
         # server's batches never wait on each other's user locks.
-        self._creates = GroupCommit(db, "create_memories", queries.CREATE_MEMORIES)
+        self._creates = GroupCommit(db, queries.CREATE_MEMORIES)
 
     # -- memories -------------------------------------------------------------
 
@@ -80,16 +80,14 @@ class MemoryServicer(MemorySearch, MemoryContext, MemoryStreams, memory_pb2_grpc
             validation.request_id(request.request_id, required=False),
         )
         (row,) = await self._creates.submit(user_id, (user_id,), arguments)
-        if row["error_code"] is not None:
-            raise errors.from_raised(row["error_code"], row["error_message"], row["error_column"] or "")
         document = row["document"]
         return pb.CreateMemoryResponse(memory=memory_message(document))
 
     async def GetMemory(self, request: pb.GetMemoryRequest, context: grpc.aio.ServicerContext) -> pb.GetMemoryResponse:
         user_id = acting_user(request.user_id)
         memory_id = validation.memory_id(request.memory_id, "memory_id")
-        row = await self._db.fetchone("get_memory", queries.GET_MEMORY, user_id, memory_id)  # NX404 when there is none
-        embedding = row["embedding"] if request.include_embedding else None
+        row = await self._db.fetchone(queries.GET_MEMORY, user_id, memory_id)  # NX404 when there is none
+        embedding = row["embedding"].to_list() if request.include_embedding and row["embedding"] is not None else None
         return pb.GetMemoryResponse(memory=memory_message(row["document"], embedding))
 
     async def UpdateMemory(self, request: pb.UpdateMemoryRequest, context: grpc.aio.ServicerContext) -> pb.UpdateMemoryResponse:
@@ -119,7 +117,6 @@ class MemoryServicer(MemorySearch, MemoryContext, MemoryStreams, memory_pb2_grpc
             embedding = await self._embedder.embed(content)
             paths.append("embedding")
         document = await self._db.fetchval(
-            "update_memory",
             queries.UPDATE_MEMORY,
             user_id,
             memory_id,
@@ -150,7 +147,7 @@ class MemoryServicer(MemorySearch, MemoryContext, MemoryStreams, memory_pb2_grpc
     async def DeleteMemory(self, request: pb.DeleteMemoryRequest, context: grpc.aio.ServicerContext) -> pb.DeleteMemoryResponse:
         user_id = acting_user(request.user_id)
         memory_id = validation.memory_id(request.memory_id, "memory_id")
-        await self._db.execute("delete_memory", queries.DELETE_MEMORY, user_id, memory_id)
+        await self._db.execute(queries.DELETE_MEMORY, user_id, memory_id)
         return pb.DeleteMemoryResponse()
 
     async def ListMemories(self, request: pb.ListMemoriesRequest, context: grpc.aio.ServicerContext) -> pb.ListMemoriesResponse:
@@ -159,7 +156,6 @@ class MemoryServicer(MemorySearch, MemoryContext, MemoryStreams, memory_pb2_grpc
         scope = ("memories", user_id)
         after_time, after_id = self._tokens.decode_time_key(scope, request.page_token)
         documents = await self._db.fetch(
-            "list_memories",
             queries.LIST_MEMORIES,
             user_id,
             validation.optional_timestamp(request, "since"),
@@ -189,6 +185,6 @@ class MemoryServicer(MemorySearch, MemoryContext, MemoryStreams, memory_pb2_grpc
         for name in names:
             distinct.setdefault(name.lower(), name)  # the first spelling, in the order given
         entities = await self._db.fetchval(
-            "set_identity_entities", queries.SET_IDENTITY_ENTITIES, user_id, list(distinct.values())
+            queries.SET_IDENTITY_ENTITIES, user_id, list(distinct.values())
         )
         return pb.SetIdentityEntitiesResponse(entities=entities)

@@ -1,5 +1,5 @@
 """The context nexus.v1.MemoryService keeps around a user's memories: arcs
-(built by the database from the memories, db/0004_memories.sql), sessions and
+(built by the database from the memories, db/functions/memories.sql), sessions and
 patterns (recorded by the caller)."""
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ class MemoryContext:
         scope = ("arcs", user_id)
         after_time, after_id = self._tokens.decode_time_key(scope, request.page_token)
         documents = await self._db.fetch(
-            "list_arcs",
             queries.LIST_ARCS,
             user_id,
             after_time,
@@ -51,7 +50,7 @@ class MemoryContext:
         user_id = acting_user(request.user_id)
         session_id = validation.opaque_id(request.session_id, "session_id")
         status = validation.enum_value(request.status, "status", SESSION_STATUS_NAMES, default="active")
-        row = await self._db.fetchone("touch_session", queries.TOUCH_SESSION, user_id, session_id, status)
+        row = await self._db.fetchone(queries.TOUCH_SESSION, user_id, session_id, status)
         return pb.TouchSessionResponse(session=session_message(row))
 
     async def ListSessions(self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext) -> pb.ListSessionsResponse:
@@ -61,7 +60,7 @@ class MemoryContext:
         scope = ("sessions", user_id, status)
         after_time, after_id = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(
-            "list_sessions", queries.LIST_SESSIONS, user_id, status, after_time, after_id, limit + 1
+            queries.LIST_SESSIONS, user_id, status, after_time, after_id, limit + 1
         )
         page, next_page_token = self._tokens.page(
             scope, rows, limit, lambda row: time_key(row["last_message_time"], row["session_id"])
@@ -76,7 +75,7 @@ class MemoryContext:
         if not pattern_type:
             raise InvalidArgument("pattern_type", "required")
         intensity = validation.unit_interval(request.intensity, "intensity")
-        row = await self._db.fetchone("record_pattern", queries.RECORD_PATTERN, user_id, pattern_type, intensity)
+        row = await self._db.fetchone(queries.RECORD_PATTERN, user_id, pattern_type, intensity)
         return pb.RecordPatternResponse(pattern=pattern_message(row))
 
     async def ListPatterns(self, request: pb.ListPatternsRequest, context: grpc.aio.ServicerContext) -> pb.ListPatternsResponse:
@@ -86,7 +85,7 @@ class MemoryContext:
         scope = ("patterns", user_id, pattern_type)
         after = self._tokens.decode_as(scope, request.page_token, (float, str))
         rows = await self._db.fetch(
-            "list_patterns", queries.LIST_PATTERNS, user_id, pattern_type, *(after or (None, None)), limit + 1
+            queries.LIST_PATTERNS, user_id, pattern_type, *(after or (None, None)), limit + 1
         )
         page, next_page_token = self._tokens.page(
             scope, rows, limit, lambda row: [row["intensity"], row["pattern_type"]]

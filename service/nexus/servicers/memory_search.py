@@ -1,5 +1,5 @@
 """SearchMemories of nexus.v1.MemoryService: text (BM25), vector or hybrid
-search over one user's memories (the ranking lives in db/0006_retrieval.sql)."""
+search over one user's memories (the ranking lives in db/functions/search.sql)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,6 @@ class MemorySearch:
         if embedding is None and query is not None and self._embedder is not None:
             embedding = await self._embedder.embed(query)
         rows = await self._db.fetch(
-            "search_memories",
             queries.SEARCH_MEMORIES,
             user_id,
             embedding,

@@ -77,7 +77,7 @@ class MemoryStreams:
             {"user_id": user_id, "event": event, "payload": payload, "time_us": time.time_ns() // 1000},
             separators=(",", ":"),
         )
-        await self._db.execute("publish_broadcast", queries.PUBLISH_BROADCAST, message)
+        await self._db.execute(queries.PUBLISH_BROADCAST, message)
         return pb.PublishBroadcastResponse()
 
     async def SubscribeBroadcasts(self, request: pb.SubscribeBroadcastsRequest, context: grpc.aio.ServicerContext) -> None:

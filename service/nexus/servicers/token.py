@@ -14,7 +14,7 @@ import grpc
 from nexus import queries, validation
 from nexus.auth import acting_user, current_principal
 from nexus.database import Database
-from nexus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
+from nexus.errors import InvalidArgument, PermissionDenied
 from nexus.group_commit import GroupCommit
 from nexus.pagination import PageTokens
 from nexus.v1 import token_pb2 as pb
@@ -51,7 +51,7 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
     def __init__(self, db: Database, page_tokens: PageTokens) -> None:
         self._db = db
         self._tokens = page_tokens
-        self._ledger = GroupCommit(db, "apply_token_operations", queries.APPLY_TOKEN_OPERATIONS)
+        self._ledger = GroupCommit(db, queries.APPLY_TOKEN_OPERATIONS)
 
     async def _apply(
         self, op: str, user_id: str, counterparty: str | None, request: Any
@@ -63,13 +63,6 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         request_id = validation.request_id(request.request_id, required=True)
         keys = (user_id,) if counterparty is None else (user_id, counterparty)
         rows = await self._ledger.submit(user_id, keys, op, counterparty, amount, reason, reference_id, request_id)
-        status = rows[0]["status"]
-        if status == "insufficient_funds":
-            raise FailedPrecondition("INSUFFICIENT_FUNDS", f"{user_id} has fewer than {amount} tokens")
-        if status == "balance_overflow":
-            raise FailedPrecondition("BALANCE_OVERFLOW", f"the balance of {counterparty or user_id} would overflow")
-        if status == "request_conflict":
-            raise AlreadyExists(f"request_id {request_id} was already used with different arguments")
         return [transaction_message(r) for r in rows]
 
     async def _credit_or_deduct(self, request: pb.CreditRequest | pb.DeductRequest, op: str) -> pb.Transaction:
@@ -102,7 +95,7 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         principal = current_principal.get()
         for i, user_id in enumerate(user_ids):
             principal.require_acting_as(user_id, f"user_ids[{i}]")
-        rows = await self._db.fetch("get_balances", queries.GET_BALANCES, user_ids)
+        rows = await self._db.fetch(queries.GET_BALANCES, user_ids)
         response = pb.GetBalancesResponse()
         for row in rows:
             balance = response.balances.add(user_id=row["user_id"], balance=row["balance"])
@@ -118,7 +111,7 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         scope = ("transactions", user_id)
         after = self._tokens.decode_as(scope, request.page_token, (int,))
         rows = await self._db.fetch(
-            "list_transactions", queries.LIST_TRANSACTIONS, user_id, after[0] if after else None, limit + 1
+            queries.LIST_TRANSACTIONS, user_id, after[0] if after else None, limit + 1
         )
         page, next_page_token = self._tokens.page(scope, rows, limit, lambda row: [row["sequence"]])
         return pb.ListTransactionsResponse(
