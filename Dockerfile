@@ -6,8 +6,6 @@ RUN python -m venv /opt/nexus
 COPY pyproject.toml README.md ./
 COPY service service
 COPY db db
-# Part of the project's install (for the tests and the bench); the service never imports it.
-COPY devtools devtools
 RUN /opt/nexus/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/nexus/bin/pip install --no-cache-dir .
 

@@ -5,7 +5,10 @@
 """
 
 import sys
+from pathlib import Path
 
-from devtools.citus_build import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # devtools/ is imported from the repository root
+
+from devtools.citus_build import main  # noqa: E402
 
 sys.exit(main())

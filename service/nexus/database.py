@@ -77,8 +77,11 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     # vector comes back as a pgvector.Vector. A connection opened before the
     # baseline migration created the extension (the migrator's own, on an empty
     # database) has no vectors to carry.
-    if await conn.fetchval("SELECT to_regtype('public.vector') IS NOT NULL"):
-        await register_vector(conn)
+    schema = await conn.fetchval(
+        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'"
+    )
+    if schema is not None:
+        await register_vector(conn, schema=schema)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -183,9 +183,12 @@ async def _apply_repeatables(conn: asyncpg.Connection, repeatables: list[Migrati
     return applied
 
 
-# What statements() skips over: a comment, a quoted string or identifier, a
-# dollar-quoted body; or a semicolon, which ends a statement.
-_SQL_TOKEN = re.compile(r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|(\$\w*\$).*?\1|;", re.DOTALL)
+# What statements() skips over: a comment, a quoted string (E'...' with its
+# backslash escapes) or identifier, a dollar-quoted body; or a semicolon, which
+# ends a statement.
+_SQL_TOKEN = re.compile(
+    r"--[^\n]*|/\*.*?\*/|\b[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|(\$\w*\$).*?\1|;", re.DOTALL
+)
 
 
 def statements(sql: str) -> list[str]:
@@ -198,6 +201,8 @@ def statements(sql: str) -> list[str]:
         raise MigrationError("a file of db/functions/ uses BEGIN ATOMIC; write the body dollar-quoted instead")
     found, start = [], 0
     for token in _SQL_TOKEN.finditer(sql):
+        if token.group().startswith("/*") and "/*" in token.group()[2:]:
+            raise MigrationError("a file of db/functions/ nests /* comments */; use -- comments instead")
         if token.group() == ";":
             found.append(sql[start:token.end()])
             start = token.end()

@@ -16,6 +16,7 @@ import jwt
 
 from nexus.server import NexusServer
 
+from support.databases import scratch_database
 from support.processes import nexus_env, run_nexus
 from support.rpc import JWT_SECRET
 from support.servers import free_port
@@ -90,3 +91,31 @@ async def test_reconcile_of_a_data_dir_that_does_not_exist_is_an_error_and_creat
     assert f"no data directory {data_dir}" in run.error_line
     assert not data_dir.exists()
 
+
+
+# --- migrate ----------------------------------------------------------------------
+
+
+async def test_migrate_and_serve_on_a_database_of_the_old_layout_print_one_line(pg_admin_url: str) -> None:
+    """A database migrated before the baseline schema: one line saying how to start fresh, exit 1, nothing written."""
+    async with scratch_database(pg_admin_url, "nexus_old_layout") as url:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(
+                """CREATE TABLE schema_migrations (name text PRIMARY KEY, checksum text NOT NULL,
+                                                   applied_time timestamptz NOT NULL DEFAULT now());
+                   INSERT INTO schema_migrations (name, checksum) VALUES ('0001_interactions.sql', 'x')"""
+            )
+            env = nexus_env(NEXUS_DATABASE_URL=url, NEXUS_JWT_SECRET=JWT_SECRET, NEXUS_PORT=str(free_port()))
+            for command in ("migrate", "serve"):
+                run = await run_nexus(command, env=env)
+                assert run.code == 1, run.output
+                # serve logs its stop before the line; no traceback either way
+                last = run.stderr.strip().splitlines()[-1]
+                assert "Traceback" not in run.stderr, run.output
+                assert last.startswith("nexus: this database predates the baseline schema"), run.output
+                assert "new data directory" in last
+            tables = await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            assert tables == 1  # schema_migrations alone
+        finally:
+            await conn.close()

@@ -128,12 +128,15 @@ def test_a_function_file_is_sent_one_statement_at_a_time() -> None:
         "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $body$ BEGIN RETURN 'a;b'; END $body$;\n"
         "-- a comment; not a statement\n"
         "CREATE FUNCTION g() RETURNS text LANGUAGE sql RETURN 'it''s; fine' /* ; */;\n"
+        "CREATE FUNCTION e() RETURNS text LANGUAGE sql RETURN E'it\\'s; escaped' || time'12:00';\n"
         "-- the end\n"
     )
-    assert [re.findall(r"FUNCTION (\w+)", s) for s in statements(sql)] == [["f"], ["g"]]
+    assert [re.findall(r"FUNCTION (\w+)", s) for s in statements(sql)] == [["f"], ["g"], ["e"]]
     assert "".join(statements(sql)) + "\n-- the end\n" == sql
     with pytest.raises(MigrationError, match="BEGIN ATOMIC"):
         statements("CREATE FUNCTION h() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END;")
+    with pytest.raises(MigrationError, match="nests"):
+        statements("/* a /* b */ ; */ SELECT 1;")
 
 
 async def test_empty_database_gets_every_file_recorded_with_its_sha256(conn: asyncpg.Connection) -> None:

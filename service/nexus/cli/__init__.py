@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         import uvloop
 
         return uvloop.run(result)
-    except client.ClientError as exc:
+    except (client.ClientError, migrations.MigrationError) as exc:
         print(f"nexus: {exc}", file=sys.stderr)
     except grpc.aio.AioRpcError as exc:
         print(f"nexus: {client.describe_rpc_error(client.server_address(config), exc)}", file=sys.stderr)
