@@ -588,7 +588,7 @@ BEGIN
         FOR NO KEY UPDATE;
         IF NOT FOUND OR NOT entry_visible(parent, p_author_id) THEN
             RAISE EXCEPTION 'entry % not found', p_parent_entry_id
-                USING ERRCODE = 'NX404', COLUMN = 'parent_entry_id';
+                USING ERRCODE = 'NX404', COLUMN = 'parent_entry_id', DETAIL = 'parent_entry_id';
         END IF;
         IF parent.depth >= 255 THEN
             RAISE EXCEPTION 'entry % is at the maximum depth of 255', p_parent_entry_id
@@ -658,7 +658,7 @@ BEGIN
         SELECT * INTO earlier FROM memory_requests r WHERE r.user_id = p_user_id AND r.request_id = p_request_id;
         IF FOUND THEN
             IF earlier.fingerprint <> fingerprint THEN
-                RAISE EXCEPTION USING ERRCODE = 'NX409',
+                RAISE EXCEPTION USING ERRCODE = 'NX409', COLUMN = 'request_id', DETAIL = 'request_id',
                     MESSAGE = format('request_id %s was already used with different arguments', p_request_id);
             END IF;
             SELECT * INTO m FROM memories WHERE memory_id = earlier.memory_id;
@@ -749,7 +749,7 @@ BEGIN
     END IF;
     IF claim.fingerprint <> p_fingerprint THEN
         RAISE EXCEPTION 'request_id % was already used with different arguments', p_request_id
-            USING ERRCODE = 'NX409', COLUMN = 'request_id';
+            USING ERRCODE = 'NX409', COLUMN = 'request_id', DETAIL = 'request_id';
     END IF;
     SELECT * INTO existing FROM entries WHERE entry_id = claim.entry_id;
     RETURN existing;

@@ -34,7 +34,7 @@ RETURN (hashtext(p_user_id) & 63)::smallint;
 -- One home for each value the service and the database share: each constant
 -- is an IMMUTABLE SQL function, inlined where it is used, that every SQL place
 -- calls; service/nexus/constants.py holds the Python side and
--- tests/test_constants.py checks that both agree.
+-- tests/operations/test_constants.py checks that both agree.
 
 -- The NOTIFY channel of the hint "user_id seq" for a user's new events.
 CREATE OR REPLACE FUNCTION memory_events_channel() RETURNS text

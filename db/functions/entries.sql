@@ -166,7 +166,7 @@ BEGIN
     END IF;
     IF claim.fingerprint <> p_fingerprint THEN
         RAISE EXCEPTION 'request_id % was already used with different arguments', p_request_id
-            USING ERRCODE = 'NX409', COLUMN = 'request_id';
+            USING ERRCODE = 'NX409', COLUMN = 'request_id', DETAIL = 'request_id';
     END IF;
     SELECT * INTO existing FROM entries WHERE entry_id = claim.entry_id;
     RETURN existing;
@@ -214,7 +214,7 @@ BEGIN
         FOR NO KEY UPDATE;
         IF NOT FOUND OR NOT entry_visible(parent, p_author_id) THEN
             RAISE EXCEPTION 'entry % not found', p_parent_entry_id
-                USING ERRCODE = 'NX404', COLUMN = 'parent_entry_id';
+                USING ERRCODE = 'NX404', COLUMN = 'parent_entry_id', DETAIL = 'parent_entry_id';
         END IF;
         IF parent.depth >= 255 THEN
             RAISE EXCEPTION 'entry % is at the maximum depth of 255', p_parent_entry_id

@@ -177,7 +177,7 @@ BEGIN
         SELECT * INTO earlier FROM memory_requests r WHERE r.user_id = p_user_id AND r.request_id = p_request_id;
         IF FOUND THEN
             IF earlier.fingerprint <> fingerprint THEN
-                RAISE EXCEPTION USING ERRCODE = 'NX409',
+                RAISE EXCEPTION USING ERRCODE = 'NX409', COLUMN = 'request_id', DETAIL = 'request_id',
                     MESSAGE = format('request_id %s was already used with different arguments', p_request_id);
             END IF;
             SELECT * INTO m FROM memories WHERE memory_id = earlier.memory_id;

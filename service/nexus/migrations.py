@@ -38,8 +38,8 @@ log = logging.getLogger("nexus.migrations")
 # A numbered migration's file name; db/schema.sql, the generated current schema, is not one.
 MIGRATION_FILE = re.compile(r"\d{4}_\w+\.sql")
 
-# The first numbered migration of this layout; a database whose history lacks
-# it was made by the migrations it replaced.
+# The first numbered migration; a database with a history that lacks it
+# predates the baseline and cannot be upgraded.
 BASELINE = "0001_baseline.sql"
 
 # The files of db/functions/, in the order they are first applied: a SQL

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Query:
     name: str
-    """The stored function the statement calls: its name in logs and metrics."""
+    """The stored function the statement calls (for a plain read, the table):
+    its name in logs and metrics."""
     sql: str
 
 
@@ -93,7 +94,7 @@ SEARCH_MEMORIES = Query(
 )
 MEMORY_VECTOR_INDEXES_DUE = Query("memory_vector_indexes_due", "SELECT * FROM memory_vector_indexes_due($1, $2)")
 # The one statement that is not a function call: a count maintenance reads.
-MEMORY_USERS_ABOVE = Query("memory_users_above", "SELECT count(*) FROM memory_users WHERE memory_count > $1")
+MEMORY_USERS_ABOVE = Query("memory_users", "SELECT count(*) FROM memory_users WHERE memory_count > $1")
 LIST_ARCS = Query("list_arcs", "SELECT d FROM list_arcs($1, $2, $3, $4) AS d")
 SET_IDENTITY_ENTITIES = Query("set_identity_entities", "SELECT set_identity_entities($1, $2)")
 MEMORY_STREAM_POSITION = Query("memory_stream_position", "SELECT * FROM memory_stream_position($1)")

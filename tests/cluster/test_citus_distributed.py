@@ -1,8 +1,8 @@
 """Nexus's schema distributed over a real Citus cluster (coordinator + 2 workers).
 
 The service-level guarantees run on the cluster through ``NEXUS_TEST_BACKEND=citus``
-(the existing tests on copies of a distributed database; .ci/run runs them
-there, except those marked single_node). These check the distribution itself: every
+(the tests marked ``cluster``, on copies of a distributed database: .ci/run runs
+them there, skipping those also marked single_node). These check the distribution itself: every
 table that grows is hash-distributed with shards on both workers, the hot write
 functions are delegated to their key's worker, ``migrate`` distributes once and
 then does nothing, and a transfer between users on different workers is one

@@ -45,11 +45,6 @@ SQL_OPERATORS = {COSINE: "<=>", L2: "<->"}
 # --- helpers ------------------------------------------------------------------
 
 
-def literal(vector: Sequence[float]) -> str:
-    """pgvector's text form; repr of a float32 value parses back to exactly it."""
-    return "[" + ",".join(repr(x) for x in vector) + "]"
-
-
 def timestamp(value: datetime.datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(value)
@@ -76,12 +71,12 @@ async def exact_nearest(
     """The true answer: (memory_id, distance) nearest first, by a sequential
     scan (conn has index scans disabled, see exact_connection)."""
     rows = await conn.fetch(
-        f"""SELECT memory_id::text AS id, embedding {SQL_OPERATORS[metric]} $2::text::vector AS d
+        f"""SELECT memory_id::text AS id, embedding {SQL_OPERATORS[metric]} $2::vector AS d
             FROM memories
             WHERE user_id = $1 AND embedding IS NOT NULL AND gravity_score >= $3
               AND ($4::timestamptz IS NULL OR create_time >= $4) AND ($5::text IS NULL OR emotion_type = $5)
             ORDER BY d, memory_id LIMIT $6""",
-        user, literal(query), min_gravity, since, emotion_type, top_k,
+        user, query, min_gravity, since, emotion_type, top_k,
     )  # fmt: skip
     return [(r["id"], r["d"]) for r in rows]
 
@@ -236,15 +231,22 @@ class Corpus:
         return random_vector(rng, center=rng.choice(self.centers), spread=0.7)
 
 
+def vector_text(vector: Sequence[float]) -> str:
+    """pgvector's text form; repr of a float32 value parses back to exactly it."""
+    return "[" + ",".join(repr(x) for x in vector) + "]"
+
+
 async def bulk_create(conn: asyncpg.Connection, rows: list[tuple[str, str, float, str | None, list[float]]]) -> list[str]:
     """Creates memories through the stored function create_memory (the insert
-    rules, counts and events apply), all in one statement."""
+    rules, counts and events apply), all in one statement. The vectors go as
+    pgvector's text form: the connection's vector codec does not extend to
+    arrays of vectors."""
     users, contents, gravities, emotions, vectors = zip(*rows, strict=True)
     created = await conn.fetch(
         """SELECT create_memory(u, c, NULL, NULL, NULL, g, e, '{}', '{}', 'present', v::vector, NULL)
                   ->> 'memory_id'
            FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[], $5::text[]) AS r(u, c, g, e, v)""",
-        users, contents, gravities, emotions, [literal(v) for v in vectors],
+        users, contents, gravities, emotions, [vector_text(v) for v in vectors],
     )  # fmt: skip
     return [r[0] for r in created]
 
@@ -338,8 +340,8 @@ async def plain_filtered_index_scan(conn: asyncpg.Connection, user: str, query: 
         return len(
             await conn.fetch(
                 f"""SELECT memory_id FROM memories WHERE user_id = '{user}' AND emotion_type = $2
-                    ORDER BY embedding::halfvec({DIM}) <=> $1::text::halfvec({DIM}) LIMIT 10""",
-                literal(query), emotion_type,
+                    ORDER BY embedding::halfvec({DIM}) <=> $1::halfvec({DIM}) LIMIT 10""",
+                query, emotion_type,
             )  # fmt: skip
         )
 

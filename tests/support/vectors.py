@@ -9,7 +9,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from nexus import migrations
+from nexus.constants import DEFAULT_EMBEDDING_DIM
 from nexus.v1 import memory_pb2, memory_pb2_grpc
 
 from support.rpc import auth
@@ -22,7 +22,7 @@ def f32(values: Sequence[float]) -> list[float]:
 
 def random_vector(
     rng: random.Random,
-    dim: int = migrations.DEFAULT_EMBEDDING_DIM,
+    dim: int = DEFAULT_EMBEDDING_DIM,
     center: Sequence[float] | None = None,
     spread: float = 1.0,
 ) -> list[float]:

@@ -5,7 +5,8 @@ Each Markdown file is parsed with markdown-it-py (CommonMark). A code fence
 that is never closed swallows the rest of its document (or list item); one
 closed too late swallows the sections in between, which shows as a line
 inside it that opens a fence of its own (```` ```sh ````). Relative links and
-images must name files that exist."""
+images must name files that exist, and an anchor into a Markdown file one of
+its headings."""
 
 from __future__ import annotations
 
@@ -93,7 +94,25 @@ def broken_links(path: Path, text: str) -> list[str]:
         resolved = ROOT / relative.lstrip("/") if relative.startswith("/") else path.parent / relative
         if not resolved.exists():
             problems.append(f"line {line}: link to {target!r}: no such file {os.path.relpath(resolved, ROOT)}")
+        elif parts.fragment and resolved.suffix == ".md" and parts.fragment not in heading_anchors(resolved.read_text()):
+            problems.append(f"line {line}: link to {target!r}: no heading of {os.path.relpath(resolved, ROOT)} has that anchor")
     return problems
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a document's headings: lower case, punctuation
+    dropped, spaces as hyphens, a repeated one numbered (-1, -2 ...)."""
+    anchors: set[str] = set()
+    tokens = MarkdownIt("commonmark").parse(text)
+    for opening, inline in zip(tokens, tokens[1:], strict=False):
+        if opening.type == "heading_open":
+            slug = re.sub(r"[^\w\- ]", "", inline.content.lower()).replace(" ", "-")
+            anchor, number = slug, 0
+            while anchor in anchors:
+                number += 1
+                anchor = f"{slug}-{number}"
+            anchors.add(anchor)
+    return anchors
 
 
 FILES = markdown_files()
@@ -132,6 +151,9 @@ def test_broken_links_are_found() -> None:
     assert broken_links(page, "[g](missing.md)")
     assert broken_links(page, "![h](../nowhere.png)")
     assert broken_links(page, "[i][ref]\n\n[ref]: ./missing.md#top\n")
+    assert broken_links(page, "[j](../README.md#no-such-heading)")
+    assert heading_anchors("# A `first` call\n\n## 7. Testing, on a cluster\n\n## Words\n\n## Words\n") == {
+        "a-first-call", "7-testing-on-a-cluster", "words", "words-1"}
 
 
 def _generator() -> ModuleType:
