@@ -79,6 +79,58 @@ BEGIN
     RETURN FOUND;
 END $$;
 
+-- Name: memory_search_vector(text, text[]); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.memory_search_vector(p_content text, p_entities text[]) RETURNS tsvector
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN to_tsvector('english'::regconfig, ((p_content || ' '::text) || array_to_string(p_entities, ' '::text)));
+
+-- Name: tsvector_token_count(tsvector); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.tsvector_token_count(p_vector tsvector) RETURNS integer
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN (SELECT COALESCE(sum(cardinality(t.positions)), (0)::bigint) AS "coalesce" FROM unnest(tsvector_token_count.p_vector) t(lexeme, positions, weights));
+
+-- Name: memories; Type: TABLE; Schema: public
+
+CREATE TABLE public.memories (
+    memory_id uuid DEFAULT gen_random_uuid() NOT NULL,
+    user_id text NOT NULL,
+    content text NOT NULL,
+    thread_id text,
+    session_id text,
+    memory_trace_id text,
+    gravity_score double precision NOT NULL,
+    emotion_type text,
+    entities text[] DEFAULT '{}'::text[] NOT NULL,
+    meta_tags text[] DEFAULT '{}'::text[] NOT NULL,
+    temporal_type text NOT NULL,
+    identity_anchor boolean DEFAULT false NOT NULL,
+    embedding public.vector(384),
+    create_time timestamp with time zone DEFAULT now() NOT NULL,
+    update_time timestamp with time zone DEFAULT now() NOT NULL,
+    search_vector tsvector GENERATED ALWAYS AS (public.memory_search_vector(content, entities)) STORED,
+    search_length integer GENERATED ALWAYS AS (public.tsvector_token_count(public.memory_search_vector(content, entities))) STORED,
+    CONSTRAINT memories_gravity_score_check CHECK (((gravity_score >= (0)::double precision) AND (gravity_score <= (1)::double precision))),
+    CONSTRAINT memories_temporal_type_check CHECK ((temporal_type = ANY (ARRAY['past'::text, 'present'::text, 'future'::text])))
+);
+
+-- Name: announce_memory(public.memories, text); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.announce_memory(m public.memories, p_change text) RETURNS jsonb
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    document jsonb := memory_document(m);
+BEGIN
+    PERFORM emit_memory_event(m.user_id, 'memory', p_change, document);
+    IF m.gravity_score >= arc_gravity_threshold() AND m.emotion_type IS NOT NULL THEN
+        PERFORM build_arc(m.user_id, m.emotion_type);
+    END IF;
+    RETURN document;
+END
+$$;
+
 -- Name: apply_memory_rules(); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.apply_memory_rules() RETURNS trigger
@@ -649,7 +701,6 @@ DECLARE
     fingerprint text;
     earlier     memory_requests;
     m           memories;
-    document    jsonb;
 BEGIN
     PERFORM lock_memory_user(p_user_id);
     IF p_request_id IS NOT NULL THEN
@@ -680,12 +731,7 @@ BEGIN
         VALUES (p_user_id, p_request_id, fingerprint, m.memory_id);
     END IF;
     UPDATE memory_users SET memory_count = memory_count + 1 WHERE user_id = p_user_id;
-    document := memory_document(m);
-    PERFORM emit_memory_event(p_user_id, 'memory', 'created', document);
-    IF m.gravity_score >= arc_gravity_threshold() AND m.emotion_type IS NOT NULL THEN
-        PERFORM build_arc(p_user_id, m.emotion_type);
-    END IF;
-    RETURN document;
+    RETURN announce_memory(m, 'created');
 END
 $$;
 
@@ -1333,12 +1379,6 @@ BEGIN
         ORDER BY 4 DESC, 1 LIMIT p_top_k;
 END
 $$;
-
--- Name: memory_search_vector(text, text[]); Type: FUNCTION; Schema: public
-
-CREATE FUNCTION public.memory_search_vector(p_content text, p_entities text[]) RETURNS tsvector
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN to_tsvector('english'::regconfig, ((p_content || ' '::text) || array_to_string(p_entities, ' '::text)));
 
 -- Name: memory_similarity(double precision, text); Type: FUNCTION; Schema: public
 
@@ -2006,12 +2046,6 @@ BEGIN
     RETURN touched;
 END $$;
 
--- Name: tsvector_token_count(tsvector); Type: FUNCTION; Schema: public
-
-CREATE FUNCTION public.tsvector_token_count(p_vector tsvector) RETURNS integer
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN (SELECT COALESCE(sum(cardinality(t.positions)), (0)::bigint) AS "coalesce" FROM unnest(tsvector_token_count.p_vector) t(lexeme, positions, weights));
-
 -- Name: unfollow(text, text); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.unfollow(p_follower_id text, p_followed_id text) RETURNS boolean
@@ -2032,8 +2066,7 @@ CREATE FUNCTION public.update_memory(p_user_id text, p_memory_id uuid, p_fields 
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    m        memories;
-    document jsonb;
+    m memories;
 BEGIN
     PERFORM lock_memory_user(p_user_id);
     UPDATE memories SET
@@ -2053,12 +2086,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory.memory_id', DETAIL = 'memory.memory_id', MESSAGE = 'memory not found';
     END IF;
-    document := memory_document(m);
-    PERFORM emit_memory_event(p_user_id, 'memory', 'updated', document);
-    IF m.gravity_score >= arc_gravity_threshold() AND m.emotion_type IS NOT NULL THEN
-        PERFORM build_arc(p_user_id, m.emotion_type);
-    END IF;
-    RETURN document;
+    RETURN announce_memory(m, 'updated');
 END
 $$;
 
@@ -2220,30 +2248,6 @@ CREATE TABLE public.follows (
 CREATE TABLE public.maintenance_runs (
     job text NOT NULL,
     run_time timestamp with time zone NOT NULL
-);
-
--- Name: memories; Type: TABLE; Schema: public
-
-CREATE TABLE public.memories (
-    memory_id uuid DEFAULT gen_random_uuid() NOT NULL,
-    user_id text NOT NULL,
-    content text NOT NULL,
-    thread_id text,
-    session_id text,
-    memory_trace_id text,
-    gravity_score double precision NOT NULL,
-    emotion_type text,
-    entities text[] DEFAULT '{}'::text[] NOT NULL,
-    meta_tags text[] DEFAULT '{}'::text[] NOT NULL,
-    temporal_type text NOT NULL,
-    identity_anchor boolean DEFAULT false NOT NULL,
-    embedding public.vector(384),
-    create_time timestamp with time zone DEFAULT now() NOT NULL,
-    update_time timestamp with time zone DEFAULT now() NOT NULL,
-    search_vector tsvector GENERATED ALWAYS AS (public.memory_search_vector(content, entities)) STORED,
-    search_length integer GENERATED ALWAYS AS (public.tsvector_token_count(public.memory_search_vector(content, entities))) STORED,
-    CONSTRAINT memories_gravity_score_check CHECK (((gravity_score >= (0)::double precision) AND (gravity_score <= (1)::double precision))),
-    CONSTRAINT memories_temporal_type_check CHECK ((temporal_type = ANY (ARRAY['past'::text, 'present'::text, 'future'::text])))
 );
 
 -- Name: memory_arc_members; Type: TABLE; Schema: public

@@ -157,6 +157,21 @@ BEGIN
 END
 $$;
 
+-- A created or updated memory's document, announced: its event on the
+-- user's stream, and its arc formed or grown when it qualifies.
+CREATE OR REPLACE FUNCTION announce_memory(m memories, p_change text) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    document jsonb := memory_document(m);
+BEGIN
+    PERFORM emit_memory_event(m.user_id, 'memory', p_change, document);
+    IF m.gravity_score >= arc_gravity_threshold() AND m.emotion_type IS NOT NULL THEN
+        PERFORM build_arc(m.user_id, m.emotion_type);
+    END IF;
+    RETURN document;
+END
+$$;
+
 -- Memory writes. Each takes the user's lock first and emits its events.
 CREATE OR REPLACE FUNCTION create_memory(
     p_user_id text, p_content text, p_thread_id text, p_session_id text, p_memory_trace_id text,
@@ -168,7 +183,6 @@ DECLARE
     fingerprint text;
     earlier     memory_requests;
     m           memories;
-    document    jsonb;
 BEGIN
     PERFORM lock_memory_user(p_user_id);
     IF p_request_id IS NOT NULL THEN
@@ -199,12 +213,7 @@ BEGIN
         VALUES (p_user_id, p_request_id, fingerprint, m.memory_id);
     END IF;
     UPDATE memory_users SET memory_count = memory_count + 1 WHERE user_id = p_user_id;
-    document := memory_document(m);
-    PERFORM emit_memory_event(p_user_id, 'memory', 'created', document);
-    IF m.gravity_score >= arc_gravity_threshold() AND m.emotion_type IS NOT NULL THEN
-        PERFORM build_arc(p_user_id, m.emotion_type);
-    END IF;
-    RETURN document;
+    RETURN announce_memory(m, 'created');
 END
 $$;
 
@@ -261,8 +270,7 @@ CREATE OR REPLACE FUNCTION update_memory(
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    m        memories;
-    document jsonb;
+    m memories;
 BEGIN
     PERFORM lock_memory_user(p_user_id);
     UPDATE memories SET
@@ -282,12 +290,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'NX404', COLUMN = 'memory.memory_id', DETAIL = 'memory.memory_id', MESSAGE = 'memory not found';
     END IF;
-    document := memory_document(m);
-    PERFORM emit_memory_event(p_user_id, 'memory', 'updated', document);
-    IF m.gravity_score >= arc_gravity_threshold() AND m.emotion_type IS NOT NULL THEN
-        PERFORM build_arc(p_user_id, m.emotion_type);
-    END IF;
-    RETURN document;
+    RETURN announce_memory(m, 'updated');
 END
 $$;
 
