@@ -168,6 +168,7 @@ async def test_concurrent_create_entry_with_one_request_id_creates_one_entry(
     assert await db.fetchval("SELECT count(*) FROM entries") == 1
 
 
+@pytest.mark.refused_in_python
 @pytest.mark.parametrize(
     ("fields", "bad_field"),
     [

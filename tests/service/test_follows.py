@@ -220,6 +220,7 @@ NO_TOKEN_CALLS = {
 }
 
 
+@pytest.mark.refused_in_python
 @pytest.mark.parametrize("rpc", list(NO_TOKEN_CALLS))
 async def test_no_token_is_unauthenticated(clients: Clients, db: asyncpg.Connection, rpc: str) -> None:
     for metadata in [None, (("authorization", "Bearer not-a-jwt"),)]:
@@ -294,6 +295,7 @@ async def test_batches_take_up_to_1000_ids(clients: Clients, rpc: str, field: st
     assert bad_request_fields(error) == [field]
 
 
+@pytest.mark.refused_in_python
 @pytest.mark.parametrize("bad", ["", "has space", "x" * 129, "emoji\u2603"])
 async def test_batch_with_a_bad_id_names_its_index(clients: Clients, bad: str) -> None:
     counts_request = pb.GetFollowCountsRequest(user_ids=["alice", bad])

@@ -392,6 +392,7 @@ async def test_base_requests_and_boundary_lengths_succeed(clients: Clients, db: 
     await assert_ledger_consistent(db)
 
 
+@pytest.mark.refused_in_python
 @pytest.mark.parametrize(("rpc", "overrides", "field"), VALIDATION_CASES)
 async def test_bad_input_is_invalid_argument_naming_the_field_and_writes_nothing(
     clients: Clients, db: asyncpg.Connection, rpc: str, overrides: dict[str, Any], field: str
