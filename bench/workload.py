@@ -78,8 +78,9 @@ class Workload:
             # One call per payer, outside a transaction block: on Citus each runs on the payer's worker.
             await asyncio.gather(*(
                 pool.fetchval(
-                    "SELECT count(*) FROM apply_token_operations($1, ARRAY['credit'], ARRAY[NULL], ARRAY[$2::bigint],"
-                    " ARRAY['bench funding'], ARRAY[''], ARRAY['bench-funding'])", f"bench-payer-{n}", FUNDING)
+                    "SELECT count(*) FROM apply_token_operations($1, ARRAY[$1], ARRAY['credit'], ARRAY[NULL],"
+                    " ARRAY[$2::bigint], ARRAY['bench funding'], ARRAY[''], ARRAY['bench-funding'])",
+                    f"bench-payer-{n}", FUNDING)
                 for n in range(1, self.payers + 1)
             ))
             await pool.execute("ANALYZE")
@@ -147,11 +148,12 @@ class Workload:
 
     def pgbench_scripts(self) -> dict[str, str]:
         """pgbench scripts by name: what the service sends to the database for one call."""
-        toggle = ("SELECT * FROM apply_reactions({entry}, ARRAY['toggle'], ARRAY['resonance']::reaction_kind[], "
-                  "ARRAY['bench-user-' || :user]);")
+        toggle = ("SELECT * FROM apply_reactions({entry}, ARRAY[{entry}], ARRAY['toggle'], "
+                  "ARRAY['resonance']::reaction_kind[], ARRAY['bench-user-' || :user]);")
         transfer = ("\\set payer random(1, {payers})\n\\set request random(1, 1000000000000)\n"
-                    "SELECT count(*) FROM apply_token_operations('bench-payer-' || :payer, ARRAY['transfer'], "
-                    "ARRAY[{payee}], ARRAY[1::bigint], ARRAY['bench'], ARRAY[''], ARRAY['pgbench-' || :request]);")
+                    "SELECT count(*) FROM apply_token_operations('bench-payer-' || :payer, "
+                    "ARRAY['bench-payer-' || :payer], ARRAY['transfer'], ARRAY[{payee}], ARRAY[1::bigint], "
+                    "ARRAY['bench'], ARRAY[''], ARRAY['pgbench-' || :request]);")
         embedding = "[" + ",".join(f"{x:.4f}" for x in self.embedding()) + "]"
         return {
             "toggle uniform": f"\\set entry random(1, {self.entries})\n\\set user random(1, {USERS})\n"
@@ -159,6 +161,12 @@ class Workload:
             "toggle hot": f"\\set user random(1, {USERS})\n" + toggle.format(entry=ENTRY_SQL.format(n=1)),
             # 16 users on one entry in one call: what group commit sends for a hot entry.
             "toggle hot, 16 per call": f"""SELECT count(*) FROM apply_reactions({ENTRY_SQL.format(n=1)},
+    array_fill({ENTRY_SQL.format(n=1)}, ARRAY[16]), array_fill('toggle'::text, ARRAY[16]),
+    array_fill('resonance'::reaction_kind, ARRAY[16]),
+    (SELECT array_agg('bench-user-' || (1 + floor(random() * {USERS}))::int) FROM generate_series(1, 16)));""",
+            # 16 toggles of 16 random entries in one call: what group commit sends on one node for uniform load.
+            "toggle uniform, 16 per call": f"""SELECT count(*) FROM apply_reactions(NULL,
+    (SELECT array_agg({ENTRY_SQL.format(n=f"(1 + floor(random() * {self.entries}))::int")}) FROM generate_series(1, 16)),
     array_fill('toggle'::text, ARRAY[16]), array_fill('resonance'::reaction_kind, ARRAY[16]),
     (SELECT array_agg('bench-user-' || (1 + floor(random() * {USERS}))::int) FROM generate_series(1, 16)));""",
             # 100 entries, the hot one among them, as GetEntries' counts read them: one uuid[] parameter.

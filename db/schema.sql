@@ -157,89 +157,97 @@ BEGIN
 END
 $$;
 
--- Name: apply_reactions(uuid, text[], public.reaction_kind[], text[]); Type: FUNCTION; Schema: public
+-- Name: apply_reactions(uuid, uuid[], text[], public.reaction_kind[], text[]); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.apply_reactions(p_entry_id uuid, p_ops text[], p_kinds public.reaction_kind[], p_user_ids text[], OUT item integer, OUT outcome public.reaction_outcome, OUT error_code text, OUT error_message text, OUT error_detail text) RETURNS SETOF record
+CREATE FUNCTION public.apply_reactions(p_route_entry_id uuid, p_entry_ids uuid[], p_ops text[], p_kinds public.reaction_kind[], p_user_ids text[], OUT item integer, OUT outcome public.reaction_outcome, OUT error_code text, OUT error_message text, OUT error_detail text) RETURNS SETOF record
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    e          entries;
-    state      boolean;
-    changed    boolean;
-    delta      integer;
-    user_shard smallint;
-    totals     record;
-    resonances bigint;
-    amplifies  bigint;
-    -- Whether the entry exists and each item's user may see it, decided once:
-    -- the shards locked below are exactly those the loop will write.
-    allowed    boolean[] := '{}';
+    entry_items record;
+    e           entries;
+    i           integer;
+    state       boolean;
+    changed     boolean;
+    delta       integer;
+    user_shard  smallint;
+    totals      record;
+    resonances  bigint;
+    amplifies   bigint;
+    -- Whether the entry exists and each item's user may see it, decided once
+    -- per entry: the shards locked below are exactly those the loop will write.
+    allowed     boolean[];
 BEGIN
-    SELECT * INTO e FROM entries WHERE entry_id = p_entry_id;
-    FOR i IN 1 .. cardinality(p_ops) LOOP
-        -- One statement per user: a visibility check reads the viewer's follows
-        -- (another key's shard on Citus), so it is not evaluated inside a query on entries.
-        allowed[i] := e.entry_id IS NOT NULL AND e.delete_time IS NULL AND entry_visible(e, p_user_ids[i]);
-    END LOOP;
+    FOR entry_items IN SELECT asked.entry_id, array_agg(asked.position ORDER BY asked.position) AS items
+                       FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
+                       GROUP BY asked.entry_id ORDER BY asked.entry_id LOOP
+        SELECT * INTO e FROM entries WHERE entry_id = entry_items.entry_id;
+        allowed := '{}';
+        FOREACH i IN ARRAY entry_items.items LOOP
+            -- One statement per user: a visibility check reads the viewer's follows
+            -- (another key's shard on Citus), so it is not evaluated inside a query on entries.
+            allowed[i] := e.entry_id IS NOT NULL AND e.delete_time IS NULL AND entry_visible(e, p_user_ids[i]);
+        END LOOP;
 
-    FOR user_shard IN SELECT DISTINCT counter_shard(asked.user_id)
-                 FROM unnest(p_user_ids, allowed) AS asked (user_id, allowed) WHERE asked.allowed ORDER BY 1 LOOP
-        INSERT INTO entry_counter_shards AS s (entry_id, shard) VALUES (p_entry_id, user_shard)
-        ON CONFLICT (entry_id, shard) DO UPDATE SET resonance_count = s.resonance_count;
-    END LOOP;
-    SELECT * INTO totals FROM counter_totals(p_entry_id);
-    resonances := totals.resonance_count;
-    amplifies := totals.amplification_count;
+        FOR user_shard IN SELECT DISTINCT counter_shard(p_user_ids[asked.i])
+                          FROM unnest(entry_items.items) AS asked (i) WHERE allowed[asked.i] ORDER BY 1 LOOP
+            INSERT INTO entry_counter_shards AS s (entry_id, shard) VALUES (entry_items.entry_id, user_shard)
+            ON CONFLICT (entry_id, shard) DO UPDATE SET resonance_count = s.resonance_count;
+        END LOOP;
+        SELECT * INTO totals FROM counter_totals(entry_items.entry_id);
+        resonances := totals.resonance_count;
+        amplifies := totals.amplification_count;
 
-    FOR i IN 1 .. cardinality(p_ops) LOOP
-        item := i;
-        IF NOT allowed[i] THEN
-            outcome := ROW(false, NULL, NULL, NULL, NULL, NULL, NULL);
-            error_code := 'NX404';
-            error_message := format('entry %s not found', p_entry_id);
-            error_detail := 'entry_id';
+        FOREACH i IN ARRAY entry_items.items LOOP
+            item := i;
+            IF NOT allowed[i] THEN
+                outcome := ROW(false, NULL, NULL, NULL, NULL, NULL, NULL);
+                error_code := 'NX404';
+                error_message := format('entry %s not found', entry_items.entry_id);
+                error_detail := 'entry_id';
+                RETURN NEXT;
+                error_code := NULL;
+                error_message := NULL;
+                error_detail := NULL;
+                CONTINUE;
+            END IF;
+            IF p_ops[i] = 'toggle' THEN
+                LOOP
+                    IF add_reaction(p_kinds[i], p_user_ids[i], e.entry_id) THEN
+                        state := true;
+                        EXIT;
+                    END IF;
+                    IF remove_reaction(p_kinds[i], p_user_ids[i], e.entry_id) THEN
+                        state := false;
+                        EXIT;
+                    END IF;
+                END LOOP;
+                changed := true;
+            ELSE
+                state := p_ops[i] = 'on';
+                changed := CASE WHEN state THEN add_reaction(p_kinds[i], p_user_ids[i], e.entry_id)
+                                ELSE remove_reaction(p_kinds[i], p_user_ids[i], e.entry_id) END;
+            END IF;
+            delta := CASE WHEN NOT changed THEN 0 WHEN state THEN 1 ELSE -1 END;
+            IF p_kinds[i] = 'resonance' THEN
+                resonances := resonances + delta;
+            ELSE
+                amplifies := amplifies + delta;
+            END IF;
+            outcome := ROW(true, state, changed, resonances, amplifies, e.branch_count, totals.share_count);
             RETURN NEXT;
-            error_code := NULL;
-            error_message := NULL;
-            error_detail := NULL;
-            CONTINUE;
-        END IF;
-        IF p_ops[i] = 'toggle' THEN
-            LOOP
-                IF add_reaction(p_kinds[i], p_user_ids[i], p_entry_id) THEN
-                    state := true;
-                    EXIT;
-                END IF;
-                IF remove_reaction(p_kinds[i], p_user_ids[i], p_entry_id) THEN
-                    state := false;
-                    EXIT;
-                END IF;
-            END LOOP;
-            changed := true;
-        ELSE
-            state := p_ops[i] = 'on';
-            changed := CASE WHEN state THEN add_reaction(p_kinds[i], p_user_ids[i], p_entry_id)
-                            ELSE remove_reaction(p_kinds[i], p_user_ids[i], p_entry_id) END;
-        END IF;
-        delta := CASE WHEN NOT changed THEN 0 WHEN state THEN 1 ELSE -1 END;
-        IF p_kinds[i] = 'resonance' THEN
-            resonances := resonances + delta;
-        ELSE
-            amplifies := amplifies + delta;
-        END IF;
-        outcome := ROW(true, state, changed, resonances, amplifies, e.branch_count, totals.share_count);
-        RETURN NEXT;
+        END LOOP;
     END LOOP;
 END $$;
 
--- Name: apply_token_operations(text, text[], text[], bigint[], text[], text[], text[]); Type: FUNCTION; Schema: public
+-- Name: apply_token_operations(text, text[], text[], text[], bigint[], text[], text[], text[]); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.apply_token_operations(p_user_id text, p_ops text[], p_counterparties text[], p_amounts bigint[], p_reasons text[], p_reference_ids text[], p_request_ids text[]) RETURNS TABLE(item integer, transaction_id uuid, user_id text, kind public.token_kind, amount bigint, balance_after bigint, reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint, create_time timestamp with time zone, error_code text, error_message text, error_detail text)
+CREATE FUNCTION public.apply_token_operations(p_route_user_id text, p_user_ids text[], p_ops text[], p_counterparties text[], p_amounts bigint[], p_reasons text[], p_reference_ids text[], p_request_ids text[]) RETURNS TABLE(item integer, transaction_id uuid, user_id text, kind public.token_kind, amount bigint, balance_after bigint, reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint, create_time timestamp with time zone, error_code text, error_message text, error_detail text)
     LANGUAGE plpgsql
     AS $$
 #variable_conflict use_column
 DECLARE
     holder       text;
+    initiator    text;
     created      boolean;
     created_rows text[] := '{}';
     ids          uuid[];
@@ -257,7 +265,7 @@ DECLARE
     -- An item's failure: SQLSTATE, message, precondition type.
     failure        text[];
 BEGIN
-    FOR holder IN SELECT DISTINCT u FROM unnest(p_user_id || p_counterparties) AS u WHERE u IS NOT NULL ORDER BY u LOOP
+    FOR holder IN SELECT DISTINCT u FROM unnest(p_user_ids || p_counterparties) AS u WHERE u IS NOT NULL ORDER BY u LOOP
         INSERT INTO balances AS b (user_id, balance) VALUES (holder, 0)
         ON CONFLICT (user_id) DO UPDATE SET balance = b.balance
         RETURNING b.xmax = 0 INTO created;
@@ -267,19 +275,20 @@ BEGIN
     END LOOP;
 
     FOR i IN 1 .. cardinality(p_ops) LOOP
-        payer := CASE WHEN p_ops[i] = 'credit' THEN NULL ELSE p_user_id END;
-        payee := CASE p_ops[i] WHEN 'credit' THEN p_user_id WHEN 'transfer' THEN p_counterparties[i] END;
+        initiator := p_user_ids[i];
+        payer := CASE WHEN p_ops[i] = 'credit' THEN NULL ELSE initiator END;
+        payee := CASE p_ops[i] WHEN 'credit' THEN initiator WHEN 'transfer' THEN p_counterparties[i] END;
         fingerprint := md5(jsonb_build_array(p_ops[i], p_counterparties[i], p_amounts[i], p_reasons[i],
                                              p_reference_ids[i])::text);
         ids := CASE WHEN p_ops[i] = 'transfer' THEN ARRAY[gen_random_uuid(), gen_random_uuid()]
                     ELSE ARRAY[gen_random_uuid()] END;
 
         INSERT INTO token_requests AS r (user_id, request_id, fingerprint, transaction_ids)
-        VALUES (p_user_id, p_request_ids[i], fingerprint, ids)
+        VALUES (initiator, p_request_ids[i], fingerprint, ids)
         ON CONFLICT DO NOTHING;
         IF NOT FOUND THEN
             SELECT * INTO earlier FROM token_requests r
-            WHERE r.user_id = p_user_id AND r.request_id = p_request_ids[i];
+            WHERE r.user_id = initiator AND r.request_id = p_request_ids[i];
             IF earlier.fingerprint <> fingerprint THEN
                 RETURN QUERY SELECT i, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint, NULL, NULL,
                                     NULL, NULL, NULL::bigint, NULL::timestamptz, 'NX409',
@@ -291,7 +300,7 @@ BEGIN
                                     t.reason, t.reference_id, t.counterparty_user_id, t.request_id, t.sequence,
                                     t.create_time, NULL, NULL, NULL
                              FROM token_transactions t
-                             WHERE t.user_id IN (p_user_id, p_counterparties[i])
+                             WHERE t.user_id IN (initiator, p_counterparties[i])
                                AND t.transaction_id = ANY (earlier.transaction_ids)
                              ORDER BY array_position(earlier.transaction_ids, t.transaction_id);
             END IF;
@@ -307,7 +316,7 @@ BEGIN
             failure := NULL;
         END IF;
         IF failure IS NOT NULL THEN
-            DELETE FROM token_requests r WHERE r.user_id = p_user_id AND r.request_id = p_request_ids[i];
+            DELETE FROM token_requests r WHERE r.user_id = initiator AND r.request_id = p_request_ids[i];
             RETURN QUERY SELECT i, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint, NULL, NULL, NULL,
                                 NULL, NULL::bigint, NULL::timestamptz, failure[1], failure[2], failure[3];
             CONTINUE;
@@ -659,13 +668,16 @@ END $$;
 
 -- Name: create_memories(text, public.memory_create[]); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.create_memories(p_user_id text, p_items public.memory_create[], OUT item integer, OUT document jsonb, OUT error_code text, OUT error_message text, OUT error_detail text) RETURNS SETOF record
+CREATE FUNCTION public.create_memories(p_route_user_id text, p_items public.memory_create[], OUT item integer, OUT document jsonb, OUT error_code text, OUT error_message text, OUT error_detail text) RETURNS SETOF record
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    c memory_create;
+    c           memory_create;
+    locked_user text;
 BEGIN
-    PERFORM lock_memory_user(p_user_id);
+    FOR locked_user IN SELECT DISTINCT asked.user_id FROM unnest(p_items) AS asked ORDER BY 1 LOOP
+        PERFORM lock_memory_user(locked_user);
+    END LOOP;
     FOR i IN 1 .. cardinality(p_items) LOOP
         c := p_items[i];
         item := i;

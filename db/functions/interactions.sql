@@ -75,94 +75,106 @@ BEGIN
     RETURN FOUND;
 END $$;
 
--- Applies reaction writes on one entry in order, one (item, outcome) per
--- item. p_ops[i] is 'toggle', 'on' or 'off'. The service coalesces concurrent
--- calls into one batch per entry (group commit), so that on Citus a batch is
--- one call delegated to the worker that owns the entry; a batch of one is the
--- plain call. An item whose entry is missing, deleted or not visible to its
--- user fails alone: found = false, and NX404 in the error columns.
+-- Applies reaction writes, one (item, outcome) per item; item i writes
+-- p_entry_ids[i] and p_ops[i] is 'toggle', 'on' or 'off'. The service
+-- coalesces concurrent calls into one batch (group commit): on one node a
+-- batch of many entries, on Citus a batch of one entry, p_route_entry_id,
+-- delegated to the worker that owns it (on one node p_route_entry_id is any
+-- item's entry and means nothing). Items of one entry apply in order; items of
+-- different entries are independent. A batch of one is the plain call. An item
+-- whose entry is missing, deleted or not visible to its user fails alone:
+-- found = false, and NX404 in the error columns.
 --
--- Deadlock freedom: the batch locks the entry's counter shards of all its
--- allowed items in shard order, one statement each, before writing (visibility
--- is decided once, before the locks); two batches that touch the same reaction
--- row need the same shard, so reaction rows never contend between batches,
--- and shard locks are taken in one global order.
+-- Deadlock freedom: entries are taken in entry_id order; for each, the batch
+-- locks its counter shards of the entry's allowed items in shard order, one
+-- statement each, before writing (visibility is decided first); two batches
+-- that touch the same reaction row need the same shard, so reaction rows never
+-- contend between batches, and shard locks are taken in one global order
+-- (entry, shard).
 --
 -- Toggles are linearizable per (user, entry, kind): an add that finds the row
 -- present turns into a remove, and a remove that finds it already gone retries
 -- the add on the newer state. Never "the insert did nothing, so report on".
-CREATE OR REPLACE FUNCTION apply_reactions(p_entry_id uuid, p_ops text[], p_kinds reaction_kind[], p_user_ids text[],
+CREATE OR REPLACE FUNCTION apply_reactions(p_route_entry_id uuid, p_entry_ids uuid[], p_ops text[],
+                                p_kinds reaction_kind[], p_user_ids text[],
                                 OUT item integer, OUT outcome reaction_outcome, OUT error_code text,
                                 OUT error_message text, OUT error_detail text)
 RETURNS SETOF record
 LANGUAGE plpgsql AS $$
 DECLARE
-    e          entries;
-    state      boolean;
-    changed    boolean;
-    delta      integer;
-    user_shard smallint;
-    totals     record;
-    resonances bigint;
-    amplifies  bigint;
-    -- Whether the entry exists and each item's user may see it, decided once:
-    -- the shards locked below are exactly those the loop will write.
-    allowed    boolean[] := '{}';
+    entry_items record;
+    e           entries;
+    i           integer;
+    state       boolean;
+    changed     boolean;
+    delta       integer;
+    user_shard  smallint;
+    totals      record;
+    resonances  bigint;
+    amplifies   bigint;
+    -- Whether the entry exists and each item's user may see it, decided once
+    -- per entry: the shards locked below are exactly those the loop will write.
+    allowed     boolean[];
 BEGIN
-    SELECT * INTO e FROM entries WHERE entry_id = p_entry_id;
-    FOR i IN 1 .. cardinality(p_ops) LOOP
-        -- One statement per user: a visibility check reads the viewer's follows
-        -- (another key's shard on Citus), so it is not evaluated inside a query on entries.
-        allowed[i] := e.entry_id IS NOT NULL AND e.delete_time IS NULL AND entry_visible(e, p_user_ids[i]);
-    END LOOP;
+    FOR entry_items IN SELECT asked.entry_id, array_agg(asked.position ORDER BY asked.position) AS items
+                       FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
+                       GROUP BY asked.entry_id ORDER BY asked.entry_id LOOP
+        SELECT * INTO e FROM entries WHERE entry_id = entry_items.entry_id;
+        allowed := '{}';
+        FOREACH i IN ARRAY entry_items.items LOOP
+            -- One statement per user: a visibility check reads the viewer's follows
+            -- (another key's shard on Citus), so it is not evaluated inside a query on entries.
+            allowed[i] := e.entry_id IS NOT NULL AND e.delete_time IS NULL AND entry_visible(e, p_user_ids[i]);
+        END LOOP;
 
-    FOR user_shard IN SELECT DISTINCT counter_shard(asked.user_id)
-                 FROM unnest(p_user_ids, allowed) AS asked (user_id, allowed) WHERE asked.allowed ORDER BY 1 LOOP
-        INSERT INTO entry_counter_shards AS s (entry_id, shard) VALUES (p_entry_id, user_shard)
-        ON CONFLICT (entry_id, shard) DO UPDATE SET resonance_count = s.resonance_count;
-    END LOOP;
-    SELECT * INTO totals FROM counter_totals(p_entry_id);
-    resonances := totals.resonance_count;
-    amplifies := totals.amplification_count;
+        FOR user_shard IN SELECT DISTINCT counter_shard(p_user_ids[asked.i])
+                          FROM unnest(entry_items.items) AS asked (i) WHERE allowed[asked.i] ORDER BY 1 LOOP
+            INSERT INTO entry_counter_shards AS s (entry_id, shard) VALUES (entry_items.entry_id, user_shard)
+            ON CONFLICT (entry_id, shard) DO UPDATE SET resonance_count = s.resonance_count;
+        END LOOP;
+        SELECT * INTO totals FROM counter_totals(entry_items.entry_id);
+        resonances := totals.resonance_count;
+        amplifies := totals.amplification_count;
 
-    FOR i IN 1 .. cardinality(p_ops) LOOP
-        item := i;
-        IF NOT allowed[i] THEN
-            outcome := ROW(false, NULL, NULL, NULL, NULL, NULL, NULL);
-            error_code := 'NX404';
-            error_message := format('entry %s not found', p_entry_id);
-            error_detail := 'entry_id';
+        FOREACH i IN ARRAY entry_items.items LOOP
+            item := i;
+            IF NOT allowed[i] THEN
+                outcome := ROW(false, NULL, NULL, NULL, NULL, NULL, NULL);
+                error_code := 'NX404';
+                error_message := format('entry %s not found', entry_items.entry_id);
+                error_detail := 'entry_id';
+                RETURN NEXT;
+                error_code := NULL;
+                error_message := NULL;
+                error_detail := NULL;
+                CONTINUE;
+            END IF;
+            IF p_ops[i] = 'toggle' THEN
+                LOOP
+                    IF add_reaction(p_kinds[i], p_user_ids[i], e.entry_id) THEN
+                        state := true;
+                        EXIT;
+                    END IF;
+                    IF remove_reaction(p_kinds[i], p_user_ids[i], e.entry_id) THEN
+                        state := false;
+                        EXIT;
+                    END IF;
+                END LOOP;
+                changed := true;
+            ELSE
+                state := p_ops[i] = 'on';
+                changed := CASE WHEN state THEN add_reaction(p_kinds[i], p_user_ids[i], e.entry_id)
+                                ELSE remove_reaction(p_kinds[i], p_user_ids[i], e.entry_id) END;
+            END IF;
+            delta := CASE WHEN NOT changed THEN 0 WHEN state THEN 1 ELSE -1 END;
+            IF p_kinds[i] = 'resonance' THEN
+                resonances := resonances + delta;
+            ELSE
+                amplifies := amplifies + delta;
+            END IF;
+            outcome := ROW(true, state, changed, resonances, amplifies, e.branch_count, totals.share_count);
             RETURN NEXT;
-            error_code := NULL;
-            error_message := NULL;
-            error_detail := NULL;
-            CONTINUE;
-        END IF;
-        IF p_ops[i] = 'toggle' THEN
-            LOOP
-                IF add_reaction(p_kinds[i], p_user_ids[i], p_entry_id) THEN
-                    state := true;
-                    EXIT;
-                END IF;
-                IF remove_reaction(p_kinds[i], p_user_ids[i], p_entry_id) THEN
-                    state := false;
-                    EXIT;
-                END IF;
-            END LOOP;
-            changed := true;
-        ELSE
-            state := p_ops[i] = 'on';
-            changed := CASE WHEN state THEN add_reaction(p_kinds[i], p_user_ids[i], p_entry_id)
-                            ELSE remove_reaction(p_kinds[i], p_user_ids[i], p_entry_id) END;
-        END IF;
-        delta := CASE WHEN NOT changed THEN 0 WHEN state THEN 1 ELSE -1 END;
-        IF p_kinds[i] = 'resonance' THEN
-            resonances := resonances + delta;
-        ELSE
-            amplifies := amplifies + delta;
-        END IF;
-        outcome := ROW(true, state, changed, resonances, amplifies, e.branch_count, totals.share_count);
-        RETURN NEXT;
+        END LOOP;
     END LOOP;
 END $$;
 

@@ -219,22 +219,27 @@ $$;
 
 -- Concurrent CreateMemory calls of one server go to the database as one
 -- create_memories call (group commit): one round trip and one commit for many
--- memories. Each item (all of user p_user_id: group commit batches one key,
--- so Citus delegates the call to the user's worker) as one create_memory
--- call, in order; rows tagged with item (1-based). An item's request_id
--- conflict (NX409) or deleted memory (NX404) is its own outcome (error_code,
--- error_message, error_detail), rolled back alone; any other error fails the
--- batch.
+-- memories. On one node a batch holds many users' memories; on Citus one
+-- user's, p_route_user_id, so that Citus delegates the call to the user's
+-- worker (on one node p_route_user_id is any item's user and means nothing).
+-- Each item as one create_memory call, in order, after every item's user is
+-- locked in user_id order (the global lock order of memory writes); rows
+-- tagged with item (1-based). An item's request_id conflict (NX409) or
+-- deleted memory (NX404) is its own outcome (error_code, error_message,
+-- error_detail), rolled back alone; any other error fails the batch.
 --
 CREATE OR REPLACE FUNCTION create_memories(
-    p_user_id text, p_items memory_create[], OUT item integer, OUT document jsonb, OUT error_code text, OUT error_message text,
-    OUT error_detail text)
+    p_route_user_id text, p_items memory_create[], OUT item integer, OUT document jsonb, OUT error_code text,
+    OUT error_message text, OUT error_detail text)
 RETURNS SETOF record
 LANGUAGE plpgsql AS $$
 DECLARE
-    c memory_create;
+    c           memory_create;
+    locked_user text;
 BEGIN
-    PERFORM lock_memory_user(p_user_id);
+    FOR locked_user IN SELECT DISTINCT asked.user_id FROM unnest(p_items) AS asked ORDER BY 1 LOOP
+        PERFORM lock_memory_user(locked_user);
+    END LOOP;
     FOR i IN 1 .. cardinality(p_items) LOOP
         c := p_items[i];
         item := i;

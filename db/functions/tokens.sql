@@ -20,12 +20,14 @@ FOR EACH ROW EXECUTE FUNCTION forbid_ledger_changes();
 CREATE OR REPLACE TRIGGER token_transactions_not_truncated BEFORE TRUNCATE ON token_transactions
 FOR EACH STATEMENT EXECUTE FUNCTION forbid_ledger_changes();
 
--- Applies ledger operations initiated by one user, in order: p_ops[i] is
--- 'credit' (p_user_id is credited), 'deduct' (p_user_id pays) or 'transfer'
--- (p_user_id pays p_counterparties[i]). The service coalesces concurrent calls
--- into one batch per initiating user (group commit), so that on Citus a batch
--- is one call delegated to the worker that owns the user; a batch of one is
--- the plain call.
+-- Applies ledger operations in order: item i is initiated by p_user_ids[i],
+-- and p_ops[i] is 'credit' (the initiator is credited), 'deduct' (the
+-- initiator pays) or 'transfer' (the initiator pays p_counterparties[i]). The
+-- service coalesces concurrent calls into one batch (group commit): on one
+-- node a batch of many initiators, on Citus a batch of one initiator,
+-- p_route_user_id, delegated to the worker that owns the user (on one node
+-- p_route_user_id is any item's initiator and means nothing). A batch of one
+-- is the plain call.
 --
 -- One or more rows per item, tagged with its position: its transactions (for
 -- a transfer: out, then in); or one row with the item's failure in the error
@@ -44,8 +46,8 @@ FOR EACH STATEMENT EXECUTE FUNCTION forbid_ledger_changes();
 -- for that and removed again at the end if nothing moved), so batches lock in
 -- one global order on one node and across workers alike.
 CREATE OR REPLACE FUNCTION apply_token_operations(
-    p_user_id text, p_ops text[], p_counterparties text[], p_amounts bigint[], p_reasons text[],
-    p_reference_ids text[], p_request_ids text[])
+    p_route_user_id text, p_user_ids text[], p_ops text[], p_counterparties text[], p_amounts bigint[],
+    p_reasons text[], p_reference_ids text[], p_request_ids text[])
 RETURNS TABLE (item integer, transaction_id uuid, user_id text, kind token_kind, amount bigint,
                balance_after bigint, reason text, reference_id text, counterparty_user_id text,
                request_id text, sequence bigint, create_time timestamptz,
@@ -54,6 +56,7 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     holder       text;
+    initiator    text;
     created      boolean;
     created_rows text[] := '{}';
     ids          uuid[];
@@ -71,7 +74,7 @@ DECLARE
     -- An item's failure: SQLSTATE, message, precondition type.
     failure        text[];
 BEGIN
-    FOR holder IN SELECT DISTINCT u FROM unnest(p_user_id || p_counterparties) AS u WHERE u IS NOT NULL ORDER BY u LOOP
+    FOR holder IN SELECT DISTINCT u FROM unnest(p_user_ids || p_counterparties) AS u WHERE u IS NOT NULL ORDER BY u LOOP
         INSERT INTO balances AS b (user_id, balance) VALUES (holder, 0)
         ON CONFLICT (user_id) DO UPDATE SET balance = b.balance
         RETURNING b.xmax = 0 INTO created;
@@ -81,19 +84,20 @@ BEGIN
     END LOOP;
 
     FOR i IN 1 .. cardinality(p_ops) LOOP
-        payer := CASE WHEN p_ops[i] = 'credit' THEN NULL ELSE p_user_id END;
-        payee := CASE p_ops[i] WHEN 'credit' THEN p_user_id WHEN 'transfer' THEN p_counterparties[i] END;
+        initiator := p_user_ids[i];
+        payer := CASE WHEN p_ops[i] = 'credit' THEN NULL ELSE initiator END;
+        payee := CASE p_ops[i] WHEN 'credit' THEN initiator WHEN 'transfer' THEN p_counterparties[i] END;
         fingerprint := md5(jsonb_build_array(p_ops[i], p_counterparties[i], p_amounts[i], p_reasons[i],
                                              p_reference_ids[i])::text);
         ids := CASE WHEN p_ops[i] = 'transfer' THEN ARRAY[gen_random_uuid(), gen_random_uuid()]
                     ELSE ARRAY[gen_random_uuid()] END;
 
         INSERT INTO token_requests AS r (user_id, request_id, fingerprint, transaction_ids)
-        VALUES (p_user_id, p_request_ids[i], fingerprint, ids)
+        VALUES (initiator, p_request_ids[i], fingerprint, ids)
         ON CONFLICT DO NOTHING;
         IF NOT FOUND THEN
             SELECT * INTO earlier FROM token_requests r
-            WHERE r.user_id = p_user_id AND r.request_id = p_request_ids[i];
+            WHERE r.user_id = initiator AND r.request_id = p_request_ids[i];
             IF earlier.fingerprint <> fingerprint THEN
                 RETURN QUERY SELECT i, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint, NULL, NULL,
                                     NULL, NULL, NULL::bigint, NULL::timestamptz, 'NX409',
@@ -105,7 +109,7 @@ BEGIN
                                     t.reason, t.reference_id, t.counterparty_user_id, t.request_id, t.sequence,
                                     t.create_time, NULL, NULL, NULL
                              FROM token_transactions t
-                             WHERE t.user_id IN (p_user_id, p_counterparties[i])
+                             WHERE t.user_id IN (initiator, p_counterparties[i])
                                AND t.transaction_id = ANY (earlier.transaction_ids)
                              ORDER BY array_position(earlier.transaction_ids, t.transaction_id);
             END IF;
@@ -121,7 +125,7 @@ BEGIN
             failure := NULL;
         END IF;
         IF failure IS NOT NULL THEN
-            DELETE FROM token_requests r WHERE r.user_id = p_user_id AND r.request_id = p_request_ids[i];
+            DELETE FROM token_requests r WHERE r.user_id = initiator AND r.request_id = p_request_ids[i];
             RETURN QUERY SELECT i, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint, NULL, NULL, NULL,
                                 NULL, NULL::bigint, NULL::timestamptz, failure[1], failure[2], failure[3];
             CONTINUE;

@@ -65,10 +65,10 @@ LOCAL_TABLES = frozenset({"schema_migrations", "schema_repeatables", "maintenanc
 # it (a transfer's payee, a follow's second counter) still work: the worker runs
 # them as a distributed transaction (two-phase commit).
 FUNCTIONS: tuple[tuple[str, str, str], ...] = (
-    ("apply_token_operations", "p_user_id", BY_USER),
+    ("apply_token_operations", "p_route_user_id", BY_USER),
     ("list_transactions", "p_user_id", BY_USER),
     ("create_memory", "p_user_id", BY_USER),
-    ("create_memories", "p_user_id", BY_USER),
+    ("create_memories", "p_route_user_id", BY_USER),
     ("update_memory", "p_user_id", BY_USER),
     ("delete_memory", "p_user_id", BY_USER),
     ("set_identity_entities", "p_user_id", BY_USER),
@@ -88,7 +88,7 @@ FUNCTIONS: tuple[tuple[str, str, str], ...] = (
     ("follow_states", "p_user_id", BY_USER),
     ("list_following", "p_user_id", BY_USER),
     ("record_share", "p_user_id", BY_USER),
-    ("apply_reactions", "p_entry_id", BY_ENTRY),
+    ("apply_reactions", "p_route_entry_id", BY_ENTRY),
     ("delete_entry", "p_entry_id", BY_ENTRY),
     ("list_reactors", "p_entry_id", BY_ENTRY),
 )

@@ -10,13 +10,15 @@ one round trip and one commit for many writes, which is what lets a viral
 entry or a hot merchant take writes at the database's pace rather than the
 pace of per-call overheads.
 
-A batch function takes the batch's key first (every item of a batch has the
-same one: an entry for reactions, the initiating user for token operations),
-then one array per argument (item i is the i-th element of each), and returns
-result rows tagged with ``item`` (1-based). One key per batch is what lets
-Citus delegate the call to the one worker that owns the key (docs/citus.md);
-on one node it costs nothing, since the storms group commit exists for are
-storms on one key. Semantics are
+A batch function takes a route key first, then one array per argument (item
+i is the i-th element of each; an item's own key is one of them), and returns
+result rows tagged with ``item`` (1-based). On Citus every item of a batch has
+the same route key (an entry for reactions, the initiating user for token
+operations and memories), which is what lets Citus delegate the call to the
+one worker that owns it (docs/citus.md); on one node a batch carries items of
+many keys — most traffic is spread over many keys, and a batch of one item
+per key would be a round trip and a commit per write — and the route key is
+the first item's, unused. Semantics are
 those of one call each: each gets its own rows. An item that fails alone
 (a request_id reused with other arguments, a missing entry, too few tokens)
 gets one row with its error in the columns ``error_code`` (one of the
@@ -71,7 +73,7 @@ log = logging.getLogger("nexus.group_commit")
 
 @dataclass
 class _Item:
-    batch_key: Hashable
+    route_key: Hashable
     arguments: tuple[Any, ...]
     keys: frozenset[Hashable]
     deadline: float | None
@@ -90,13 +92,14 @@ class GroupCommit:
         self._max_in_flight = max_in_flight
         self._min_batch = min_batch
         self._max_pending = max_pending
+        self._one_route_key_per_batch = db.distributed
         self._pending: list[_Item] = []
         self._busy_keys: set[Hashable] = set()
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, batch_key: Hashable, keys: Iterable[Hashable], *arguments: Any) -> list[asyncpg.Record]:
-        """Applies one item writing `keys` in a batch of `batch_key`; returns its result rows,
+    async def submit(self, route_key: Hashable, keys: Iterable[Hashable], *arguments: Any) -> list[asyncpg.Record]:
+        """Applies one item writing `keys`, routed by `route_key`; returns its result rows,
         or raises the error the batch function reported for it."""
         if len(self._pending) >= self._max_pending:
             raise ResourceExhausted(f"more than {self._max_pending} {self._query.name} writes are queued")
@@ -104,7 +107,7 @@ class GroupCommit:
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded.not_sent()
-        item = _Item(batch_key, arguments, frozenset(keys), deadline)
+        item = _Item(route_key, arguments, frozenset(keys), deadline)
         self._pending.append(item)
         if self._in_flight == 0 or len(self._pending) >= self._min_batch:
             self._dispatch()
@@ -125,7 +128,7 @@ class GroupCommit:
             task.add_done_callback(self._tasks.discard)
 
     def _take_batch(self) -> list[_Item]:
-        """The next batch: pending items of one batch key, in arrival order, whose keys are free."""
+        """The next batch: pending items whose keys are free, in arrival order (on Citus, of one route key)."""
         blocked = set(self._busy_keys)
         batch: list[_Item] = []
         waiting: list[_Item] = []
@@ -136,7 +139,9 @@ class GroupCommit:
             scanned += 1
             if item.rows.done():
                 continue  # its caller has gone
-            if blocked.isdisjoint(item.keys) and (not batch or item.batch_key == batch[0].batch_key):
+            if blocked.isdisjoint(item.keys) and (
+                not batch or not self._one_route_key_per_batch or item.route_key == batch[0].route_key
+            ):
                 batch.append(item)
             else:
                 waiting.append(item)
@@ -165,7 +170,7 @@ class GroupCommit:
             # not hold its keys past every caller's deadline.
             async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
                 columns = (list(column) for column in zip(*(i.arguments for i in batch), strict=True))
-                rows = await self._db.fetch(self._query, batch[0].batch_key, *columns)
+                rows = await self._db.fetch(self._query, batch[0].route_key, *columns)
         except TimeoutError:  # the outcome is unknown if the statement was sent
             self._fail(batch, DeadlineExceeded())
             return

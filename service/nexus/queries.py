@@ -31,7 +31,7 @@ CREATE_ENTRY = Query(
 )
 GET_ENTRIES = Query("get_entries", "SELECT * FROM get_entries($1, $2, $3)")
 DELETE_ENTRY = Query("delete_entry", "SELECT delete_entry($1, $2)")
-APPLY_REACTIONS = Query("apply_reactions", "SELECT * FROM apply_reactions($1, $2, $3, $4)")
+APPLY_REACTIONS = Query("apply_reactions", "SELECT * FROM apply_reactions($1, $2, $3, $4, $5)")
 RECORD_SHARE = Query("record_share", "SELECT * FROM record_share($1, $2, $3)")
 BRANCH_TREE = Query(
     "branch_tree",
@@ -62,8 +62,8 @@ RECONCILE_FOLLOW_COUNTERS = Query("reconcile_follow_counters", "SELECT * FROM re
 
 APPLY_TOKEN_OPERATIONS = Query(
     "apply_token_operations",
-    "SELECT * FROM apply_token_operations(p_user_id => $1, p_ops => $2, p_counterparties => $3,"
-    " p_amounts => $4, p_reasons => $5, p_reference_ids => $6, p_request_ids => $7)"
+    "SELECT * FROM apply_token_operations(p_route_user_id => $1, p_user_ids => $2, p_ops => $3,"
+    " p_counterparties => $4, p_amounts => $5, p_reasons => $6, p_reference_ids => $7, p_request_ids => $8)"
 )
 GET_BALANCES = Query("get_balances", "SELECT * FROM get_balances($1)")
 LIST_TRANSACTIONS = Query("list_transactions", "SELECT * FROM list_transactions($1, $2, $3)")

@@ -129,7 +129,8 @@ async def test_a_changed_function_file_is_applied_again_on_the_cluster(coordinat
             coordinator, repeatables=[*repeatables[:position], changed, *repeatables[position + 1:]]
         ) == [changed.name]
         await coordinator.fetch(
-            "SELECT * FROM apply_token_operations('reapplied', '{credit}', '{NULL}', '{5}', '{r}', '{ref}', '{req-1}')"
+            "SELECT * FROM apply_token_operations('reapplied', '{reapplied}', '{credit}', '{NULL}', '{5}', '{r}',"
+            " '{ref}', '{req-1}')"
         )
         with pytest.raises(asyncpg.PostgresError, match="append-only, always"):
             await coordinator.execute("UPDATE token_transactions SET reason = 'x' WHERE user_id = 'reapplied'")
@@ -156,7 +157,7 @@ async def test_a_delegated_toggle_runs_on_the_worker_that_owns_the_entry(coordin
     coordinator.add_log_listener(lambda _conn, message: notices.append(f"{message.message} {message.detail}"))
     try:
         await coordinator.fetch(
-            "SELECT * FROM apply_reactions($1, '{toggle}', '{resonance}', '{delegation-user}')", entry
+            "SELECT * FROM apply_reactions($1, ARRAY[$1], '{toggle}', '{resonance}', '{delegation-user}')", entry
         )
     finally:
         await coordinator.execute("RESET citus.log_remote_commands")

@@ -62,7 +62,9 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         reference_id = validation.text(request.reference_id, "reference_id", MAX_REFERENCE_CHARS)
         request_id = validation.request_id(request.request_id, required=True)
         keys = (user_id,) if counterparty is None else (user_id, counterparty)
-        rows = await self._ledger.submit(user_id, keys, op, counterparty, amount, reason, reference_id, request_id)
+        rows = await self._ledger.submit(
+            user_id, keys, user_id, op, counterparty, amount, reason, reference_id, request_id
+        )
         return [transaction_message(r) for r in rows]
 
     async def _credit_or_deduct(self, request: pb.CreditRequest | pb.DeductRequest, op: str) -> pb.Transaction:
