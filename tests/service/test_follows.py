@@ -149,6 +149,7 @@ async def test_users_need_not_exist_and_follow_state_is_directed(clients: Client
     await assert_counters_exact(clients, db, [follower, followed])
 
 
+@pytest.mark.refused_in_python
 @pytest.mark.parametrize("as_service", [False, True], ids=["user-token", "service-token"])
 async def test_following_yourself_is_invalid_argument(clients: Clients, db: asyncpg.Connection, as_service: bool) -> None:
     error = await rpc_error(follow(clients, "alice", "alice", metadata=SERVICE if as_service else None))
@@ -158,6 +159,7 @@ async def test_following_yourself_is_invalid_argument(clients: Clients, db: asyn
     assert await nothing_written(db)
 
 
+@pytest.mark.refused_in_python
 @pytest.mark.parametrize("rpc", ["Follow", "Unfollow"])
 @pytest.mark.parametrize(
     ("follower", "followed", "field"),
@@ -407,6 +409,7 @@ async def test_pagination_under_concurrent_follows_never_repeats_or_skips(client
     assert sorted(flat(await list_pages(clients, "ListFollowers", "star", page_size=7))) == sorted(originals + newcomers)
 
 
+@pytest.mark.refused_in_python
 @pytest.mark.parametrize("rpc", list(LISTS))
 async def test_list_rejects_garbage_and_foreign_page_tokens(clients: Clients, rpc: str) -> None:
     for i in range(3):
@@ -432,6 +435,7 @@ async def test_list_rejects_garbage_and_foreign_page_tokens(clients: Clients, rp
     assert len((await list_page(clients, rpc, "alice", page_size=1, page_token=token)).user_ids) == 1
 
 
+@pytest.mark.refused_in_python
 @pytest.mark.parametrize("rpc", list(LISTS))
 async def test_list_page_size_rules(clients: Clients, rpc: str) -> None:
     error = await rpc_error(list_page(clients, rpc, "alice", page_size=-1))

@@ -175,6 +175,7 @@ async def test_a_service_may_search_for_any_user_and_a_user_only_for_themselves(
 GOOD = random_vector(random.Random(13))
 
 
+@pytest.mark.refused_in_python
 @pytest.mark.parametrize(
     ("fields", "field"),
     [
