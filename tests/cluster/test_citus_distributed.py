@@ -157,7 +157,7 @@ async def test_a_delegated_toggle_runs_on_the_worker_that_owns_the_entry(coordin
     coordinator.add_log_listener(lambda _conn, message: notices.append(f"{message.message} {message.detail}"))
     try:
         await coordinator.fetch(
-            "SELECT * FROM apply_reactions($1, ARRAY[$1], '{toggle}', '{resonance}', '{delegation-user}')", entry
+            "SELECT * FROM apply_reactions($1::uuid, ARRAY[$1::uuid], '{toggle}', '{resonance}', '{delegation-user}')", entry
         )
     finally:
         await coordinator.execute("RESET citus.log_remote_commands")
