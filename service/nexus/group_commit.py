@@ -66,6 +66,7 @@ import asyncpg
 
 from nexus.database import Database, call_deadline
 from nexus.errors import DeadlineExceeded, NexusError, ResourceExhausted, Unavailable, from_raised
+from nexus.metrics import GROUP_COMMIT_BATCH_ITEMS
 from nexus.queries import Query
 
 log = logging.getLogger("nexus.group_commit")
@@ -93,6 +94,7 @@ class GroupCommit:
         self._min_batch = min_batch
         self._max_pending = max_pending
         self._one_route_key_per_batch = db.distributed
+        self._batch_items = GROUP_COMMIT_BATCH_ITEMS.labels(query.name)
         self._pending: list[_Item] = []
         self._busy_keys: set[Hashable] = set()
         self._in_flight = 0
@@ -123,6 +125,7 @@ class GroupCommit:
             if not batch:
                 return
             self._in_flight += 1
+            self._batch_items.observe(len(batch))
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

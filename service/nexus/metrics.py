@@ -10,6 +10,8 @@ database pool gauges. Served on NEXUS_METRICS_PORT when set.
 - ``grpc_server_msg_received_total`` / ``grpc_server_msg_sent_total``: messages
   per call (1 each for a unary call, every write of a server stream).
 - ``nexus_streams_open``: server streams open now.
+- ``nexus_group_commit_batch_items``: items per group-commit database call, by
+  batch function (``nexus.group_commit``): how well concurrent writes coalesce.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ STREAM_SECONDS = Histogram(
     buckets=(0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 6 * 3600.0, 24 * 3600.0),
 )
 STREAMS_OPEN = Gauge("nexus_streams_open", "Server streams open now.", _LABELS)
+GROUP_COMMIT_BATCH_ITEMS = Histogram(
+    "nexus_group_commit_batch_items",
+    "Items per group-commit database call.",
+    ["function"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 
 
 class MethodMetrics:

@@ -107,6 +107,23 @@ async def test_unary_calls_are_counted_by_code_with_latency_and_messages(metrics
     assert after[("nexus_db_pool_connections", frozenset())] >= 1
 
 
+async def test_group_commit_batches_are_observed_by_their_items(metrics: Any) -> None:
+    clients, scrape = metrics
+    entries = [
+        (await clients.interactions.CreateEntry(pb.CreateEntryRequest(author_id="alice", type="post"), metadata=SERVICE)).entry
+        for _ in range(10)
+    ]
+    before = await scrape()
+    toggles = [pb.ToggleResonanceRequest(user_id=f"fan-{i}", entry_id=entries[i % 10].entry_id) for i in range(200)]
+    await asyncio.gather(*(clients.interactions.ToggleResonance(t, metadata=SERVICE) for t in toggles))
+    after = await scrape()
+
+    items = ("nexus_group_commit_batch_items_sum", frozenset({("function", "apply_reactions")}))
+    batches = ("nexus_group_commit_batch_items_count", frozenset({("function", "apply_reactions")}))
+    assert delta(before, after, items) == 200
+    assert 1 <= delta(before, after, batches) < 200, "200 concurrent toggles were not coalesced"
+
+
 async def test_a_health_check_of_an_unknown_service_is_counted_as_not_found(metrics: Any) -> None:
     clients, scrape = metrics
     before = await scrape()
