@@ -21,7 +21,7 @@ GET_ENTRIES_IN_FLIGHT = 8
 PGBENCH_RUNS = (
     ("toggle uniform", 8), ("toggle hot", 8), ("toggle hot, 16 per call", 4), ("toggle uniform, 16 per call", 4),
     ("counts 100", 1),
-    ("transfer uniform", 8), ("transfer hot", 8),
+    ("transfer uniform", 8), ("transfer hot", 8), ("transfer uniform, 16 per call", 4),
 )
 
 
@@ -70,16 +70,17 @@ def _add_ratios(figures: dict[str, Figures], report: Report) -> None:
     report.add(f"{'pgbench toggles/s in calls of 16 (hot entry)':<44} {batch.rps * 16:5.0f}")
     report.add(f"{'pgbench counts 100 p50 (ms)':<44} {figures['counts 100'].p50_ms:5.3f}  (goal <= 1)")
     # CPU per call against its floors: the server's against a health Check's, and
-    # PostgreSQL's against pgbench's per toggle when calls carry 16 of them.
+    # PostgreSQL's against pgbench's per write when calls carry 16 of them.
     health_cpu = figures["health Check (transport ceiling)"].cpu.server_us
-    toggle_cpu = figures["ToggleResonance uniform"].cpu
-    batched_pg = figures["toggle uniform, 16 per call"].cpu.postgres_us
-    if health_cpu and toggle_cpu.server_us is not None:
-        report.add(f"{'ToggleResonance / health Check, server CPU':<44} {toggle_cpu.server_us / health_cpu:5.2f}  "
-                   "(goal <= 1.3)")
-    if batched_pg and toggle_cpu.postgres_us is not None:
-        report.add(f"{'ToggleResonance / pgbench 16-call, PG CPU':<44} {toggle_cpu.postgres_us / (batched_pg / 16):5.2f}"
-                   "  (goal <= 1.5)")
+    for name, batched in (("ToggleResonance uniform", "toggle uniform, 16 per call"),
+                          ("Transfer uniform", "transfer uniform, 16 per call")):
+        cpu, batched_pg = figures[name].cpu, figures[batched].cpu.postgres_us
+        rpc = name.split()[0]
+        if health_cpu and cpu.server_us is not None:
+            report.add(f"{rpc + ' / health Check, server CPU':<44} {cpu.server_us / health_cpu:5.2f}  (goal <= 1.3)")
+        if batched_pg and cpu.postgres_us is not None:
+            report.add(f"{rpc + ' / pgbench 16-call, PG CPU':<44} {cpu.postgres_us / (batched_pg / 16):5.2f}"
+                       "  (goal <= 1.5)")
     # With every core busy, throughput goes as 1 / CPU per call: the CPU a health
     # Check costs against the CPU a call costs bounds the "/ health Check" ratios.
     for name in ("ToggleResonance uniform", "Transfer uniform"):

@@ -179,6 +179,13 @@ SELECT count(*) FROM entry_counts(
             "transfer uniform": f"\\set payee random(1, {USERS})\n"
             + transfer.format(payers=self.payers, payee="'bench-payee-' || :payee"),
             "transfer hot": transfer.format(payers=self.payers, payee="'bench-merchant'"),
+            # 16 transfers of 16 random payers to 16 random payees in one call: what group commit sends on one node.
+            "transfer uniform, 16 per call": f"""SELECT count(*) FROM apply_token_operations(NULL,
+    (SELECT array_agg('bench-payer-' || (1 + floor(random() * {self.payers}))::int) FROM generate_series(1, 16)),
+    array_fill('transfer'::text, ARRAY[16]),
+    (SELECT array_agg('bench-payee-' || (1 + floor(random() * {USERS}))::int) FROM generate_series(1, 16)),
+    array_fill(1::bigint, ARRAY[16]), array_fill('bench'::text, ARRAY[16]), array_fill(''::text, ARRAY[16]),
+    (SELECT array_agg(gen_random_uuid()::text) FROM generate_series(1, 16)));""",
             "create_memories 1": f"\\set writer random(1, {WRITERS})\n"
             "SELECT count(*) FROM create_memories('bench-writer-' || :writer, ARRAY[ROW('bench-writer-' || :writer, "
             f"'bench create', NULL, NULL, NULL, 0.5, 'calm', '{{}}', '{{}}', NULL, '{embedding}'::vector, NULL)"
