@@ -352,7 +352,11 @@ BEGIN
         END IF;
     END LOOP;
 
-    DELETE FROM balances b WHERE b.user_id = ANY (created_rows) AND b.last_sequence = 0;
+    -- One statement per row, by its key: Citus routes each to the row's shard
+    -- (a DELETE of "user_id = ANY (…)" would go to every balances shard).
+    FOREACH holder IN ARRAY created_rows LOOP
+        DELETE FROM balances b WHERE b.user_id = holder AND b.last_sequence = 0;
+    END LOOP;
 END $$;
 
 -- Name: memory_arcs; Type: TABLE; Schema: public

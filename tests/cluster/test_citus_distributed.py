@@ -12,6 +12,7 @@ atomic two-shard transaction under concurrency.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 from collections.abc import AsyncIterator
@@ -181,6 +182,50 @@ async def users_on_both_workers(conn: asyncpg.Connection, prefix: str, per_worke
         if len(found) == 2 and all(len(v) == per_worker for v in found.values()):
             return found
     raise AssertionError("unreachable")
+
+
+@contextlib.asynccontextmanager
+async def balances_shards_locked_on(cluster_db: str, port: int) -> AsyncIterator[None]:
+    """Every balances shard placement on the worker at ``port`` held by an open
+    ACCESS EXCLUSIVE lock: any statement of another transaction that reaches one
+    of them waits until this ends."""
+    async with contextlib.AsyncExitStack() as stack:
+        coordinator = await asyncpg.connect(cluster_db)
+        stack.push_async_callback(coordinator.close)
+        host, shards = "", []
+        for row in await coordinator.fetch(
+            "SELECT nodename, shard_name FROM citus_shards WHERE table_name = 'balances'::regclass AND nodeport = $1", port
+        ):
+            host = row["nodename"]
+            shards.append(row["shard_name"])
+        assert shards, f"no balances shard on the worker at port {port}"
+        worker = await asyncpg.connect(
+            distribution.node_url(cluster_db, host, port, cluster_db.rpartition("/")[2].partition("?")[0])
+        )
+        stack.push_async_callback(worker.close)
+        await worker.execute("BEGIN")
+        await worker.execute("SET LOCAL citus.enable_manual_changes_to_shards = on")  # a lock, no change
+        await worker.execute(f"LOCK TABLE {', '.join(shards)} IN ACCESS EXCLUSIVE MODE")
+        yield
+
+
+async def test_credit_and_deduct_reach_only_the_users_worker(coordinator: asyncpg.Connection, cluster_db: str) -> None:
+    """With every balances shard of the other worker locked, ledger writes of a
+    user on this one still finish: none of their statements goes there. A new
+    user's failed Deduct removes the balance row it created, by its key too."""
+    by_worker = await users_on_both_workers(coordinator, f"reach-{os.getpid()}", 2)
+    owner, other = sorted(by_worker)
+    credited, refused = by_worker[owner]
+    await coordinator.execute("SET statement_timeout = '10s'")  # a statement that reaches the locks fails the test
+    async with balances_shards_locked_on(cluster_db, other):
+        for op, user in (("credit", credited), ("deduct", credited), ("deduct", refused)):
+            rows = await coordinator.fetch(
+                "SELECT * FROM apply_token_operations($1, ARRAY[$1], ARRAY[$2], '{NULL}', '{5}', '{r}', '{ref}',"
+                " ARRAY[$3])", user, op, f"{op}-{user}"
+            )
+            assert [r["error_code"] for r in rows] == ([None] if user == credited else ["NX412"]), rows
+    assert await coordinator.fetchval("SELECT balance FROM balances WHERE user_id = $1", credited) == 0
+    assert await coordinator.fetchval("SELECT count(*) FROM balances WHERE user_id = $1", refused) == 0
 
 
 @pytest.fixture(scope="module")
