@@ -245,7 +245,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             dest=f.name,
             default=None,
             metavar=f.name.upper(),
-            help=f"{f.metadata['help']} [env {env_var(f.name)}]",
+            help=f"{f.metadata['help']} [env {env_var(f.name)}]".replace("%", "%%"),  # argparse formats help with %
         )
 
 
