@@ -111,7 +111,7 @@ def make_authenticator(config: Config) -> Authenticator:
 class NexusServer:
     def __init__(self, config: Config, worker: WorkerRole | None = None) -> None:
         self.config = config
-        self.worker = worker
+        self._worker = worker
         self.port = 0
         self._embedded: embedded.EmbeddedPostgres | None = None
         self._db: database.Database | None = None
@@ -132,7 +132,7 @@ class NexusServer:
         check_port_free(config)
         if config.embedded:
             self._embedded = await asyncio.to_thread(embedded.EmbeddedPostgres.start, config.data_dir)
-        if self.worker is None:
+        if self._worker is None:
             conn = await database.connect(self.database_url)
             try:
                 await migrations.migrate(conn, embedding_dim=config.embedding_dim)
@@ -146,7 +146,7 @@ class NexusServer:
             slow_warn_ms=config.slow_query_warn_ms,
             slow_error_ms=config.slow_query_error_ms,
         )
-        page_tokens = PageTokens(self.worker.page_token_key if self.worker else page_token_key(config))
+        page_tokens = PageTokens(self._worker.page_token_key if self._worker else page_token_key(config))
         self._hub = EventHub(self.database_url, self._db, config.stream_buffer_events)
         await self._hub.start()
         self.maintenance = Maintenance(self._db, config)
@@ -183,11 +183,11 @@ class NexusServer:
             asyncio.create_task(self._probe_database()),
             asyncio.create_task(self.maintenance.run_forever()),
         ]
-        if self.worker is None:
+        if self._worker is None:
             log.info("event=serving address=%s port=%d embedded=%s", config.host, self.port, config.embedded)
         else:
             log.info("event=worker_serving worker=%d pid=%d port=%d metrics_port=%d",
-                     self.worker.index, os.getpid(), self.port, config.metrics_port)
+                     self._worker.index, os.getpid(), self.port, config.metrics_port)
 
     def _bind(self, server: grpc.aio.Server) -> int:
         config = self.config
