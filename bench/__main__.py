@@ -79,7 +79,7 @@ async def run(config: Config, args: argparse.Namespace) -> None:
         async with target_context as target:
             try:
                 if args.suite in ("interactions", "all"):
-                    await run_interactions(target, workload, args.duration, args.concurrency, report)
+                    await run_interactions(target, config, workload, args.duration, args.concurrency, report)
                 if args.suite in ("memory", "all"):
                     if report.lines:
                         report.add()

@@ -79,9 +79,17 @@ class Processes:
 
 
 def _server_cpu_s(pid: int) -> float | None:
-    """The server's CPU so far; None once it has gone (its calls fail and say so)."""
+    """The server's CPU so far: its process and its workers (``nexus serve --workers``),
+    live or exited; None once the server has gone (its calls fail and say so)."""
     try:
-        return _cpu_s(psutil.Process(pid))
+        server = psutil.Process(pid)
+        total = 0.0
+        for worker in server.children(recursive=True):
+            try:
+                total += _cpu_s(worker)
+            except psutil.NoSuchProcess:
+                pass  # reaped meanwhile: its time is in the server's children counters, read below
+        return total + _cpu_s(server, with_children=True)
     except psutil.Error:
         return None
 
@@ -183,21 +191,25 @@ def percentiles(samples: Sequence[float]) -> tuple[float, float]:
 Call = Callable[[], Awaitable[object]]
 
 
-async def measure(name: str, call: Call, duration: float, concurrency: int, processes: Processes) -> Figures:
+async def measure(
+    name: str, call: Call | Sequence[Call], duration: float, concurrency: int, processes: Processes
+) -> Figures:
     """Runs ``call`` from ``concurrency`` workers for ``duration`` seconds (after a short
-    warm-up), reading the processes' CPU over the timed part.
+    warm-up), reading the processes' CPU over the timed part. Given several calls
+    (the same call on several connections), worker k makes call k modulo their number.
 
     Raises BenchFailed if any call failed, warm-up included, or none completed.
     """
+    calls = [call] if callable(call) else list(call)
     progress(f"{name} ({duration:g} s, {concurrency} in flight)")
     latencies: list[float] = []
     failures: Counter[str] = Counter()
-    calls = 0
+    made = 0
 
-    async def worker(until: float, record: bool) -> None:
-        nonlocal calls
+    async def worker(call: Call, until: float, record: bool) -> None:
+        nonlocal made
         while (started := time.perf_counter()) < until:
-            calls += 1
+            made += 1
             try:
                 await call()
             except grpc.aio.AioRpcError as exc:
@@ -206,15 +218,15 @@ async def measure(name: str, call: Call, duration: float, concurrency: int, proc
                 latencies.append(time.perf_counter() - started)
 
     warm_until = time.perf_counter() + min(1.0, duration / 5)
-    await asyncio.gather(*(worker(warm_until, False) for _ in range(concurrency)))
+    await asyncio.gather(*(worker(calls[k % len(calls)], warm_until, False) for k in range(concurrency)))
     window = CpuWindow(processes, own_cpu_s)
     began = time.perf_counter()
-    await asyncio.gather(*(worker(began + duration, True) for _ in range(concurrency)))
+    await asyncio.gather(*(worker(calls[k % len(calls)], began + duration, True) for k in range(concurrency)))
     elapsed = time.perf_counter() - began
     cpu = window.per_call(len(latencies))
     if failures:
         codes = ", ".join(f"{code} {count}" for code, count in failures.most_common())
-        raise BenchFailed(f"{name}: {failures.total()} of {calls} calls failed ({codes})")
+        raise BenchFailed(f"{name}: {failures.total()} of {made} calls failed ({codes})")
     if not latencies:
         raise BenchFailed(f"{name}: no call completed in {duration:g} s")
     p50, p99 = percentiles(latencies)

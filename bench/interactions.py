@@ -3,7 +3,8 @@
 Ceilings first, then the service, so the ratios compare like with like on a
 noisy shared machine: the transport ceiling (the standard health Check RPC, no
 database work) and the database ceiling (pgbench calling the same stored
-functions the RPCs call). Then the invariants: reconcile must find no drift.
+functions the RPCs call). Then one worker against two (bench/workers.py), and
+the invariants: reconcile must find no drift.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import grpc
 
 from bench.core import BenchFailed, CpuPerCall, Figures, Report, measure, progress, run_pgbench
 from bench.targets import Target
+from bench.workers import run_workers
 from bench.workload import Workload
 from nexus import database
 from nexus.cli.reconcile import reconcile
+from nexus.config import Config
 
 GET_ENTRIES_IN_FLIGHT = 8
 # (script, pgbench clients)
@@ -29,7 +32,9 @@ def in_flight(scenario: str, concurrency: int) -> int:
     return GET_ENTRIES_IN_FLIGHT if scenario.startswith("GetEntries") else concurrency
 
 
-async def run_interactions(target: Target, workload: Workload, duration: float, concurrency: int, report: Report) -> None:
+async def run_interactions(
+    target: Target, config: Config, workload: Workload, duration: float, concurrency: int, report: Report
+) -> None:
     await workload.load(target.database_url)
     figures: dict[str, Figures] = {}
     report.add(f"target {target.label} {target.address}, {duration:g} s per scenario, {concurrency} calls in flight "
@@ -44,6 +49,8 @@ async def run_interactions(target: Target, workload: Workload, duration: float, 
         figures[script] = result
         report.add(result.line())
     _add_ratios(figures, report)
+    await run_workers(config, target, workload, duration, concurrency, report)
+    report.add()
     await check_invariants(target, report)
 
 

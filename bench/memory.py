@@ -38,10 +38,10 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
 import grpc
+import psutil
 from google.protobuf import timestamp_pb2
 
 from bench.core import BenchFailed, Report, measure, percentiles, progress
@@ -542,10 +542,9 @@ async def _close_streams(channels: list[grpc.aio.Channel], calls: list[grpc.aio.
 
 
 def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    """The server's resident memory: its process and its workers' (``nexus serve --workers``)."""
+    server = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in (server, *server.children(recursive=True))) / 2**20
 
 
 async def run_memory(

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.core import BenchFailed, Processes, progress
@@ -39,10 +40,11 @@ from nexus.config import Config, env_var
 SERVING_TIMEOUT_S = 300.0  # a first start migrates (and on Citus distributes) the schema
 
 # Settings the bench's own server does not take from the bench's: where it listens,
-# its database and secret (its own), TLS and metrics (off: plaintext load), and its
-# log level (one line per RPC would cost the CPU the figures are about).
+# its database and secret (its own), TLS and metrics (off: plaintext load), its
+# log level (one line per RPC would cost the CPU the figures are about), and its
+# workers (one, but for the figure that compares one with two: bench/workers.py).
 OWN_SERVER_FIXED = {"host", "port", "data_dir", "database_url", "jwt_secret", "jwt_public_key_file", "metrics_port",
-                    "log_level"}
+                    "log_level", "workers"}
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def _wait_until_serving(address: str, server: asyncio.subprocess.Process) -> None:
-    """Polls the health Check until SERVING; fails if the server exits or the time runs out."""
+def _listening(pid: int, port: int) -> int:
+    """How many of the server's processes (it, or its workers) listen on the port."""
+    server = psutil.Process(pid)
+    count = 0
+    for process in (server, *server.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):
+            connections = process.net_connections("tcp")
+            count += any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections)
+    return count
+
+
+async def _wait_until_serving(address: str, port: int, server: asyncio.subprocess.Process, workers: int) -> None:
+    """Polls the health Check until SERVING and every worker listens (a first one
+    answers while the others still start); fails if the server exits or the time runs out."""
     deadline = time.monotonic() + SERVING_TIMEOUT_S
     async with grpc.aio.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -72,29 +86,32 @@ async def _wait_until_serving(address: str, server: asyncio.subprocess.Process) 
                 raise BenchFailed(f"the bench's server exited with code {server.returncode} before serving")
             with contextlib.suppress(grpc.aio.AioRpcError):
                 response = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                if response.status == health_pb2.HealthCheckResponse.SERVING and _listening(server.pid, port) == workers:
                     return
             if time.monotonic() > deadline:
-                raise BenchFailed(f"the bench's server on {address} was not SERVING after {SERVING_TIMEOUT_S:.0f} s")
+                raise BenchFailed(f"the bench's server on {address} was not SERVING with {workers} worker(s) after "
+                                  f"{SERVING_TIMEOUT_S:.0f} s")
             await asyncio.sleep(0.2)
 
 
 @contextlib.asynccontextmanager
-async def _own_server(config: Config, label: str, url: str, pgdata_dirs: tuple[Path, ...]) -> AsyncIterator[Target]:
+async def own_server(
+    config: Config, label: str, url: str, pgdata_dirs: tuple[Path, ...], workers: int = 1
+) -> AsyncIterator[Target]:
     """A ``nexus serve`` of the bench's own on ``url`` with the bench's settings (but
-    OWN_SERVER_FIXED), stopped afterwards."""
+    OWN_SERVER_FIXED) and ``workers`` workers, stopped afterwards."""
     secret, port = secrets.token_urlsafe(32), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
     for f in dataclasses.fields(config):
         if f.name not in OWN_SERVER_FIXED and not f.name.startswith("tls_"):
             env[env_var(f.name)] = str(getattr(config, f.name))
     env.update(NEXUS_HOST="127.0.0.1", NEXUS_PORT=str(port), NEXUS_DATABASE_URL=url, NEXUS_JWT_SECRET=secret,
-               NEXUS_LOG_LEVEL="warning")
+               NEXUS_LOG_LEVEL="warning", NEXUS_WORKERS=str(workers))
     progress(f"starting the {label} server")
     server = await asyncio.create_subprocess_exec(sys.executable, "-m", "nexus.cli", "serve", env=env)
     try:
         address = f"127.0.0.1:{port}"
-        await _wait_until_serving(address, server)
+        await _wait_until_serving(address, port, server, workers)
         metadata = (("authorization", f"Bearer {mint_token(secret, 'bench', service=True)}"),)
         yield Target(label, address, url, metadata, Processes(server.pid, pgdata_dirs))
     finally:
@@ -114,7 +131,7 @@ async def single_node(config: Config) -> AsyncIterator[Target]:
         progress("starting an embedded PostgreSQL in a temporary directory")
         pg = await asyncio.to_thread(embedded.EmbeddedPostgres.start, Path(data_dir))
         try:
-            async with _own_server(config, "single node", pg.url, (pg.pgdata,)) as target:
+            async with own_server(config, "single node", pg.url, (pg.pgdata,)) as target:
                 yield target
         finally:
             await asyncio.to_thread(pg.stop)
@@ -133,7 +150,7 @@ async def citus_cluster(config: Config, workers: int = 2) -> AsyncIterator[Targe
         cluster = await CitusCluster.start(pginstall, base_dir, workers=workers)
         try:
             label = f"{1 + workers}-node Citus"
-            async with _own_server(config, label, cluster.url, tuple(n.pgdata for n in cluster.nodes)) as target:
+            async with own_server(config, label, cluster.url, tuple(n.pgdata for n in cluster.nodes)) as target:
                 yield target
         finally:
             await cluster.stop()

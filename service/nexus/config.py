@@ -12,7 +12,9 @@ help text; an optional ``doc`` adds what only the document says, and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,28 @@ def default_data_dir() -> Path:
     return Path(base) / "nexus"
 
 
+# Worker processes by default: the cores, but at most this many. Each worker has its
+# own pool (pool_max_size connections, plus its stream listener and its health
+# probe): 4 x (16 + 2) = 72 fit PostgreSQL's default max_connections of 100, and
+# the embedded PostgreSQL on the same machine needs cores of its own.
+DEFAULT_WORKERS_MAX = 4
+CGROUP_CPU_LIMIT = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity, and a container's CPU
+    quota (cgroup v2 cpu.max, rounded up) when there is one."""
+    cores = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = CGROUP_CPU_LIMIT.read_text().split()  # "max 100000" when unlimited: ValueError
+        cores = min(cores, math.ceil(int(quota) / int(period)))
+    return max(1, cores)
+
+
+def default_workers() -> int:
+    return min(available_cores(), DEFAULT_WORKERS_MAX)
+
+
 # The embedders a server can run, and the dimension each makes (None: no embedder).
 EMBEDDER_DIMENSIONS: dict[str, int | None] = {"none": None, "wordllama": 256}
 
@@ -39,6 +63,19 @@ class Config:
         metadata={"help": "Address the gRPC server listens on.", "doc": "The container image sets 0.0.0.0."},
     )
     port: int = field(default=50051, metadata={"help": "gRPC port; 0 picks a free one."})
+    workers: int = field(
+        default_factory=default_workers,
+        metadata={
+            "help": f"Server processes sharing the port (the kernel splits connections between them); 1 serves in "
+            f"one process. Each worker has its own pool, so pool sizes are per worker: up to workers x "
+            f"(pool_max_size + 2) database connections. The default, the cores available, is capped at "
+            f"{DEFAULT_WORKERS_MAX}: {DEFAULT_WORKERS_MAX} x (16 + 2) fit PostgreSQL's default max_connections "
+            f"(100), and the database needs cores too.",
+            "doc": "The parent process starts the embedded database and migrates once, replaces a worker that "
+            "exits, and stops them all on SIGTERM/SIGINT (docs/operations.md).",
+            "default_doc": f"the cores available (CPU affinity, a cgroup CPU quota), at most {DEFAULT_WORKERS_MAX}",
+        },
+    )
     reuse_port: bool = field(
         default=False,
         metadata={
@@ -81,12 +118,13 @@ class Config:
     metrics_port: int = field(
         default=0,
         metadata={
-            "help": "Prometheus metrics port; 0 = off.",
+            "help": "Prometheus metrics port; 0 = off. With several workers, worker i (0, 1, ...) serves its own "
+            "metrics on this port + i.",
             "doc": "Serves `/metrics`; the metrics are listed in docs/operations.md.",
         },
     )
-    pool_min_size: int = field(default=2, metadata={"help": "Database connections kept open."})
-    pool_max_size: int = field(default=16, metadata={"help": "Most database connections at once."})
+    pool_min_size: int = field(default=2, metadata={"help": "Database connections kept open, per worker."})
+    pool_max_size: int = field(default=16, metadata={"help": "Most database connections at once, per worker."})
     statement_timeout_ms: int = field(
         default=30_000,
         metadata={"help": "Ceiling on any one database call; a shorter client deadline wins."},
@@ -206,6 +244,8 @@ class Config:
             raise ValueError("tls_client_cert_file and tls_client_key_file must be set together")
         if self.tls_server_name and not self.client_tls:
             raise ValueError("tls_server_name needs TLS: set tls_ca_file")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
         if not 0 < self.pool_min_size <= self.pool_max_size:
             raise ValueError("need 0 < pool_min_size <= pool_max_size")
         if not 1 <= self.embedding_dim <= 2000:
@@ -245,7 +285,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             dest=f.name,
             default=None,
             metavar=f.name.upper(),
-            help=f"{f.metadata['help']} [env {env_var(f.name)}]",
+            help=f"{f.metadata['help']} [env {env_var(f.name)}]".replace("%", "%%"),  # argparse formats help with %
         )
 
 

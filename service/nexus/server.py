@@ -2,7 +2,8 @@
 
 Start order: database (embedded or external) → migrations → pool → gRPC server
 → health SERVING. Stop order is the reverse, with health NOT_SERVING first and
-in-flight calls given the grace period to finish.
+in-flight calls given the grace period to finish. A worker of ``nexus serve
+--workers N`` (nexus.workers) skips the first two: its parent has done them.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import secrets
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -61,6 +64,43 @@ class ListenError(Exception):
     """The gRPC address cannot be listened on (the port is in use, or the host is not local)."""
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """What makes a server worker ``index`` of ``nexus serve --workers N``: its parent
+    has migrated the database and holds the port, and every worker signs page and
+    resume tokens with the same key, so a token works on whichever worker the
+    client's next connection lands on."""
+
+    index: int
+    page_token_key: bytes
+
+
+def page_token_key(config: Config) -> bytes:
+    """The key of page and resume tokens: the HS256 secret, else a random one."""
+    secret = resolve_secret(config)
+    if secret:
+        return secret.encode()
+    log.warning("event=page_tokens_per_process reason='no NEXUS_JWT_SECRET: page tokens are valid on this server only'")
+    return secrets.token_bytes(32)
+
+
+def check_port_free(config: Config) -> None:
+    """Fails before anything starts when the port is taken: gRPC's own bind error
+    comes late and does not say why. Port 0 and port sharing (reuse_port) skip it."""
+    if config.port == 0 or config.reuse_port:
+        return
+    try:
+        addresses = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is no conflict
+                probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(f"port {config.port} on {config.host} is in use") from None
+        raise ListenError(f"cannot listen on {config.listen_address}: {exc}") from None
+
+
 def make_authenticator(config: Config) -> Authenticator:
     public_key = Path(config.jwt_public_key_file).read_text() if config.jwt_public_key_file else None
     return Authenticator(
@@ -69,8 +109,9 @@ def make_authenticator(config: Config) -> Authenticator:
 
 
 class NexusServer:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: WorkerRole | None = None) -> None:
         self.config = config
+        self._worker = worker
         self.port = 0
         self._embedded: embedded.EmbeddedPostgres | None = None
         self._db: database.Database | None = None
@@ -88,14 +129,15 @@ class NexusServer:
     async def start(self) -> None:
         config = self.config
         authenticator = make_authenticator(config)
-        self._check_port_free()
+        check_port_free(config)
         if config.embedded:
             self._embedded = await asyncio.to_thread(embedded.EmbeddedPostgres.start, config.data_dir)
-        conn = await database.connect(self.database_url)
-        try:
-            await migrations.migrate(conn, embedding_dim=config.embedding_dim)
-        finally:
-            await conn.close()
+        if self._worker is None:
+            conn = await database.connect(self.database_url)
+            try:
+                await migrations.migrate(conn, embedding_dim=config.embedding_dim)
+            finally:
+                await conn.close()
         self._db = await database.Database.open(
             self.database_url,
             min_size=config.pool_min_size,
@@ -104,10 +146,7 @@ class NexusServer:
             slow_warn_ms=config.slow_query_warn_ms,
             slow_error_ms=config.slow_query_error_ms,
         )
-        secret = resolve_secret(config)
-        if not secret:
-            log.warning("event=page_tokens_per_process reason='no NEXUS_JWT_SECRET: page tokens are valid on this process only'")
-        page_tokens = PageTokens(secret.encode() if secret else secrets.token_bytes(32))
+        page_tokens = PageTokens(self._worker.page_token_key if self._worker else page_token_key(config))
         self._hub = EventHub(self.database_url, self._db, config.stream_buffer_events)
         await self._hub.start()
         self.maintenance = Maintenance(self._db, config)
@@ -144,24 +183,11 @@ class NexusServer:
             asyncio.create_task(self._probe_database()),
             asyncio.create_task(self.maintenance.run_forever()),
         ]
-        log.info("event=serving address=%s port=%d embedded=%s", config.host, self.port, config.embedded)
-
-    def _check_port_free(self) -> None:
-        """Fails before anything starts when the port is taken: gRPC's own bind error
-        comes late and does not say why. Port 0 and port sharing (reuse_port) skip it."""
-        config = self.config
-        if config.port == 0 or config.reuse_port:
-            return
-        try:
-            addresses = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            for family, kind, proto, _, address in addresses:
-                with socket.socket(family, kind, proto) as probe:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is no conflict
-                    probe.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ListenError(f"port {config.port} on {config.host} is in use") from None
-            raise ListenError(f"cannot listen on {config.listen_address}: {exc}") from None
+        if self._worker is None:
+            log.info("event=serving address=%s port=%d embedded=%s", config.host, self.port, config.embedded)
+        else:
+            log.info("event=worker_serving worker=%d pid=%d port=%d metrics_port=%d",
+                     self._worker.index, os.getpid(), self.port, config.metrics_port)
 
     def _bind(self, server: grpc.aio.Server) -> int:
         config = self.config

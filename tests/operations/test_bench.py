@@ -105,6 +105,7 @@ async def test_bench_runs_its_own_throwaway_server_and_leaves_the_configured_dat
     assert code == 0, stderr
     assert "ToggleResonance hot / uniform" in stdout and "reconcile drift 0" in stdout, stdout
     assert "CPU/call µs: server " in stdout, stdout
+    assert "workers: 1 worker and 2 workers side by side" in stdout, stdout
     assert await db.fetchval("SELECT count(*) FROM entries") == 0
     assert not data_dir.exists()
     assert left_behind(scratch) == []

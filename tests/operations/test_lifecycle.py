@@ -101,12 +101,15 @@ ROW_LOCK_ON_ONE_SERVER = pytest.mark.single_node(
 
 
 @ROW_LOCK_ON_ONE_SERVER
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_sigterm_drains_in_flight_calls_then_exits_zero(
-    db_url: str, db: asyncpg.Connection, tmp_path: Path
+    db_url: str, db: asyncpg.Connection, tmp_path: Path, workers: int
 ) -> None:
+    """With workers, the parent forwards SIGTERM and waits while the call's worker drains it."""
     port = free_port()
     env = nexus_env(
-        NEXUS_DATABASE_URL=db_url, NEXUS_JWT_SECRET=JWT_SECRET, NEXUS_PORT=port, NEXUS_SHUTDOWN_GRACE_S=10
+        NEXUS_DATABASE_URL=db_url, NEXUS_JWT_SECRET=JWT_SECRET, NEXUS_PORT=port, NEXUS_SHUTDOWN_GRACE_S=10,
+        NEXUS_WORKERS=workers,
     )
     log_file = tmp_path / "nexus.log"
     async with nexus_serve(env, log_file) as proc, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -65,6 +66,26 @@ async def nexus_serve(env: dict[str, str], log_file: Path) -> AsyncIterator[asyn
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def announced_port(proc: asyncio.subprocess.Process, log_file: Path, timeout: float = 60.0) -> int:
+    """The port of ``nexus serve``'s ``event=serving`` line (logged once every worker serves)."""
+
+    async def port() -> int | None:
+        if proc.returncode is not None:
+            pytest.fail(f"nexus exited with code {proc.returncode} before serving; its log:\n{log_file.read_text()}")
+        found = re.search(r"event=serving address=\S+ port=(\d+)", log_file.read_text())
+        return int(found.group(1)) if found else None
+
+    return await eventually(port, "nexus serve to log event=serving", timeout)
+
+
+def worker_pids(log_text: str) -> dict[int, list[int]]:
+    """Each worker's processes, in the order they logged ``event=worker_serving``."""
+    pids: dict[int, list[int]] = {}
+    for index, pid in re.findall(r"event=worker_serving worker=(\d+) pid=(\d+)", log_text):
+        pids.setdefault(int(index), []).append(int(pid))
+    return pids
 
 
 async def exit_code(proc: asyncio.subprocess.Process, timeout: float, log_file: Path) -> int:

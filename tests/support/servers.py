@@ -73,6 +73,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int) -> int:
+    """A port p such that p .. p + count - 1 are free (as far as binding them now tells)."""
+    for _ in range(100):
+        base = free_port()
+        with contextlib.ExitStack() as bound:
+            try:
+                for port in range(base, base + count):
+                    bound.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def own_connection(port: int) -> grpc.aio.Channel:
+    """A channel to 127.0.0.1:port on a TCP connection of its own: gRPC channels with the
+    same settings otherwise share one, and SO_REUSEPORT splits connections, not calls."""
+    return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+
+
 async def health_status(channel: grpc.aio.Channel) -> int | None:
     """The overall health status, or None when the server does not answer."""
     try:

@@ -36,6 +36,10 @@ def setup_logging(level: str) -> None:
 
 
 async def serve(config: Config) -> int:
+    if config.workers > 1:
+        from nexus.workers import serve_workers
+
+        return await serve_workers(config)
     from nexus.server import ListenError, NexusServer
 
     server = NexusServer(config)
