@@ -19,8 +19,11 @@ from support.waiting import eventually
 
 
 def nexus_env(**values: object) -> dict[str, str]:
-    """The environment without any inherited NEXUS_* setting, plus ``values``."""
+    """The environment without any inherited NEXUS_* setting, plus ``values``; a server
+    started with it is one process unless ``values`` asks for workers (the default,
+    the machine's cores, would make a test's processes depend on the machine)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env["NEXUS_WORKERS"] = "1"
     env.update({k: str(v) for k, v in values.items()})
     return env
 
