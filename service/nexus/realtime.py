@@ -29,10 +29,14 @@ On a Citus cluster a user's events are written on the worker that owns the
 user, and a NOTIFY fires only on the node where it is sent: the hub listens
 on the coordinator (broadcasts, and events of a coordinator without workers)
 and on every active primary worker of ``pg_dist_node``, all feeding the same
-hints. Those listeners live and die together: losing one reconnects all and
-re-reads every feed, as losing the single listener does on one node. The
-node list is checked every ``NODE_CHECK_S``; a change (a worker added or
-removed) reconnects the same way. Reads stay on the coordinator.
+hints. Each node's listener lives on its own: one that loses its connection
+reconnects by itself (hints sent meanwhile are lost, so on reconnecting it
+re-reads every feed), and the others keep delivering, so a worker that is
+down stops the streams of its users only. The node list is checked every
+``NODE_CHECK_S``: a worker added gets a listener, a worker removed loses
+its. Reads stay on the coordinator; a read of many users that fails (one of
+their workers is down) is retried user by user, so the users on healthy
+workers still get their events.
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ import collections
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -58,6 +63,9 @@ log = logging.getLogger("nexus.realtime")
 READ_BATCH = 256
 # Users whose events the hub reads in one query.
 USERS_PER_READ = 1000
+# Reads of one user each at once, after a read of many failed (a stalled worker
+# holds its users' reads until the statement timeout, not the others').
+SINGLE_USER_READS = 4
 RECONNECT_DELAYS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 NODE_CHECK_S = 30.0
 
@@ -121,20 +129,24 @@ class EventHub:
         self._broadcasts: dict[str, set[_Subscription]] = {}
         self._hinted: set[str] = set()
         self._wake = asyncio.Event()
-        # The coordinator's listener first, then one per worker.
-        self._conns: list[asyncpg.Connection] = []
-        self._workers: list[str] = []
+        # A listener per node, by its URL: the coordinator's, then one per worker.
+        self._listeners: dict[str, _Listener] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._closing = False
 
     async def start(self) -> None:
-        await self._listen()
+        """Listens on the coordinator (raising if it cannot) and on every worker
+        (in the background: a worker that is down does not keep the server from starting)."""
+        channels = {EVENTS_CHANNEL: self._on_event_hint, BROADCASTS_CHANNEL: self._on_broadcast}
+        coordinator = _Listener(self._url, "coordinator", channels, self._hint_every_feed)
+        await coordinator.connect()
+        self._listeners[self._url] = coordinator
+        coordinator.start(connected=True)
+        await self._listen_on_workers()
         self._spawn(self._deliver())
         self._spawn(self._watch_nodes())
 
     async def close(self) -> None:
         """Ends every stream (they end with UNAVAILABLE) and the listener."""
-        self._closing = True
         for task in self._tasks:
             task.cancel()
         for task in list(self._tasks):
@@ -146,79 +158,48 @@ class EventHub:
         for subscriptions in self._broadcasts.values():
             for subscription in subscriptions:
                 subscription.close()
-        for conn in self._conns:
-            if not conn.is_closed():
-                await conn.close()
+        for listener in self._listeners.values():
+            await listener.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # -- the listener connection -------------------------------------------
+    # -- the listeners ----------------------------------------------------------
 
-    async def _listen(self) -> None:
-        settings = {"application_name": "nexus-hub"}
-        conns = [await asyncpg.connect(self._url, server_settings=settings)]
-        try:
-            await conns[0].add_listener(EVENTS_CHANNEL, self._on_event_hint)
-            await conns[0].add_listener(BROADCASTS_CHANNEL, self._on_broadcast)
-            workers = await distribution.worker_urls(conns[0], self._url)
-            for url in workers:
-                conns.append(await asyncpg.connect(url, server_settings=settings))
-                await conns[-1].add_listener(EVENTS_CHANNEL, self._on_event_hint)
-        except BaseException:
-            for conn in conns:
-                conn.terminate()
-            raise
-        for conn in conns:
-            conn.add_termination_listener(self._on_connection_lost)
-        self._conns = conns
-        self._workers = workers
-
-    def _on_connection_lost(self, conn: asyncpg.Connection) -> None:
-        if self._closing or conn not in self._conns:
-            return  # closing, or one of a set already being replaced
-        log.warning("event=listener_lost node=%d", self._conns.index(conn))
-        self._restart_listeners()
-
-    def _restart_listeners(self) -> None:
-        conns, self._conns = self._conns, []
-        for other in conns:
-            other.terminate()
-        self._spawn(self._reconnect())
+    async def _listen_on_workers(self) -> None:
+        """Starts a listener on each worker that has none, and stops those of workers gone."""
+        async with self._db.pool.acquire() as conn:
+            workers = await distribution.worker_urls(conn, self._url)
+        for url, listener in list(self._listeners.items()):
+            if url != self._url and url not in workers:
+                log.info("event=cluster_node_removed node=%s", listener.name)
+                del self._listeners[url]
+                await listener.close()
+        for url in workers:
+            if url not in self._listeners:
+                parts = urlsplit(url)
+                name = f"{parts.hostname}:{parts.port}"
+                log.info("event=listening node=%s", name)
+                self._listeners[url] = listener = _Listener(
+                    url, name, {EVENTS_CHANNEL: self._on_event_hint}, self._hint_every_feed
+                )
+                listener.start(connected=False)
 
     async def _watch_nodes(self) -> None:
-        """Reconnects every listener when the cluster's workers change."""
+        """Follows the cluster's workers as they are added and removed."""
         while True:
             await asyncio.sleep(NODE_CHECK_S)
-            if not self._conns:
-                continue  # reconnecting; that reads the node list afresh
             try:
-                async with self._db.pool.acquire() as conn:
-                    workers = await distribution.worker_urls(conn, self._url)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                await self._listen_on_workers()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("event=node_check_failed error=%r", exc)
-                continue
-            if workers != self._workers and self._conns:
-                log.info("event=cluster_nodes_changed workers=%d", len(workers))
-                self._restart_listeners()
 
-    async def _reconnect(self) -> None:
-        attempt = 0
-        while True:
-            await asyncio.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)])
-            attempt += 1
-            try:
-                await self._listen()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("event=listener_reconnect_failed attempt=%d error=%r", attempt, exc)
-                continue
-            # Hints sent while disconnected are lost: re-read every feed.
-            for user_id in self._feeds:
-                self._hint(user_id)
-            log.info("event=listener_reconnected attempts=%d feeds=%d", attempt, len(self._feeds))
-            return
+    def _hint_every_feed(self) -> None:
+        """Hints sent while a listener was away are lost: every feed is read again."""
+        for user_id in self._feeds:
+            self._hint(user_id)
 
     def _on_event_hint(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         self._hint(payload.partition(" ")[0])
@@ -335,9 +316,16 @@ class EventHub:
             )
         except NexusError as exc:
             log.warning("event=hub_read_failed users=%d error=%r", len(users), exc)
-            await asyncio.sleep(RECONNECT_DELAYS_S[2])
-            for user_id in users:
-                self._hint(user_id)
+            if len(users) > 1:  # one of their workers may be down: the others' users still get their events
+                reads = asyncio.Semaphore(SINGLE_USER_READS)
+
+                async def read_alone(user_id: str) -> None:
+                    async with reads:
+                        await self._read([user_id])
+
+                await asyncio.gather(*(read_alone(user_id) for user_id in users))
+            elif users:  # read again later, without holding up the other users' reads
+                asyncio.get_running_loop().call_later(RECONNECT_DELAYS_S[2], self._hint, users[0])
             return
         read: collections.Counter[str] = collections.Counter()
         for row in rows:
@@ -352,6 +340,63 @@ class EventHub:
         for user_id, count in read.items():
             if count == READ_BATCH:  # more to read
                 self._hint(user_id)
+
+
+class _Listener:
+    """LISTEN on one node's channels, reconnecting by itself whenever its
+    connection is lost; ``on_connected`` runs on every (re)connection."""
+
+    def __init__(self, url: str, name: str, channels: Mapping[str, Callable[..., None]],
+                 on_connected: Callable[[], None]) -> None:
+        self._url = url
+        self.name = name
+        self._channels = channels
+        self._on_connected = on_connected
+        self._conn: asyncpg.Connection | None = None
+        self._lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        conn = await asyncpg.connect(self._url, server_settings={"application_name": "nexus-hub"})
+        self._lost.clear()
+        conn.add_termination_listener(lambda _conn: self._lost.set())
+        try:
+            for channel, callback in self._channels.items():
+                await conn.add_listener(channel, callback)
+        except BaseException:
+            conn.terminate()
+            raise
+        self._conn = conn
+
+    def start(self, *, connected: bool) -> None:
+        self._task = asyncio.create_task(self._run(connected))
+
+    async def _run(self, connected: bool) -> None:
+        attempt = 0
+        while True:
+            if connected:
+                if attempt:
+                    log.info("event=listener_reconnected node=%s attempts=%d", self.name, attempt)
+                self._on_connected()
+                attempt = 0
+                await self._lost.wait()
+                log.warning("event=listener_lost node=%s", self.name)
+            await asyncio.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)])
+            attempt += 1
+            try:
+                await self.connect()
+                connected = True
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                connected = False
+                log.warning("event=listener_reconnect_failed node=%s attempt=%d error=%r", self.name, attempt, exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._conn is not None and not self._conn.is_closed():
+            await self._conn.close()
 
 
 class EventStream:
