@@ -585,6 +585,19 @@ BEGIN
     FROM entry_counter_shards s WHERE s.entry_id = p_entry_id;
 END $$;
 
+-- Name: counter_totals_of(uuid[]); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.counter_totals_of(p_entry_ids uuid[]) RETURNS TABLE(entry_id uuid, resonance_count bigint, amplification_count bigint, share_count bigint)
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT s.entry_id, sum(s.resonance_count)::bigint, sum(s.amplification_count)::bigint,
+                sum(s.share_count)::bigint
+         FROM entry_counter_shards s WHERE s.entry_id = ANY (%L::uuid[])
+         GROUP BY s.entry_id', p_entry_ids);
+END $$;
+
 -- Name: entries; Type: TABLE; Schema: public
 
 CREATE TABLE public.entries (
@@ -854,17 +867,11 @@ DECLARE
     seen record := viewer_context(p_viewer, p_entry_ids);
 BEGIN
     RETURN QUERY
-    SELECT e.entry_id, c.resonance_count, c.amplification_count, e.branch_count::bigint, c.share_count
-    FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
-    JOIN entries e ON e.entry_id = asked.entry_id
-    CROSS JOIN LATERAL (
-        -- counter_totals, written out: inside a query Citus pushes down to the shards.
-        SELECT coalesce(sum(s.resonance_count), 0)::bigint AS resonance_count,
-               coalesce(sum(s.amplification_count), 0)::bigint AS amplification_count,
-               coalesce(sum(s.share_count), 0)::bigint AS share_count
-        FROM entry_counter_shards s WHERE s.entry_id = e.entry_id) c
-    WHERE e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, p_viewer, seen.followed)
-    ORDER BY asked.position;
+    SELECT e.entry_id, coalesce(c.resonance_count, 0), coalesce(c.amplification_count, 0), e.branch_count::bigint,
+           coalesce(c.share_count, 0)
+    FROM visible_entries(p_entry_ids, p_viewer, seen.followed) e
+    LEFT JOIN counter_totals_of(p_entry_ids) c ON c.entry_id = e.entry_id
+    ORDER BY array_position(p_entry_ids, e.entry_id);
 END $$;
 
 -- Name: follows_user(text, text); Type: FUNCTION; Schema: public
@@ -913,7 +920,9 @@ BEGIN
            coalesce(sum(s.follower_count), 0)::bigint,
            coalesce(sum(s.following_count), 0)::bigint
     FROM unnest(p_user_ids) WITH ORDINALITY AS asked (user_id, position)
-    LEFT JOIN follow_counter_shards s ON s.user_id = asked.user_id
+    -- Filtered by key first: on Citus that reads only the asked users' shards.
+    LEFT JOIN (SELECT * FROM follow_counter_shards WHERE follow_counter_shards.user_id = ANY (p_user_ids)) s
+        ON s.user_id = asked.user_id
     GROUP BY asked.user_id, asked.position
     ORDER BY asked.position;
 END $$;
@@ -965,7 +974,8 @@ BEGIN
     RETURN QUERY
     SELECT asked.user_id, coalesce(b.balance, 0), b.update_time
     FROM unnest(p_user_ids) WITH ORDINALITY AS asked (user_id, position)
-    LEFT JOIN balances b ON b.user_id = asked.user_id
+    -- Filtered by key first: on Citus that reads only the asked users' shards.
+    LEFT JOIN (SELECT * FROM balances WHERE balances.user_id = ANY (p_user_ids)) b ON b.user_id = asked.user_id
     ORDER BY asked.position;
 END $$;
 
@@ -984,23 +994,12 @@ BEGIN
                 THEN e.root_entry_id END,
            e.depth, e.branch_order, e.type,
            e.title, e.content, e.privacy, e.tags, e.metadata, e.create_time, e.update_time, e.branch_count::bigint,
-           c.resonance_count, c.amplification_count, c.share_count,
-           p_states_for IS NOT NULL AND EXISTS (
-               SELECT 1 FROM reactions r
-               WHERE r.user_id = p_states_for AND r.entry_id = e.entry_id AND r.kind = 'resonance'),
-           p_states_for IS NOT NULL AND EXISTS (
-               SELECT 1 FROM reactions r
-               WHERE r.user_id = p_states_for AND r.entry_id = e.entry_id AND r.kind = 'amplification')
-    FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
-    JOIN entries e ON e.entry_id = asked.entry_id
-    CROSS JOIN LATERAL (
-        -- counter_totals, written out: inside a query Citus pushes down to the shards.
-        SELECT coalesce(sum(s.resonance_count), 0)::bigint AS resonance_count,
-               coalesce(sum(s.amplification_count), 0)::bigint AS amplification_count,
-               coalesce(sum(s.share_count), 0)::bigint AS share_count
-        FROM entry_counter_shards s WHERE s.entry_id = e.entry_id) c
-    WHERE e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, p_viewer, seen.followed)
-    ORDER BY asked.position;
+           coalesce(c.resonance_count, 0), coalesce(c.amplification_count, 0), coalesce(c.share_count, 0),
+           coalesce(r.has_resonated, false), coalesce(r.has_amplified, false)
+    FROM visible_entries(p_entry_ids, p_viewer, seen.followed) e
+    LEFT JOIN counter_totals_of(p_entry_ids) c ON c.entry_id = e.entry_id
+    LEFT JOIN reaction_states(p_states_for, p_entry_ids) r ON r.entry_id = e.entry_id
+    ORDER BY array_position(p_entry_ids, e.entry_id);
 END $$;
 
 -- Name: get_memory(text, uuid); Type: FUNCTION; Schema: public
@@ -1649,6 +1648,21 @@ BEGIN
     RETURN result;
 END $$;
 
+-- Name: reaction_states(text, uuid[]); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.reaction_states(p_user_id text, p_entry_ids uuid[]) RETURNS TABLE(entry_id uuid, has_resonated boolean, has_amplified boolean)
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+    IF p_user_id IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE format(
+        'SELECT r.entry_id, bool_or(r.kind = ''resonance''), bool_or(r.kind = ''amplification'')
+         FROM reactions r WHERE r.entry_id = ANY (%L::uuid[]) AND r.user_id = %L
+         GROUP BY r.entry_id', p_entry_ids, p_user_id);
+END $$;
+
 -- Name: recency(interval); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.recency(p_age interval) RETURNS double precision
@@ -2115,15 +2129,10 @@ DECLARE
     seen record := viewer_context(p_user_id, p_entry_ids);
 BEGIN
     RETURN QUERY
-    SELECT asked.entry_id,
-           EXISTS (SELECT 1 FROM reactions r
-                   WHERE r.user_id = p_user_id AND r.entry_id = e.entry_id AND r.kind = 'resonance'),
-           EXISTS (SELECT 1 FROM reactions r
-                   WHERE r.user_id = p_user_id AND r.entry_id = e.entry_id AND r.kind = 'amplification')
-    FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
-    JOIN entries e ON e.entry_id = asked.entry_id
-    WHERE e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, p_user_id, seen.followed)
-    ORDER BY asked.position;
+    SELECT e.entry_id, coalesce(r.has_resonated, false), coalesce(r.has_amplified, false)
+    FROM visible_entries(p_entry_ids, p_user_id, seen.followed) e
+    LEFT JOIN reaction_states(p_user_id, p_entry_ids) r ON r.entry_id = e.entry_id
+    ORDER BY array_position(p_entry_ids, e.entry_id);
 END $$;
 
 -- Name: viewer_context(text, uuid[]); Type: FUNCTION; Schema: public
@@ -2142,15 +2151,31 @@ BEGIN
     IF p_viewer IS NOT NULL THEN
         SELECT coalesce(array_agg(DISTINCT e.author_id), '{}') INTO authors
         FROM entries e
-        WHERE (e.entry_id = ANY (p_entry_ids) OR e.entry_id = ANY (linked))
+        WHERE e.entry_id = ANY (p_entry_ids || linked)  -- one list: Citus reads only their shards
           AND e.privacy = 'followers' AND e.author_id <> p_viewer;
         IF cardinality(authors) > 0 THEN
             SELECT coalesce(array_agg(f.followed_id), '{}') INTO followed
             FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = ANY (authors);
         END IF;
     END IF;
-    SELECT coalesce(array_agg(e.entry_id), '{}') INTO visible_links
-    FROM entries e WHERE e.entry_id = ANY (linked) AND entry_visible_given(e.privacy, e.author_id, p_viewer, followed);
+    visible_links := '{}';
+    IF cardinality(linked) > 0 THEN  -- an empty list would make Citus read every shard
+        SELECT coalesce(array_agg(e.entry_id), '{}') INTO visible_links
+        FROM entries e WHERE e.entry_id = ANY (linked) AND entry_visible_given(e.privacy, e.author_id, p_viewer, followed);
+    END IF;
+END $$;
+
+-- Name: visible_entries(uuid[], text, text[]); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.visible_entries(p_entry_ids uuid[], p_viewer text, p_followed text[]) RETURNS SETOF public.entries
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT * FROM entries e
+         WHERE e.entry_id = ANY (%L::uuid[])
+           AND e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, %L, %L::text[])',
+        p_entry_ids, p_viewer, p_followed);
 END $$;
 
 -- Name: visible_entry(uuid, text, text); Type: FUNCTION; Schema: public

@@ -58,15 +58,18 @@ BEGIN
     IF p_viewer IS NOT NULL THEN
         SELECT coalesce(array_agg(DISTINCT e.author_id), '{}') INTO authors
         FROM entries e
-        WHERE (e.entry_id = ANY (p_entry_ids) OR e.entry_id = ANY (linked))
+        WHERE e.entry_id = ANY (p_entry_ids || linked)  -- one list: Citus reads only their shards
           AND e.privacy = 'followers' AND e.author_id <> p_viewer;
         IF cardinality(authors) > 0 THEN
             SELECT coalesce(array_agg(f.followed_id), '{}') INTO followed
             FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = ANY (authors);
         END IF;
     END IF;
-    SELECT coalesce(array_agg(e.entry_id), '{}') INTO visible_links
-    FROM entries e WHERE e.entry_id = ANY (linked) AND entry_visible_given(e.privacy, e.author_id, p_viewer, followed);
+    visible_links := '{}';
+    IF cardinality(linked) > 0 THEN  -- an empty list would make Citus read every shard
+        SELECT coalesce(array_agg(e.entry_id), '{}') INTO visible_links
+        FROM entries e WHERE e.entry_id = ANY (linked) AND entry_visible_given(e.privacy, e.author_id, p_viewer, followed);
+    END IF;
 END $$;
 
 -- The live, visible entry, or NX404 naming the request field p_field.
@@ -129,6 +132,51 @@ BEGIN
     FROM entry_counter_shards s WHERE s.entry_id = p_entry_id;
 END $$;
 
+-- Batch reads join the results of these three, each a read of one table
+-- filtered by key, its arguments written into the statement as literals:
+-- Citus then reads only the asked entries' shards, where a join of the tables,
+-- or a statement with parameters, reads every shard.
+
+-- The live entries among p_entry_ids that p_viewer may see (p_followed: from
+-- viewer_context), in no particular order.
+CREATE OR REPLACE FUNCTION visible_entries(p_entry_ids uuid[], p_viewer text, p_followed text[])
+RETURNS SETOF entries
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT * FROM entries e
+         WHERE e.entry_id = ANY (%L::uuid[])
+           AND e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, %L, %L::text[])',
+        p_entry_ids, p_viewer, p_followed);
+END $$;
+
+-- counter_totals of each of p_entry_ids that has counter shards.
+CREATE OR REPLACE FUNCTION counter_totals_of(p_entry_ids uuid[])
+RETURNS TABLE (entry_id uuid, resonance_count bigint, amplification_count bigint, share_count bigint)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT s.entry_id, sum(s.resonance_count)::bigint, sum(s.amplification_count)::bigint,
+                sum(s.share_count)::bigint
+         FROM entry_counter_shards s WHERE s.entry_id = ANY (%L::uuid[])
+         GROUP BY s.entry_id', p_entry_ids);
+END $$;
+
+-- Whether p_user_id has resonated with / amplified each of p_entry_ids it has
+-- reacted to (none when p_user_id is NULL).
+CREATE OR REPLACE FUNCTION reaction_states(p_user_id text, p_entry_ids uuid[])
+RETURNS TABLE (entry_id uuid, has_resonated boolean, has_amplified boolean)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF p_user_id IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE format(
+        'SELECT r.entry_id, bool_or(r.kind = ''resonance''), bool_or(r.kind = ''amplification'')
+         FROM reactions r WHERE r.entry_id = ANY (%L::uuid[]) AND r.user_id = %L
+         GROUP BY r.entry_id', p_entry_ids, p_user_id);
+END $$;
+
 -- Counts of entries in the order asked for; entries p_viewer may not see,
 -- deleted and unknown entries are absent.
 CREATE OR REPLACE FUNCTION entry_counts(p_entry_ids uuid[], p_viewer text)
@@ -139,17 +187,11 @@ DECLARE
     seen record := viewer_context(p_viewer, p_entry_ids);
 BEGIN
     RETURN QUERY
-    SELECT e.entry_id, c.resonance_count, c.amplification_count, e.branch_count::bigint, c.share_count
-    FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
-    JOIN entries e ON e.entry_id = asked.entry_id
-    CROSS JOIN LATERAL (
-        -- counter_totals, written out: inside a query Citus pushes down to the shards.
-        SELECT coalesce(sum(s.resonance_count), 0)::bigint AS resonance_count,
-               coalesce(sum(s.amplification_count), 0)::bigint AS amplification_count,
-               coalesce(sum(s.share_count), 0)::bigint AS share_count
-        FROM entry_counter_shards s WHERE s.entry_id = e.entry_id) c
-    WHERE e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, p_viewer, seen.followed)
-    ORDER BY asked.position;
+    SELECT e.entry_id, coalesce(c.resonance_count, 0), coalesce(c.amplification_count, 0), e.branch_count::bigint,
+           coalesce(c.share_count, 0)
+    FROM visible_entries(p_entry_ids, p_viewer, seen.followed) e
+    LEFT JOIN counter_totals_of(p_entry_ids) c ON c.entry_id = e.entry_id
+    ORDER BY array_position(p_entry_ids, e.entry_id);
 END $$;
 
 -- The entry an earlier call with this request_id created (NULL: none); the
@@ -270,23 +312,12 @@ BEGIN
                 THEN e.root_entry_id END,
            e.depth, e.branch_order, e.type,
            e.title, e.content, e.privacy, e.tags, e.metadata, e.create_time, e.update_time, e.branch_count::bigint,
-           c.resonance_count, c.amplification_count, c.share_count,
-           p_states_for IS NOT NULL AND EXISTS (
-               SELECT 1 FROM reactions r
-               WHERE r.user_id = p_states_for AND r.entry_id = e.entry_id AND r.kind = 'resonance'),
-           p_states_for IS NOT NULL AND EXISTS (
-               SELECT 1 FROM reactions r
-               WHERE r.user_id = p_states_for AND r.entry_id = e.entry_id AND r.kind = 'amplification')
-    FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
-    JOIN entries e ON e.entry_id = asked.entry_id
-    CROSS JOIN LATERAL (
-        -- counter_totals, written out: inside a query Citus pushes down to the shards.
-        SELECT coalesce(sum(s.resonance_count), 0)::bigint AS resonance_count,
-               coalesce(sum(s.amplification_count), 0)::bigint AS amplification_count,
-               coalesce(sum(s.share_count), 0)::bigint AS share_count
-        FROM entry_counter_shards s WHERE s.entry_id = e.entry_id) c
-    WHERE e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, p_viewer, seen.followed)
-    ORDER BY asked.position;
+           coalesce(c.resonance_count, 0), coalesce(c.amplification_count, 0), coalesce(c.share_count, 0),
+           coalesce(r.has_resonated, false), coalesce(r.has_amplified, false)
+    FROM visible_entries(p_entry_ids, p_viewer, seen.followed) e
+    LEFT JOIN counter_totals_of(p_entry_ids) c ON c.entry_id = e.entry_id
+    LEFT JOIN reaction_states(p_states_for, p_entry_ids) r ON r.entry_id = e.entry_id
+    ORDER BY array_position(p_entry_ids, e.entry_id);
 END $$;
 
 -- Depth-first pre-order over the subtree of p_entry_id, after the node whose

@@ -68,7 +68,9 @@ BEGIN
            coalesce(sum(s.follower_count), 0)::bigint,
            coalesce(sum(s.following_count), 0)::bigint
     FROM unnest(p_user_ids) WITH ORDINALITY AS asked (user_id, position)
-    LEFT JOIN follow_counter_shards s ON s.user_id = asked.user_id
+    -- Filtered by key first: on Citus that reads only the asked users' shards.
+    LEFT JOIN (SELECT * FROM follow_counter_shards WHERE follow_counter_shards.user_id = ANY (p_user_ids)) s
+        ON s.user_id = asked.user_id
     GROUP BY asked.user_id, asked.position
     ORDER BY asked.position;
 END $$;

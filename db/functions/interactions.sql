@@ -234,15 +234,10 @@ DECLARE
     seen record := viewer_context(p_user_id, p_entry_ids);
 BEGIN
     RETURN QUERY
-    SELECT asked.entry_id,
-           EXISTS (SELECT 1 FROM reactions r
-                   WHERE r.user_id = p_user_id AND r.entry_id = e.entry_id AND r.kind = 'resonance'),
-           EXISTS (SELECT 1 FROM reactions r
-                   WHERE r.user_id = p_user_id AND r.entry_id = e.entry_id AND r.kind = 'amplification')
-    FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
-    JOIN entries e ON e.entry_id = asked.entry_id
-    WHERE e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, p_user_id, seen.followed)
-    ORDER BY asked.position;
+    SELECT e.entry_id, coalesce(r.has_resonated, false), coalesce(r.has_amplified, false)
+    FROM visible_entries(p_entry_ids, p_user_id, seen.followed) e
+    LEFT JOIN reaction_states(p_user_id, p_entry_ids) r ON r.entry_id = e.entry_id
+    ORDER BY array_position(p_entry_ids, e.entry_id);
 END $$;
 
 -- Records the user's interaction with a target, one row per (user, target);
