@@ -153,6 +153,9 @@ class CitusCluster:
         self._pg("initdb", ["-D", str(node.pgdata), "-U", DATABASE_USER, "--auth=trust", "--encoding=utf8", "--no-sync"])
         with (node.pgdata / "postgresql.conf").open("a") as conf:
             conf.write(NODE_SETTINGS + ("" if self.durable else NOT_DURABLE_SETTINGS) + f"port = {node.port}\n")
+        self._start_node(node)
+
+    def _start_node(self, node: CitusNode) -> None:
         self._pg("pg_ctl", ["-D", str(node.pgdata), "-l", str(node.pgdata / "server.log"), "-w", "-t", "60", "start"])
 
     async def stop(self) -> None:
@@ -160,9 +163,17 @@ class CitusCluster:
         await asyncio.gather(*(asyncio.to_thread(self._stop_node, node) for node in self.nodes))
         log.info("event=citus_cluster_stopped coordinator_port=%d", self.coordinator.port)
 
-    def _stop_node(self, node: CitusNode) -> None:
+    def _stop_node(self, node: CitusNode, mode: str = "fast") -> None:
         if (node.pgdata / "postmaster.pid").exists():
-            self._pg("pg_ctl", ["-D", str(node.pgdata), "-w", "-m", "fast", "stop"])
+            self._pg("pg_ctl", ["-D", str(node.pgdata), "-w", "-m", mode, "stop"])
+
+    async def crash_node(self, node: CitusNode) -> None:
+        """Stops one node as a crash would (``pg_ctl stop -m immediate``: no checkpoint,
+        every connection cut); ``restart_node`` brings it back, recovering from its WAL."""
+        await asyncio.to_thread(self._stop_node, node, "immediate")
+
+    async def restart_node(self, node: CitusNode) -> None:
+        await asyncio.to_thread(self._start_node, node)
 
     def remove(self) -> None:
         shutil.rmtree(self.base_dir, ignore_errors=True)

@@ -27,6 +27,7 @@ from nexus.server import NexusServer
 from nexus.v1 import token_pb2 as pb
 from nexus.v1 import token_pb2_grpc
 
+from support.databases import users_on_both_workers
 from support.rpc import SERVICE, auth
 from support.servers import server_config
 
@@ -165,23 +166,6 @@ async def test_a_delegated_toggle_runs_on_the_worker_that_owns_the_entry(coordin
     remote = [n for n in notices if "apply_reactions" in n]
     assert len(remote) == 1, f"not one delegated call: {notices}"
     assert f":{owner} " in remote[0], remote[0]  # "on server postgres@127.0.0.1:<port> connectionId: ..."
-
-
-async def users_on_both_workers(conn: asyncpg.Connection, prefix: str, per_worker: int) -> dict[int, list[str]]:
-    """User ids whose balances shards sit on each worker, found from the catalog."""
-    found: dict[int, list[str]] = {}
-    for n in itertools.count():
-        user = f"{prefix}-{n}"
-        port = await conn.fetchval(
-            """SELECT nodeport FROM citus_shards
-               WHERE shardid = get_shard_id_for_distribution_column('balances', $1::text)""",
-            user,
-        )
-        if len(found.setdefault(port, [])) < per_worker:
-            found[port].append(user)
-        if len(found) == 2 and all(len(v) == per_worker for v in found.values()):
-            return found
-    raise AssertionError("unreachable")
 
 
 @contextlib.asynccontextmanager
