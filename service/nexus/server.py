@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -60,8 +61,37 @@ HEALTH_PROBE_INTERVAL_S = 0.5
 HEALTH_PROBE_TIMEOUT_S = 1.0
 
 
-class ListenError(Exception):
+class StartupError(Exception):
+    """The server cannot start for a reason its operator must fix; the message says
+    which, in one line (``nexus serve`` prints it and exits 1)."""
+
+
+class ListenError(StartupError):
     """The gRPC address cannot be listened on (the port is in use, or the host is not local)."""
+
+
+# What a database that cannot be reached, or refuses the connection, raises.
+DATABASE_UNREACHABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+async def migrate_once(url: str, config: Config) -> None:
+    """Applies the pending migrations on a connection of its own."""
+    conn = await database.connect(url)
+    try:
+        await migrations.migrate(conn, embedding_dim=config.embedding_dim)
+    finally:
+        await conn.close()
+
+
+def make_authenticator(config: Config) -> Authenticator:
+    """The token checker; StartupError when no token key is configured."""
+    public_key = Path(config.jwt_public_key_file).read_text() if config.jwt_public_key_file else None
+    try:
+        return Authenticator(
+            resolve_secret(config), public_key, leeway_s=config.jwt_leeway_s, max_lifetime_s=config.jwt_max_lifetime_s
+        )
+    except ValueError as exc:
+        raise StartupError(f"configuration error: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -101,11 +131,6 @@ def check_port_free(config: Config) -> None:
         raise ListenError(f"cannot listen on {config.listen_address}: {exc}") from None
 
 
-def make_authenticator(config: Config) -> Authenticator:
-    public_key = Path(config.jwt_public_key_file).read_text() if config.jwt_public_key_file else None
-    return Authenticator(
-        resolve_secret(config), public_key, leeway_s=config.jwt_leeway_s, max_lifetime_s=config.jwt_max_lifetime_s
-    )
 
 
 class NexusServer:
@@ -132,23 +157,22 @@ class NexusServer:
         check_port_free(config)
         if config.embedded:
             self._embedded = await asyncio.to_thread(embedded.EmbeddedPostgres.start, config.data_dir)
-        if self._worker is None:
-            conn = await database.connect(self.database_url)
-            try:
-                await migrations.migrate(conn, embedding_dim=config.embedding_dim)
-            finally:
-                await conn.close()
-        self._db = await database.Database.open(
-            self.database_url,
-            min_size=config.pool_min_size,
-            max_size=config.pool_max_size,
-            statement_timeout_ms=config.statement_timeout_ms,
-            slow_warn_ms=config.slow_query_warn_ms,
-            slow_error_ms=config.slow_query_error_ms,
-        )
+        try:
+            if self._worker is None:
+                await migrate_once(self.database_url, config)
+            self._db = await database.Database.open(
+                self.database_url,
+                min_size=config.pool_min_size,
+                max_size=config.pool_max_size,
+                statement_timeout_ms=config.statement_timeout_ms,
+                slow_warn_ms=config.slow_query_warn_ms,
+                slow_error_ms=config.slow_query_error_ms,
+            )
+            self._hub = EventHub(self.database_url, self._db, config.stream_buffer_events)
+            await self._hub.start()
+        except DATABASE_UNREACHABLE as exc:
+            raise StartupError(f"cannot connect to the database: {exc}") from exc
         page_tokens = PageTokens(self._worker.page_token_key if self._worker else page_token_key(config))
-        self._hub = EventHub(self.database_url, self._db, config.stream_buffer_events)
-        await self._hub.start()
         self.maintenance = Maintenance(self._db, config)
 
         server = grpc.aio.server(

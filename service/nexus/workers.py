@@ -42,14 +42,23 @@ import socket
 import sys
 from multiprocessing.connection import Connection
 
-import asyncpg
 import uvloop
 
-from nexus import database, embedded, migrations
+from nexus import database, embedded
 from nexus.auth import resolve_secret
 from nexus.cli import setup_logging
 from nexus.config import Config
-from nexus.server import ListenError, NexusServer, WorkerRole, check_port_free, page_token_key
+from nexus.server import (
+    DATABASE_UNREACHABLE,
+    ListenError,
+    NexusServer,
+    StartupError,
+    WorkerRole,
+    check_port_free,
+    make_authenticator,
+    migrate_once,
+    page_token_key,
+)
 
 log = logging.getLogger("nexus.workers")
 
@@ -156,6 +165,7 @@ class Supervisor:
 
     async def _start(self) -> None:
         config = self.config
+        make_authenticator(config)  # a missing token key stops the server before anything starts
         check_port_free(config)
         self._reservation = reserve_port(config)
         port = self._reservation.getsockname()[1]
@@ -164,12 +174,11 @@ class Supervisor:
             # database is up (and then stopped), never while it is half-way started.
             self._embedded = embedded.EmbeddedPostgres.start(config.data_dir)
         url = self._embedded.url if self._embedded else config.database_url
-        conn = await database.connect(url)
         try:
-            await migrations.migrate(conn, embedding_dim=config.embedding_dim)
-            await self._warn_if_connections_run_short(conn)
-        finally:
-            await conn.close()
+            await migrate_once(url, config)
+            await self._warn_if_connections_run_short(url)
+        except DATABASE_UNREACHABLE as exc:
+            raise StartupError(f"cannot connect to the database: {exc}") from exc
         self._worker_config = dataclasses.replace(
             config, database_url=url, jwt_secret=resolve_secret(config), port=port, reuse_port=True
         )
@@ -185,10 +194,14 @@ class Supervisor:
         config = dataclasses.replace(self._worker_config, metrics_port=metrics_port)
         return Worker(config, WorkerRole(index, self._page_token_key))
 
-    async def _warn_if_connections_run_short(self, conn: asyncpg.Connection) -> None:
+    async def _warn_if_connections_run_short(self, url: str) -> None:
         """Pools are per worker: says so when all of them full would pass the database's limit."""
         per_worker = self.config.pool_max_size + CONNECTIONS_BESIDES_POOL
-        limit = int(await conn.fetchval("SHOW max_connections"))
+        conn = await database.connect(url)
+        try:
+            limit = int(await conn.fetchval("SHOW max_connections"))
+        finally:
+            await conn.close()
         if self.config.workers * per_worker > limit:
             log.warning("event=database_connections_short workers=%d connections_per_worker=%d max_connections=%d",
                         self.config.workers, per_worker, limit)
@@ -249,7 +262,7 @@ async def serve_workers(config: Config) -> int:
         if serving in done:
             serving.result()  # Supervisor.serve ends only by raising
         log.info("event=shutdown_requested grace_s=%s", config.shutdown_grace_s)
-    except (ListenError, WorkerFailed) as exc:
+    except (StartupError, WorkerFailed) as exc:
         failure = exc
     finally:
         serving.cancel()
@@ -289,7 +302,7 @@ async def _serve_worker(config: Config, role: WorkerRole, reports: Connection) -
         await server.start()
     except Exception as exc:
         await server.stop(grace=0)
-        if not isinstance(exc, ListenError):
+        if not isinstance(exc, StartupError):
             log.exception("event=worker_start_failed worker=%d", role.index)
         reports.send(f"worker {role.index} could not start: {exc}")
         return 1

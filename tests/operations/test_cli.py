@@ -96,6 +96,22 @@ async def test_reconcile_of_a_data_dir_that_does_not_exist_is_an_error_and_creat
 # --- migrate ----------------------------------------------------------------------
 
 
+async def test_serve_without_a_token_key_or_a_reachable_database_prints_one_line() -> None:
+    """With one worker and with several: the cause in the last line, exit 1, no traceback."""
+    unreachable = "postgresql://nexus@127.0.0.1:1/nexus"
+    for workers in ("1", "2"):
+        no_key = nexus_env(NEXUS_DATABASE_URL=unreachable, NEXUS_WORKERS=workers, NEXUS_PORT=str(free_port()))
+        no_database = {**no_key, "NEXUS_JWT_SECRET": JWT_SECRET}
+        for env, expected in (
+            (no_key, "nexus: configuration error: no token key configured: set NEXUS_JWT_SECRET"),
+            (no_database, "nexus: cannot connect to the database: "),
+        ):
+            run = await run_nexus("serve", env=env)
+            assert run.code == 1, (workers, run.output)
+            assert "Traceback" not in run.stderr, run.output
+            assert run.stderr.strip().splitlines()[-1].startswith(expected), run.output
+
+
 async def test_migrate_and_serve_on_a_database_of_the_old_layout_print_one_line(pg_admin_url: str) -> None:
     """A database migrated before the baseline schema: one line saying how to start fresh, exit 1, nothing written."""
     async with scratch_database(pg_admin_url, "nexus_old_layout") as url:

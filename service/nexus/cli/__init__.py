@@ -40,14 +40,14 @@ async def serve(config: Config) -> int:
         from nexus.workers import serve_workers
 
         return await serve_workers(config)
-    from nexus.server import ListenError, NexusServer
+    from nexus.server import NexusServer, StartupError
 
     server = NexusServer(config)
     try:
         await server.start()
     except Exception as exc:
         await server.stop(grace=0)  # whatever had started (the embedded database, the pool) stops again
-        if not isinstance(exc, ListenError):
+        if not isinstance(exc, StartupError):
             raise
         print(f"nexus: {exc}", file=sys.stderr)
         return 1
