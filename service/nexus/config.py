@@ -97,6 +97,13 @@ class Config:
             "doc": "PostgreSQL 16 or later with pgvector, or a Citus coordinator (docs/citus.md).",
         },
     )
+    citus_without_workers: bool = field(
+        default=False,
+        metadata={
+            "help": "Migrate a database that has the citus extension but no active worker, keeping its tables "
+            "on the coordinator. Off, such a database is refused: its workers are missing (docs/citus.md)."
+        },
+    )
     jwt_secret: str = field(
         default="",
         metadata={

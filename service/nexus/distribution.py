@@ -94,15 +94,40 @@ FUNCTIONS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+async def has_citus(conn: asyncpg.Connection) -> bool:
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"))
+
+
+async def _active_workers(conn: asyncpg.Connection) -> int:
+    return int(
+        await conn.fetchval("SELECT count(*) FROM pg_dist_node WHERE groupid <> 0 AND noderole = 'primary' AND isactive")
+    )
+
+
 async def is_cluster(conn: asyncpg.Connection) -> bool:
     """Whether the database is a Citus coordinator with an active primary worker."""
-    if not await conn.fetchval("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"):
-        return False
-    return bool(
-        await conn.fetchval(
-            "SELECT EXISTS (SELECT FROM pg_dist_node WHERE groupid <> 0 AND noderole = 'primary' AND isactive)"
-        )
+    return await has_citus(conn) and await _active_workers(conn) > 0
+
+
+async def has_citus_without_workers(conn: asyncpg.Connection) -> bool:
+    return await has_citus(conn) and await _active_workers(conn) == 0
+
+
+async def describe(conn: asyncpg.Connection) -> str:
+    """The database's layout in one line, as ``nexus migrate`` reports it."""
+    if not await is_cluster(conn):
+        return "layout: one PostgreSQL server" + (" (citus installed, no workers)" if await has_citus(conn) else "")
+    tables = await conn.fetchval(
+        "SELECT count(*) FROM pg_dist_partition WHERE logicalrelid::text = ANY ($1)", [name for name, _, _ in TABLES]
     )
+    functions = await conn.fetchval(
+        """SELECT count(*) FROM pg_dist_object o JOIN pg_proc p ON p.oid = o.objid
+           WHERE o.classid = 'pg_proc'::regclass AND o.distribution_argument_index IS NOT NULL
+             AND p.proname = ANY ($1)""",
+        [name for name, _, _ in FUNCTIONS],
+    )
+    return (f"layout: Citus, {await _active_workers(conn)} active worker(s); "
+            f"{tables} of {len(TABLES)} tables distributed, {functions} of {len(FUNCTIONS)} functions delegated")
 
 
 def node_url(url: str, host: str, port: int, database: str) -> str:

@@ -102,6 +102,7 @@ async def migrate(
     repeatables: list[Migration] | None = None,
     *,
     embedding_dim: int = DEFAULT_EMBEDDING_DIM,
+    citus_without_workers: bool = False,
 ) -> list[str]:
     """Applies pending migrations, then new or changed repeatable files; returns
     the names applied (none: already up to date).
@@ -109,9 +110,19 @@ async def migrate(
     ``embedding_dim`` sizes the memory embeddings when their table is created
     (the baseline reads it as ``nexus.embedding_dim``); for an existing table it
     must match, since the vector indexes are built for one dimension.
+
+    A database with the ``citus`` extension but no active worker is refused
+    (its tables would stay on the coordinator, undistributed, without a word)
+    unless ``citus_without_workers``.
     """
     migrations = load_migrations() if migrations is None else migrations
     repeatables = load_repeatables() if repeatables is None else repeatables
+    if not citus_without_workers and await distribution.has_citus_without_workers(conn):
+        raise MigrationError(
+            "this database has the citus extension but no active worker in pg_dist_node: add the workers "
+            "in this database (SELECT citus_add_node(host, port), docs/citus.md) or set "
+            "NEXUS_CITUS_WITHOUT_WORKERS=true to keep its tables on the coordinator"
+        )
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
         await conn.execute("SELECT set_config('nexus.embedding_dim', $1, false)", str(embedding_dim))

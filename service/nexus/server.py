@@ -78,7 +78,9 @@ async def migrate_once(url: str, config: Config) -> None:
     """Applies the pending migrations on a connection of its own."""
     conn = await database.connect(url)
     try:
-        await migrations.migrate(conn, embedding_dim=config.embedding_dim)
+        await migrations.migrate(
+            conn, embedding_dim=config.embedding_dim, citus_without_workers=config.citus_without_workers
+        )
     finally:
         await conn.close()
 

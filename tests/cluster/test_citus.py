@@ -33,8 +33,11 @@ from devtools.citus_cluster import (
     create_cluster_database,
     drop_cluster_database,
 )
-from nexus import database, migrations
+from nexus import database, distribution, migrations
 from nexus.distribution import node_url
+
+from support.databases import scratch_database
+from support.processes import nexus_env, run_nexus
 
 _numbers = itertools.count()
 
@@ -193,3 +196,38 @@ async def test_postgres_programs_run_as_the_system_user_while_grpc_is_busy(tmp_p
         assert (home / "pgdata" / "PG_VERSION").owner() == cluster.system_user
     finally:
         shutil.rmtree(home)
+
+
+async def test_migrate_refuses_citus_without_workers_and_says_what_it_sees(citus_url: str, citus_db: str) -> None:
+    """A coordinator database whose workers were never added would stay single-node
+    without a word: `nexus migrate` refuses it in one line unless told otherwise, and
+    reports the layout it leaves (with the workers: every table distributed)."""
+    async with scratch_database(citus_url, "nexus_no_workers") as lonely:
+        conn = await asyncpg.connect(lonely)
+        try:
+            await conn.execute("CREATE EXTENSION citus")
+        finally:
+            await conn.close()
+        env = nexus_env(NEXUS_DATABASE_URL=lonely)
+        refused = await run_nexus("migrate", env=env)
+        assert refused.code == 1, refused.output
+        assert refused.error_line.startswith("nexus: this database has the citus extension but no active worker"), (
+            refused.output
+        )
+        assert "Traceback" not in refused.stderr
+        conn = await asyncpg.connect(lonely)
+        try:
+            assert await conn.fetchval("SELECT to_regclass('schema_migrations')") is None, "refused, yet written"
+        finally:
+            await conn.close()
+        allowed = await run_nexus("migrate", env={**env, "NEXUS_CITUS_WITHOUT_WORKERS": "true"})
+        assert allowed.code == 0, allowed.output
+        assert allowed.stdout.splitlines()[-1] == "layout: one PostgreSQL server (citus installed, no workers)"
+
+    distributed = await run_nexus("migrate", env=nexus_env(NEXUS_DATABASE_URL=citus_db))
+    assert distributed.code == 0, distributed.output
+    tables, functions = len(distribution.TABLES), len(distribution.FUNCTIONS)
+    assert distributed.stdout.splitlines()[-1] == (
+        f"layout: Citus, 2 active worker(s); {tables} of {tables} tables distributed, "
+        f"{functions} of {functions} functions delegated"
+    ), distributed.output

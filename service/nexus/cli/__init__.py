@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nexus import config as config_module
-from nexus import migrations
+from nexus import distribution, migrations
 from nexus.auth import mint_token
 from nexus.cli import client
 from nexus.config import Config
@@ -63,8 +63,12 @@ async def serve(config: Config) -> int:
 
 async def migrate(config: Config) -> int:
     async with client.database_connection(config, create=True) as conn:
-        applied = await migrations.migrate(conn, embedding_dim=config.embedding_dim)
+        applied = await migrations.migrate(
+            conn, embedding_dim=config.embedding_dim, citus_without_workers=config.citus_without_workers
+        )
+        layout = await distribution.describe(conn)
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'already up to date'}")
+    print(layout)
     return 0
 
 
