@@ -41,7 +41,9 @@ from support.rpc import Clients, auth, rpc_error
 from support.servers import serving
 from support.vectors import create, distance, f32, random_vector
 
-pytestmark = pytest.mark.cluster
+# On the cluster, every call of this file runs inside one user's worker as it
+# does on one node: the cluster pass of CI keeps the tests of racing writes
+# (marked cluster), the release check runs them all.
 
 K1, B = 1.2, 0.75
 COSINE = pb.DISTANCE_METRIC_COSINE
@@ -174,6 +176,7 @@ async def test_statistics_follow_updates_and_deletes(clients: Clients, db: async
     assert (row["memory_count"], row["search_length_total"], row["total"]) == (4, 11, 11)
 
 
+@pytest.mark.cluster
 async def test_concurrent_writes_keep_the_length_statistics_exact(clients: Clients, db: asyncpg.Connection) -> None:
     stub = clients.memories
     rng = random.Random(5)
@@ -449,6 +452,7 @@ def update_content(
     )  # fmt: skip
 
 
+@pytest.mark.cluster
 async def test_term_statistics_stay_exact_under_concurrent_writes(clients: Clients, db: asyncpg.Connection) -> None:
     """memory_terms (each lexeme of each memory with its count and the memory's
     length) against a recount from the contents, after concurrent creates,
@@ -485,6 +489,7 @@ async def test_term_statistics_stay_exact_under_concurrent_writes(clients: Clien
     assert await db.fetchval("SELECT count(*) FROM memory_terms WHERE user_id = 'carol'") == 0
 
 
+@pytest.mark.cluster
 async def test_term_statistics_stay_exact_when_writes_race_on_one_memory(
     clients: Clients, db: asyncpg.Connection
 ) -> None:

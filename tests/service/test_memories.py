@@ -39,7 +39,9 @@ from nexus.v1 import memory_pb2 as pb
 
 from support.rpc import SERVICE, Clients, all_pages, auth, bad_request_fields, rpc_error
 
-pytestmark = pytest.mark.cluster
+# On the cluster, every call of this file runs inside one user's worker as it
+# does on one node: the cluster pass of CI keeps the tests of racing writes
+# (marked cluster), the release check runs them all.
 
 DIM = 384
 PAST, PRESENT, FUTURE = pb.TEMPORAL_TYPE_PAST, pb.TEMPORAL_TYPE_PRESENT, pb.TEMPORAL_TYPE_FUTURE
@@ -397,6 +399,7 @@ async def test_a_retry_returns_the_same_memory_and_other_arguments_are_already_e
     assert (await create(clients, "bob", "once", request_id="req-1", **args)).memory_id != first.memory_id
 
 
+@pytest.mark.cluster
 async def test_twenty_concurrent_sends_of_one_request_id_create_one_memory(clients: Clients, db: asyncpg.Connection) -> None:
     await existing_user(clients, "alice")
     args = dict(request_id="burst", gravity_score=0.95, emotion_type="joy")
@@ -417,6 +420,7 @@ async def test_a_retry_after_the_memory_was_deleted_is_not_found(clients: Client
 
 
 
+@pytest.mark.cluster
 async def test_concurrent_creates_share_commits_and_each_keeps_its_own_outcome(
     clients: Clients, db: asyncpg.Connection
 ) -> None:
@@ -511,6 +515,7 @@ async def test_an_update_that_makes_a_memory_qualify_forms_the_arc(clients: Clie
     assert await open_arcs(db, "alice") == {"joy": {m.memory_id for m in [*strong, weak]}}
 
 
+@pytest.mark.cluster
 async def test_concurrent_strong_inserts_form_exactly_one_arc_with_every_member(
     clients: Clients, db: asyncpg.Connection
 ) -> None:
@@ -658,6 +663,7 @@ async def test_the_seed_query_last_7_days_gravity_at_least_07_newest_50(clients:
     assert rest.next_page_token == ""
 
 
+@pytest.mark.cluster
 async def test_pagination_returns_every_memory_once_while_memories_arrive(clients: Clients) -> None:
     originals = {(await create(clients, "alice", f"m{i}")).memory_id for i in range(23)}
     arrived, seen, page_token = set(), [], ""
