@@ -167,6 +167,15 @@ class CitusCluster:
         if (node.pgdata / "postmaster.pid").exists():
             self._pg("pg_ctl", ["-D", str(node.pgdata), "-w", "-m", mode, "stop"])
 
+    async def add_worker(self) -> CitusNode:
+        """Starts one more node and adds it to the cluster (in the ``postgres`` database),
+        with no shards yet: ``citus_rebalance_start`` moves some to it."""
+        node = CitusNode(f"worker{len(self.workers) + 1}", self.base_dir / f"worker{len(self.workers) + 1}", _free_port())
+        await asyncio.to_thread(self._init_and_start, node)
+        self.workers.append(node)
+        await join_cluster(self.coordinator.url(), (HOST, self.coordinator.port), [(HOST, node.port)], [node.url()])
+        return node
+
     async def crash_node(self, node: CitusNode) -> None:
         """Stops one node as a crash would (``pg_ctl stop -m immediate``: no checkpoint,
         every connection cut); ``restart_node`` brings it back, recovering from its WAL."""

@@ -67,7 +67,8 @@ USERS_PER_READ = 1000
 # holds its users' reads until the statement timeout, not the others').
 SINGLE_USER_READS = 4
 RECONNECT_DELAYS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
-NODE_CHECK_S = 30.0
+# Often enough that a stream of a user whose shard moves to a new worker stays live.
+NODE_CHECK_S = 1.0
 
 
 class _Subscription:
