@@ -197,6 +197,10 @@ class EventHub:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("event=node_check_failed error=%r", exc)
 
+    def unreachable_nodes(self) -> list[str]:
+        """The nodes (host:port) whose listener is not connected now: their users' streams wait."""
+        return sorted(listener.name for listener in self._listeners.values() if not listener.connected)
+
     def _hint_every_feed(self) -> None:
         """Hints sent while a listener was away are lost: every feed is read again."""
         for user_id in self._feeds:
@@ -368,6 +372,10 @@ class _Listener:
             conn.terminate()
             raise
         self._conn = conn
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._lost.is_set()
 
     def start(self, *, connected: bool) -> None:
         self._task = asyncio.create_task(self._run(connected))

@@ -58,6 +58,10 @@ SERVICE_NAMES = tuple(
 # gets no answer within the timeout (a stalled or dead database), SERVING again
 # at the first answer.
 HEALTH_PROBE_INTERVAL_S = 0.5
+# The health service name of the cluster's workers: NOT_SERVING while this
+# server cannot reach one of them (the overall status stays SERVING: calls on
+# the other workers' keys go on). Always SERVING on one PostgreSQL server.
+CLUSTER_HEALTH = "nexus.cluster"
 HEALTH_PROBE_TIMEOUT_S = 1.0
 
 
@@ -205,6 +209,7 @@ class NexusServer:
             except OSError as exc:
                 raise ListenError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc.strerror}") from None
         await self._set_health(serving=True)
+        await self._health.set(CLUSTER_HEALTH, health_pb2.HealthCheckResponse.SERVING)
         self._background = [
             asyncio.create_task(self._probe_database()),
             asyncio.create_task(self.maintenance.run_forever()),
@@ -238,8 +243,9 @@ class NexusServer:
         """Keeps health in step with the database: NOT_SERVING while it is unreachable.
         An unreachable embedded database is restarted if it died and this process owns
         it (see nexus.embedded); the pool replaces dead connections when next acquired."""
-        assert self._db is not None
+        assert self._db is not None and self._hub is not None
         serving = True
+        unreachable: list[str] = []
         delay = HEALTH_PROBE_INTERVAL_S
         while True:
             await asyncio.sleep(delay)
@@ -253,6 +259,11 @@ class NexusServer:
                 serving = healthy
                 await self._set_health(serving)
                 log.warning("event=database_health serving=%s", serving)
+            if healthy and self._hub.unreachable_nodes() != unreachable:
+                unreachable = self._hub.unreachable_nodes()
+                status = health_pb2.HealthCheckResponse.NOT_SERVING if unreachable else health_pb2.HealthCheckResponse.SERVING
+                await self._health.set(CLUSTER_HEALTH, status)
+                log.warning("event=cluster_health unreachable=%s", ",".join(unreachable) or "none")
             if self._embedded is None:
                 continue
             if not healthy:

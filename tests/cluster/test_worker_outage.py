@@ -11,6 +11,8 @@ worker are open:
   keeps delivering live (each node's LISTEN connection lives on its own);
 - a write on the dead worker's user fails with UNAVAILABLE well within its
   deadline (never INTERNAL), and nothing of it is applied;
+- health says what is degraded: the ``nexus.cluster`` status is NOT_SERVING
+  while the overall status stays SERVING, and turns SERVING again after;
 - once the worker is back, that user's writes succeed again without a restart
   of Nexus, and both streams hold exactly their user's event log: nothing lost,
   nothing twice, also around the outage.
@@ -27,11 +29,12 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devtools.citus_build import CitusSourceMissing, citus_install
 from devtools.citus_cluster import CitusCluster
 from nexus import database, migrations
-from nexus.server import NexusServer
+from nexus.server import CLUSTER_HEALTH, NexusServer
 from nexus.v1 import memory_pb2 as memory
 from nexus.v1 import memory_pb2_grpc, token_pb2_grpc
 from nexus.v1 import token_pb2 as token
@@ -41,6 +44,7 @@ from support.rpc import SERVICE, auth
 from support.servers import server_config
 from support.waiting import eventually
 
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 # A call's deadline; a call on the dead worker's keys must fail well within it.
 DEADLINE_S = 10.0
 FAILS_FAST_S = 3.0
@@ -53,7 +57,8 @@ async def own_cluster() -> AsyncIterator[CitusCluster]:
     except CitusSourceMissing as missing:
         pytest.skip(f"no Citus build to start a cluster of the test's own: {missing}")
     # Not under tmp_path: PostgreSQL runs as another user when we are root, and cannot enter pytest's.
-    cluster = await CitusCluster.start(pginstall, Path(tempfile.mkdtemp(prefix="nexus-test-outage-")), durable=False)
+    # Durable: a worker crashed with commits not yet flushed (synchronous_commit off) would lose acknowledged writes.
+    cluster = await CitusCluster.start(pginstall, Path(tempfile.mkdtemp(prefix="nexus-test-outage-")))
     try:
         conn = await database.connect(cluster.url)
         try:
@@ -83,6 +88,11 @@ async def remember(stub: memory_pb2_grpc.MemoryServiceStub, user: str, content: 
     await stub.CreateMemory(request, metadata=auth(user), timeout=DEADLINE_S)
 
 
+async def health_is(channel: grpc.aio.Channel, service: str, status: int) -> bool:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return bool(reply.status == status)
+
+
 async def logged_contents(conn: asyncpg.Connection, user: str) -> list[str]:
     rows = await conn.fetch(
         "SELECT document->>'content' AS content FROM memory_events WHERE user_id = $1 AND topic = 'memory' ORDER BY seq",
@@ -110,6 +120,9 @@ async def test_a_crashed_worker_stops_only_its_own_users(own_cluster: CitusClust
                 assert await next_content(stream) == "before"
 
             await own_cluster.crash_node(dead_node)
+            # Health says what is degraded: the cluster's workers, not the whole service.
+            await eventually(lambda: health_is(channel, CLUSTER_HEALTH, NOT_SERVING), "nexus.cluster NOT_SERVING")
+            assert await health_is(channel, "", SERVING)
 
             # The healthy worker's user: writes, reads and the live stream go on.
             await remember(memories, healthy, "during")
@@ -141,6 +154,7 @@ async def test_a_crashed_worker_stops_only_its_own_users(own_cluster: CitusClust
                 return True
 
             await eventually(written_again, "a write on the restarted worker's user", timeout=30)
+            await eventually(lambda: health_is(channel, CLUSTER_HEALTH, SERVING), "nexus.cluster SERVING again")
             await remember(memories, healthy, "after")
             assert await next_content(streams[doomed]) == "after"
             assert await next_content(streams[healthy]) == "after"
