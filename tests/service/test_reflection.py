@@ -27,7 +27,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from nexus.server import SERVICE_NAMES, NexusServer
+from nexus.server import CLUSTER_HEALTH, SERVICE_NAMES, NexusServer
 from nexus.v1 import interaction_pb2 as pb
 
 from support.rpc import SERVICE, Clients, rpc_error
@@ -143,7 +143,7 @@ async def test_health_list_reports_every_service(clients: Clients) -> None:
     response = await health_pb2_grpc.HealthStub(clients.channel).List(health_pb2.HealthListRequest(), timeout=5)
     assert dict(response.statuses) == {
         name: health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
-        for name in ("", *SERVICE_NAMES)
+        for name in ("", *SERVICE_NAMES, CLUSTER_HEALTH)
     }
 
 
