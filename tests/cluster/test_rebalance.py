@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
 
-from devtools.citus_build import CitusSourceMissing, citus_install
 from devtools.citus_cluster import CitusCluster
-from nexus import database, migrations
+from nexus import database
 from nexus.cli.reconcile import reconcile
 from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2, interaction_pb2_grpc, memory_pb2, memory_pb2_grpc, token_pb2, token_pb2_grpc
 
+from support.databases import own_citus_cluster
 from support.rpc import SERVICE
 from support.servers import server_config
 
@@ -42,23 +40,8 @@ SHARD_COUNT = 4
 
 @pytest.fixture
 async def growing_cluster() -> AsyncIterator[CitusCluster]:
-    try:
-        pginstall = citus_install()
-    except CitusSourceMissing as missing:
-        pytest.skip(f"no Citus build to start a cluster of the test's own: {missing}")
-    # Not under tmp_path: PostgreSQL runs as another user when we are root, and cannot enter pytest's.
-    cluster = await CitusCluster.start(pginstall, Path(tempfile.mkdtemp(prefix="nexus-test-grow-")), durable=False)
-    try:
-        conn = await database.connect(cluster.url)
-        try:
-            await conn.execute(f"SET citus.shard_count = {SHARD_COUNT}")
-            await migrations.migrate(conn)
-        finally:
-            await conn.close()
+    async with own_citus_cluster("nexus-test-grow-", durable=False, shard_count=SHARD_COUNT) as cluster:
         yield cluster
-    finally:
-        await cluster.stop()
-        cluster.remove()
 
 
 async def test_a_worker_added_and_rebalanced_under_load_loses_and_doubles_nothing(

@@ -21,25 +21,22 @@ worker are open:
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devtools.citus_build import CitusSourceMissing, citus_install
 from devtools.citus_cluster import CitusCluster
-from nexus import database, migrations
+from nexus import database
 from nexus.server import CLUSTER_HEALTH, NexusServer
 from nexus.v1 import memory_pb2 as memory
 from nexus.v1 import memory_pb2_grpc, token_pb2_grpc
 from nexus.v1 import token_pb2 as token
 
-from support.databases import users_on_both_workers
+from support.databases import own_citus_cluster, users_on_both_workers
 from support.rpc import SERVICE, auth
 from support.servers import server_config
 from support.waiting import eventually
@@ -52,23 +49,9 @@ FAILS_FAST_S = 3.0
 
 @pytest.fixture
 async def own_cluster() -> AsyncIterator[CitusCluster]:
-    try:
-        pginstall = citus_install()
-    except CitusSourceMissing as missing:
-        pytest.skip(f"no Citus build to start a cluster of the test's own: {missing}")
-    # Not under tmp_path: PostgreSQL runs as another user when we are root, and cannot enter pytest's.
     # Durable: a worker crashed with commits not yet flushed (synchronous_commit off) would lose acknowledged writes.
-    cluster = await CitusCluster.start(pginstall, Path(tempfile.mkdtemp(prefix="nexus-test-outage-")))
-    try:
-        conn = await database.connect(cluster.url)
-        try:
-            await migrations.migrate(conn)
-        finally:
-            await conn.close()
+    async with own_citus_cluster("nexus-test-outage-", durable=True) as cluster:
         yield cluster
-    finally:
-        await cluster.stop()
-        cluster.remove()
 
 
 async def open_stream(stub: memory_pb2_grpc.MemoryServiceStub, user: str) -> grpc.aio.UnaryStreamCall:

@@ -7,13 +7,17 @@ import asyncio
 import contextlib
 import itertools
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import pytest
 
-from devtools.citus_cluster import copy_cluster_database, drop_cluster_database
+from devtools.citus_build import CitusSourceMissing, citus_install
+from devtools.citus_cluster import CitusCluster, copy_cluster_database, drop_cluster_database
 from nexus import database, migrations
 
 from support.waiting import eventually
@@ -161,3 +165,29 @@ async def users_on_both_workers(conn: asyncpg.Connection, prefix: str, per_worke
         if len(found) == 2 and all(len(v) == per_worker for v in found.values()):
             return found
     raise AssertionError("unreachable")
+
+
+@contextlib.asynccontextmanager
+async def own_citus_cluster(
+    prefix: str, *, durable: bool, shard_count: int | None = None
+) -> AsyncIterator[CitusCluster]:
+    """A migrated coordinator + 2 workers of the test's own on 127.0.0.1 (its ``postgres``
+    database), for tests that stop, restart or add nodes; skips without a Citus build."""
+    try:
+        pginstall = citus_install()
+    except CitusSourceMissing as missing:
+        pytest.skip(f"no Citus build to start a cluster of the test's own: {missing}")
+    # Not under pytest's tmp_path: PostgreSQL runs as another user when we are root, and cannot enter it.
+    cluster = await CitusCluster.start(pginstall, Path(tempfile.mkdtemp(prefix=prefix)), durable=durable)
+    try:
+        conn = await database.connect(cluster.url)
+        try:
+            if shard_count is not None:
+                await conn.execute(f"SET citus.shard_count = {shard_count}")
+            await migrations.migrate(conn)
+        finally:
+            await conn.close()
+        yield cluster
+    finally:
+        await cluster.stop()
+        cluster.remove()
