@@ -18,7 +18,10 @@ from nexus.v1 import interaction_pb2 as pb
 
 from support.rpc import SERVICE, Clients, all_pages, auth, bad_request_fields, new_uuid, rpc_error
 
-pytestmark = pytest.mark.cluster
+# The cluster pass of CI keeps the tests whose work the cluster spreads over
+# workers (marked cluster): request claims and branches in two-phase commits,
+# privacy read from the viewer's worker, trees read from every worker. The
+# release check runs them all.
 
 
 def struct(value: dict[str, Any]) -> struct_pb2.Struct:
@@ -138,6 +141,7 @@ async def test_create_entry_keeps_an_explicit_privacy(clients: Clients) -> None:
     assert entry.privacy == pb.PRIVACY_FOLLOWERS
 
 
+@pytest.mark.cluster
 async def test_create_entry_retry_returns_the_original_and_writes_once(clients: Clients, db: asyncpg.Connection) -> None:
     fields = dict(title="t", content="once", tags=["x"], request_id="req-1")
     first = await create_entry(clients, **fields)
@@ -159,6 +163,7 @@ async def test_create_entry_request_id_with_other_content_is_already_exists(
     assert [tuple(r) for r in rows] == [(original.entry_id, "first")]
 
 
+@pytest.mark.cluster
 async def test_concurrent_create_entry_with_one_request_id_creates_one_entry(
     clients: Clients, db: asyncpg.Connection
 ) -> None:
@@ -235,6 +240,7 @@ async def test_create_branch_under_someone_elses_private_entry_is_not_found(clie
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.cluster
 async def test_create_branch_retry_returns_the_original_and_counts_once(
     clients: Clients, db: asyncpg.Connection
 ) -> None:
@@ -264,6 +270,7 @@ async def test_create_branch_request_id_with_other_arguments_is_already_exists(
     assert await counter_drift(db) == 0
 
 
+@pytest.mark.cluster
 async def test_concurrent_retries_of_one_branch_create_it_once(clients: Clients, db: asyncpg.Connection) -> None:
     parent = await create_entry(clients)
 
@@ -276,6 +283,7 @@ async def test_concurrent_retries_of_one_branch_create_it_once(clients: Clients,
     assert await branch_count(clients, parent.entry_id) == 1
 
 
+@pytest.mark.cluster
 async def test_concurrent_branches_get_every_order_exactly_once(clients: Clients, db: asyncpg.Connection) -> None:
     children = 120
     parent = await create_entry(clients)
@@ -331,6 +339,7 @@ async def test_branch_tree_of_a_subtree_and_limited_depth(
 
 
 @pytest.mark.parametrize("page_size", [1, 2, 3])
+@pytest.mark.cluster
 async def test_branch_tree_pages_concatenate_to_the_full_listing(clients: Clients, page_size: int) -> None:
     entries = await build_tree(clients)
     full = list((await tree_page(clients, entries["root"].entry_id, page_size=1000)).nodes)
@@ -427,6 +436,7 @@ async def test_get_entries_follows_the_order_asked_and_skips_unknown_ids(clients
     assert list(response.states) == []
 
 
+@pytest.mark.cluster
 async def test_get_entries_returns_the_viewers_states_and_counts(clients: Clients) -> None:
     liked, amplified, untouched = [await create_entry(clients, author="bob") for _ in range(3)]
     await clients.interactions.ToggleResonance(
@@ -448,6 +458,7 @@ async def test_get_entries_returns_the_viewers_states_and_counts(clients: Client
 
 
 @pytest.mark.parametrize("privacy", [pb.PRIVACY_PRIVATE, pb.PRIVACY_FOLLOWERS])
+@pytest.mark.cluster
 async def test_get_entries_hides_restricted_entries_from_others(clients: Clients, privacy: int) -> None:
     restricted = await create_entry(clients, privacy=privacy)
     public = await create_entry(clients)
@@ -575,6 +586,7 @@ RESTRICTED = [pb.PRIVACY_PRIVATE, pb.PRIVACY_FOLLOWERS]
 
 @pytest.mark.parametrize("privacy", RESTRICTED, ids=["private", "followers"])
 @pytest.mark.parametrize("page_size", [1, 2, 100])
+@pytest.mark.cluster
 async def test_branch_tree_leaves_out_a_hidden_entry_with_its_subtree(
     clients: Clients, privacy: int, page_size: int
 ) -> None:
@@ -604,6 +616,7 @@ async def test_branch_tree_of_an_entry_under_a_hidden_parent_does_not_name_it(cl
 
 
 @pytest.mark.parametrize("privacy", RESTRICTED, ids=["private", "followers"])
+@pytest.mark.cluster
 async def test_get_entries_names_a_parent_only_if_the_viewer_may_see_it(clients: Clients, privacy: int) -> None:
     entries = await restricted_conversation(clients, privacy)
     ids = [entries[name].entry_id for name in ("under", "first")]
@@ -641,6 +654,7 @@ async def test_get_entries_and_create_branch_name_a_root_only_if_the_viewer_may_
     assert (again.parent_entry_id, again.root_entry_id) == (reply.entry_id, root.entry_id)
 
 
+@pytest.mark.cluster
 async def test_branch_count_counts_every_reply_seen_or_not(clients: Clients, db: asyncpg.Connection) -> None:
     """A count names no entry; it allocates branch_order, so it equals the children."""
     entries = await restricted_conversation(clients, pb.PRIVACY_PRIVATE)

@@ -24,7 +24,9 @@ from nexus.v1 import token_pb2 as pb
 
 from support.rpc import SERVICE, Clients, all_pages, auth, bad_request_fields, precondition_types, rpc_error, token
 
-pytestmark = pytest.mark.cluster
+# The cluster pass of CI keeps the tests whose work the cluster spreads over
+# workers or races (marked cluster): transfers in two-phase commits, retries,
+# storms, reconcile. The release check runs them all.
 
 TABLES = ("balances", "token_transactions", "token_requests")
 INT64_MAX = 2**63 - 1
@@ -134,6 +136,7 @@ async def assert_ledger_consistent(db: asyncpg.Connection) -> dict[str, int]:
 # ---------------------------------------------------------------- Credit, Deduct, Transfer
 
 
+@pytest.mark.cluster
 async def test_credit_and_deduct_write_ledger_rows_in_sequence(clients: Clients, db: asyncpg.Connection) -> None:
     first = await credit(clients, "alice", 100, "c1", reason="signup bonus", reference_id="promo-7")
     second = await credit(clients, "alice", 50, "c2")
@@ -162,6 +165,7 @@ async def test_credit_and_deduct_write_ledger_rows_in_sequence(clients: Clients,
 
 
 @pytest.mark.parametrize(("sender", "receiver"), LOCK_ORDERS)
+@pytest.mark.cluster
 async def test_transfer_writes_both_legs(clients: Clients, db: asyncpg.Connection, sender: str, receiver: str) -> None:
     """Both lock orders (the lower user id is locked first) give the same result."""
     await credit(clients, sender, 100, "fund")
@@ -183,6 +187,7 @@ async def test_transfer_writes_both_legs(clients: Clients, db: asyncpg.Connectio
     assert await assert_ledger_consistent(db) == {sender: 60, receiver: 45}
 
 
+@pytest.mark.cluster
 async def test_transfer_to_a_new_user_creates_their_balance(clients: Clients, db: asyncpg.Connection) -> None:
     await credit(clients, "alice", 10, "fund")
 
@@ -193,6 +198,7 @@ async def test_transfer_to_a_new_user_creates_their_balance(clients: Clients, db
     assert await assert_ledger_consistent(db) == {"alice": 0, "newcomer": 10}
 
 
+@pytest.mark.cluster
 async def test_get_balances_in_the_order_asked_with_unknown_users_at_zero(clients: Clients, db: asyncpg.Connection) -> None:
     await credit(clients, "carol", 7, "c1")
     await credit(clients, "alice", 3, "c1")
@@ -282,6 +288,7 @@ async def test_deduct_beyond_the_balance_is_refused_and_writes_nothing(clients: 
 
 
 @pytest.mark.parametrize(("sender", "receiver"), LOCK_ORDERS)
+@pytest.mark.cluster
 async def test_transfer_beyond_the_balance_is_refused_and_writes_nothing(
     clients: Clients, db: asyncpg.Connection, sender: str, receiver: str
 ) -> None:
@@ -411,6 +418,7 @@ async def test_bad_input_is_invalid_argument_naming_the_field_and_writes_nothing
 # ---------------------------------------------------------------- idempotency
 
 
+@pytest.mark.cluster
 async def test_retries_return_the_original_result_and_move_nothing(clients: Clients, db: asyncpg.Connection) -> None:
     credited = await credit(clients, "alice", 100, "c1", reason="r")
     deducted = await deduct(clients, "alice", 30, "d1")
@@ -477,6 +485,7 @@ async def concurrent_twenty(clients: Clients, rpc: str) -> list[Any]:
 
 
 @pytest.mark.parametrize("rpc", ["Credit", "Deduct", "Transfer"])
+@pytest.mark.cluster
 async def test_the_same_request_sent_twenty_times_at_once_applies_once(
     clients: Clients, db: asyncpg.Connection, rpc: str
 ) -> None:
@@ -547,6 +556,7 @@ def bank_ops(rng: random.Random, accounts: list[str], count: int) -> list[Op]:
     return ops
 
 
+@pytest.mark.cluster
 async def test_the_bank_keeps_every_balance_equal_to_its_ledger_under_concurrent_load(
     clients: Clients, db: asyncpg.Connection
 ) -> None:
@@ -630,6 +640,7 @@ async def test_a_burst_beyond_the_grpc_backlog_is_not_cancelled(clients: Clients
     assert sum(balances.values()) == codes[grpc.StatusCode.OK]
 
 
+@pytest.mark.cluster
 async def test_a_hot_merchant_receives_every_concurrent_payment(clients: Clients, db: asyncpg.Connection) -> None:
     # Payers on both sides of "merchant" in user id order: both lock orders race.
     payers = [f"{'a' if i % 2 else 'z'}payer{i}" for i in range(500)]
@@ -753,6 +764,7 @@ async def test_the_ledger_refuses_updates_and_deletes(clients: Clients, db: asyn
     assert await snapshot(db) == before
 
 
+@pytest.mark.cluster
 async def test_reconcile_finds_and_repairs_balance_drift(clients: Clients, db: asyncpg.Connection) -> None:
     await credit(clients, "alice", 100, "fund")
     await transfer(clients, "alice", "bob", 30, "t1")
