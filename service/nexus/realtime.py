@@ -360,6 +360,7 @@ class _Listener:
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def connect(self) -> None:
         conn = await asyncpg.connect(self._url, server_settings={"application_name": "nexus-hub"})
@@ -382,7 +383,7 @@ class _Listener:
 
     async def _run(self, connected: bool) -> None:
         attempt = 0
-        while True:
+        while not self._closing:
             if connected:
                 if attempt:
                     log.info("event=listener_reconnected node=%s attempts=%d", self.name, attempt)
@@ -395,14 +396,18 @@ class _Listener:
             try:
                 await self.connect()
                 connected = True
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                    TimeoutError) as exc:
                 connected = False
                 log.warning("event=listener_reconnect_failed node=%s attempt=%d error=%r", self.name, attempt, exc)
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # asyncpg can turn the cancellation of a connect into an error of its own (and
+            # _run then ends at its loop's check): however the task ends, it has ended.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         if self._conn is not None and not self._conn.is_closed():
             await self._conn.close()
