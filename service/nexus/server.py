@@ -15,7 +15,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,13 +78,15 @@ class ListenError(StartupError):
 DATABASE_UNREACHABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
-async def migrate_once(url: str, config: Config) -> None:
-    """Applies the pending migrations on a connection of its own."""
+async def migrate_once(url: str, config: Config, then: Callable[[asyncpg.Connection], Awaitable[None]] | None = None) -> None:
+    """Applies the pending migrations on a connection of its own, then runs ``then`` on it."""
     conn = await database.connect(url)
     try:
         await migrations.migrate(
             conn, embedding_dim=config.embedding_dim, citus_without_workers=config.citus_without_workers
         )
+        if then is not None:
+            await then(conn)
     finally:
         await conn.close()
 
@@ -259,8 +261,9 @@ class NexusServer:
                 serving = healthy
                 await self._set_health(serving)
                 log.warning("event=database_health serving=%s", serving)
-            if healthy and self._hub.unreachable_nodes() != unreachable:
-                unreachable = self._hub.unreachable_nodes()
+            now_unreachable = self._hub.unreachable_nodes()
+            if healthy and now_unreachable != unreachable:
+                unreachable = now_unreachable
                 status = health_pb2.HealthCheckResponse.NOT_SERVING if unreachable else health_pb2.HealthCheckResponse.SERVING
                 await self._health.set(CLUSTER_HEALTH, status)
                 log.warning("event=cluster_health unreachable=%s", ",".join(unreachable) or "none")

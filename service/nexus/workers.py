@@ -42,9 +42,10 @@ import socket
 import sys
 from multiprocessing.connection import Connection
 
+import asyncpg
 import uvloop
 
-from nexus import database, embedded
+from nexus import embedded
 from nexus.auth import resolve_secret
 from nexus.cli import setup_logging
 from nexus.config import Config
@@ -175,8 +176,7 @@ class Supervisor:
             self._embedded = embedded.EmbeddedPostgres.start(config.data_dir)
         url = self._embedded.url if self._embedded else config.database_url
         try:
-            await migrate_once(url, config)
-            await self._warn_if_connections_run_short(url)
+            await migrate_once(url, config, then=self._warn_if_connections_run_short)
         except DATABASE_UNREACHABLE as exc:
             raise StartupError(f"cannot connect to the database: {exc}") from exc
         self._worker_config = dataclasses.replace(
@@ -194,14 +194,10 @@ class Supervisor:
         config = dataclasses.replace(self._worker_config, metrics_port=metrics_port)
         return Worker(config, WorkerRole(index, self._page_token_key))
 
-    async def _warn_if_connections_run_short(self, url: str) -> None:
+    async def _warn_if_connections_run_short(self, conn: asyncpg.Connection) -> None:
         """Pools are per worker: says so when all of them full would pass the database's limit."""
         per_worker = self.config.pool_max_size + CONNECTIONS_BESIDES_POOL
-        conn = await database.connect(url)
-        try:
-            limit = int(await conn.fetchval("SHOW max_connections"))
-        finally:
-            await conn.close()
+        limit = int(await conn.fetchval("SHOW max_connections"))
         if self.config.workers * per_worker > limit:
             log.warning("event=database_connections_short workers=%d connections_per_worker=%d max_connections=%d",
                         self.config.workers, per_worker, limit)

@@ -43,7 +43,7 @@ from nexus.v1 import (
     token_pb2_grpc,
 )
 
-from support.databases import users_on_both_workers
+from support.databases import users_on_both_workers, worker_of
 from support.rpc import SERVICE
 from support.servers import server_config
 
@@ -130,15 +130,6 @@ async def cluster(citus_url: str) -> AsyncIterator[Cluster]:
         await drop_cluster_database(citus_url, name)
 
 
-async def owner(conn: asyncpg.Connection, table: str, key: str) -> int:
-    column_type = "uuid" if table == "entries" else "text"
-    return int(await conn.fetchval(
-        f"""SELECT nodeport FROM citus_shards
-            WHERE shardid = get_shard_id_for_distribution_column('{table}', $1::{column_type})""",
-        key,
-    ))
-
-
 async def test_every_rpc_reaches_only_the_workers_of_its_keys(cluster: Cluster) -> None:
     conn = await database.connect(cluster.url)
     nexus = NexusServer(server_config(cluster.url, maintenance_interval_s=3600))
@@ -181,7 +172,7 @@ async def test_every_rpc_reaches_only_the_workers_of_its_keys(cluster: Cluster) 
                 reply = await call("CreateEntry", interactions.CreateEntry(
                     interaction_pb2.CreateEntryRequest(author_id=user, type="post", content="hello"), metadata=SERVICE))
                 entry = reply.entry.entry_id
-                placed = await owner(conn, "entries", entry)
+                placed = await worker_of(conn, entry, "entries")
                 checked["CreateEntry"] = (checked["CreateEntry"][0], {placed})
                 if placed == cluster.a:
                     entries.append(entry)
@@ -189,7 +180,7 @@ async def test_every_rpc_reaches_only_the_workers_of_its_keys(cluster: Cluster) 
 
             reply = await call("CreateBranch", interactions.CreateBranch(interaction_pb2.CreateBranchRequest(
                 author_id=user, parent_entry_id=entry, type="reply"), metadata=SERVICE))
-            branch = await owner(conn, "entries", reply.entry.entry_id)
+            branch = await worker_of(conn, reply.entry.entry_id, "entries")
             checked["CreateBranch"] = (checked["CreateBranch"][0], {cluster.a, branch})  # parent and child
 
             for rpc, request in [

@@ -26,7 +26,7 @@ from nexus.cli.reconcile import reconcile
 from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2, interaction_pb2_grpc, memory_pb2, memory_pb2_grpc, token_pb2, token_pb2_grpc
 
-from support.databases import own_citus_cluster
+from support.databases import own_citus_cluster, worker_of
 from support.rpc import SERVICE
 from support.servers import server_config
 
@@ -111,13 +111,7 @@ async def test_a_worker_added_and_rebalanced_under_load_loses_and_doubles_nothin
                 *(toggle_until_moved(user, entry) for user, entry in zip(users[:4], entries, strict=True)),
             )
             new_worker = growing_cluster.workers[-1].port
-            placed = await coordinator.fetch(
-                """SELECT u AS user_id FROM unnest($1::text[]) u
-                   WHERE (SELECT nodeport FROM citus_shards
-                          WHERE shardid = get_shard_id_for_distribution_column('balances', u)) = $2""",
-                users, new_worker,
-            )
-            moved_users = [row["user_id"] for row in placed]
+            moved_users = [user for user in users if await worker_of(coordinator, user) == new_worker]
             assert moved_users, "no user's shard moved to the new worker"
             for user in moved_users:
                 await memories.CreateMemory(memory_pb2.CreateMemoryRequest(user_id=user, content="after the move"),

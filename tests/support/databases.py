@@ -150,16 +150,22 @@ async def backend_database(admin_url: str, template: str, prefix: str) -> AsyncI
         await drop_test_database(admin_url, name)
 
 
+async def worker_of(conn: asyncpg.Connection, key: str, table: str = "balances") -> int:
+    """The port of the worker holding ``key``'s shard of ``table`` (by user: balances; by entry: entries)."""
+    key_type = "uuid" if table == "entries" else "text"
+    return int(await conn.fetchval(
+        f"""SELECT nodeport FROM citus_shards
+            WHERE shardid = get_shard_id_for_distribution_column('{table}', $1::{key_type})""",
+        key,
+    ))
+
+
 async def users_on_both_workers(conn: asyncpg.Connection, prefix: str, per_worker: int) -> dict[int, list[str]]:
     """User ids whose balances shards sit on each worker, found from the catalog."""
     found: dict[int, list[str]] = {}
     for n in itertools.count():
         user = f"{prefix}-{n}"
-        port = await conn.fetchval(
-            """SELECT nodeport FROM citus_shards
-               WHERE shardid = get_shard_id_for_distribution_column('balances', $1::text)""",
-            user,
-        )
+        port = await worker_of(conn, user)
         if len(found.setdefault(port, [])) < per_worker:
             found[port].append(user)
         if len(found) == 2 and all(len(v) == per_worker for v in found.values()):
