@@ -8,7 +8,11 @@
 -- full, the others' looked up by (lexeme, memory) for those candidates, or
 -- read and joined when they are many; once the k-th best beats what the
 -- remaining terms could add up to (IDF x (k1 + 1) each, a term's strict upper
--- bound), no other memory can enter the page. memories is read only when a
+-- bound), no other memory can enter the page. The first pass reads the
+-- rarest lexemes up to 25 postings per memory wanted; the k-th score it finds
+-- sets how many lexemes the next pass needs, so a long question takes two or
+-- three passes, not one per lexeme (measured on real sentences of 4-30 words:
+-- one user of 100k memories, p90 30 -> 10 ms). memories is read only when a
 -- filter is given: the memories holding an essential lexeme, by the GIN index,
 -- so the filters apply before the limit.
 --
@@ -131,16 +135,19 @@ DECLARE
     avgdl     double precision;
     lexemes   text[];   -- the query's lexemes the user has, rarest (highest IDF) first
     idfs      double precision[];
+    postings  bigint[];  -- each lexeme's number of postings (memories holding it)
     essential integer;  -- the rarest lexemes whose postings are read in full (the others only add to their scores)
+    needed    integer;  -- the essential lexemes the k-th score found so far calls for
     matches   tsquery;  -- any essential lexeme (filtered searches find their memories by it)
     ids       uuid[];
     scores    double precision[];
 BEGIN
     SELECT greatest(u.memory_count, 1), greatest(u.search_length_total::double precision / greatest(u.memory_count, 1), 1)
     INTO n, avgdl FROM memory_users u WHERE u.user_id = p_user_id;
-    SELECT array_agg(q.lexeme ORDER BY q.idf DESC, q.lexeme), array_agg(q.idf ORDER BY q.idf DESC, q.lexeme)
-    INTO lexemes, idfs
-    FROM (SELECT t.lexeme, ln(1 + (n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
+    SELECT array_agg(q.lexeme ORDER BY q.idf DESC, q.lexeme), array_agg(q.idf ORDER BY q.idf DESC, q.lexeme),
+           array_agg(q.postings ORDER BY q.idf DESC, q.lexeme)
+    INTO lexemes, idfs, postings
+    FROM (SELECT t.lexeme, ln(1 + (n - count(*) + 0.5) / (count(*) + 0.5)) AS idf, count(*) AS postings
           FROM memory_terms t
           WHERE t.user_id = p_user_id
             AND t.lexeme = ANY (tsvector_to_array(to_tsvector('english'::regconfig, p_query)))
@@ -158,8 +165,15 @@ BEGIN
             GROUP BY t.memory_id ORDER BY 2 DESC, 1;
         RETURN;
     END IF;
-    -- MaxScore: the rarest term first (every term when all matches are wanted).
-    essential := CASE WHEN p_limit IS NULL THEN cardinality(lexemes) ELSE 1 END;
+    -- MaxScore: first the rarest lexemes holding up to 25 postings per memory
+    -- wanted in all (at least one lexeme; every lexeme when all matches are
+    -- wanted): enough candidates, mostly, for a k-th score that leaves the
+    -- common lexemes out, and no re-reading of rare postings lexeme by lexeme.
+    essential := CASE WHEN p_limit IS NULL THEN cardinality(lexemes)
+                      ELSE greatest(1, (SELECT count(*) FROM (
+                                            SELECT sum(c) OVER (ORDER BY o) AS running
+                                            FROM unnest(postings) WITH ORDINALITY x(c, o)) r
+                                        WHERE r.running <= 25 * p_limit)) END;
     LOOP
         IF filtered THEN  -- each lexeme quoted for tsquery input (quotes and backslashes doubled)
             SELECT string_agg('''' || replace(replace(l, '\', '\\'), '''', '''''') || '''', ' | ')::tsquery
@@ -192,12 +206,16 @@ BEGIN
               WHERE NOT filtered OR p.memory_id IN (SELECT a.memory_id FROM allowed a)
               GROUP BY p.memory_id
               ORDER BY 2 DESC, 1 LIMIT p_limit) s;
-        -- A memory holding none of the essential terms scores less than
-        -- IDF x (k1 + 1) summed over the other terms.
-        EXIT WHEN essential = cardinality(lexemes)
-               OR (coalesce(cardinality(ids), 0) = p_limit
-                   AND scores[p_limit] > 2.2 * (SELECT sum(i) FROM unnest(idfs[essential + 1:]) i));
-        essential := essential + 1;
+        EXIT WHEN essential = cardinality(lexemes);
+        -- A memory holding none of the essential lexemes scores less than IDF x
+        -- (k1 + 1) summed over the others: the k-th score found so far (the
+        -- k-th best can only be better) calls for the fewest essential lexemes
+        -- whose others sum below it; all of them while fewer than k matched.
+        needed := CASE WHEN coalesce(cardinality(ids), 0) < p_limit THEN cardinality(lexemes)
+                       ELSE (SELECT min(e) FROM generate_series(0, cardinality(lexemes)) e
+                             WHERE scores[p_limit] > 2.2 * coalesce((SELECT sum(i) FROM unnest(idfs[e + 1:]) i), 0)) END;
+        EXIT WHEN needed <= essential;
+        essential := needed;
     END LOOP;
     RETURN QUERY SELECT * FROM unnest(ids, scores);
 END
@@ -340,7 +358,9 @@ CREATE OR REPLACE FUNCTION memory_hybrid_top(
     p_min_gravity double precision, p_since timestamptz, p_emotion_type text, p_vector_weight double precision,
     p_exact_max integer)
 RETURNS TABLE (memory_id uuid, distance double precision, text_score double precision, score double precision)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE
+SET plan_cache_mode = force_generic_plan  -- see search_memories
+AS $$
 #variable_conflict use_column
 DECLARE
     by_index       boolean := p_metric = 'cosine' AND memory_vector_index_usable(p_user_id, p_exact_max);
@@ -437,7 +457,17 @@ CREATE OR REPLACE FUNCTION search_memories(
     p_min_gravity double precision, p_since timestamptz, p_emotion_type text, p_vector_weight double precision,
     p_exact_max integer, p_recency_weight double precision, p_gravity_weight double precision)
 RETURNS TABLE (document jsonb, distance double precision, text_score double precision, score double precision)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE
+-- Generic plans: a memory is read back by its primary key (user_id,
+-- memory_id), but a custom plan for a user the statistics have not seen yet
+-- (a new user, or one who wrote since the last ANALYZE) estimates the user at
+-- one row, and then any index on user_id looks as good as the key: measured,
+-- a page of 10 read through (user_id, temporal_type), 2.5k rows scanned per
+-- memory, 35 ms instead of 0.1. A generic plan counts rows per user on
+-- average. The functions called plan for themselves (memory_text_top sets
+-- custom plans; memory_vector_nearest runs EXECUTE).
+SET plan_cache_mode = force_generic_plan
+AS $$
 #variable_conflict use_column
 DECLARE
     near   record;
