@@ -44,9 +44,10 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("interactions", "memory", "all", "cluster"), default="all",
-                        help="Which figures: all = interactions then memory; cluster = single node vs a 3-node "
-                        "Citus cluster (needs NEXUS_CITUS_SOURCE, see docs/citus.md).")
+    parser.add_argument("--suite", choices=("interactions", "memory", "search", "all", "cluster"), default="all",
+                        help="Which figures: all = interactions then memory; search = the memory suite's search "
+                        "figures only; cluster = single node vs a 3-node Citus cluster (needs NEXUS_CITUS_SOURCE, "
+                        "see docs/citus.md).")
     parser.add_argument("--duration", type=float, default=10.0, help="Seconds per timed scenario.")
     parser.add_argument("--concurrency", type=int, default=64, help="Calls in flight per scenario.")
     parser.add_argument("--scale", type=float, default=1.0,
@@ -80,11 +81,11 @@ async def run(config: Config, args: argparse.Namespace) -> None:
             try:
                 if args.suite in ("interactions", "all"):
                     await run_interactions(target, config, workload, args.duration, args.concurrency, report)
-                if args.suite in ("memory", "all"):
+                if args.suite in ("memory", "search", "all"):
                     if report.lines:
                         report.add()
                     await run_memory(target, config, workload, args.scale, args.duration, args.concurrency,
-                                     args.event_rate, report)
+                                     args.event_rate, report, search_only=args.suite == "search")
             except grpc.aio.AioRpcError as exc:
                 raise BenchFailed(describe_rpc_error(target.address, exc)) from None
     report.print()

@@ -12,12 +12,16 @@ them (a smoke run uses 0.01). Vectors have the configured ``embedding_dim``
   Vectors are clustered (100 centres plus noise); contents are 6-20 words of a
   5000-word Zipf-like vocabulary, loaded in bulk.
 - SearchMemories by text (BM25) and hybrid, p50/p99, on the same users.
+- SearchMemories on real text: one user of 100k real English sentences
+  (bench.corpus), embedded by wordllama, searched with 300 held-out sentences
+  of the corpus: vector recall@10 against exact search (mean and worst
+  query), and vector, text and hybrid latency.
 - Retrieval quality on a small labelled set (facts among chatter, questions
-  that paraphrase them; users of about 600 memories, as many as a long
-  conversation's turns): recall@10 and latency of vector, text and hybrid search, with
-  wordllama embeddings zero-padded to the configured dimension (cosine is
-  unchanged by padding); skipped without the wordllama extra or below 256
-  dimensions.
+  of 5-20 words that paraphrase them; users of about 3000 memories):
+  recall@10 and latency of vector, text and hybrid search.
+- Both with wordllama embeddings zero-padded to the configured dimension
+  (cosine is unchanged by padding); skipped without the wordllama extra or
+  below 256 dimensions.
 - ListMemories with the seed's example filter, p50/p99.
 - Delivery latency, commit -> client, with 1000 subscribers while events are
   written at a fixed rate (default 1000/s) straight into the database.
@@ -25,7 +29,8 @@ them (a smoke run uses 0.01). Vectors have the configured ``embedding_dim``
   every writing user (the ratio is the cost of streaming), then
   ToggleResonance in the same run: CreateMemory with streams / ToggleResonance.
 - Resident memory of the server holding 10k idle streams (when its pid is known).
-Every phase is bounded by --duration or by a fixed count.
+Every phase is bounded by --duration or by a fixed count. ``--suite search``
+runs the search phases only.
 """
 
 from __future__ import annotations
@@ -44,16 +49,19 @@ import grpc
 import psutil
 from google.protobuf import timestamp_pb2
 
+from bench import corpus
 from bench.core import BenchFailed, Report, measure, percentiles, progress
 from bench.targets import Target
 from bench.workload import WRITERS, Workload
 from nexus import database
 from nexus.config import Config
+from nexus.embedder import Embedder, from_config
 from nexus.maintenance import Maintenance
 from nexus.v1 import memory_pb2 as pb
 from nexus.v1 import memory_pb2_grpc
 
 BIG_USER = "bench-mem-big"
+REAL_USER = "bench-mem-real"
 SMALL_USERS = [f"bench-mem-{n}" for n in range(10)]
 STREAMS_PER_CHANNEL = 500
 WORDLLAMA_DIM = 256
@@ -66,6 +74,7 @@ class Sizes:
     search_queries: int
     live_subscribers: int
     idle_streams: int
+    real_user: int
 
     @classmethod
     def scaled(cls, scale: float) -> Sizes:
@@ -73,33 +82,50 @@ class Sizes:
             return max(least, round(full * scale))
 
         return cls(per_small_user=n(10_000, 50), big_user=n(100_000, 100), search_queries=n(300, 10),
-                   live_subscribers=n(1000, 10), idle_streams=n(10_000, 20))
+                   live_subscribers=n(1000, 10), idle_streams=n(10_000, 20), real_user=n(100_000, 100))
 
     @property
     def memories(self) -> int:
         return self.big_user + self.per_small_user * len(SMALL_USERS)
 
 
-# A labelled set: facts (the evidence) among chatter, and questions that
-# paraphrase the facts. Every quality user holds all the facts and their own
-# chatter.
+# A labelled set: facts (the evidence) among chatter, and questions of 5-20
+# words that paraphrase the facts. Every quality user holds all the facts and
+# their own chatter: everyday notes made from templates, and as many real
+# sentences (bench.corpus) for a real vocabulary.
 FACTS = [
-    ("My daughter Emma started violin lessons in September", "What instrument is my kid learning?"),
-    ("I am allergic to peanuts so I always check food labels", "Do I have any allergies?"),
-    ("We adopted a golden retriever puppy called Biscuit", "What is the name of our dog?"),
-    ("My brother Tom moved to Lisbon for a software job", "Which city does my brother live in now?"),
-    ("I ran my first marathon in Berlin last spring", "Have I ever completed a long-distance race?"),
-    ("Our wedding anniversary is on the twelfth of June", "When do my wife and I celebrate our anniversary?"),
-    ("I switched careers from accounting to nursing", "What did I work as before becoming a nurse?"),
-    ("My favourite dish is my grandmother's mushroom risotto", "What food do I love most?"),
-    ("I have been learning Japanese on my commute", "Which language am I studying?"),
-    ("The doctor said my blood pressure is too high", "What health problem did my physician mention?"),
-    ("We are saving money to buy a house near the coast", "What are we saving up for?"),
-    ("My laptop broke so I bought a new one on sale", "Why did I get a new computer?"),
-    ("I volunteer at the animal shelter every Saturday morning", "What do I do on weekends to help out?"),
-    ("My son Leo is afraid of the dark and sleeps with a nightlight", "What is my boy scared of?"),
-    ("I quit smoking three years ago", "Do I still smoke cigarettes?"),
-    ("Our team won the regional chess tournament", "Did we win any competition?"),
+    ("My daughter Emma started violin lessons in September",
+     "What instrument did my daughter start learning to play at the beginning of the school year?"),
+    ("I am allergic to peanuts so I always check food labels",
+     "Do I have any food allergies I should tell the waiter about before ordering?"),
+    ("We adopted a golden retriever puppy called Biscuit",
+     "What is the name of the puppy we adopted a while ago?"),
+    ("My brother Tom moved to Lisbon for a software job",
+     "Which city did my brother move to when he got his new job?"),
+    ("I ran my first marathon in Berlin last spring",
+     "Have I ever completed a long-distance race, and if so where was it?"),
+    ("Our wedding anniversary is on the twelfth of June",
+     "When do my wife and I celebrate our wedding anniversary every year?"),
+    ("I switched careers from accounting to nursing",
+     "What did I work as before I became a nurse?"),
+    ("My favourite dish is my grandmother's mushroom risotto",
+     "What is the food I love most, the one my family used to cook for me?"),
+    ("I have been learning Japanese on my commute",
+     "Which foreign language have I been studying lately on the way to work?"),
+    ("The doctor said my blood pressure is too high",
+     "What health problem did my physician mention at my last checkup?"),
+    ("We are saving money to buy a house near the coast",
+     "What are we putting money aside for these days?"),
+    ("My laptop broke so I bought a new one on sale",
+     "Why did I have to get a new computer recently?"),
+    ("I volunteer at the animal shelter every Saturday morning",
+     "What do I do on Saturday mornings to help out in the community?"),
+    ("My son Leo is afraid of the dark and sleeps with a nightlight",
+     "What is my little boy scared of when he goes to bed at night?"),
+    ("I quit smoking three years ago",
+     "Do I still smoke cigarettes or did I manage to give up?"),
+    ("Our team won the regional chess tournament",
+     "Did our team win any competition or tournament this season?"),
 ]
 CHATTER = [
     "Had {meal} with {name} at the {place}", "Watched a {genre} movie with {name} last night",
@@ -125,7 +151,8 @@ SLOTS = {
 QUALITY_USERS = 5
 # Each question is asked this many times per mode for its latency (recall counts the first).
 QUALITY_LATENCY_ROUNDS = 3
-CHATTER_PER_USER = 600
+# Each quality user's chatter: this many made from the templates, as many sentences of the corpus.
+CHATTER_PER_USER = 1500
 
 
 # The row trigger that keeps each user's search statistics (count_search_length, db/functions/search.sql):
@@ -203,6 +230,23 @@ class _Run:
     config: Config
     sizes: Sizes
     report: Report
+    model: Embedder | None = None
+    no_model: str = ""
+
+    def __post_init__(self) -> None:
+        if self.config.embedding_dim < WORDLLAMA_DIM:
+            self.no_model = f"wordllama's {WORDLLAMA_DIM} dimensions do not fit in {self.config.embedding_dim}"
+            return
+        try:
+            self.model = from_config("wordllama")
+        except (ImportError, RuntimeError):
+            self.no_model = "needs the wordllama extra"
+
+    def padded(self, text: str) -> list[float]:
+        """The text's wordllama embedding zero-padded to the configured dimension (cosine is unchanged)."""
+        assert self.model is not None
+        vector = self.model.embed_batch([text])[0] or [1.0] + [0.0] * (self.model.dim - 1)
+        return vector + [0.0] * (self.config.embedding_dim - self.model.dim)
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -213,11 +257,14 @@ class _Run:
         a recount), then the vector indexes the maintenance job builds for users above
         ``search_exact_max_memories``."""
         if not await conn.fetchval("SELECT count(*) FROM memories WHERE user_id = $1", BIG_USER):
-            progress(f"loading {self.sizes.memories} memories of {self.config.embedding_dim} dimensions")
+            progress(f"loading {self.sizes.memories} memories of {self.config.embedding_dim} dimensions"
+                     + (f" and {self.sizes.real_user} of real sentences" if self.model is not None else ""))
             started = time.perf_counter()
             async with conn.transaction():
                 await conn.execute(f"ALTER TABLE memories DISABLE TRIGGER {SEARCH_STATISTICS_TRIGGER}")
                 await conn.execute(_load_sql(self.sizes, self.config.embedding_dim))
+                if self.model is not None:
+                    await self._load_real_user(conn)
                 await conn.execute(FILL_SEARCH_STATISTICS)
                 await conn.execute(f"ALTER TABLE memories ENABLE TRIGGER {SEARCH_STATISTICS_TRIGGER}")
             await conn.execute("VACUUM ANALYZE memories, memory_terms, memory_users")
@@ -235,6 +282,56 @@ class _Run:
         if built:
             self.report.add(f"maintenance built the vector index of {', '.join(built)} in "
                             f"{time.perf_counter() - started:.0f} s")
+
+    async def _load_real_user(self, conn: asyncpg.Connection) -> None:
+        """REAL_USER's memories: the corpus's first sentences, embedded by wordllama."""
+        assert self.model is not None
+        texts = corpus.take(0, self.sizes.real_user)
+        pad = [0.0] * (self.config.embedding_dim - self.model.dim)
+        vectors = await asyncio.to_thread(self.model.embed_batch, texts)
+        await conn.execute("CREATE TEMP TABLE bench_real (content text, v real[]) ON COMMIT DROP")
+        await conn.copy_records_to_table(
+            "bench_real", records=[(text, vector + pad) for text, vector in zip(texts, vectors, strict=True) if vector]
+        )
+        await conn.execute(f"""
+            INSERT INTO memories (user_id, content, gravity_score, emotion_type, temporal_type, embedding, create_time)
+            SELECT '{REAL_USER}', content, random(), 'calm', 'present', v::vector, now() - random() * interval '30 days'
+            FROM bench_real""")
+
+    async def real_text_figures(self, stub: memory_pb2_grpc.MemoryServiceAsyncStub, conn: asyncpg.Connection) -> None:
+        """REAL_USER searched with held-out sentences of the corpus (one call at a time):
+        vector recall@10 against exact search and latency, then text and hybrid latency."""
+        if self.model is None:
+            self.report.add(f"search on real sentences: skipped ({self.no_model})")
+            return
+        label = f"real sentences, one user of {self.sizes.real_user} ({await self._searched_by(conn, [REAL_USER])})"
+        progress(f"SearchMemories {label}")
+        queries = corpus.take(self.sizes.real_user, self.sizes.search_queries)
+        embeddings = [self.padded(query) for query in queries]
+        async with conn.transaction():
+            await conn.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off")
+            exact = [set(await conn.fetchval(EXACT_TOP10, REAL_USER, embedding)) for embedding in embeddings]
+        latencies: dict[str, list[float]] = {"vector": [], "text": [], "hybrid": []}
+        recalls = []
+        for query, embedding, truth in zip(queries, embeddings, exact, strict=True):
+            requests = {
+                "vector": pb.SearchMemoriesRequest(user_id=REAL_USER, embedding=embedding, top_k=10),
+                "text": pb.SearchMemoriesRequest(user_id=REAL_USER, query=query, top_k=10),
+                "hybrid": pb.SearchMemoriesRequest(user_id=REAL_USER, query=query, embedding=embedding, top_k=10),
+            }
+            for mode, request in requests.items():
+                started = time.perf_counter()
+                response = await stub.SearchMemories(request, metadata=self.metadata)
+                latencies[mode].append(time.perf_counter() - started)
+                if mode == "vector":
+                    recalls.append(len({r.memory.memory_id for r in response.results} & truth) / 10)
+        words = statistics.mean(len(query.split()) for query in queries)
+        self.report.add(f"SearchMemories {label}, {len(queries)} held-out sentences of {words:.1f} words on average:")
+        for mode, samples in latencies.items():
+            p50, p99 = percentiles(samples)
+            quality = (f"recall@10 {statistics.mean(recalls):.3f} (min {min(recalls):.1f})   " if mode == "vector"
+                       else "")
+            self.report.add(f"    {mode:<8} {quality}p50 {p50 * 1000:6.2f} ms   p99 {p99 * 1000:6.2f} ms")
 
     async def search_figures(self, stub: memory_pb2_grpc.MemoryServiceAsyncStub, conn: asyncpg.Connection, label: str,
                              users: list[str]) -> None:
@@ -304,24 +401,12 @@ class _Run:
 
     async def quality_figures(self, stub: memory_pb2_grpc.MemoryServiceAsyncStub) -> None:
         """Recall@10 of the fact each question paraphrases, per search mode."""
-        dim = self.config.embedding_dim
-        if dim < WORDLLAMA_DIM:
-            self.report.add(f"retrieval quality: skipped (wordllama's {WORDLLAMA_DIM} dimensions do not fit in {dim})")
+        if self.model is None:
+            self.report.add(f"retrieval quality: skipped ({self.no_model})")
             return
-        try:
-            from nexus.embedder import from_config
-
-            model = from_config("wordllama")
-        except (ImportError, RuntimeError):
-            self.report.add("retrieval quality: skipped (needs the wordllama extra)")
-            return
-        assert model is not None
         progress("retrieval quality on the labelled set")
         rng = random.Random(11)
-
-        def padded(text: str) -> list[float]:
-            vector = model.embed_batch([text])[0] or [1.0] + [0.0] * (model.dim - 1)
-            return vector + [0.0] * (dim - model.dim)
+        padded = self.padded
 
         evidence: dict[tuple[str, int], str] = {}
 
@@ -338,10 +423,13 @@ class _Run:
         # Users of this run only: a reused --disposable-database keeps earlier runs' memories.
         run_id = uuid.uuid4().hex[:8]
         corpora = {}
-        for user in (f"bench-quality-{run_id}-{n}" for n in range(QUALITY_USERS)):
+        # From the corpus's end: the real-sentence user holds its beginning.
+        real_chatter = corpus.take(-QUALITY_USERS * CHATTER_PER_USER, QUALITY_USERS * CHATTER_PER_USER)
+        for n, user in enumerate(f"bench-quality-{run_id}-{n}" for n in range(QUALITY_USERS)):
             texts: list[tuple[int | None, str]] = [(i, fact) for i, (fact, _) in enumerate(FACTS)]
             texts += [(None, rng.choice(CHATTER).format(**{k: rng.choice(v) for k, v in SLOTS.items()}))
                       for _ in range(CHATTER_PER_USER)]
+            texts += [(None, text) for text in real_chatter[n * CHATTER_PER_USER:(n + 1) * CHATTER_PER_USER]]
             rng.shuffle(texts)
             corpora[user] = texts
         await asyncio.gather(*(load(user, texts) for user, texts in corpora.items()))
@@ -364,12 +452,12 @@ class _Run:
                         hits[mode] += memory_id in {r.memory.memory_id for r in response.results}
         self.report.add(
             f"retrieval quality, {len(evidence)} questions over {QUALITY_USERS} users of "
-            f"{len(FACTS) + CHATTER_PER_USER} memories, recall@10: "
+            f"{len(FACTS) + 2 * CHATTER_PER_USER} memories, recall@10: "
             + "   ".join(f"{mode} {n / len(evidence):.2f}" for mode, n in hits.items())
         )
         for mode, samples in latencies.items():
             p50, p99 = percentiles(samples)
-            self.report.add(f"SearchMemories {mode + ', users of ' + str(len(FACTS) + CHATTER_PER_USER):<35} "
+            self.report.add(f"SearchMemories {mode + ', users of ' + str(len(FACTS) + 2 * CHATTER_PER_USER):<35} "
                             f"(labelled set, {len(samples)} calls)   p50 {p50 * 1000:6.2f} ms   p99 {p99 * 1000:6.2f} ms")
 
     async def list_figures(self, stub: memory_pb2_grpc.MemoryServiceAsyncStub) -> None:
@@ -496,7 +584,7 @@ class _Run:
 async def _check_search_statistics(conn: asyncpg.Connection) -> None:
     """Fails the run unless the bench users' search statistics equal a recount of
     their memories (the load fills them in bulk; search figures depend on them)."""
-    off = await conn.fetch(SEARCH_STATISTICS_OFF, [BIG_USER, *SMALL_USERS])
+    off = await conn.fetch(SEARCH_STATISTICS_OFF, [BIG_USER, REAL_USER, *SMALL_USERS])
     if off:
         details = "; ".join(f"{r['user_id']} {list(r['kept'])} != {list(r['recounted'])}" for r in off)
         raise BenchFailed("memory load: search statistics (memory_count, search_length_total, memory_terms rows, "
@@ -549,10 +637,9 @@ def _rss_mib(pid: int) -> float:
 
 async def run_memory(
     target: Target, config: Config, workload: Workload, scale: float, duration: float, concurrency: int,
-    event_rate: int, report: Report,
+    event_rate: int, report: Report, search_only: bool = False,
 ) -> None:
     run = _Run(target, config, Sizes.scaled(scale), report)
-    await workload.load(target.database_url)  # the entries ToggleResonance reacts to
     conn = await database.connect(target.database_url)
     try:
         await run.load(conn)
@@ -563,10 +650,14 @@ async def run_memory(
             await run.search_figures(stub, conn, big, [BIG_USER])
             await run.text_figures(stub, conn, small, SMALL_USERS)
             await run.text_figures(stub, conn, big, [BIG_USER])
+            await run.real_text_figures(stub, conn)
             await run.quality_figures(stub)
+            if search_only:
+                return
             await run.list_figures(stub)
     finally:
         await conn.close()
+    await workload.load(target.database_url)  # the entries ToggleResonance reacts to
     await run.delivery_figures(event_rate, duration)
     await run.create_figures(workload, duration, concurrency)
     await run.idle_stream_figures()
