@@ -1617,10 +1617,10 @@ END $_$;
 
 CREATE FUNCTION public.memory_vector_nearest(p_user_id text, p_embedding public.vector, p_metric text, p_limit integer, p_min_gravity double precision, p_since timestamp with time zone, p_emotion_type text, p_exact_max integer, OUT ids uuid[], OUT distances double precision[], OUT farthest double precision) RETURNS record
     LANGUAGE plpgsql STABLE
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $_$
 DECLARE
-    operator text := CASE p_metric WHEN 'cosine' THEN '<=>' WHEN 'l2' THEN '<->' END;
-    dim      integer := vector_dims(p_embedding);
+    dim integer := vector_dims(p_embedding);
 BEGIN
     IF p_metric = 'cosine' AND p_limit IS NOT NULL AND memory_vector_index_usable(p_user_id, p_exact_max) THEN
         PERFORM set_config('ivfflat.iterative_scan', 'relaxed_order', true);
@@ -1640,13 +1640,17 @@ BEGIN
         END IF;
     END IF;
     -- Exact: distances computed in a materialized CTE, so no index order is used.
-    EXECUTE format('WITH mine AS MATERIALIZED (
-                        SELECT m.memory_id, m.embedding %s $2 AS distance FROM memories m WHERE %s)
-                    SELECT array_agg(memory_id ORDER BY distance, memory_id), array_agg(distance ORDER BY distance, memory_id),
-                           (SELECT max(distance) FROM mine)
-                    FROM (SELECT * FROM mine ORDER BY distance, memory_id LIMIT $6) nearest',
-                   operator, memory_vector_filters())
-        INTO ids, distances, farthest USING p_user_id, p_embedding, p_min_gravity, p_since, p_emotion_type, p_limit;
+    WITH mine AS MATERIALIZED (
+        SELECT m.memory_id,
+               CASE p_metric WHEN 'cosine' THEN m.embedding <=> p_embedding ELSE m.embedding <-> p_embedding END
+                   AS distance
+        FROM memories m
+        WHERE m.user_id = p_user_id AND m.embedding IS NOT NULL AND m.gravity_score >= p_min_gravity
+          AND (p_since IS NULL OR m.create_time >= p_since) AND (p_emotion_type IS NULL OR m.emotion_type = p_emotion_type))
+    SELECT array_agg(n.memory_id ORDER BY n.distance, n.memory_id), array_agg(n.distance ORDER BY n.distance, n.memory_id),
+           (SELECT max(a.distance) FROM mine a)
+    INTO ids, distances, farthest
+    FROM (SELECT * FROM mine ORDER BY distance, memory_id LIMIT p_limit) n;
 END
 $_$;
 
