@@ -13,12 +13,15 @@ pace of per-call overheads.
 A batch function takes a route key first, then one array per argument (item
 i is the i-th element of each; an item's own key is one of them), and returns
 result rows tagged with ``item`` (1-based). On Citus every item of a batch has
-the same route key (an entry for reactions, the initiating user for token
-operations and memories), which is what lets Citus delegate the call to the
-one worker that owns it (docs/citus.md); on one node a batch carries items of
+the same route key, which is what lets Citus delegate the call to the one
+worker that owns it (docs/citus.md). An item may offer several route keys (a
+transfer: its payer's and its payee's): a batch routes by the one that most
+waiting items offer, the first on a tie, so payments from many payers to one
+hot merchant go out together, routed by the merchant, one two-phase commit
+for the batch instead of one per payment. On one node a batch carries items of
 many keys — most traffic is spread over many keys, and a batch of one item
 per key would be a round trip and a commit per write — and the route key is
-the first item's, unused. Semantics are
+the first item's first, unused. Semantics are
 those of one call each: each gets its own rows. An item that fails alone
 (a request_id reused with other arguments, a missing entry, too few tokens)
 gets one row with its error in the columns ``error_code`` (one of the
@@ -57,7 +60,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +77,7 @@ log = logging.getLogger("nexus.group_commit")
 
 @dataclass
 class _Item:
-    route_key: Hashable
+    route_keys: tuple[Hashable, ...]
     arguments: tuple[Any, ...]
     keys: frozenset[Hashable]
     deadline: float | None
@@ -100,16 +103,18 @@ class GroupCommit:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, route_key: Hashable, keys: Iterable[Hashable], *arguments: Any) -> list[asyncpg.Record]:
-        """Applies one item writing `keys`, routed by `route_key`; returns its result rows,
-        or raises the error the batch function reported for it."""
+    async def submit(
+        self, route_keys: tuple[Hashable, ...], keys: Iterable[Hashable], *arguments: Any
+    ) -> list[asyncpg.Record]:
+        """Applies one item writing `keys`, routed by one of `route_keys`; returns its result
+        rows, or raises the error the batch function reported for it."""
         if len(self._pending) >= self._max_pending:
             raise ResourceExhausted(f"more than {self._max_pending} {self._query.name} writes are queued")
         deadline = call_deadline.get()
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded.not_sent()
-        item = _Item(route_key, arguments, frozenset(keys), deadline)
+        item = _Item(route_keys, arguments, frozenset(keys), deadline)
         self._pending.append(item)
         if self._in_flight == 0 or len(self._pending) >= self._min_batch:
             self._dispatch()
@@ -121,20 +126,22 @@ class GroupCommit:
 
     def _dispatch(self) -> None:
         while self._in_flight < self._max_in_flight:
-            batch = self._take_batch()
+            route_key, batch = self._take_batch()
             if not batch:
                 return
             self._in_flight += 1
             self._batch_items.observe(len(batch))
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            task = asyncio.get_running_loop().create_task(self._run(route_key, batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _take_batch(self) -> list[_Item]:
-        """The next batch: pending items whose keys are free, in arrival order (on Citus, of one route key)."""
+    def _take_batch(self) -> tuple[Hashable, list[_Item]]:
+        """The next batch and its route key: pending items whose keys are free, in
+        arrival order (on Citus, of one route key)."""
         blocked = set(self._busy_keys)
         batch: list[_Item] = []
         waiting: list[_Item] = []
+        route_key: Hashable = None
         scanned = 0
         for item in self._pending:
             if len(batch) == self._max_batch:
@@ -143,8 +150,10 @@ class GroupCommit:
             if item.rows.done():
                 continue  # its caller has gone
             if blocked.isdisjoint(item.keys) and (
-                not batch or not self._one_route_key_per_batch or item.route_key == batch[0].route_key
+                not batch or not self._one_route_key_per_batch or route_key in item.route_keys
             ):
+                if not batch:
+                    route_key = self._route_key_of(item)
                 batch.append(item)
             else:
                 waiting.append(item)
@@ -153,18 +162,28 @@ class GroupCommit:
         for item in batch:
             item.sent = True
             self._busy_keys |= item.keys
-        return batch
+        return route_key, batch
 
-    async def _run(self, batch: list[_Item]) -> None:
+    def _route_key_of(self, item: _Item) -> Hashable:
+        """The route key of a batch that starts with `item`: of its route keys, the one
+        most of the next ``max_batch`` waiting items offer (the first on a tie)."""
+        if len(item.route_keys) == 1 or not self._one_route_key_per_batch:
+            return item.route_keys[0]
+        offered = Counter(
+            key for waiting in self._pending[: self._max_batch] for key in waiting.route_keys if key in item.route_keys
+        )
+        return max(item.route_keys, key=lambda key: offered[key])
+
+    async def _run(self, route_key: Hashable, batch: list[_Item]) -> None:
         try:
-            await self._send(batch)
+            await self._send(route_key, batch)
         finally:
             self._in_flight -= 1
             for item in batch:
                 self._busy_keys -= item.keys
             self._dispatch()
 
-    async def _send(self, batch: list[_Item]) -> None:
+    async def _send(self, route_key: Hashable, batch: list[_Item]) -> None:
         deadlines = [item.deadline for item in batch]
         deadline = None if None in deadlines else max(deadlines)  # type: ignore[type-var]
         call_deadline.set(deadline)
@@ -173,7 +192,7 @@ class GroupCommit:
             # not hold its keys past every caller's deadline.
             async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
                 columns = (list(column) for column in zip(*(i.arguments for i in batch), strict=True))
-                rows = await self._db.fetch(self._query, batch[0].route_key, *columns)
+                rows = await self._db.fetch(self._query, route_key, *columns)
         except TimeoutError:  # the outcome is unknown if the statement was sent
             self._fail(batch, DeadlineExceeded())
             return

@@ -50,7 +50,7 @@ def reaction_writer(db: Database, max_in_flight: int) -> GroupCommit:
 
 async def apply(writer: GroupCommit, op: str, kind: str, user: str, entry: uuid.UUID) -> Any:
     """The outcome of one reaction write."""
-    (row,) = await writer.submit(entry, (entry,), entry, op, kind, user)
+    (row,) = await writer.submit((entry,), (entry,), entry, op, kind, user)
     return row["outcome"]
 
 

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nexus.server import NexusServer
 from nexus.v1 import interaction_pb2 as pb
 from nexus.v1 import memory_pb2 as mpb
+from nexus.v1 import token_pb2 as tpb
 
 from support.rpc import SERVICE, Clients, auth, rpc_error
 from support.servers import server_config
@@ -122,6 +123,33 @@ async def test_group_commit_batches_are_observed_by_their_items(metrics: Any) ->
     batches = ("nexus_group_commit_batch_items_count", frozenset({("function", "apply_reactions")}))
     assert delta(before, after, items) == 200
     assert 1 <= delta(before, after, batches) < 200, "200 concurrent toggles were not coalesced"
+
+
+@pytest.mark.cluster
+async def test_payments_to_one_payee_are_coalesced(metrics: Any) -> None:
+    """On Citus too, where every item of a batch has the batch's route key: payments
+    from many payers to one merchant go out routed by the merchant, many to a batch
+    (each batch one two-phase commit), not one batch per payer."""
+    clients, scrape = metrics
+    payers = [f"payer-{i}" for i in range(200)]
+    await asyncio.gather(*(
+        clients.tokens.Credit(tpb.CreditRequest(user_id=p, amount=5, request_id=f"fund-{p}"), metadata=SERVICE)
+        for p in payers
+    ))  # fmt: skip
+    before = await scrape()
+    responses = await asyncio.gather(*(
+        clients.tokens.Transfer(
+            tpb.TransferRequest(from_user_id=p, to_user_id="merchant", amount=2, request_id=f"pay-{p}"), metadata=SERVICE
+        )
+        for p in payers
+    ))  # fmt: skip
+    after = await scrape()
+
+    assert sorted(r.to_balance for r in responses) == list(range(2, 401, 2))
+    items = ("nexus_group_commit_batch_items_sum", frozenset({("function", "apply_token_operations")}))
+    batches = ("nexus_group_commit_batch_items_count", frozenset({("function", "apply_token_operations")}))
+    assert delta(before, after, items) == 200
+    assert 1 <= delta(before, after, batches) <= 50, "200 concurrent payments to one payee were not coalesced"
 
 
 async def test_a_health_check_of_an_unknown_service_is_counted_as_not_found(metrics: Any) -> None:

@@ -124,7 +124,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         user_id = acting_user(request.user_id)
         entry_id = validation.entry_id(request.entry_id, "entry_id")
         op = "toggle" if on is None else "on" if on else "off"
-        (row,) = await self._reactions.submit(entry_id, (entry_id,), entry_id, op, kind, user_id)
+        (row,) = await self._reactions.submit((entry_id,), (entry_id,), entry_id, op, kind, user_id)
         outcome = row["outcome"]
         return outcome, counts_message(outcome, str(entry_id))
 

@@ -79,7 +79,7 @@ class MemoryServicer(MemorySearch, MemoryContext, MemoryStreams, memory_pb2_grpc
             embedding,
             validation.request_id(request.request_id, required=False),
         )
-        (row,) = await self._creates.submit(user_id, (user_id,), arguments)
+        (row,) = await self._creates.submit((user_id,), (user_id,), arguments)
         document = row["document"]
         return pb.CreateMemoryResponse(memory=memory_message(document))
 

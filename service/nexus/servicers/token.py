@@ -61,10 +61,9 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         reason = validation.text(request.reason, "reason", MAX_REASON_CHARS)
         reference_id = validation.text(request.reference_id, "reference_id", MAX_REFERENCE_CHARS)
         request_id = validation.request_id(request.request_id, required=True)
+        # A transfer is routed by its payer or its payee (group_commit: a hot payee's batch goes by the payee).
         keys = (user_id,) if counterparty is None else (user_id, counterparty)
-        rows = await self._ledger.submit(
-            user_id, keys, user_id, op, counterparty, amount, reason, reference_id, request_id
-        )
+        rows = await self._ledger.submit(keys, keys, user_id, op, counterparty, amount, reason, reference_id, request_id)
         return [transaction_message(r) for r in rows]
 
     async def _credit_or_deduct(self, request: pb.CreditRequest | pb.DeductRequest, op: str) -> pb.Transaction:
