@@ -171,6 +171,7 @@ class Figures:
     p50_ms: float
     p99_ms: float
     cpu: CpuPerCall
+    max_ms: float = 0.0
 
     def line(self) -> str:
         return f"{self.name:<38} {self.values()}"
@@ -230,7 +231,7 @@ async def measure(
     if not latencies:
         raise BenchFailed(f"{name}: no call completed in {duration:g} s")
     p50, p99 = percentiles(latencies)
-    return Figures(name, len(latencies) / elapsed, p50 * 1000, p99 * 1000, cpu)
+    return Figures(name, len(latencies) / elapsed, p50 * 1000, p99 * 1000, cpu, max(latencies) * 1000)
 
 
 async def run_pgbench(name: str, script: str, url: str, duration: float, clients: int, processes: Processes) -> Figures:

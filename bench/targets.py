@@ -56,6 +56,7 @@ class Target:
     database_url: str
     metadata: tuple[tuple[str, str], ...]
     processes: Processes
+    cluster: CitusCluster | None = None  # the bench's own Citus cluster, for its fault scenarios
 
 
 def _free_port() -> int:
@@ -151,7 +152,7 @@ async def citus_cluster(config: Config, workers: int = 2) -> AsyncIterator[Targe
         try:
             label = f"{1 + workers}-node Citus"
             async with own_server(config, label, cluster.url, tuple(n.pgdata for n in cluster.nodes)) as target:
-                yield target
+                yield dataclasses.replace(target, cluster=cluster)
         finally:
             await cluster.stop()
     finally:
