@@ -260,8 +260,8 @@ RETURN 'm.user_id = $1 AND m.embedding IS NOT NULL AND m.gravity_score >= $3
 -- full-precision distance (exact when it finds too few), and farthest is NULL.
 -- The exact path is a static statement with a generic plan (the covering
 -- index memories_user_vectors, read in full for the user): planning it anew
--- per call, as EXECUTE does, weighs every partial index of memories and cost
--- 3.6 ms a call, as much as scanning 3000 memories.
+-- per call, as EXECUTE does, weighs every partial index of memories (measured:
+-- p50 9.4 -> 7.7 ms for a user of 3000 memories among 12 indexed users).
 CREATE OR REPLACE FUNCTION memory_vector_nearest(
     p_user_id text, p_embedding vector, p_metric text, p_limit integer, p_min_gravity double precision,
     p_since timestamptz, p_emotion_type text, p_exact_max integer,
