@@ -93,6 +93,16 @@ async def test_reconcile_of_a_data_dir_that_does_not_exist_is_an_error_and_creat
 
 
 
+async def test_reconcile_of_a_database_never_migrated_prints_one_line(pg_admin_url: str) -> None:
+    """A command the database fails (here: no tables) names the error in one line, exit 1, no traceback."""
+    async with scratch_database(pg_admin_url, "nexus_never_migrated") as url:
+        run = await run_nexus("reconcile", env=nexus_env(NEXUS_DATABASE_URL=url, NEXUS_JWT_SECRET=JWT_SECRET))
+    assert run.code == 1, run.output
+    assert "Traceback" not in run.stderr, run.output
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("nexus: the database failed the command (SQLSTATE 42883): function reconcile_"), run.output
+
+
 # --- migrate ----------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -148,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nexus: {exc}", file=sys.stderr)
     except grpc.aio.AioRpcError as exc:
         print(f"nexus: {client.describe_rpc_error(client.server_address(config), exc)}", file=sys.stderr)
+    except asyncpg.PostgresError as exc:  # e.g. a Citus worker that refuses the coordinator's connection
+        print(f"nexus: the database failed the command (SQLSTATE {exc.sqlstate}): {exc.message}", file=sys.stderr)
+    except asyncpg.InterfaceError as exc:
+        print(f"nexus: the database connection failed during the command: {exc}", file=sys.stderr)
     return 1
 
 
