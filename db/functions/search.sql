@@ -261,7 +261,8 @@ RETURN 'm.user_id = $1 AND m.embedding IS NOT NULL AND m.gravity_score >= $3
 -- The exact path is a static statement with a generic plan (the covering
 -- index memories_user_vectors, read in full for the user): planning it anew
 -- per call, as EXECUTE does, weighs every partial index of memories (measured:
--- p50 9.4 -> 7.7 ms for a user of 3000 memories among 12 indexed users).
+-- p50 9.4 -> 7.7 ms for a user of 3000 memories among 12 indexed users). On
+-- Citus it is planned per call (see search_memories).
 CREATE OR REPLACE FUNCTION memory_vector_nearest(
     p_user_id text, p_embedding vector, p_metric text, p_limit integer, p_min_gravity double precision,
     p_since timestamptz, p_emotion_type text, p_exact_max integer,
@@ -474,7 +475,9 @@ LANGUAGE plpgsql STABLE
 -- a page of 10 read through (user_id, temporal_type), 2.5k rows scanned per
 -- memory, 35 ms instead of 0.1. A generic plan counts rows per user on
 -- average. The functions called plan for themselves (memory_text_top sets
--- custom plans; memory_vector_nearest runs EXECUTE).
+-- custom plans). On Citus, which plans a statement on a distributed table
+-- only with its parameters' values, migration resets this to per-call plans
+-- (nexus.distribution).
 SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column

@@ -197,6 +197,23 @@ async def distribute(conn: asyncpg.Connection) -> list[str]:
         )
         log.info("event=function_delegated function=%s argument=%s colocate_with=%s", signature, argument, colocate_with)
         done.append(f"function {function}")
+    done += await _plan_per_call(conn)
+    return done
+
+
+async def _plan_per_call(conn: asyncpg.Connection) -> list[str]:
+    """Resets ``plan_cache_mode`` where a function forces generic plans (the search
+    functions, see db/functions/search.sql): Citus plans a statement on a distributed
+    table only with its parameters' values ("could not create distributed plan"). Runs
+    on every migration, since a re-applied function file sets it again."""
+    done: list[str] = []
+    for signature in await conn.fetch(
+        """SELECT p.oid::regprocedure::text FROM pg_proc p
+           WHERE p.pronamespace = 'public'::regnamespace AND 'plan_cache_mode=force_generic_plan' = ANY (p.proconfig)"""
+    ):
+        await conn.execute(f"ALTER FUNCTION {signature[0]} RESET plan_cache_mode")
+        log.info("event=function_plans_per_call function=%s", signature[0])
+        done.append(f"plans per call {signature[0]}")
     return done
 
 
