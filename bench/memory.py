@@ -55,6 +55,7 @@ from bench.targets import Target
 from bench.workload import WRITERS, Workload
 from nexus import database
 from nexus.config import Config
+from nexus.constants import VECTOR_INDEX_LOCK_KEY
 from nexus.embedder import Embedder, from_config
 from nexus.maintenance import Maintenance
 from nexus.v1 import memory_pb2 as pb
@@ -260,14 +261,20 @@ class _Run:
             progress(f"loading {self.sizes.memories} memories of {self.config.embedding_dim} dimensions"
                      + (f" and {self.sizes.real_user} of real sentences" if self.model is not None else ""))
             started = time.perf_counter()
-            async with conn.transaction():
-                await conn.execute(f"ALTER TABLE memories DISABLE TRIGGER {SEARCH_STATISTICS_TRIGGER}")
-                await conn.execute(_load_sql(self.sizes, self.config.embedding_dim))
-                if self.model is not None:
-                    await self._load_real_user(conn)
-                await conn.execute(FILL_SEARCH_STATISTICS)
-                await conn.execute(f"ALTER TABLE memories ENABLE TRIGGER {SEARCH_STATISTICS_TRIGGER}")
-            await conn.execute("VACUUM ANALYZE memories, memory_terms, memory_users")
+            # The server's maintenance builds no index meanwhile: its CREATE INDEX
+            # CONCURRENTLY and the VACUUM below would wait for each other (a deadlock).
+            await conn.execute("SELECT pg_advisory_lock($1)", VECTOR_INDEX_LOCK_KEY)
+            try:
+                async with conn.transaction():
+                    await conn.execute(f"ALTER TABLE memories DISABLE TRIGGER {SEARCH_STATISTICS_TRIGGER}")
+                    await conn.execute(_load_sql(self.sizes, self.config.embedding_dim))
+                    if self.model is not None:
+                        await self._load_real_user(conn)
+                    await conn.execute(FILL_SEARCH_STATISTICS)
+                    await conn.execute(f"ALTER TABLE memories ENABLE TRIGGER {SEARCH_STATISTICS_TRIGGER}")
+                await conn.execute("VACUUM ANALYZE memories, memory_terms, memory_users")
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", VECTOR_INDEX_LOCK_KEY)
             self.report.add(f"loaded {self.sizes.memories} memories in {time.perf_counter() - started:.0f} s")
         await _check_search_statistics(conn)
         started = time.perf_counter()
