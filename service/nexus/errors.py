@@ -246,7 +246,12 @@ def from_database(exc: BaseException, *, sent: bool, distributed: bool = False) 
         if sqlstate in ("NX400", "NX403", "NX404", "NX409"):
             return from_raised(sqlstate, message, field)
         if sent and not _rolled_back(exc, distributed):
-            return DeadlineExceeded() if sqlstate == "57014" else Unavailable()
+            if sqlstate == "57014":
+                return DeadlineExceeded()
+            # Logged: on Citus a bug (a statement Citus cannot plan) ends here too,
+            # and the caller sees only an unknown outcome.
+            log.warning("event=database_error_outcome_unknown sqlstate=%s error=%r", sqlstate, message)
+            return Unavailable()
         # Below: errors that rolled the statement back, or came before it was sent.
         if sqlstate in ("40P01", "40001"):  # deadlock / serialization failure: safe to retry
             return Aborted()

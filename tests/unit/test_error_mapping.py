@@ -76,6 +76,17 @@ def test_a_call_cut_off_after_it_was_sent_has_an_unknown_outcome(exc: BaseExcept
     assert outcome(error) == errors.OUTCOME_UNKNOWN and "nothing was written" not in error.message
 
 
+def test_an_error_of_unknown_outcome_is_logged_with_its_sqlstate(caplog: pytest.LogCaptureFixture) -> None:
+    """On Citus a statement Citus cannot plan (a bug) reaches the caller as an unknown
+    outcome; the log says what it was."""
+    exc = postgres_error("0A000", "could not create distributed plan")
+    with caplog.at_level("WARNING", logger="nexus.errors"):
+        error = errors.from_database(exc, sent=True, distributed=True)
+    assert error.code == grpc.StatusCode.UNAVAILABLE and outcome(error) == errors.OUTCOME_UNKNOWN
+    (record,) = [r for r in caplog.records if "database_error_outcome_unknown" in r.getMessage()]
+    assert "sqlstate=0A000" in record.getMessage() and "could not create distributed plan" in record.getMessage()
+
+
 def test_a_cancel_on_citus_is_a_deadline_with_an_unknown_outcome() -> None:
     error = errors.from_database(postgres_error("57014", "canceling statement"), sent=True, distributed=True)
     assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED and outcome(error) == errors.OUTCOME_UNKNOWN
