@@ -243,11 +243,12 @@ class _Run:
         except (ImportError, RuntimeError):
             self.no_model = "needs the wordllama extra"
 
-    def padded(self, text: str) -> list[float]:
-        """The text's wordllama embedding zero-padded to the configured dimension (cosine is unchanged)."""
+    def padded(self, texts: list[str]) -> list[list[float]]:
+        """The texts' wordllama embeddings zero-padded to the configured dimension (cosine is
+        unchanged); a text without a token the model knows gets a fixed unit vector."""
         assert self.model is not None
-        vector = self.model.embed_batch([text])[0] or [1.0] + [0.0] * (self.model.dim - 1)
-        return vector + [0.0] * (self.config.embedding_dim - self.model.dim)
+        pad = [0.0] * (self.config.embedding_dim - self.model.dim)
+        return [(vector or [1.0] + [0.0] * (self.model.dim - 1)) + pad for vector in self.model.embed_batch(texts)]
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -294,12 +295,9 @@ class _Run:
         """REAL_USER's memories: the corpus's first sentences, embedded by wordllama."""
         assert self.model is not None
         texts = corpus.take(0, self.sizes.real_user)
-        pad = [0.0] * (self.config.embedding_dim - self.model.dim)
-        vectors = await asyncio.to_thread(self.model.embed_batch, texts)
+        vectors = await asyncio.to_thread(self.padded, texts)
         await conn.execute("CREATE TEMP TABLE bench_real (content text, v real[]) ON COMMIT DROP")
-        await conn.copy_records_to_table(
-            "bench_real", records=[(text, vector + pad) for text, vector in zip(texts, vectors, strict=True) if vector]
-        )
+        await conn.copy_records_to_table("bench_real", records=list(zip(texts, vectors, strict=True)))
         await conn.execute(f"""
             INSERT INTO memories (user_id, content, gravity_score, emotion_type, temporal_type, embedding, create_time)
             SELECT '{REAL_USER}', content, random(), 'calm', 'present', v::vector, now() - random() * interval '30 days'
@@ -314,7 +312,7 @@ class _Run:
         label = f"real sentences, one user of {self.sizes.real_user} ({await self._searched_by(conn, [REAL_USER])})"
         progress(f"SearchMemories {label}")
         queries = corpus.take(self.sizes.real_user, self.sizes.search_queries)
-        embeddings = [self.padded(query) for query in queries]
+        embeddings = self.padded(queries)
         async with conn.transaction():
             await conn.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off")
             exact = [set(await conn.fetchval(EXACT_TOP10, REAL_USER, embedding)) for embedding in embeddings]
@@ -413,15 +411,14 @@ class _Run:
             return
         progress("retrieval quality on the labelled set")
         rng = random.Random(11)
-        padded = self.padded
-
         evidence: dict[tuple[str, int], str] = {}
 
         async def load(user: str, texts: list[tuple[int | None, str]]) -> None:
             # One at a time per user (a user's writes take turns on their lock anyway).
-            for fact, text in texts:
+            vectors = self.padded([text for _, text in texts])
+            for (fact, text), vector in zip(texts, vectors, strict=True):
                 response = await stub.CreateMemory(
-                    pb.CreateMemoryRequest(user_id=user, content=text, gravity_score=0.5, embedding=padded(text)),
+                    pb.CreateMemoryRequest(user_id=user, content=text, gravity_score=0.5, embedding=vector),
                     metadata=self.metadata,
                 )
                 if fact is not None:
@@ -444,7 +441,7 @@ class _Run:
         latencies: dict[str, list[float]] = {mode: [] for mode in hits}
         for (user, fact), memory_id in evidence.items():
             question = FACTS[fact][1]
-            embedding = padded(question)
+            (embedding,) = self.padded([question])
             requests = {
                 "vector": pb.SearchMemoriesRequest(user_id=user, embedding=embedding, top_k=10),
                 "text": pb.SearchMemoriesRequest(user_id=user, query=question, top_k=10),
