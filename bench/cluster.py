@@ -37,7 +37,7 @@ from bench.core import BenchFailed, Call, Figures, Report, measure, progress, ru
 from bench.interactions import GET_ENTRIES_IN_FLIGHT, check_invariants, in_flight
 from bench.targets import Target, citus_cluster, single_node
 from bench.workload import Workload
-from devtools.citus_cluster import CitusCluster
+from devtools.citus_cluster import CitusCluster, workers_of
 from nexus import database
 from nexus.config import Config
 from nexus.v1 import token_pb2, token_pb2_grpc
@@ -107,16 +107,12 @@ async def _payers_by_worker(target: Target, workload: Workload) -> dict[int, lis
     """The bench's payers by the port of the worker that holds their balance."""
     conn = await database.connect(target.database_url)
     try:
-        rows = await conn.fetch(
-            """SELECT p.user_id, s.nodeport FROM unnest($1::text[]) p(user_id)
-               JOIN citus_shards s ON s.shardid = get_shard_id_for_distribution_column('balances', p.user_id)""",
-            [f"bench-payer-{n}" for n in range(1, workload.payers + 1)],
-        )
+        ports = await workers_of(conn, [f"bench-payer-{n}" for n in range(1, workload.payers + 1)])
     finally:
         await conn.close()
     by_worker: dict[int, list[str]] = {}
-    for row in rows:
-        by_worker.setdefault(row["nodeport"], []).append(row["user_id"])
+    for payer, port in ports.items():
+        by_worker.setdefault(port, []).append(payer)
     return by_worker
 
 

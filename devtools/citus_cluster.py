@@ -215,6 +215,18 @@ async def join_cluster(
         await conn.close()
 
 
+async def workers_of(conn: asyncpg.Connection, keys: Sequence[str], table: str = "balances") -> dict[str, int]:
+    """The port of the worker holding each key's shard of ``table`` (by user:
+    balances; by entry: entries), from the coordinator's catalog, in one query."""
+    key_type = "uuid" if table == "entries" else "text"
+    rows = await conn.fetch(
+        f"""SELECT k.key, s.nodeport FROM unnest($1::text[]) k(key)
+            JOIN citus_shards s ON s.shardid = get_shard_id_for_distribution_column('{table}', k.key::{key_type})""",
+        list(keys),
+    )
+    return {row["key"]: row["nodeport"] for row in rows}
+
+
 async def cluster_nodes(coordinator_url: str) -> tuple[tuple[str, int], list[tuple[str, int]]]:
     """The coordinator's recorded address and the active primary workers (pg_dist_node)."""
     conn = await asyncpg.connect(coordinator_url)

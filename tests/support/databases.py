@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from devtools.citus_build import CitusSourceMissing, citus_install
-from devtools.citus_cluster import CitusCluster, copy_cluster_database, drop_cluster_database
+from devtools.citus_cluster import CitusCluster, copy_cluster_database, drop_cluster_database, workers_of
 from nexus import database, migrations
 
 from support.waiting import eventually
@@ -152,12 +152,7 @@ async def backend_database(admin_url: str, template: str, prefix: str) -> AsyncI
 
 async def worker_of(conn: asyncpg.Connection, key: str, table: str = "balances") -> int:
     """The port of the worker holding ``key``'s shard of ``table`` (by user: balances; by entry: entries)."""
-    key_type = "uuid" if table == "entries" else "text"
-    return int(await conn.fetchval(
-        f"""SELECT nodeport FROM citus_shards
-            WHERE shardid = get_shard_id_for_distribution_column('{table}', $1::{key_type})""",
-        key,
-    ))
+    return (await workers_of(conn, [key], table))[key]
 
 
 async def users_on_both_workers(conn: asyncpg.Connection, prefix: str, per_worker: int) -> dict[int, list[str]]:
