@@ -33,6 +33,15 @@ CREATE TYPE public.memory_create AS (
 	request_id text
 );
 
+-- Name: pending_transfer_status; Type: TYPE; Schema: public
+
+CREATE TYPE public.pending_transfer_status AS ENUM (
+    'pending',
+    'posted',
+    'voided',
+    'expired'
+);
+
 -- Name: privacy; Type: TYPE; Schema: public
 
 CREATE TYPE public.privacy AS ENUM (
@@ -66,7 +75,11 @@ CREATE TYPE public.token_kind AS ENUM (
     'credit',
     'debit',
     'transfer_in',
-    'transfer_out'
+    'transfer_out',
+    'pending_out',
+    'pending_in',
+    'pending_voided',
+    'pending_expired'
 );
 
 -- Name: add_reaction(public.reaction_kind, text, uuid); Type: FUNCTION; Schema: public
@@ -130,6 +143,31 @@ BEGIN
     RETURN document;
 END
 $$;
+
+-- Name: append_ledger_row(text, public.token_kind, bigint, bigint, bigint, bigint, uuid, text, text, text, text, uuid, timestamp with time zone); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.append_ledger_row(p_user_id text, p_kind public.token_kind, p_amount bigint, p_balance_delta bigint, p_pending_in_delta bigint, p_pending_out_delta bigint, p_transaction_id uuid, p_reason text, p_reference_id text, p_counterparty text, p_request_id text, p_pending_transfer_id uuid, p_moved_at timestamp with time zone) RETURNS TABLE(transaction_id uuid, user_id text, kind public.token_kind, amount bigint, balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint, overdraft_limit bigint, closed boolean, reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint, create_time timestamp with time zone, pending_transfer_id uuid)
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_column
+DECLARE
+    moved balances;
+BEGIN
+    UPDATE balances b SET balance = b.balance + p_balance_delta, pending_in = b.pending_in + p_pending_in_delta,
+                          pending_out = b.pending_out + p_pending_out_delta, last_sequence = b.last_sequence + 1,
+                          update_time = p_moved_at
+    WHERE b.user_id = p_user_id RETURNING b.* INTO moved;
+    RETURN QUERY
+    INSERT INTO token_transactions AS t (transaction_id, user_id, kind, amount, balance_after, pending_in_after,
+                                         pending_out_after, reason, reference_id, counterparty_user_id, request_id,
+                                         sequence, pending_transfer_id)
+    VALUES (p_transaction_id, p_user_id, p_kind, p_amount, moved.balance, moved.pending_in, moved.pending_out,
+            p_reason, p_reference_id, p_counterparty, p_request_id, moved.last_sequence, p_pending_transfer_id)
+    RETURNING t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after, t.pending_in_after,
+              t.pending_out_after, t.balance_after - t.pending_out_after + moved.overdraft_limit,
+              moved.overdraft_limit, moved.closed, t.reason,
+              t.reference_id, t.counterparty_user_id, t.request_id, t.sequence, t.create_time, t.pending_transfer_id;
+END $$;
 
 -- Name: apply_memory_rules(); Type: FUNCTION; Schema: public
 
@@ -239,33 +277,66 @@ BEGIN
     END LOOP;
 END $$;
 
--- Name: apply_token_operations(text, text[], text[], text[], bigint[], text[], text[], text[]); Type: FUNCTION; Schema: public
+-- Name: pending_transfers; Type: TABLE; Schema: public
 
-CREATE FUNCTION public.apply_token_operations(p_route_user_id text, p_user_ids text[], p_ops text[], p_counterparties text[], p_amounts bigint[], p_reasons text[], p_reference_ids text[], p_request_ids text[]) RETURNS TABLE(item integer, transaction_id uuid, user_id text, kind public.token_kind, amount bigint, balance_after bigint, reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint, create_time timestamp with time zone, error_code text, error_message text, error_detail text)
+CREATE TABLE public.pending_transfers (
+    pending_transfer_id uuid NOT NULL,
+    from_user_id text NOT NULL,
+    to_user_id text NOT NULL,
+    amount bigint NOT NULL,
+    posted_amount bigint DEFAULT 0 NOT NULL,
+    status public.pending_transfer_status DEFAULT 'pending'::public.pending_transfer_status NOT NULL,
+    reason text NOT NULL,
+    reference_id text NOT NULL,
+    request_id text NOT NULL,
+    expire_time timestamp with time zone,
+    create_time timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    resolve_time timestamp with time zone,
+    CONSTRAINT pending_transfers_amount_check CHECK ((amount > 0)),
+    CONSTRAINT pending_transfers_check CHECK ((to_user_id <> from_user_id)),
+    CONSTRAINT pending_transfers_check1 CHECK (((posted_amount >= 0) AND (posted_amount <= amount))),
+    CONSTRAINT pending_transfers_check2 CHECK (((status = 'pending'::public.pending_transfer_status) = (resolve_time IS NULL)))
+);
+
+-- Name: apply_token_operations(text, text[], text[], text[], bigint[], text[], text[], text[], uuid[], integer[]); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.apply_token_operations(p_route_user_id text, p_user_ids text[], p_ops text[], p_counterparties text[], p_amounts bigint[], p_reasons text[], p_reference_ids text[], p_request_ids text[], p_pending_ids uuid[], p_timeouts integer[]) RETURNS TABLE(item integer, transaction_id uuid, user_id text, kind public.token_kind, amount bigint, balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint, overdraft_limit bigint, closed boolean, reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint, create_time timestamp with time zone, pending_transfer_id uuid, pending public.pending_transfers, error_code text, error_message text, error_detail text)
     LANGUAGE plpgsql
     AS $$
 #variable_conflict use_column
 DECLARE
     holder       text;
-    initiator    text;
+    holders      text[];
     created      boolean;
     created_rows text[] := '{}';
     ids          uuid[];
     earlier      token_requests;
     fingerprint  text;
+    op           text;
+    initiator    text;
     payer        text;
     payee        text;
-    payer_balance  bigint;
-    payer_sequence bigint;
-    payee_balance  bigint;
-    payee_sequence bigint;
+    payer_row    balances;
+    payee_row    balances;
+    pend         pending_transfers;
+    moved        bigint;
     -- Citus refuses a volatile function in an UPDATE of a distributed table:
     -- the time is taken per item into a variable instead.
-    moved_at       timestamptz;
-    -- An item's failure: SQLSTATE, message, precondition type.
-    failure        text[];
+    moved_at     timestamptz;
+    -- An item's failure: SQLSTATE, message, detail.
+    failure      text[];
+    failure_code    text;
+    failure_message text;
+    failure_detail  text;
 BEGIN
-    FOR holder IN SELECT DISTINCT u FROM unnest(p_user_ids || p_counterparties) AS u WHERE u IS NOT NULL ORDER BY u LOOP
+    holders := p_user_ids || p_counterparties;
+    -- Only when the batch resolves pending transfers: on Citus a lookup of no
+    -- key would read every shard.
+    IF cardinality(array_remove(p_pending_ids, NULL)) > 0 THEN
+        holders := holders || (SELECT array_agg(p.from_user_id) || array_agg(p.to_user_id) FROM pending_transfers p
+                               WHERE p.pending_transfer_id = ANY (array_remove(p_pending_ids, NULL)));
+    END IF;
+    FOR holder IN SELECT DISTINCT u FROM unnest(holders) AS u WHERE u IS NOT NULL ORDER BY u LOOP
         INSERT INTO balances AS b (user_id, balance) VALUES (holder, 0)
         ON CONFLICT (user_id) DO UPDATE SET balance = b.balance
         RETURNING b.xmax = 0 INTO created;
@@ -275,80 +346,168 @@ BEGIN
     END LOOP;
 
     FOR i IN 1 .. cardinality(p_ops) LOOP
-        initiator := p_user_ids[i];
-        payer := CASE WHEN p_ops[i] = 'credit' THEN NULL ELSE initiator END;
-        payee := CASE p_ops[i] WHEN 'credit' THEN initiator WHEN 'transfer' THEN p_counterparties[i] END;
-        fingerprint := md5(jsonb_build_array(p_ops[i], p_counterparties[i], p_amounts[i], p_reasons[i],
-                                             p_reference_ids[i])::text);
-        ids := CASE WHEN p_ops[i] = 'transfer' THEN ARRAY[gen_random_uuid(), gen_random_uuid()]
-                    ELSE ARRAY[gen_random_uuid()] END;
-
-        INSERT INTO token_requests AS r (user_id, request_id, fingerprint, transaction_ids)
-        VALUES (initiator, p_request_ids[i], fingerprint, ids)
-        ON CONFLICT DO NOTHING;
-        IF NOT FOUND THEN
-            SELECT * INTO earlier FROM token_requests r
-            WHERE r.user_id = initiator AND r.request_id = p_request_ids[i];
-            IF earlier.fingerprint <> fingerprint THEN
-                RETURN QUERY SELECT i, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint, NULL, NULL,
-                                    NULL, NULL, NULL::bigint, NULL::timestamptz, 'NX409',
-                                    format('request_id %s was already used with different arguments', p_request_ids[i]),
-                                    'request_id';
-            ELSE
-                -- The legs sit under the payer's and (a transfer) the payee's keys.
-                RETURN QUERY SELECT i, t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after,
-                                    t.reason, t.reference_id, t.counterparty_user_id, t.request_id, t.sequence,
-                                    t.create_time, NULL, NULL, NULL
-                             FROM token_transactions t
-                             WHERE t.user_id IN (initiator, p_counterparties[i])
-                               AND t.transaction_id = ANY (earlier.transaction_ids)
-                             ORDER BY array_position(earlier.transaction_ids, t.transaction_id);
+        op := p_ops[i];
+        pend := NULL;
+        IF op IN ('post_pending', 'void_pending', 'expire_pending') THEN
+            SELECT * INTO pend FROM pending_transfers p WHERE p.pending_transfer_id = p_pending_ids[i] FOR UPDATE;
+            IF NOT FOUND OR (p_user_ids[i] IS NOT NULL AND p_user_ids[i] <> pend.from_user_id) THEN
+                failure := CASE WHEN pend.pending_transfer_id IS NULL
+                    THEN ARRAY['NX404', format('pending transfer %s not found', p_pending_ids[i]), 'pending_transfer_id']
+                    ELSE ARRAY['NX403', format('only %s or a service may resolve pending transfer %s',
+                                               pend.from_user_id, p_pending_ids[i]), 'pending_transfer_id'] END;
+                RETURN QUERY SELECT * FROM token_operation_failure(i, failure);
+                CONTINUE;
             END IF;
-            CONTINUE;
+            IF op = 'expire_pending' AND (pend.status <> 'pending' OR pend.expire_time > clock_timestamp()) THEN
+                CONTINUE;  -- resolved meanwhile, or not due: nothing to expire
+            END IF;
+            initiator := pend.from_user_id;
+            payer := pend.from_user_id;
+            payee := pend.to_user_id;
+        ELSE
+            initiator := p_user_ids[i];
+            payer := CASE WHEN op = 'credit' THEN NULL ELSE initiator END;
+            payee := CASE WHEN op = 'deduct' THEN NULL WHEN op = 'credit' THEN initiator ELSE p_counterparties[i] END;
+        END IF;
+        ids := CASE WHEN payer IS NULL OR payee IS NULL THEN ARRAY[gen_random_uuid()]
+                    ELSE ARRAY[gen_random_uuid(), gen_random_uuid()] END;
+
+        IF op <> 'expire_pending' THEN
+            fingerprint := md5((jsonb_build_array(op, p_counterparties[i], p_amounts[i], p_reasons[i],
+                                                  p_reference_ids[i])
+                                || CASE WHEN op IN ('credit', 'deduct', 'transfer') THEN '[]'::jsonb
+                                        ELSE jsonb_build_array(p_pending_ids[i], p_timeouts[i]) END)::text);
+            INSERT INTO token_requests AS r (user_id, request_id, fingerprint, transaction_ids)
+            VALUES (initiator, p_request_ids[i], fingerprint, ids)
+            ON CONFLICT DO NOTHING;
+            IF NOT FOUND THEN
+                SELECT * INTO earlier FROM token_requests r
+                WHERE r.user_id = initiator AND r.request_id = p_request_ids[i];
+                IF earlier.fingerprint <> fingerprint OR earlier.error_code IS NOT NULL THEN
+                    failure := CASE WHEN earlier.fingerprint <> fingerprint
+                        THEN ARRAY['NX409', format('request_id %s was already used with different arguments',
+                                                   p_request_ids[i]), 'request_id']
+                        ELSE ARRAY[earlier.error_code, earlier.error_message, earlier.error_detail] END;
+                    RETURN QUERY SELECT * FROM token_operation_failure(i, failure);
+                ELSE
+                    -- A pending transfer is shown as it is now. (Read on its
+                    -- own: Citus joins only tables distributed alike.)
+                    IF pend.pending_transfer_id IS NULL THEN
+                        SELECT p.* INTO pend FROM pending_transfers p
+                        WHERE p.pending_transfer_id = (SELECT t.pending_transfer_id FROM token_transactions t
+                                                       WHERE t.user_id = initiator
+                                                         AND t.transaction_id = earlier.transaction_ids[1]);
+                    END IF;
+                    -- The rows sit under the payer's and the payee's keys (the
+                    -- first under the initiator's).
+                    RETURN QUERY SELECT i, t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after,
+                                        t.pending_in_after, t.pending_out_after,
+                                        t.balance_after - t.pending_out_after + b.overdraft_limit,
+                                        b.overdraft_limit, b.closed,
+                                        t.reason, t.reference_id, t.counterparty_user_id, t.request_id, t.sequence,
+                                        t.create_time, t.pending_transfer_id, pend, NULL, NULL, NULL
+                                 FROM token_transactions t
+                                 JOIN balances b ON b.user_id = t.user_id
+                                 WHERE t.user_id IN (payer, payee)
+                                   AND t.transaction_id = ANY (earlier.transaction_ids)
+                                 ORDER BY array_position(earlier.transaction_ids, t.transaction_id);
+                END IF;
+                CONTINUE;
+            END IF;
         END IF;
 
-        IF payer IS NOT NULL AND (SELECT b.balance FROM balances b WHERE b.user_id = payer) < p_amounts[i] THEN
-            failure := ARRAY['NX412', format('%s has fewer than %s tokens', payer, p_amounts[i]), 'INSUFFICIENT_FUNDS'];
-        ELSIF payee IS NOT NULL
-              AND (SELECT b.balance FROM balances b WHERE b.user_id = payee) > 9223372036854775807 - p_amounts[i] THEN
-            failure := ARRAY['NX412', format('the balance of %s would overflow', payee), 'BALANCE_OVERFLOW'];
-        ELSE
-            failure := NULL;
-        END IF;
+        SELECT * INTO payer_row FROM balances b WHERE b.user_id = payer;
+        SELECT * INTO payee_row FROM balances b WHERE b.user_id = payee;
+        moved := CASE WHEN op IN ('void_pending', 'expire_pending') OR (op = 'post_pending' AND p_amounts[i] = 0)
+                      THEN pend.amount ELSE p_amounts[i] END;
+        failure := CASE
+            WHEN pend.status = 'expired'
+                 OR (op <> 'expire_pending' AND pend.status = 'pending' AND pend.expire_time <= clock_timestamp()) THEN
+                ARRAY['NX412', format('pending transfer %s has expired', pend.pending_transfer_id),
+                      'PENDING_TRANSFER_EXPIRED']
+            WHEN pend.status <> 'pending' THEN
+                ARRAY['NX412', format('pending transfer %s is already %s', pend.pending_transfer_id, pend.status),
+                      'PENDING_TRANSFER_RESOLVED']
+            WHEN op = 'post_pending' AND moved > pend.amount THEN
+                ARRAY['NX400', format('cannot post %s of the %s reserved', moved, pend.amount), 'amount']
+            WHEN pend.pending_transfer_id IS NOT NULL THEN NULL  -- resolving needs no funds: they are reserved
+            WHEN payer_row.closed OR payee_row.closed THEN
+                ARRAY['NX412', format('the account of %s is closed',
+                                      CASE WHEN payer_row.closed THEN payer ELSE payee END), 'ACCOUNT_CLOSED']
+            WHEN payer IS NOT NULL
+                 AND payer_row.balance::numeric - payer_row.pending_out + payer_row.overdraft_limit < moved THEN
+                ARRAY['NX412', format('%s has fewer than %s tokens available', payer, moved), 'INSUFFICIENT_FUNDS']
+            WHEN payer IS NOT NULL AND payer_row.pending_out::numeric + moved > 9223372036854775807 THEN
+                ARRAY['NX412', format('the reservations of %s would overflow', payer), 'BALANCE_OVERFLOW']
+            WHEN payee IS NOT NULL
+                 AND payee_row.balance::numeric + payee_row.pending_in + moved > 9223372036854775807 THEN
+                ARRAY['NX412', format('the balance of %s would overflow', payee), 'BALANCE_OVERFLOW']
+        END;
         IF failure IS NOT NULL THEN
-            DELETE FROM token_requests r WHERE r.user_id = initiator AND r.request_id = p_request_ids[i];
-            RETURN QUERY SELECT i, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint, NULL, NULL, NULL,
-                                NULL, NULL::bigint, NULL::timestamptz, failure[1], failure[2], failure[3];
+            IF op <> 'expire_pending' THEN
+                -- Through scalars: an array element in the SET list of an
+                -- UPDATE of a distributed table crashes the Citus 14.0.1
+                -- backend that runs it (signal 11).
+                failure_code := failure[1];
+                failure_message := failure[2];
+                failure_detail := failure[3];
+                UPDATE token_requests r SET transaction_ids = '{}', error_code = failure_code,
+                                            error_message = failure_message, error_detail = failure_detail
+                WHERE r.user_id = initiator AND r.request_id = p_request_ids[i];
+            END IF;
+            RETURN QUERY SELECT * FROM token_operation_failure(i, failure);
             CONTINUE;
         END IF;
 
         moved_at := clock_timestamp();
+        IF op = 'create_pending' THEN
+            INSERT INTO pending_transfers AS p (pending_transfer_id, from_user_id, to_user_id, amount, reason,
+                                                reference_id, request_id, expire_time, create_time)
+            VALUES (gen_random_uuid(), payer, payee, moved, p_reasons[i], p_reference_ids[i], p_request_ids[i],
+                    CASE WHEN p_timeouts[i] > 0 THEN moved_at + make_interval(secs => p_timeouts[i]) END, moved_at)
+            RETURNING p.* INTO pend;
+        ELSIF pend.pending_transfer_id IS NOT NULL THEN
+            UPDATE pending_transfers p
+            SET status = CASE op WHEN 'post_pending' THEN 'posted' WHEN 'void_pending' THEN 'voided'
+                                 ELSE 'expired' END::pending_transfer_status,
+                posted_amount = CASE WHEN op = 'post_pending' THEN moved ELSE 0 END,
+                resolve_time = moved_at
+            WHERE p.pending_transfer_id = pend.pending_transfer_id
+            RETURNING p.* INTO pend;
+        END IF;
+
         IF payer IS NOT NULL THEN
-            UPDATE balances b SET balance = b.balance - p_amounts[i], last_sequence = b.last_sequence + 1,
-                                  update_time = moved_at
-            WHERE b.user_id = payer RETURNING b.balance, b.last_sequence INTO payer_balance, payer_sequence;
             RETURN QUERY
-            INSERT INTO token_transactions AS t (transaction_id, user_id, kind, amount, balance_after, reason,
-                                                 reference_id, counterparty_user_id, request_id, sequence)
-            VALUES (ids[1], payer, CASE WHEN p_ops[i] = 'transfer' THEN 'transfer_out' ELSE 'debit' END::token_kind,
-                    p_amounts[i], payer_balance, p_reasons[i], p_reference_ids[i], payee, p_request_ids[i],
-                    payer_sequence)
-            RETURNING i, t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after, t.reason,
-                      t.reference_id, t.counterparty_user_id, t.request_id, t.sequence, t.create_time, NULL, NULL, NULL;
+            SELECT i, l.*, pend, NULL, NULL, NULL
+            FROM append_ledger_row(
+                payer,
+                CASE op WHEN 'deduct' THEN 'debit' WHEN 'transfer' THEN 'transfer_out' WHEN 'post_pending' THEN 'transfer_out'
+                        WHEN 'create_pending' THEN 'pending_out' WHEN 'void_pending' THEN 'pending_voided'
+                        ELSE 'pending_expired' END::token_kind,
+                moved,
+                CASE WHEN op IN ('deduct', 'transfer', 'post_pending') THEN -moved ELSE 0 END,
+                0,
+                CASE op WHEN 'create_pending' THEN moved WHEN 'deduct' THEN 0 WHEN 'transfer' THEN 0
+                        ELSE -pend.amount END,
+                ids[1], coalesce(p_reasons[i], pend.reason), coalesce(p_reference_ids[i], pend.reference_id), payee,
+                coalesce(p_request_ids[i], pend.request_id), pend.pending_transfer_id, moved_at) l;
         END IF;
         IF payee IS NOT NULL THEN
-            UPDATE balances b SET balance = b.balance + p_amounts[i], last_sequence = b.last_sequence + 1,
-                                  update_time = moved_at
-            WHERE b.user_id = payee RETURNING b.balance, b.last_sequence INTO payee_balance, payee_sequence;
             RETURN QUERY
-            INSERT INTO token_transactions AS t (transaction_id, user_id, kind, amount, balance_after, reason,
-                                                 reference_id, counterparty_user_id, request_id, sequence)
-            VALUES (ids[cardinality(ids)], payee,
-                    CASE WHEN p_ops[i] = 'transfer' THEN 'transfer_in' ELSE 'credit' END::token_kind,
-                    p_amounts[i], payee_balance, p_reasons[i], p_reference_ids[i], payer, p_request_ids[i],
-                    payee_sequence)
-            RETURNING i, t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after, t.reason,
-                      t.reference_id, t.counterparty_user_id, t.request_id, t.sequence, t.create_time, NULL, NULL, NULL;
+            SELECT i, l.*, pend, NULL, NULL, NULL
+            FROM append_ledger_row(
+                payee,
+                CASE op WHEN 'credit' THEN 'credit' WHEN 'transfer' THEN 'transfer_in' WHEN 'post_pending' THEN 'transfer_in'
+                        WHEN 'create_pending' THEN 'pending_in' WHEN 'void_pending' THEN 'pending_voided'
+                        ELSE 'pending_expired' END::token_kind,
+                moved,
+                CASE WHEN op IN ('credit', 'transfer', 'post_pending') THEN moved ELSE 0 END,
+                CASE op WHEN 'create_pending' THEN moved WHEN 'credit' THEN 0 WHEN 'transfer' THEN 0
+                        ELSE -pend.amount END,
+                0,
+                ids[cardinality(ids)], coalesce(p_reasons[i], pend.reason),
+                coalesce(p_reference_ids[i], pend.reference_id), payer,
+                coalesce(p_request_ids[i], pend.request_id), pend.pending_transfer_id, moved_at) l;
         END IF;
     END LOOP;
 
@@ -895,6 +1054,34 @@ CREATE FUNCTION public.entry_visible_given(p_privacy public.privacy, p_author_id
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN ((p_viewer IS NULL) OR (p_privacy = 'public'::public.privacy) OR (p_author_id = p_viewer) OR ((p_privacy = 'followers'::public.privacy) AND (p_author_id = ANY (p_followed))));
 
+-- Name: expire_pending_transfers(integer); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.expire_pending_transfers(p_limit integer) RETURNS integer
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    sweep_time timestamptz := clock_timestamp();
+    due        uuid[];
+    expired    integer;
+BEGIN
+    SELECT array_agg(d.pending_transfer_id ORDER BY d.expire_time) INTO due
+    FROM (SELECT p.pending_transfer_id, p.expire_time FROM pending_transfers p
+          WHERE p.status = 'pending' AND p.expire_time <= sweep_time
+          ORDER BY p.expire_time LIMIT p_limit) d;
+    IF due IS NULL THEN
+        RETURN 0;
+    END IF;
+    SELECT count(DISTINCT r.item) INTO expired
+    FROM apply_token_operations(
+        NULL, array_fill(NULL::text, ARRAY[cardinality(due)]),
+        array_fill('expire_pending'::text, ARRAY[cardinality(due)]), array_fill(NULL::text, ARRAY[cardinality(due)]),
+        array_fill(NULL::bigint, ARRAY[cardinality(due)]), array_fill(NULL::text, ARRAY[cardinality(due)]),
+        array_fill(NULL::text, ARRAY[cardinality(due)]), array_fill(NULL::text, ARRAY[cardinality(due)]),
+        due, array_fill(NULL::integer, ARRAY[cardinality(due)])) r
+    WHERE r.error_code IS NULL;
+    RETURN expired;
+END $$;
+
 -- Name: follow(text, text); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.follow(p_follower_id text, p_followed_id text) RETURNS boolean
@@ -965,18 +1152,37 @@ BEGIN
     RAISE EXCEPTION 'shares are append-only' USING ERRCODE = 'NX403';
 END $$;
 
--- Name: get_balances(text[]); Type: FUNCTION; Schema: public
+-- Name: get_balances(text[], timestamp with time zone); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.get_balances(p_user_ids text[]) RETURNS TABLE(user_id text, balance bigint, update_time timestamp with time zone)
+CREATE FUNCTION public.get_balances(p_user_ids text[], p_as_of timestamp with time zone) RETURNS TABLE(user_id text, balance bigint, pending_in bigint, pending_out bigint, available bigint, overdraft_limit bigint, closed boolean, update_time timestamp with time zone)
     LANGUAGE plpgsql STABLE
     AS $$
+#variable_conflict use_column
+DECLARE
+    asked text;
 BEGIN
-    RETURN QUERY
-    SELECT asked.user_id, coalesce(b.balance, 0), b.update_time
-    FROM unnest(p_user_ids) WITH ORDINALITY AS asked (user_id, position)
-    -- Filtered by key first: on Citus that reads only the asked users' shards.
-    LEFT JOIN (SELECT * FROM balances WHERE balances.user_id = ANY (p_user_ids)) b ON b.user_id = asked.user_id
-    ORDER BY asked.position;
+    IF p_as_of IS NULL THEN
+        RETURN QUERY
+        SELECT asked.user_id, coalesce(b.balance, 0), coalesce(b.pending_in, 0), coalesce(b.pending_out, 0),
+               coalesce(b.balance - b.pending_out + b.overdraft_limit, 0), coalesce(b.overdraft_limit, 0),
+               coalesce(b.closed, false), CASE WHEN b.last_sequence > 0 THEN b.update_time END
+        FROM unnest(p_user_ids) WITH ORDINALITY AS asked (user_id, position)
+        -- Filtered by key first: on Citus that reads only the asked users' shards.
+        LEFT JOIN (SELECT * FROM balances WHERE balances.user_id = ANY (p_user_ids)) b ON b.user_id = asked.user_id
+        ORDER BY asked.position;
+        RETURN;
+    END IF;
+    -- One statement per user, by its key: Citus routes each to its shard.
+    FOREACH asked IN ARRAY p_user_ids LOOP
+        RETURN QUERY
+        SELECT asked, coalesce(t.balance_after, 0), coalesce(t.pending_in_after, 0), coalesce(t.pending_out_after, 0),
+               coalesce(t.balance_after, 0) - coalesce(t.pending_out_after, 0) + coalesce(b.overdraft_limit, 0),
+               coalesce(b.overdraft_limit, 0), coalesce(b.closed, false), t.create_time
+        FROM (SELECT 1) one
+        LEFT JOIN LATERAL (SELECT * FROM token_transactions tt WHERE tt.user_id = asked AND tt.create_time <= p_as_of
+                           ORDER BY tt.create_time DESC, tt.sequence DESC LIMIT 1) t ON true
+        LEFT JOIN balances b ON b.user_id = asked;
+    END LOOP;
 END $$;
 
 -- Name: get_entries(uuid[], text, text); Type: FUNCTION; Schema: public
@@ -1220,9 +1426,11 @@ CREATE TABLE public.token_transactions (
     request_id text NOT NULL,
     sequence bigint NOT NULL,
     create_time timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    pending_in_after bigint DEFAULT 0 NOT NULL,
+    pending_out_after bigint DEFAULT 0 NOT NULL,
+    pending_transfer_id uuid,
     CONSTRAINT token_transactions_amount_check CHECK ((amount > 0)),
-    CONSTRAINT token_transactions_balance_after_check CHECK ((balance_after >= 0)),
-    CONSTRAINT token_transactions_check CHECK (((kind = ANY (ARRAY['transfer_in'::public.token_kind, 'transfer_out'::public.token_kind])) = (counterparty_user_id IS NOT NULL)))
+    CONSTRAINT token_transactions_counterparty_check CHECK (((kind <> ALL (ARRAY['credit'::public.token_kind, 'debit'::public.token_kind])) = (counterparty_user_id IS NOT NULL)))
 );
 
 -- Name: list_transactions(text, bigint, integer); Type: FUNCTION; Schema: public
@@ -1696,18 +1904,31 @@ CREATE FUNCTION public.reconcile_balances(p_fix boolean) RETURNS TABLE(user_id t
 BEGIN
     DROP TABLE IF EXISTS pg_temp.balance_drift;
     CREATE TEMP TABLE balance_drift ON COMMIT DROP AS
-    WITH ledger AS (
-        SELECT t.user_id,
-               sum(CASE WHEN t.kind IN ('credit', 'transfer_in') THEN t.amount ELSE -t.amount END)::bigint AS total,
-               (array_agg(t.balance_after ORDER BY t.sequence DESC))[1] AS last_balance_after
-        FROM token_transactions t GROUP BY t.user_id
+    WITH movement AS (
+        SELECT t.user_id, t.sequence, t.balance_after,
+               CASE WHEN t.kind IN ('credit', 'transfer_in') THEN t.amount
+                    WHEN t.kind IN ('debit', 'transfer_out') THEN -t.amount
+                    ELSE 0 END AS delta
+        FROM token_transactions t
+    )
+    , ledger AS (
+        SELECT m.user_id, sum(m.delta)::bigint AS total,
+               (array_agg(m.balance_after ORDER BY m.sequence DESC))[1] AS last_balance_after
+        FROM movement m GROUP BY m.user_id
     )
     , chain AS (
-        SELECT t.user_id, t.sequence, t.balance_after,
-               coalesce(lag(t.balance_after) OVER w, 0)
-                 + CASE WHEN t.kind IN ('credit', 'transfer_in') THEN t.amount ELSE -t.amount END AS expected
-        FROM token_transactions t
-        WINDOW w AS (PARTITION BY t.user_id ORDER BY t.sequence)
+        SELECT m.user_id, m.sequence, m.balance_after,
+               coalesce(lag(m.balance_after) OVER w, 0) + m.delta AS expected
+        FROM movement m
+        WINDOW w AS (PARTITION BY m.user_id ORDER BY m.sequence)
+    )
+    , reserved_out AS (
+        SELECT p.from_user_id AS user_id, sum(p.amount)::bigint AS total
+        FROM pending_transfers p WHERE p.status = 'pending' GROUP BY p.from_user_id
+    )
+    , reserved_in AS (
+        SELECT p.to_user_id AS user_id, sum(p.amount)::bigint AS total
+        FROM pending_transfers p WHERE p.status = 'pending' GROUP BY p.to_user_id
     )
     SELECT coalesce(b.user_id, l.user_id) AS user_id, NULL::bigint AS sequence, 'balance'::text AS counter,
            coalesce(b.balance, 0) AS stored, coalesce(l.total, 0) AS actual
@@ -1715,11 +1936,23 @@ BEGIN
     WHERE coalesce(b.balance, 0) <> coalesce(l.total, 0) OR l.last_balance_after <> l.total
     UNION ALL
     SELECT c.user_id, c.sequence, 'balance_after', c.balance_after, c.expected
-    FROM chain c WHERE c.balance_after <> c.expected;
+    FROM chain c WHERE c.balance_after <> c.expected
+    UNION ALL
+    SELECT coalesce(b.user_id, r.user_id), NULL, 'pending_out', coalesce(b.pending_out, 0), coalesce(r.total, 0)
+    FROM balances b FULL JOIN reserved_out r ON r.user_id = b.user_id
+    WHERE coalesce(b.pending_out, 0) <> coalesce(r.total, 0)
+    UNION ALL
+    SELECT coalesce(b.user_id, r.user_id), NULL, 'pending_in', coalesce(b.pending_in, 0), coalesce(r.total, 0)
+    FROM balances b FULL JOIN reserved_in r ON r.user_id = b.user_id
+    WHERE coalesce(b.pending_in, 0) <> coalesce(r.total, 0);
 
     IF p_fix THEN
         UPDATE balances b SET balance = d.actual FROM balance_drift d
         WHERE b.user_id = d.user_id AND d.counter = 'balance';
+        UPDATE balances b SET pending_out = d.actual FROM balance_drift d
+        WHERE b.user_id = d.user_id AND d.counter = 'pending_out';
+        UPDATE balances b SET pending_in = d.actual FROM balance_drift d
+        WHERE b.user_id = d.user_id AND d.counter = 'pending_in';
     END IF;
     RETURN QUERY SELECT * FROM balance_drift;
 END $$;
@@ -2065,6 +2298,19 @@ BEGIN
 END
 $$;
 
+-- Name: set_account_policy(text, bigint, boolean); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.set_account_policy(p_user_id text, p_overdraft_limit bigint, p_closed boolean) RETURNS TABLE(user_id text, balance bigint, pending_in bigint, pending_out bigint, available bigint, overdraft_limit bigint, closed boolean, update_time timestamp with time zone)
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_column
+BEGIN
+    INSERT INTO balances AS b (user_id, balance, overdraft_limit, closed)
+    VALUES (p_user_id, 0, p_overdraft_limit, p_closed)
+    ON CONFLICT (user_id) DO UPDATE SET overdraft_limit = EXCLUDED.overdraft_limit, closed = EXCLUDED.closed;
+    RETURN QUERY SELECT * FROM get_balances(ARRAY[p_user_id], NULL);
+END $$;
+
 -- Name: set_identity_entities(text, text[]); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.set_identity_entities(p_user_id text, p_entities text[]) RETURNS text[]
@@ -2078,6 +2324,16 @@ BEGIN
     RETURNING identity_entities INTO entities;
     RETURN entities;
 END $$;
+
+-- Name: token_operation_failure(integer, text[]); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.token_operation_failure(p_item integer, p_failure text[]) RETURNS TABLE(item integer, transaction_id uuid, user_id text, kind public.token_kind, amount bigint, balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint, overdraft_limit bigint, closed boolean, reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint, create_time timestamp with time zone, pending_transfer_id uuid, pending public.pending_transfers, error_code text, error_message text, error_detail text)
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    SELECT p_item, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
+           NULL::bigint, NULL::bigint, NULL::boolean, NULL, NULL, NULL, NULL, NULL::bigint, NULL::timestamptz, NULL::uuid,
+           NULL::pending_transfers, p_failure[1], p_failure[2], p_failure[3]
+$$;
 
 -- Name: touch_session(text, text, text); Type: FUNCTION; Schema: public
 
@@ -2245,7 +2501,13 @@ CREATE TABLE public.balances (
     balance bigint NOT NULL,
     last_sequence bigint DEFAULT 0 NOT NULL,
     update_time timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
-    CONSTRAINT balances_balance_check CHECK ((balance >= 0))
+    pending_in bigint DEFAULT 0 NOT NULL,
+    pending_out bigint DEFAULT 0 NOT NULL,
+    overdraft_limit bigint DEFAULT 0 NOT NULL,
+    closed boolean DEFAULT false NOT NULL,
+    CONSTRAINT balances_overdraft_limit_check CHECK ((overdraft_limit >= 0)),
+    CONSTRAINT balances_pending_in_check CHECK ((pending_in >= 0)),
+    CONSTRAINT balances_pending_out_check CHECK ((pending_out >= 0))
 );
 
 -- Name: consciousness_cache; Type: TABLE; Schema: public
@@ -2394,7 +2656,10 @@ CREATE TABLE public.token_requests (
     request_id text NOT NULL,
     fingerprint text NOT NULL,
     transaction_ids uuid[] NOT NULL,
-    create_time timestamp with time zone DEFAULT clock_timestamp() NOT NULL
+    create_time timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    error_code text,
+    error_message text,
+    error_detail text
 );
 
 -- Name: balances balances_pkey; Type: CONSTRAINT; Schema: public
@@ -2481,6 +2746,11 @@ ALTER TABLE ONLY public.memory_terms
 
 ALTER TABLE ONLY public.memory_users
     ADD CONSTRAINT memory_users_pkey PRIMARY KEY (user_id);
+
+-- Name: pending_transfers pending_transfers_pkey; Type: CONSTRAINT; Schema: public
+
+ALTER TABLE ONLY public.pending_transfers
+    ADD CONSTRAINT pending_transfers_pkey PRIMARY KEY (pending_transfer_id);
 
 -- Name: reactions reactions_pkey; Type: CONSTRAINT; Schema: public
 
@@ -2614,9 +2884,25 @@ CREATE INDEX memory_requests_time ON public.memory_requests USING btree (create_
 
 CREATE INDEX memory_sessions_recent ON public.memory_sessions USING btree (user_id, last_message_time DESC, session_id DESC);
 
+-- Name: pending_transfers_due_idx; Type: INDEX; Schema: public
+
+CREATE INDEX pending_transfers_due_idx ON public.pending_transfers USING btree (expire_time) WHERE ((status = 'pending'::public.pending_transfer_status) AND (expire_time IS NOT NULL));
+
+-- Name: pending_transfers_from_user_id_idx; Type: INDEX; Schema: public
+
+CREATE INDEX pending_transfers_from_user_id_idx ON public.pending_transfers USING btree (from_user_id) WHERE (status = 'pending'::public.pending_transfer_status);
+
+-- Name: pending_transfers_to_user_id_idx; Type: INDEX; Schema: public
+
+CREATE INDEX pending_transfers_to_user_id_idx ON public.pending_transfers USING btree (to_user_id) WHERE (status = 'pending'::public.pending_transfer_status);
+
 -- Name: reactions_by_entry; Type: INDEX; Schema: public
 
 CREATE INDEX reactions_by_entry ON public.reactions USING btree (entry_id, kind, create_time, user_id);
+
+-- Name: token_transactions_user_id_create_time_idx; Type: INDEX; Schema: public
+
+CREATE INDEX token_transactions_user_id_create_time_idx ON public.token_transactions USING btree (user_id, create_time);
 
 -- Name: user_interactions_recent; Type: INDEX; Schema: public
 

@@ -20,61 +20,141 @@ FOR EACH ROW EXECUTE FUNCTION forbid_ledger_changes();
 CREATE OR REPLACE TRIGGER token_transactions_not_truncated BEFORE TRUNCATE ON token_transactions
 FOR EACH STATEMENT EXECUTE FUNCTION forbid_ledger_changes();
 
--- Applies ledger operations in order: item i is initiated by p_user_ids[i],
--- and p_ops[i] is 'credit' (the initiator is credited), 'deduct' (the
--- initiator pays) or 'transfer' (the initiator pays p_counterparties[i]). The
--- service coalesces concurrent calls into one batch (group commit): on one
--- node a batch of many initiators, on Citus a batch of one initiator,
--- p_route_user_id, delegated to the worker that owns the user (on one node
--- p_route_user_id is any item's initiator and means nothing). A batch of one
--- is the plain call.
+-- Moves one user's balance and appends the ledger row that says so, with the
+-- user's balance, pending_in and pending_out right after it. The caller holds
+-- the user's balance row lock and has checked the move.
+CREATE OR REPLACE FUNCTION append_ledger_row(
+    p_user_id text, p_kind token_kind, p_amount bigint, p_balance_delta bigint, p_pending_in_delta bigint,
+    p_pending_out_delta bigint, p_transaction_id uuid, p_reason text, p_reference_id text, p_counterparty text,
+    p_request_id text, p_pending_transfer_id uuid, p_moved_at timestamptz)
+RETURNS TABLE (transaction_id uuid, user_id text, kind token_kind, amount bigint, balance_after bigint,
+               pending_in_after bigint, pending_out_after bigint, available_after bigint,
+               overdraft_limit bigint, closed boolean, reason text,
+               reference_id text, counterparty_user_id text, request_id text, sequence bigint,
+               create_time timestamptz, pending_transfer_id uuid)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    moved balances;
+BEGIN
+    UPDATE balances b SET balance = b.balance + p_balance_delta, pending_in = b.pending_in + p_pending_in_delta,
+                          pending_out = b.pending_out + p_pending_out_delta, last_sequence = b.last_sequence + 1,
+                          update_time = p_moved_at
+    WHERE b.user_id = p_user_id RETURNING b.* INTO moved;
+    RETURN QUERY
+    INSERT INTO token_transactions AS t (transaction_id, user_id, kind, amount, balance_after, pending_in_after,
+                                         pending_out_after, reason, reference_id, counterparty_user_id, request_id,
+                                         sequence, pending_transfer_id)
+    VALUES (p_transaction_id, p_user_id, p_kind, p_amount, moved.balance, moved.pending_in, moved.pending_out,
+            p_reason, p_reference_id, p_counterparty, p_request_id, moved.last_sequence, p_pending_transfer_id)
+    RETURNING t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after, t.pending_in_after,
+              t.pending_out_after, t.balance_after - t.pending_out_after + moved.overdraft_limit,
+              moved.overdraft_limit, moved.closed, t.reason,
+              t.reference_id, t.counterparty_user_id, t.request_id, t.sequence, t.create_time, t.pending_transfer_id;
+END $$;
+
+-- The result row of an item that failed: no ledger row, the error columns.
+CREATE OR REPLACE FUNCTION token_operation_failure(p_item integer, p_failure text[])
+RETURNS TABLE (item integer, transaction_id uuid, user_id text, kind token_kind, amount bigint,
+               balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint,
+               overdraft_limit bigint, closed boolean,
+               reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint,
+               create_time timestamptz, pending_transfer_id uuid, pending pending_transfers,
+               error_code text, error_message text, error_detail text)
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT p_item, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
+           NULL::bigint, NULL::bigint, NULL::boolean, NULL, NULL, NULL, NULL, NULL::bigint, NULL::timestamptz, NULL::uuid,
+           NULL::pending_transfers, p_failure[1], p_failure[2], p_failure[3]
+$$;
+
+-- Applies ledger operations in order. Item i is p_ops[i]:
+--   'credit'          p_user_ids[i] is credited;
+--   'deduct'          p_user_ids[i] pays;
+--   'transfer'        p_user_ids[i] pays p_counterparties[i];
+--   'create_pending'  p_amounts[i] is reserved from p_user_ids[i] towards
+--                     p_counterparties[i], expiring after p_timeouts[i]
+--                     seconds (0: never);
+--   'post_pending'    pending transfer p_pending_ids[i] moves p_amounts[i]
+--                     (0: all of it) and releases the rest;
+--   'void_pending'    pending transfer p_pending_ids[i] is released;
+--   'expire_pending'  the same, by the expiry sweep, if it is due.
+-- For post and void, p_user_ids[i] is the acting user (NULL for a service):
+-- only the payer and services resolve a pending transfer. The service
+-- coalesces concurrent calls into one batch (group commit): on one node a
+-- batch of many users, on Citus a batch of one route key, p_route_user_id,
+-- delegated to the worker that owns it (on one node p_route_user_id means
+-- nothing). A batch of one is the plain call.
 --
--- One or more rows per item, tagged with its position: its transactions (for
--- a transfer: out, then in); or one row with the item's failure in the error
--- columns and no transaction: NX412 INSUFFICIENT_FUNDS or BALANCE_OVERFLOW
--- (the precondition type in error_detail), NX409 (the request_id was used
--- with other arguments). A failing item writes nothing: it checks before it
--- moves anything and gives its request_id back.
+-- One or more rows per item, tagged with its position: its ledger rows (the
+-- payer's, then the payee's), each with the resulting balances and the
+-- pending transfer it concerns; or one row with the item's failure in the
+-- error columns and no ledger row: NX412 with the precondition type in
+-- error_detail (INSUFFICIENT_FUNDS, BALANCE_OVERFLOW, ACCOUNT_CLOSED,
+-- PENDING_TRANSFER_RESOLVED, PENDING_TRANSFER_EXPIRED), NX400 (a post of more
+-- than is reserved), NX404 (no such pending transfer), NX403 (not the
+-- payer's), NX409 (the request_id was used with other arguments).
 --
--- Idempotency: each item first claims (initiator, request_id); request ids
--- are scoped to the initiating user. A retry finds the claim and gets the
--- original transactions. A concurrent duplicate in another batch waits: both
--- batches lock the initiator's balance row first.
+-- available = balance - pending_out + overdraft_limit is what a payer may
+-- spend or reserve; balance + pending_in never passes int64, so a post cannot
+-- overflow. A closed account takes no debit, credit or reservation; its
+-- pending transfers still resolve.
 --
--- Deadlock freedom: every balance row the batch touches is locked up front,
--- one statement per row, in user_id order (rows of new users are created at 0
--- for that and removed again at the end if nothing moved), so batches lock in
--- one global order on one node and across workers alike.
+-- Idempotency: each item claims (payer or credited user, request_id) before
+-- it checks anything (for post and void: the pending transfer's payer); a
+-- retry finds the claim and gets the first result: the same ledger rows, or
+-- the same failure. A concurrent duplicate in another batch waits on the
+-- same balance row lock.
+--
+-- Deadlock freedom: every balance row the batch touches (those of the
+-- pending transfers it resolves included) is locked up front, one statement
+-- per row, in user_id order (rows of new users are created at 0 for that and
+-- removed again at the end if nothing moved); pending transfer rows are
+-- locked after, by one batch at a time (they belong to locked users), so
+-- batches lock in one global order on one node and across workers alike.
 CREATE OR REPLACE FUNCTION apply_token_operations(
     p_route_user_id text, p_user_ids text[], p_ops text[], p_counterparties text[], p_amounts bigint[],
-    p_reasons text[], p_reference_ids text[], p_request_ids text[])
+    p_reasons text[], p_reference_ids text[], p_request_ids text[], p_pending_ids uuid[], p_timeouts integer[])
 RETURNS TABLE (item integer, transaction_id uuid, user_id text, kind token_kind, amount bigint,
-               balance_after bigint, reason text, reference_id text, counterparty_user_id text,
-               request_id text, sequence bigint, create_time timestamptz,
+               balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint,
+               overdraft_limit bigint, closed boolean,
+               reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint,
+               create_time timestamptz, pending_transfer_id uuid, pending pending_transfers,
                error_code text, error_message text, error_detail text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     holder       text;
-    initiator    text;
+    holders      text[];
     created      boolean;
     created_rows text[] := '{}';
     ids          uuid[];
     earlier      token_requests;
     fingerprint  text;
+    op           text;
+    initiator    text;
     payer        text;
     payee        text;
-    payer_balance  bigint;
-    payer_sequence bigint;
-    payee_balance  bigint;
-    payee_sequence bigint;
+    payer_row    balances;
+    payee_row    balances;
+    pend         pending_transfers;
+    moved        bigint;
     -- Citus refuses a volatile function in an UPDATE of a distributed table:
     -- the time is taken per item into a variable instead.
-    moved_at       timestamptz;
-    -- An item's failure: SQLSTATE, message, precondition type.
-    failure        text[];
+    moved_at     timestamptz;
+    -- An item's failure: SQLSTATE, message, detail.
+    failure      text[];
+    failure_code    text;
+    failure_message text;
+    failure_detail  text;
 BEGIN
-    FOR holder IN SELECT DISTINCT u FROM unnest(p_user_ids || p_counterparties) AS u WHERE u IS NOT NULL ORDER BY u LOOP
+    holders := p_user_ids || p_counterparties;
+    -- Only when the batch resolves pending transfers: on Citus a lookup of no
+    -- key would read every shard.
+    IF cardinality(array_remove(p_pending_ids, NULL)) > 0 THEN
+        holders := holders || (SELECT array_agg(p.from_user_id) || array_agg(p.to_user_id) FROM pending_transfers p
+                               WHERE p.pending_transfer_id = ANY (array_remove(p_pending_ids, NULL)));
+    END IF;
+    FOR holder IN SELECT DISTINCT u FROM unnest(holders) AS u WHERE u IS NOT NULL ORDER BY u LOOP
         INSERT INTO balances AS b (user_id, balance) VALUES (holder, 0)
         ON CONFLICT (user_id) DO UPDATE SET balance = b.balance
         RETURNING b.xmax = 0 INTO created;
@@ -84,80 +164,168 @@ BEGIN
     END LOOP;
 
     FOR i IN 1 .. cardinality(p_ops) LOOP
-        initiator := p_user_ids[i];
-        payer := CASE WHEN p_ops[i] = 'credit' THEN NULL ELSE initiator END;
-        payee := CASE p_ops[i] WHEN 'credit' THEN initiator WHEN 'transfer' THEN p_counterparties[i] END;
-        fingerprint := md5(jsonb_build_array(p_ops[i], p_counterparties[i], p_amounts[i], p_reasons[i],
-                                             p_reference_ids[i])::text);
-        ids := CASE WHEN p_ops[i] = 'transfer' THEN ARRAY[gen_random_uuid(), gen_random_uuid()]
-                    ELSE ARRAY[gen_random_uuid()] END;
-
-        INSERT INTO token_requests AS r (user_id, request_id, fingerprint, transaction_ids)
-        VALUES (initiator, p_request_ids[i], fingerprint, ids)
-        ON CONFLICT DO NOTHING;
-        IF NOT FOUND THEN
-            SELECT * INTO earlier FROM token_requests r
-            WHERE r.user_id = initiator AND r.request_id = p_request_ids[i];
-            IF earlier.fingerprint <> fingerprint THEN
-                RETURN QUERY SELECT i, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint, NULL, NULL,
-                                    NULL, NULL, NULL::bigint, NULL::timestamptz, 'NX409',
-                                    format('request_id %s was already used with different arguments', p_request_ids[i]),
-                                    'request_id';
-            ELSE
-                -- The legs sit under the payer's and (a transfer) the payee's keys.
-                RETURN QUERY SELECT i, t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after,
-                                    t.reason, t.reference_id, t.counterparty_user_id, t.request_id, t.sequence,
-                                    t.create_time, NULL, NULL, NULL
-                             FROM token_transactions t
-                             WHERE t.user_id IN (initiator, p_counterparties[i])
-                               AND t.transaction_id = ANY (earlier.transaction_ids)
-                             ORDER BY array_position(earlier.transaction_ids, t.transaction_id);
+        op := p_ops[i];
+        pend := NULL;
+        IF op IN ('post_pending', 'void_pending', 'expire_pending') THEN
+            SELECT * INTO pend FROM pending_transfers p WHERE p.pending_transfer_id = p_pending_ids[i] FOR UPDATE;
+            IF NOT FOUND OR (p_user_ids[i] IS NOT NULL AND p_user_ids[i] <> pend.from_user_id) THEN
+                failure := CASE WHEN pend.pending_transfer_id IS NULL
+                    THEN ARRAY['NX404', format('pending transfer %s not found', p_pending_ids[i]), 'pending_transfer_id']
+                    ELSE ARRAY['NX403', format('only %s or a service may resolve pending transfer %s',
+                                               pend.from_user_id, p_pending_ids[i]), 'pending_transfer_id'] END;
+                RETURN QUERY SELECT * FROM token_operation_failure(i, failure);
+                CONTINUE;
             END IF;
-            CONTINUE;
+            IF op = 'expire_pending' AND (pend.status <> 'pending' OR pend.expire_time > clock_timestamp()) THEN
+                CONTINUE;  -- resolved meanwhile, or not due: nothing to expire
+            END IF;
+            initiator := pend.from_user_id;
+            payer := pend.from_user_id;
+            payee := pend.to_user_id;
+        ELSE
+            initiator := p_user_ids[i];
+            payer := CASE WHEN op = 'credit' THEN NULL ELSE initiator END;
+            payee := CASE WHEN op = 'deduct' THEN NULL WHEN op = 'credit' THEN initiator ELSE p_counterparties[i] END;
+        END IF;
+        ids := CASE WHEN payer IS NULL OR payee IS NULL THEN ARRAY[gen_random_uuid()]
+                    ELSE ARRAY[gen_random_uuid(), gen_random_uuid()] END;
+
+        IF op <> 'expire_pending' THEN
+            fingerprint := md5((jsonb_build_array(op, p_counterparties[i], p_amounts[i], p_reasons[i],
+                                                  p_reference_ids[i])
+                                || CASE WHEN op IN ('credit', 'deduct', 'transfer') THEN '[]'::jsonb
+                                        ELSE jsonb_build_array(p_pending_ids[i], p_timeouts[i]) END)::text);
+            INSERT INTO token_requests AS r (user_id, request_id, fingerprint, transaction_ids)
+            VALUES (initiator, p_request_ids[i], fingerprint, ids)
+            ON CONFLICT DO NOTHING;
+            IF NOT FOUND THEN
+                SELECT * INTO earlier FROM token_requests r
+                WHERE r.user_id = initiator AND r.request_id = p_request_ids[i];
+                IF earlier.fingerprint <> fingerprint OR earlier.error_code IS NOT NULL THEN
+                    failure := CASE WHEN earlier.fingerprint <> fingerprint
+                        THEN ARRAY['NX409', format('request_id %s was already used with different arguments',
+                                                   p_request_ids[i]), 'request_id']
+                        ELSE ARRAY[earlier.error_code, earlier.error_message, earlier.error_detail] END;
+                    RETURN QUERY SELECT * FROM token_operation_failure(i, failure);
+                ELSE
+                    -- A pending transfer is shown as it is now. (Read on its
+                    -- own: Citus joins only tables distributed alike.)
+                    IF pend.pending_transfer_id IS NULL THEN
+                        SELECT p.* INTO pend FROM pending_transfers p
+                        WHERE p.pending_transfer_id = (SELECT t.pending_transfer_id FROM token_transactions t
+                                                       WHERE t.user_id = initiator
+                                                         AND t.transaction_id = earlier.transaction_ids[1]);
+                    END IF;
+                    -- The rows sit under the payer's and the payee's keys (the
+                    -- first under the initiator's).
+                    RETURN QUERY SELECT i, t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after,
+                                        t.pending_in_after, t.pending_out_after,
+                                        t.balance_after - t.pending_out_after + b.overdraft_limit,
+                                        b.overdraft_limit, b.closed,
+                                        t.reason, t.reference_id, t.counterparty_user_id, t.request_id, t.sequence,
+                                        t.create_time, t.pending_transfer_id, pend, NULL, NULL, NULL
+                                 FROM token_transactions t
+                                 JOIN balances b ON b.user_id = t.user_id
+                                 WHERE t.user_id IN (payer, payee)
+                                   AND t.transaction_id = ANY (earlier.transaction_ids)
+                                 ORDER BY array_position(earlier.transaction_ids, t.transaction_id);
+                END IF;
+                CONTINUE;
+            END IF;
         END IF;
 
-        IF payer IS NOT NULL AND (SELECT b.balance FROM balances b WHERE b.user_id = payer) < p_amounts[i] THEN
-            failure := ARRAY['NX412', format('%s has fewer than %s tokens', payer, p_amounts[i]), 'INSUFFICIENT_FUNDS'];
-        ELSIF payee IS NOT NULL
-              AND (SELECT b.balance FROM balances b WHERE b.user_id = payee) > 9223372036854775807 - p_amounts[i] THEN
-            failure := ARRAY['NX412', format('the balance of %s would overflow', payee), 'BALANCE_OVERFLOW'];
-        ELSE
-            failure := NULL;
-        END IF;
+        SELECT * INTO payer_row FROM balances b WHERE b.user_id = payer;
+        SELECT * INTO payee_row FROM balances b WHERE b.user_id = payee;
+        moved := CASE WHEN op IN ('void_pending', 'expire_pending') OR (op = 'post_pending' AND p_amounts[i] = 0)
+                      THEN pend.amount ELSE p_amounts[i] END;
+        failure := CASE
+            WHEN pend.status = 'expired'
+                 OR (op <> 'expire_pending' AND pend.status = 'pending' AND pend.expire_time <= clock_timestamp()) THEN
+                ARRAY['NX412', format('pending transfer %s has expired', pend.pending_transfer_id),
+                      'PENDING_TRANSFER_EXPIRED']
+            WHEN pend.status <> 'pending' THEN
+                ARRAY['NX412', format('pending transfer %s is already %s', pend.pending_transfer_id, pend.status),
+                      'PENDING_TRANSFER_RESOLVED']
+            WHEN op = 'post_pending' AND moved > pend.amount THEN
+                ARRAY['NX400', format('cannot post %s of the %s reserved', moved, pend.amount), 'amount']
+            WHEN pend.pending_transfer_id IS NOT NULL THEN NULL  -- resolving needs no funds: they are reserved
+            WHEN payer_row.closed OR payee_row.closed THEN
+                ARRAY['NX412', format('the account of %s is closed',
+                                      CASE WHEN payer_row.closed THEN payer ELSE payee END), 'ACCOUNT_CLOSED']
+            WHEN payer IS NOT NULL
+                 AND payer_row.balance::numeric - payer_row.pending_out + payer_row.overdraft_limit < moved THEN
+                ARRAY['NX412', format('%s has fewer than %s tokens available', payer, moved), 'INSUFFICIENT_FUNDS']
+            WHEN payer IS NOT NULL AND payer_row.pending_out::numeric + moved > 9223372036854775807 THEN
+                ARRAY['NX412', format('the reservations of %s would overflow', payer), 'BALANCE_OVERFLOW']
+            WHEN payee IS NOT NULL
+                 AND payee_row.balance::numeric + payee_row.pending_in + moved > 9223372036854775807 THEN
+                ARRAY['NX412', format('the balance of %s would overflow', payee), 'BALANCE_OVERFLOW']
+        END;
         IF failure IS NOT NULL THEN
-            DELETE FROM token_requests r WHERE r.user_id = initiator AND r.request_id = p_request_ids[i];
-            RETURN QUERY SELECT i, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint, NULL, NULL, NULL,
-                                NULL, NULL::bigint, NULL::timestamptz, failure[1], failure[2], failure[3];
+            IF op <> 'expire_pending' THEN
+                -- Through scalars: an array element in the SET list of an
+                -- UPDATE of a distributed table crashes the Citus 14.0.1
+                -- backend that runs it (signal 11).
+                failure_code := failure[1];
+                failure_message := failure[2];
+                failure_detail := failure[3];
+                UPDATE token_requests r SET transaction_ids = '{}', error_code = failure_code,
+                                            error_message = failure_message, error_detail = failure_detail
+                WHERE r.user_id = initiator AND r.request_id = p_request_ids[i];
+            END IF;
+            RETURN QUERY SELECT * FROM token_operation_failure(i, failure);
             CONTINUE;
         END IF;
 
         moved_at := clock_timestamp();
+        IF op = 'create_pending' THEN
+            INSERT INTO pending_transfers AS p (pending_transfer_id, from_user_id, to_user_id, amount, reason,
+                                                reference_id, request_id, expire_time, create_time)
+            VALUES (gen_random_uuid(), payer, payee, moved, p_reasons[i], p_reference_ids[i], p_request_ids[i],
+                    CASE WHEN p_timeouts[i] > 0 THEN moved_at + make_interval(secs => p_timeouts[i]) END, moved_at)
+            RETURNING p.* INTO pend;
+        ELSIF pend.pending_transfer_id IS NOT NULL THEN
+            UPDATE pending_transfers p
+            SET status = CASE op WHEN 'post_pending' THEN 'posted' WHEN 'void_pending' THEN 'voided'
+                                 ELSE 'expired' END::pending_transfer_status,
+                posted_amount = CASE WHEN op = 'post_pending' THEN moved ELSE 0 END,
+                resolve_time = moved_at
+            WHERE p.pending_transfer_id = pend.pending_transfer_id
+            RETURNING p.* INTO pend;
+        END IF;
+
         IF payer IS NOT NULL THEN
-            UPDATE balances b SET balance = b.balance - p_amounts[i], last_sequence = b.last_sequence + 1,
-                                  update_time = moved_at
-            WHERE b.user_id = payer RETURNING b.balance, b.last_sequence INTO payer_balance, payer_sequence;
             RETURN QUERY
-            INSERT INTO token_transactions AS t (transaction_id, user_id, kind, amount, balance_after, reason,
-                                                 reference_id, counterparty_user_id, request_id, sequence)
-            VALUES (ids[1], payer, CASE WHEN p_ops[i] = 'transfer' THEN 'transfer_out' ELSE 'debit' END::token_kind,
-                    p_amounts[i], payer_balance, p_reasons[i], p_reference_ids[i], payee, p_request_ids[i],
-                    payer_sequence)
-            RETURNING i, t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after, t.reason,
-                      t.reference_id, t.counterparty_user_id, t.request_id, t.sequence, t.create_time, NULL, NULL, NULL;
+            SELECT i, l.*, pend, NULL, NULL, NULL
+            FROM append_ledger_row(
+                payer,
+                CASE op WHEN 'deduct' THEN 'debit' WHEN 'transfer' THEN 'transfer_out' WHEN 'post_pending' THEN 'transfer_out'
+                        WHEN 'create_pending' THEN 'pending_out' WHEN 'void_pending' THEN 'pending_voided'
+                        ELSE 'pending_expired' END::token_kind,
+                moved,
+                CASE WHEN op IN ('deduct', 'transfer', 'post_pending') THEN -moved ELSE 0 END,
+                0,
+                CASE op WHEN 'create_pending' THEN moved WHEN 'deduct' THEN 0 WHEN 'transfer' THEN 0
+                        ELSE -pend.amount END,
+                ids[1], coalesce(p_reasons[i], pend.reason), coalesce(p_reference_ids[i], pend.reference_id), payee,
+                coalesce(p_request_ids[i], pend.request_id), pend.pending_transfer_id, moved_at) l;
         END IF;
         IF payee IS NOT NULL THEN
-            UPDATE balances b SET balance = b.balance + p_amounts[i], last_sequence = b.last_sequence + 1,
-                                  update_time = moved_at
-            WHERE b.user_id = payee RETURNING b.balance, b.last_sequence INTO payee_balance, payee_sequence;
             RETURN QUERY
-            INSERT INTO token_transactions AS t (transaction_id, user_id, kind, amount, balance_after, reason,
-                                                 reference_id, counterparty_user_id, request_id, sequence)
-            VALUES (ids[cardinality(ids)], payee,
-                    CASE WHEN p_ops[i] = 'transfer' THEN 'transfer_in' ELSE 'credit' END::token_kind,
-                    p_amounts[i], payee_balance, p_reasons[i], p_reference_ids[i], payer, p_request_ids[i],
-                    payee_sequence)
-            RETURNING i, t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after, t.reason,
-                      t.reference_id, t.counterparty_user_id, t.request_id, t.sequence, t.create_time, NULL, NULL, NULL;
+            SELECT i, l.*, pend, NULL, NULL, NULL
+            FROM append_ledger_row(
+                payee,
+                CASE op WHEN 'credit' THEN 'credit' WHEN 'transfer' THEN 'transfer_in' WHEN 'post_pending' THEN 'transfer_in'
+                        WHEN 'create_pending' THEN 'pending_in' WHEN 'void_pending' THEN 'pending_voided'
+                        ELSE 'pending_expired' END::token_kind,
+                moved,
+                CASE WHEN op IN ('credit', 'transfer', 'post_pending') THEN moved ELSE 0 END,
+                CASE op WHEN 'create_pending' THEN moved WHEN 'credit' THEN 0 WHEN 'transfer' THEN 0
+                        ELSE -pend.amount END,
+                0,
+                ids[cardinality(ids)], coalesce(p_reasons[i], pend.reason),
+                coalesce(p_reference_ids[i], pend.reference_id), payer,
+                coalesce(p_request_ids[i], pend.request_id), pend.pending_transfer_id, moved_at) l;
         END IF;
     END LOOP;
 
@@ -168,17 +336,84 @@ BEGIN
     END LOOP;
 END $$;
 
--- Balances in the order asked for; unknown users have 0 (and no update_time).
-CREATE OR REPLACE FUNCTION get_balances(p_user_ids text[])
-RETURNS TABLE (user_id text, balance bigint, update_time timestamptz)
-LANGUAGE plpgsql STABLE AS $$
+-- Voids, in expiry order, up to p_limit pending transfers whose expire_time
+-- has passed; returns how many. Each expires once: apply_token_operations
+-- checks the status under the row's lock, so replicas sweeping at the same
+-- time expire each one once between them.
+CREATE OR REPLACE FUNCTION expire_pending_transfers(p_limit integer)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    sweep_time timestamptz := clock_timestamp();
+    due        uuid[];
+    expired    integer;
 BEGIN
-    RETURN QUERY
-    SELECT asked.user_id, coalesce(b.balance, 0), b.update_time
-    FROM unnest(p_user_ids) WITH ORDINALITY AS asked (user_id, position)
-    -- Filtered by key first: on Citus that reads only the asked users' shards.
-    LEFT JOIN (SELECT * FROM balances WHERE balances.user_id = ANY (p_user_ids)) b ON b.user_id = asked.user_id
-    ORDER BY asked.position;
+    SELECT array_agg(d.pending_transfer_id ORDER BY d.expire_time) INTO due
+    FROM (SELECT p.pending_transfer_id, p.expire_time FROM pending_transfers p
+          WHERE p.status = 'pending' AND p.expire_time <= sweep_time
+          ORDER BY p.expire_time LIMIT p_limit) d;
+    IF due IS NULL THEN
+        RETURN 0;
+    END IF;
+    SELECT count(DISTINCT r.item) INTO expired
+    FROM apply_token_operations(
+        NULL, array_fill(NULL::text, ARRAY[cardinality(due)]),
+        array_fill('expire_pending'::text, ARRAY[cardinality(due)]), array_fill(NULL::text, ARRAY[cardinality(due)]),
+        array_fill(NULL::bigint, ARRAY[cardinality(due)]), array_fill(NULL::text, ARRAY[cardinality(due)]),
+        array_fill(NULL::text, ARRAY[cardinality(due)]), array_fill(NULL::text, ARRAY[cardinality(due)]),
+        due, array_fill(NULL::integer, ARRAY[cardinality(due)])) r
+    WHERE r.error_code IS NULL;
+    RETURN expired;
+END $$;
+
+-- Balances in the order asked for; unknown users have 0 (and no
+-- update_time). With p_as_of, as they were at that instant (from the ledger:
+-- each user's last row at or before it); available then counts today's
+-- overdraft limit.
+CREATE OR REPLACE FUNCTION get_balances(p_user_ids text[], p_as_of timestamptz)
+RETURNS TABLE (user_id text, balance bigint, pending_in bigint, pending_out bigint, available bigint,
+               overdraft_limit bigint, closed boolean, update_time timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+    asked text;
+BEGIN
+    IF p_as_of IS NULL THEN
+        RETURN QUERY
+        SELECT asked.user_id, coalesce(b.balance, 0), coalesce(b.pending_in, 0), coalesce(b.pending_out, 0),
+               coalesce(b.balance - b.pending_out + b.overdraft_limit, 0), coalesce(b.overdraft_limit, 0),
+               coalesce(b.closed, false), CASE WHEN b.last_sequence > 0 THEN b.update_time END
+        FROM unnest(p_user_ids) WITH ORDINALITY AS asked (user_id, position)
+        -- Filtered by key first: on Citus that reads only the asked users' shards.
+        LEFT JOIN (SELECT * FROM balances WHERE balances.user_id = ANY (p_user_ids)) b ON b.user_id = asked.user_id
+        ORDER BY asked.position;
+        RETURN;
+    END IF;
+    -- One statement per user, by its key: Citus routes each to its shard.
+    FOREACH asked IN ARRAY p_user_ids LOOP
+        RETURN QUERY
+        SELECT asked, coalesce(t.balance_after, 0), coalesce(t.pending_in_after, 0), coalesce(t.pending_out_after, 0),
+               coalesce(t.balance_after, 0) - coalesce(t.pending_out_after, 0) + coalesce(b.overdraft_limit, 0),
+               coalesce(b.overdraft_limit, 0), coalesce(b.closed, false), t.create_time
+        FROM (SELECT 1) one
+        LEFT JOIN LATERAL (SELECT * FROM token_transactions tt WHERE tt.user_id = asked AND tt.create_time <= p_as_of
+                           ORDER BY tt.create_time DESC, tt.sequence DESC LIMIT 1) t ON true
+        LEFT JOIN balances b ON b.user_id = asked;
+    END LOOP;
+END $$;
+
+-- A user's overdraft limit and whether the account is closed; returns the
+-- balance as get_balances does (a user without a balance row gets one at 0).
+CREATE OR REPLACE FUNCTION set_account_policy(p_user_id text, p_overdraft_limit bigint, p_closed boolean)
+RETURNS TABLE (user_id text, balance bigint, pending_in bigint, pending_out bigint, available bigint,
+               overdraft_limit bigint, closed boolean, update_time timestamptz)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    INSERT INTO balances AS b (user_id, balance, overdraft_limit, closed)
+    VALUES (p_user_id, 0, p_overdraft_limit, p_closed)
+    ON CONFLICT (user_id) DO UPDATE SET overdraft_limit = EXCLUDED.overdraft_limit, closed = EXCLUDED.closed;
+    RETURN QUERY SELECT * FROM get_balances(ARRAY[p_user_id], NULL);
 END $$;
 
 -- Newest first (by the user's ledger sequence); keyset after p_after_sequence.
@@ -193,28 +428,43 @@ BEGIN
     LIMIT p_limit;
 END $$;
 
--- Every balance that differs from its ledger (the sum of its movements), and
+-- Every balance that differs from its ledger (the sum of its movements),
 -- every ledger whose balance_after chain breaks (each row's balance_after must
--- be the previous one plus or minus its amount). With p_fix, balances are set
--- from the ledger; a broken chain is reported only (the ledger is append-only).
+-- be the previous one plus or minus its amount), and every pending_in and
+-- pending_out that differs from the pending transfers still outstanding. With
+-- p_fix, balances are set from the ledger and the pending transfers; a broken
+-- chain is reported only (the ledger is append-only).
 CREATE OR REPLACE FUNCTION reconcile_balances(p_fix boolean)
 RETURNS TABLE (user_id text, sequence bigint, counter text, stored bigint, actual bigint)
 LANGUAGE plpgsql AS $$
 BEGIN
     DROP TABLE IF EXISTS pg_temp.balance_drift;
     CREATE TEMP TABLE balance_drift ON COMMIT DROP AS
-    WITH ledger AS (
-        SELECT t.user_id,
-               sum(CASE WHEN t.kind IN ('credit', 'transfer_in') THEN t.amount ELSE -t.amount END)::bigint AS total,
-               (array_agg(t.balance_after ORDER BY t.sequence DESC))[1] AS last_balance_after
-        FROM token_transactions t GROUP BY t.user_id
+    WITH movement AS (
+        SELECT t.user_id, t.sequence, t.balance_after,
+               CASE WHEN t.kind IN ('credit', 'transfer_in') THEN t.amount
+                    WHEN t.kind IN ('debit', 'transfer_out') THEN -t.amount
+                    ELSE 0 END AS delta
+        FROM token_transactions t
+    )
+    , ledger AS (
+        SELECT m.user_id, sum(m.delta)::bigint AS total,
+               (array_agg(m.balance_after ORDER BY m.sequence DESC))[1] AS last_balance_after
+        FROM movement m GROUP BY m.user_id
     )
     , chain AS (
-        SELECT t.user_id, t.sequence, t.balance_after,
-               coalesce(lag(t.balance_after) OVER w, 0)
-                 + CASE WHEN t.kind IN ('credit', 'transfer_in') THEN t.amount ELSE -t.amount END AS expected
-        FROM token_transactions t
-        WINDOW w AS (PARTITION BY t.user_id ORDER BY t.sequence)
+        SELECT m.user_id, m.sequence, m.balance_after,
+               coalesce(lag(m.balance_after) OVER w, 0) + m.delta AS expected
+        FROM movement m
+        WINDOW w AS (PARTITION BY m.user_id ORDER BY m.sequence)
+    )
+    , reserved_out AS (
+        SELECT p.from_user_id AS user_id, sum(p.amount)::bigint AS total
+        FROM pending_transfers p WHERE p.status = 'pending' GROUP BY p.from_user_id
+    )
+    , reserved_in AS (
+        SELECT p.to_user_id AS user_id, sum(p.amount)::bigint AS total
+        FROM pending_transfers p WHERE p.status = 'pending' GROUP BY p.to_user_id
     )
     SELECT coalesce(b.user_id, l.user_id) AS user_id, NULL::bigint AS sequence, 'balance'::text AS counter,
            coalesce(b.balance, 0) AS stored, coalesce(l.total, 0) AS actual
@@ -222,11 +472,23 @@ BEGIN
     WHERE coalesce(b.balance, 0) <> coalesce(l.total, 0) OR l.last_balance_after <> l.total
     UNION ALL
     SELECT c.user_id, c.sequence, 'balance_after', c.balance_after, c.expected
-    FROM chain c WHERE c.balance_after <> c.expected;
+    FROM chain c WHERE c.balance_after <> c.expected
+    UNION ALL
+    SELECT coalesce(b.user_id, r.user_id), NULL, 'pending_out', coalesce(b.pending_out, 0), coalesce(r.total, 0)
+    FROM balances b FULL JOIN reserved_out r ON r.user_id = b.user_id
+    WHERE coalesce(b.pending_out, 0) <> coalesce(r.total, 0)
+    UNION ALL
+    SELECT coalesce(b.user_id, r.user_id), NULL, 'pending_in', coalesce(b.pending_in, 0), coalesce(r.total, 0)
+    FROM balances b FULL JOIN reserved_in r ON r.user_id = b.user_id
+    WHERE coalesce(b.pending_in, 0) <> coalesce(r.total, 0);
 
     IF p_fix THEN
         UPDATE balances b SET balance = d.actual FROM balance_drift d
         WHERE b.user_id = d.user_id AND d.counter = 'balance';
+        UPDATE balances b SET pending_out = d.actual FROM balance_drift d
+        WHERE b.user_id = d.user_id AND d.counter = 'pending_out';
+        UPDATE balances b SET pending_in = d.actual FROM balance_drift d
+        WHERE b.user_id = d.user_id AND d.counter = 'pending_in';
     END IF;
     RETURN QUERY SELECT * FROM balance_drift;
 END $$;

@@ -218,6 +218,11 @@ class Config:
     maintenance_interval_s: float = field(
         default=60.0, metadata={"help": "How often maintenance runs (on one replica at a time)."}
     )
+    pending_expiry_interval_s: float = field(
+        default=0.5,
+        metadata={"help": "How often each replica voids the pending transfers whose timeout has passed "
+                          "(soonest first, each once across replicas)."},
+    )
     log_level: str = field(
         default="info",
         metadata={"help": "debug, info, warning or error.", "doc": "At info, one structured line per RPC (stderr)."},

@@ -55,6 +55,9 @@ TABLES: tuple[tuple[str, str, str], ...] = (
     (BY_ENTRY, "entry_id", "none"),
     ("reactions", "entry_id", BY_ENTRY),
     ("entry_counter_shards", "entry_id", BY_ENTRY),
+    # Resolved by its id alone (PostPendingTransfer names nothing else): a group
+    # of its own, its payer's and payee's balances reached from there.
+    ("pending_transfers", "pending_transfer_id", "none"),
 )
 
 # Touched only by coordinator-side code (migrations, the maintenance election).
@@ -67,6 +70,7 @@ LOCAL_TABLES = frozenset({"schema_migrations", "schema_repeatables", "maintenanc
 FUNCTIONS: tuple[tuple[str, str, str], ...] = (
     ("apply_token_operations", "p_route_user_id", BY_USER),
     ("list_transactions", "p_user_id", BY_USER),
+    ("set_account_policy", "p_user_id", BY_USER),
     ("create_memory", "p_user_id", BY_USER),
     ("create_memories", "p_route_user_id", BY_USER),
     ("update_memory", "p_user_id", BY_USER),

@@ -6,6 +6,12 @@ replica at a time does the work and each job runs at most once per interval
 across all of them. Jobs: the seed's cache cleanup, event-log retention,
 expiry of old CreateMemory request ids, and arcs going dormant.
 
+Pending transfers whose timeout has passed are voided on a tick of their own,
+``pending_expiry_interval_s`` (half a second by default), by every replica:
+``expire_pending_transfers`` voids them soonest first and each exactly once
+(it checks each one's status under its row lock), so a reservation expires
+within a tick of its time however many replicas run.
+
 Then the vector-index job: a user with more than ``search_exact_max_memories``
 memories gets an IVFFlat index of their own (see db/functions/search.sql),
 rebuilt when they outgrow its lists, for the ``vector_index_max_users``
@@ -37,6 +43,9 @@ CACHE_TTL = datetime.timedelta(hours=24)
 ARC_DORMANT_AFTER = datetime.timedelta(days=7)
 # Rows one job removes per run, so no run holds its locks for long.
 BATCH = 10_000
+# Pending transfers one expiry sweep voids in one transaction (it locks their
+# users' balance rows): a backlog is swept batch after batch without a pause.
+EXPIRY_BATCH = 1_000
 # IVFFlat's k-means sample must fit in maintenance_work_mem (a 100k-memory
 # user of 384-dim halfvecs needs well under 100 MB).
 VECTOR_INDEX_BUILD_MEMORY = "512MB"
@@ -46,6 +55,7 @@ class Maintenance:
     def __init__(self, db: Database, config: Config) -> None:
         self._db = db
         self._interval = datetime.timedelta(seconds=config.maintenance_interval_s)
+        self._expiry_interval_s = config.pending_expiry_interval_s
         self._event_retention = datetime.timedelta(hours=config.event_retention_hours)
         self._request_retention = datetime.timedelta(hours=config.idempotency_retention_hours)
         self._exact_search_max = config.search_exact_max_memories
@@ -107,6 +117,25 @@ class Maintenance:
                 await conn.execute("RESET statement_timeout; RESET maintenance_work_mem")
                 await conn.execute("SELECT pg_advisory_unlock($1)", VECTOR_INDEX_LOCK_KEY)
         return built
+
+    async def expire_pending_transfers(self) -> int:
+        """Voids the pending transfers whose timeout has passed, soonest first; returns how many."""
+        expired = 0
+        while True:
+            swept = await self._db.fetchval(queries.EXPIRE_PENDING_TRANSFERS, EXPIRY_BATCH)
+            expired += swept
+            if swept < EXPIRY_BATCH:
+                if expired:
+                    log.info("event=pending_transfers_expired count=%d", expired)
+                return expired
+
+    async def expire_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._expiry_interval_s)
+            try:
+                await self.expire_pending_transfers()
+            except NexusError as exc:
+                log.warning("event=pending_expiry_failed error=%r", exc)
 
     async def run_forever(self) -> None:
         while True:

@@ -215,6 +215,7 @@ class NexusServer:
         self._background = [
             asyncio.create_task(self._probe_database()),
             asyncio.create_task(self.maintenance.run_forever()),
+            asyncio.create_task(self.maintenance.expire_forever()),
         ]
         if self._worker is None:
             log.info("event=serving address=%s port=%d embedded=%s", config.host, self.port, config.embedded)

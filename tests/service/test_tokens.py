@@ -28,7 +28,8 @@ from support.rpc import SERVICE, Clients, all_pages, auth, bad_request_fields, p
 # workers or races (marked cluster): transfers in two-phase commits, retries,
 # storms, reconcile. The release check runs them all.
 
-TABLES = ("balances", "token_transactions", "token_requests")
+# What a movement changes; a refused request records only its failure (token_requests).
+TABLES = ("balances", "token_transactions", "pending_transfers")
 INT64_MAX = 2**63 - 1
 DB_KINDS = {"credit": 1, "transfer_in": 1, "debit": -1, "transfer_out": -1}
 # A transfer locks the lower user id first: the sender's row, or the receiver's.
@@ -87,7 +88,7 @@ async def list_page(
 
 
 async def snapshot(db: asyncpg.Connection) -> dict[str, list[str]]:
-    """Every row of every ledger table, as text: equal snapshots mean nothing was written."""
+    """Every row of every ledger table, as text: equal snapshots mean nothing moved."""
     return {t: [r[0] for r in await db.fetch(f"SELECT t::text FROM {t} t ORDER BY 1")] for t in TABLES}
 
 
@@ -280,10 +281,11 @@ async def test_deduct_beyond_the_balance_is_refused_and_writes_nothing(clients: 
     assert_refused(await rpc_error(deduct(clients, "alice", INT64_MAX, "d2")))
 
     assert await snapshot(db) == before
-    # The refused request was not recorded: once funded, the same request_id applies.
+    # The refusal is the request's result: once funded, a retry still gets it, a new request_id applies.
     await credit(clients, "alice", 1, "fund-more")
-    retried = await deduct(clients, "alice", 101, "d1")
-    assert (retried.balance, retried.transaction.sequence, retried.transaction.request_id) == (0, 3, "d1")
+    assert_refused(await rpc_error(deduct(clients, "alice", 101, "d1")))
+    applied = await deduct(clients, "alice", 101, "d3")
+    assert (applied.balance, applied.transaction.sequence, applied.transaction.request_id) == (0, 3, "d3")
     assert await assert_ledger_consistent(db) == {"alice": 0}
 
 
@@ -302,7 +304,8 @@ async def test_transfer_beyond_the_balance_is_refused_and_writes_nothing(
 
     assert await snapshot(db) == before
     await credit(clients, sender, 1, "fund-more")
-    retried = await transfer(clients, sender, receiver, 101, "t1")
+    assert_refused(await rpc_error(transfer(clients, sender, receiver, 101, "t1")))
+    retried = await transfer(clients, sender, receiver, 101, "t2")
     assert (retried.from_balance, retried.to_balance) == (0, 101)
     assert [t.sequence for t in retried.transactions] == [3, 1]
     assert await assert_ledger_consistent(db) == {sender: 0, receiver: 101}
@@ -575,11 +578,12 @@ async def test_the_bank_keeps_every_balance_equal_to_its_ledger_under_concurrent
 
     unexpected = [(op, r) for op, r in zip(ops, results, strict=True) if isinstance(r, grpc.aio.AioRpcError)]
     assert unexpected == [], f"{len(unexpected)} calls failed other than INSUFFICIENT_FUNDS: {unexpected[:3]}"
-    applied: dict[Op, Any] = {}
+    # Every send of one request gets its first result: the same transactions, or the same refusal.
+    outcomes: dict[Op, Any] = {}
     for op, result in zip(ops, results, strict=True):
-        if result != "refused":
-            assert applied.setdefault(op, result) == result, "a retry returned something else"
-    refused = {op for op, r in zip(ops, results, strict=True) if r == "refused"} - set(applied)
+        assert outcomes.setdefault(op, result) == result, "a retry returned something else"
+    applied = {op: r for op, r in outcomes.items() if r != "refused"}
+    refused = {op for op, r in outcomes.items() if r == "refused"}
     assert len(refused) >= 100, "the amounts should make a fair share of requests fail"
     assert len(applied) >= 1000
 
@@ -610,7 +614,7 @@ async def test_the_bank_keeps_every_balance_equal_to_its_ledger_under_concurrent
         assert (t.user_id, t.amount, t.balance_after, t.sequence) == (
             row["user_id"], row["amount"], row["balance_after"], row["sequence"]
         )
-    assert await db.fetchval("SELECT count(*) FROM token_requests") == len(accounts) + len(applied)
+    assert await db.fetchval("SELECT count(*) FROM token_requests") == len(accounts) + len(applied) + len(refused)
     # Each account's latest returned balance_after is its balance.
     latest: dict[str, pb.Transaction] = {}
     for t in returned.values():

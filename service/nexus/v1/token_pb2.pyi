@@ -31,6 +31,16 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     TRANSACTION_KIND_DEBIT: _TransactionKind.ValueType  # 2
     TRANSACTION_KIND_TRANSFER_IN: _TransactionKind.ValueType  # 3
     TRANSACTION_KIND_TRANSFER_OUT: _TransactionKind.ValueType  # 4
+    TRANSACTION_KIND_PENDING_OUT: _TransactionKind.ValueType  # 5
+    """Reserved from this user by a pending transfer (the balance is unchanged;
+    pending_out grows).
+    """
+    TRANSACTION_KIND_PENDING_IN: _TransactionKind.ValueType  # 6
+    """Reserved towards this user by a pending transfer (pending_in grows)."""
+    TRANSACTION_KIND_PENDING_VOIDED: _TransactionKind.ValueType  # 7
+    """A reservation released by VoidPendingTransfer."""
+    TRANSACTION_KIND_PENDING_EXPIRED: _TransactionKind.ValueType  # 8
+    """A reservation released because its timeout passed."""
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper):
     """The kind of a ledger movement."""
@@ -40,7 +50,38 @@ TRANSACTION_KIND_CREDIT: TransactionKind.ValueType  # 1
 TRANSACTION_KIND_DEBIT: TransactionKind.ValueType  # 2
 TRANSACTION_KIND_TRANSFER_IN: TransactionKind.ValueType  # 3
 TRANSACTION_KIND_TRANSFER_OUT: TransactionKind.ValueType  # 4
+TRANSACTION_KIND_PENDING_OUT: TransactionKind.ValueType  # 5
+"""Reserved from this user by a pending transfer (the balance is unchanged;
+pending_out grows).
+"""
+TRANSACTION_KIND_PENDING_IN: TransactionKind.ValueType  # 6
+"""Reserved towards this user by a pending transfer (pending_in grows)."""
+TRANSACTION_KIND_PENDING_VOIDED: TransactionKind.ValueType  # 7
+"""A reservation released by VoidPendingTransfer."""
+TRANSACTION_KIND_PENDING_EXPIRED: TransactionKind.ValueType  # 8
+"""A reservation released because its timeout passed."""
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
+
+class _PendingTransferStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PendingTransferStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PendingTransferStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PENDING_TRANSFER_STATUS_UNSPECIFIED: _PendingTransferStatus.ValueType  # 0
+    PENDING_TRANSFER_STATUS_PENDING: _PendingTransferStatus.ValueType  # 1
+    PENDING_TRANSFER_STATUS_POSTED: _PendingTransferStatus.ValueType  # 2
+    PENDING_TRANSFER_STATUS_VOIDED: _PendingTransferStatus.ValueType  # 3
+    PENDING_TRANSFER_STATUS_EXPIRED: _PendingTransferStatus.ValueType  # 4
+
+class PendingTransferStatus(_PendingTransferStatus, metaclass=_PendingTransferStatusEnumTypeWrapper): ...
+
+PENDING_TRANSFER_STATUS_UNSPECIFIED: PendingTransferStatus.ValueType  # 0
+PENDING_TRANSFER_STATUS_PENDING: PendingTransferStatus.ValueType  # 1
+PENDING_TRANSFER_STATUS_POSTED: PendingTransferStatus.ValueType  # 2
+PENDING_TRANSFER_STATUS_VOIDED: PendingTransferStatus.ValueType  # 3
+PENDING_TRANSFER_STATUS_EXPIRED: PendingTransferStatus.ValueType  # 4
+Global___PendingTransferStatus: _TypeAlias = PendingTransferStatus  # noqa: Y015
 
 @_typing.final
 class Transaction(_message.Message):
@@ -59,6 +100,9 @@ class Transaction(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    PENDING_TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    PENDING_IN_AFTER_FIELD_NUMBER: _builtins.int
+    PENDING_OUT_AFTER_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     user_id: _builtins.str
     kind: Global___TransactionKind.ValueType
@@ -74,6 +118,13 @@ class Transaction(_message.Message):
     request_id: _builtins.str
     sequence: _builtins.int
     """Position in the user's ledger: 1, 2, 3 ..."""
+    pending_transfer_id: _builtins.str
+    """The pending transfer this movement creates, posts or releases; empty
+    otherwise.
+    """
+    pending_in_after: _builtins.int
+    """The user's reservations right after this movement."""
+    pending_out_after: _builtins.int
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -90,10 +141,13 @@ class Transaction(_message.Message):
         request_id: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         sequence: _builtins.int = ...,
+        pending_transfer_id: _builtins.str = ...,
+        pending_in_after: _builtins.int = ...,
+        pending_out_after: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "balance_after", b"balance_after", "counterparty_user_id", b"counterparty_user_id", "create_time", b"create_time", "kind", b"kind", "reason", b"reason", "reference_id", b"reference_id", "request_id", b"request_id", "sequence", b"sequence", "transaction_id", b"transaction_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "balance_after", b"balance_after", "counterparty_user_id", b"counterparty_user_id", "create_time", b"create_time", "kind", b"kind", "pending_in_after", b"pending_in_after", "pending_out_after", b"pending_out_after", "pending_transfer_id", b"pending_transfer_id", "reason", b"reason", "reference_id", b"reference_id", "request_id", b"request_id", "sequence", b"sequence", "transaction_id", b"transaction_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -285,11 +339,28 @@ class Balance(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    PENDING_IN_FIELD_NUMBER: _builtins.int
+    PENDING_OUT_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    OVERDRAFT_LIMIT_FIELD_NUMBER: _builtins.int
+    CLOSED_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     balance: _builtins.int
+    """Posted tokens; below zero only within the overdraft limit."""
+    pending_in: _builtins.int
+    """Reserved towards the user by pending transfers."""
+    pending_out: _builtins.int
+    """Reserved from the user by pending transfers."""
+    available: _builtins.int
+    """What the user may still spend or reserve: balance - pending_out +
+    overdraft_limit.
+    """
+    overdraft_limit: _builtins.int
+    closed: _builtins.bool
+    """A closed account takes no new debits, credits or reservations."""
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """Unset for a user who never had a movement."""
+        """The time of the last movement; unset for a user who never had one."""
 
     def __init__(
         self,
@@ -297,10 +368,15 @@ class Balance(_message.Message):
         user_id: _builtins.str = ...,
         balance: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        pending_in: _builtins.int = ...,
+        pending_out: _builtins.int = ...,
+        available: _builtins.int = ...,
+        overdraft_limit: _builtins.int = ...,
+        closed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "balance", b"balance", "closed", b"closed", "overdraft_limit", b"overdraft_limit", "pending_in", b"pending_in", "pending_out", b"pending_out", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -311,18 +387,26 @@ class GetBalancesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_IDS_FIELD_NUMBER: _builtins.int
+    AS_OF_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Up to 1000 user ids."""
+
+    @_builtins.property
+    def as_of(self) -> _timestamp_pb2.Timestamp:
+        """Optional: the balances as they were at this instant (available counts
+        today's overdraft limit).
+        """
 
     def __init__(
         self,
         *,
         user_ids: _abc.Iterable[_builtins.str] | None = ...,
+        as_of: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_ids", b"user_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "user_ids", b"user_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -395,3 +479,296 @@ class ListTransactionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTransactionsResponse: _TypeAlias = ListTransactionsResponse  # noqa: Y015
+
+@_typing.final
+class PendingTransfer(_message.Message):
+    """A reservation from one user towards another. It resolves exactly once:
+    posted (in full or in part), voided, or expired.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PENDING_TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    FROM_USER_ID_FIELD_NUMBER: _builtins.int
+    TO_USER_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    POSTED_AMOUNT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REFERENCE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    RESOLVE_TIME_FIELD_NUMBER: _builtins.int
+    pending_transfer_id: _builtins.str
+    from_user_id: _builtins.str
+    to_user_id: _builtins.str
+    amount: _builtins.int
+    """Reserved."""
+    posted_amount: _builtins.int
+    """Moved by the post (0 until then, and for a void or an expiry)."""
+    status: Global___PendingTransferStatus.ValueType
+    reason: _builtins.str
+    reference_id: _builtins.str
+    request_id: _builtins.str
+    """The request that created it."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Unset: it never expires."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def resolve_time(self) -> _timestamp_pb2.Timestamp:
+        """Unset while pending."""
+
+    def __init__(
+        self,
+        *,
+        pending_transfer_id: _builtins.str = ...,
+        from_user_id: _builtins.str = ...,
+        to_user_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        posted_amount: _builtins.int = ...,
+        status: Global___PendingTransferStatus.ValueType = ...,
+        reason: _builtins.str = ...,
+        reference_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        resolve_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "resolve_time", b"resolve_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "create_time", b"create_time", "expire_time", b"expire_time", "from_user_id", b"from_user_id", "pending_transfer_id", b"pending_transfer_id", "posted_amount", b"posted_amount", "reason", b"reason", "reference_id", b"reference_id", "request_id", b"request_id", "resolve_time", b"resolve_time", "status", b"status", "to_user_id", b"to_user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingTransfer: _TypeAlias = PendingTransfer  # noqa: Y015
+
+@_typing.final
+class CreatePendingTransferRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_USER_ID_FIELD_NUMBER: _builtins.int
+    TO_USER_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REFERENCE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    from_user_id: _builtins.str
+    to_user_id: _builtins.str
+    """Must differ from from_user_id."""
+    amount: _builtins.int
+    """> 0; at most the payer's available balance."""
+    timeout_seconds: _builtins.int
+    """> 0: voided by the service this many seconds after creation (to the
+    second); 0: pending until posted or voided. At most 31,536,000 (a year).
+    """
+    reason: _builtins.str
+    reference_id: _builtins.str
+    request_id: _builtins.str
+    """Required; scoped to from_user_id."""
+    def __init__(
+        self,
+        *,
+        from_user_id: _builtins.str = ...,
+        to_user_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        timeout_seconds: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        reference_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "from_user_id", b"from_user_id", "reason", b"reason", "reference_id", b"reference_id", "request_id", b"request_id", "timeout_seconds", b"timeout_seconds", "to_user_id", b"to_user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePendingTransferRequest: _TypeAlias = CreatePendingTransferRequest  # noqa: Y015
+
+@_typing.final
+class CreatePendingTransferResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PENDING_TRANSFER_FIELD_NUMBER: _builtins.int
+    FROM_BALANCE_FIELD_NUMBER: _builtins.int
+    TO_BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pending_transfer(self) -> Global___PendingTransfer: ...
+    @_builtins.property
+    def from_balance(self) -> Global___Balance:
+        """The balances right after the reservation."""
+
+    @_builtins.property
+    def to_balance(self) -> Global___Balance: ...
+    def __init__(
+        self,
+        *,
+        pending_transfer: Global___PendingTransfer | None = ...,
+        from_balance: Global___Balance | None = ...,
+        to_balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from_balance", b"from_balance", "pending_transfer", b"pending_transfer", "to_balance", b"to_balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_balance", b"from_balance", "pending_transfer", b"pending_transfer", "to_balance", b"to_balance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePendingTransferResponse: _TypeAlias = CreatePendingTransferResponse  # noqa: Y015
+
+@_typing.final
+class PostPendingTransferRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PENDING_TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    pending_transfer_id: _builtins.str
+    amount: _builtins.int
+    """0 posts all of it; more than is reserved is INVALID_ARGUMENT."""
+    request_id: _builtins.str
+    """Required; scoped to the pending transfer's payer."""
+    def __init__(
+        self,
+        *,
+        pending_transfer_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "pending_transfer_id", b"pending_transfer_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostPendingTransferRequest: _TypeAlias = PostPendingTransferRequest  # noqa: Y015
+
+@_typing.final
+class PostPendingTransferResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PENDING_TRANSFER_FIELD_NUMBER: _builtins.int
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    FROM_BALANCE_FIELD_NUMBER: _builtins.int
+    TO_BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pending_transfer(self) -> Global___PendingTransfer: ...
+    @_builtins.property
+    def transactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transaction]:
+        """The TRANSFER_OUT leg, then the TRANSFER_IN leg."""
+
+    @_builtins.property
+    def from_balance(self) -> Global___Balance: ...
+    @_builtins.property
+    def to_balance(self) -> Global___Balance: ...
+    def __init__(
+        self,
+        *,
+        pending_transfer: Global___PendingTransfer | None = ...,
+        transactions: _abc.Iterable[Global___Transaction] | None = ...,
+        from_balance: Global___Balance | None = ...,
+        to_balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from_balance", b"from_balance", "pending_transfer", b"pending_transfer", "to_balance", b"to_balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_balance", b"from_balance", "pending_transfer", b"pending_transfer", "to_balance", b"to_balance", "transactions", b"transactions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostPendingTransferResponse: _TypeAlias = PostPendingTransferResponse  # noqa: Y015
+
+@_typing.final
+class VoidPendingTransferRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PENDING_TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    pending_transfer_id: _builtins.str
+    request_id: _builtins.str
+    """Required; scoped to the pending transfer's payer."""
+    def __init__(
+        self,
+        *,
+        pending_transfer_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pending_transfer_id", b"pending_transfer_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoidPendingTransferRequest: _TypeAlias = VoidPendingTransferRequest  # noqa: Y015
+
+@_typing.final
+class VoidPendingTransferResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PENDING_TRANSFER_FIELD_NUMBER: _builtins.int
+    FROM_BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pending_transfer(self) -> Global___PendingTransfer: ...
+    @_builtins.property
+    def from_balance(self) -> Global___Balance: ...
+    def __init__(
+        self,
+        *,
+        pending_transfer: Global___PendingTransfer | None = ...,
+        from_balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from_balance", b"from_balance", "pending_transfer", b"pending_transfer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_balance", b"from_balance", "pending_transfer", b"pending_transfer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoidPendingTransferResponse: _TypeAlias = VoidPendingTransferResponse  # noqa: Y015
+
+@_typing.final
+class SetAccountPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    OVERDRAFT_LIMIT_FIELD_NUMBER: _builtins.int
+    CLOSED_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    overdraft_limit: _builtins.int
+    """>= 0: how far below zero the balance may go."""
+    closed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        overdraft_limit: _builtins.int = ...,
+        closed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "overdraft_limit", b"overdraft_limit", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountPolicyRequest: _TypeAlias = SetAccountPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetAccountPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def balance(self) -> Global___Balance: ...
+    def __init__(
+        self,
+        *,
+        balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountPolicyResponse: _TypeAlias = SetAccountPolicyResponse  # noqa: Y015

@@ -62,6 +62,26 @@ class TokenServiceStub:
                 request_serializer=nexus_dot_v1_dot_token__pb2.ListTransactionsRequest.SerializeToString,
                 response_deserializer=nexus_dot_v1_dot_token__pb2.ListTransactionsResponse.FromString,
                 _registered_method=True)
+        self.CreatePendingTransfer = channel.unary_unary(
+                '/nexus.v1.TokenService/CreatePendingTransfer',
+                request_serializer=nexus_dot_v1_dot_token__pb2.CreatePendingTransferRequest.SerializeToString,
+                response_deserializer=nexus_dot_v1_dot_token__pb2.CreatePendingTransferResponse.FromString,
+                _registered_method=True)
+        self.PostPendingTransfer = channel.unary_unary(
+                '/nexus.v1.TokenService/PostPendingTransfer',
+                request_serializer=nexus_dot_v1_dot_token__pb2.PostPendingTransferRequest.SerializeToString,
+                response_deserializer=nexus_dot_v1_dot_token__pb2.PostPendingTransferResponse.FromString,
+                _registered_method=True)
+        self.VoidPendingTransfer = channel.unary_unary(
+                '/nexus.v1.TokenService/VoidPendingTransfer',
+                request_serializer=nexus_dot_v1_dot_token__pb2.VoidPendingTransferRequest.SerializeToString,
+                response_deserializer=nexus_dot_v1_dot_token__pb2.VoidPendingTransferResponse.FromString,
+                _registered_method=True)
+        self.SetAccountPolicy = channel.unary_unary(
+                '/nexus.v1.TokenService/SetAccountPolicy',
+                request_serializer=nexus_dot_v1_dot_token__pb2.SetAccountPolicyRequest.SerializeToString,
+                response_deserializer=nexus_dot_v1_dot_token__pb2.SetAccountPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class TokenServiceServicer:
@@ -107,6 +127,36 @@ class TokenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreatePendingTransfer(self, request, context):
+        """Reserves tokens from the payer towards the payee (two-phase transfer):
+        they leave the payer's available balance now, with the overdraft rule
+        checked now, and move when the reservation is posted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PostPendingTransfer(self, request, context):
+        """Moves all or part of a reservation; the rest returns to the payer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VoidPendingTransfer(self, request, context):
+        """Returns the whole reservation to the payer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAccountPolicy(self, request, context):
+        """A user's overdraft limit and whether the account is closed (services only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +184,26 @@ def add_TokenServiceServicer_to_server(servicer, server):
                     servicer.ListTransactions,
                     request_deserializer=nexus_dot_v1_dot_token__pb2.ListTransactionsRequest.FromString,
                     response_serializer=nexus_dot_v1_dot_token__pb2.ListTransactionsResponse.SerializeToString,
+            ),
+            'CreatePendingTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePendingTransfer,
+                    request_deserializer=nexus_dot_v1_dot_token__pb2.CreatePendingTransferRequest.FromString,
+                    response_serializer=nexus_dot_v1_dot_token__pb2.CreatePendingTransferResponse.SerializeToString,
+            ),
+            'PostPendingTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.PostPendingTransfer,
+                    request_deserializer=nexus_dot_v1_dot_token__pb2.PostPendingTransferRequest.FromString,
+                    response_serializer=nexus_dot_v1_dot_token__pb2.PostPendingTransferResponse.SerializeToString,
+            ),
+            'VoidPendingTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.VoidPendingTransfer,
+                    request_deserializer=nexus_dot_v1_dot_token__pb2.VoidPendingTransferRequest.FromString,
+                    response_serializer=nexus_dot_v1_dot_token__pb2.VoidPendingTransferResponse.SerializeToString,
+            ),
+            'SetAccountPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAccountPolicy,
+                    request_deserializer=nexus_dot_v1_dot_token__pb2.SetAccountPolicyRequest.FromString,
+                    response_serializer=nexus_dot_v1_dot_token__pb2.SetAccountPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -274,6 +344,114 @@ class TokenService:
             '/nexus.v1.TokenService/ListTransactions',
             nexus_dot_v1_dot_token__pb2.ListTransactionsRequest.SerializeToString,
             nexus_dot_v1_dot_token__pb2.ListTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePendingTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.v1.TokenService/CreatePendingTransfer',
+            nexus_dot_v1_dot_token__pb2.CreatePendingTransferRequest.SerializeToString,
+            nexus_dot_v1_dot_token__pb2.CreatePendingTransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PostPendingTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.v1.TokenService/PostPendingTransfer',
+            nexus_dot_v1_dot_token__pb2.PostPendingTransferRequest.SerializeToString,
+            nexus_dot_v1_dot_token__pb2.PostPendingTransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VoidPendingTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.v1.TokenService/VoidPendingTransfer',
+            nexus_dot_v1_dot_token__pb2.VoidPendingTransferRequest.SerializeToString,
+            nexus_dot_v1_dot_token__pb2.VoidPendingTransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAccountPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.v1.TokenService/SetAccountPolicy',
+            nexus_dot_v1_dot_token__pb2.SetAccountPolicyRequest.SerializeToString,
+            nexus_dot_v1_dot_token__pb2.SetAccountPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,17 @@ class TokenServiceStub:
     """Batch balances in the order asked for; unknown users have 0."""
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_token_pb2.ListTransactionsRequest, _token_pb2.ListTransactionsResponse]
     """A user's ledger, newest first."""
+    CreatePendingTransfer: _grpc.UnaryUnaryMultiCallable[_token_pb2.CreatePendingTransferRequest, _token_pb2.CreatePendingTransferResponse]
+    """Reserves tokens from the payer towards the payee (two-phase transfer):
+    they leave the payer's available balance now, with the overdraft rule
+    checked now, and move when the reservation is posted.
+    """
+    PostPendingTransfer: _grpc.UnaryUnaryMultiCallable[_token_pb2.PostPendingTransferRequest, _token_pb2.PostPendingTransferResponse]
+    """Moves all or part of a reservation; the rest returns to the payer."""
+    VoidPendingTransfer: _grpc.UnaryUnaryMultiCallable[_token_pb2.VoidPendingTransferRequest, _token_pb2.VoidPendingTransferResponse]
+    """Returns the whole reservation to the payer."""
+    SetAccountPolicy: _grpc.UnaryUnaryMultiCallable[_token_pb2.SetAccountPolicyRequest, _token_pb2.SetAccountPolicyResponse]
+    """A user's overdraft limit and whether the account is closed (services only)."""
 
 @_typing.type_check_only
 class TokenServiceAsyncStub(TokenServiceStub):
@@ -73,6 +84,17 @@ class TokenServiceAsyncStub(TokenServiceStub):
     """Batch balances in the order asked for; unknown users have 0."""
     ListTransactions: _aio.UnaryUnaryMultiCallable[_token_pb2.ListTransactionsRequest, _token_pb2.ListTransactionsResponse]  # type: ignore[assignment]
     """A user's ledger, newest first."""
+    CreatePendingTransfer: _aio.UnaryUnaryMultiCallable[_token_pb2.CreatePendingTransferRequest, _token_pb2.CreatePendingTransferResponse]  # type: ignore[assignment]
+    """Reserves tokens from the payer towards the payee (two-phase transfer):
+    they leave the payer's available balance now, with the overdraft rule
+    checked now, and move when the reservation is posted.
+    """
+    PostPendingTransfer: _aio.UnaryUnaryMultiCallable[_token_pb2.PostPendingTransferRequest, _token_pb2.PostPendingTransferResponse]  # type: ignore[assignment]
+    """Moves all or part of a reservation; the rest returns to the payer."""
+    VoidPendingTransfer: _aio.UnaryUnaryMultiCallable[_token_pb2.VoidPendingTransferRequest, _token_pb2.VoidPendingTransferResponse]  # type: ignore[assignment]
+    """Returns the whole reservation to the payer."""
+    SetAccountPolicy: _aio.UnaryUnaryMultiCallable[_token_pb2.SetAccountPolicyRequest, _token_pb2.SetAccountPolicyResponse]  # type: ignore[assignment]
+    """A user's overdraft limit and whether the account is closed (services only)."""
 
 class TokenServiceServicer(metaclass=_abc_1.ABCMeta):
     """TokenService: a ledger of tokens. Balances never go below zero and always
@@ -123,5 +145,40 @@ class TokenServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_token_pb2.ListTransactionsResponse, _abc.Awaitable[_token_pb2.ListTransactionsResponse]]:
         """A user's ledger, newest first."""
+
+    @_abc_1.abstractmethod
+    def CreatePendingTransfer(
+        self,
+        request: _token_pb2.CreatePendingTransferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_token_pb2.CreatePendingTransferResponse, _abc.Awaitable[_token_pb2.CreatePendingTransferResponse]]:
+        """Reserves tokens from the payer towards the payee (two-phase transfer):
+        they leave the payer's available balance now, with the overdraft rule
+        checked now, and move when the reservation is posted.
+        """
+
+    @_abc_1.abstractmethod
+    def PostPendingTransfer(
+        self,
+        request: _token_pb2.PostPendingTransferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_token_pb2.PostPendingTransferResponse, _abc.Awaitable[_token_pb2.PostPendingTransferResponse]]:
+        """Moves all or part of a reservation; the rest returns to the payer."""
+
+    @_abc_1.abstractmethod
+    def VoidPendingTransfer(
+        self,
+        request: _token_pb2.VoidPendingTransferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_token_pb2.VoidPendingTransferResponse, _abc.Awaitable[_token_pb2.VoidPendingTransferResponse]]:
+        """Returns the whole reservation to the payer."""
+
+    @_abc_1.abstractmethod
+    def SetAccountPolicy(
+        self,
+        request: _token_pb2.SetAccountPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_token_pb2.SetAccountPolicyResponse, _abc.Awaitable[_token_pb2.SetAccountPolicyResponse]]:
+        """A user's overdraft limit and whether the account is closed (services only)."""
 
 def add_TokenServiceServicer_to_server(servicer: TokenServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
