@@ -25,7 +25,7 @@ ALTER TABLE token_transactions DROP CONSTRAINT token_transactions_check;
 ALTER TABLE token_transactions
     ADD COLUMN pending_in_after bigint NOT NULL DEFAULT 0,
     ADD COLUMN pending_out_after bigint NOT NULL DEFAULT 0,
-    ADD COLUMN pending_transfer_id uuid,
+    ADD COLUMN pending_transfer_id text,
     ADD CONSTRAINT token_transactions_counterparty_check
         CHECK ((kind NOT IN ('credit', 'debit')) = (counterparty_user_id IS NOT NULL));
 CREATE INDEX token_transactions_user_id_create_time_idx ON token_transactions (user_id, create_time);
@@ -39,8 +39,11 @@ ALTER TABLE token_requests
 
 CREATE TYPE pending_transfer_status AS ENUM ('pending', 'posted', 'voided', 'expired');
 
+-- pending_transfer_id is a UUID kept as text: on Citus the table is
+-- distributed by it alongside the users' tables (hashed as text, as user ids
+-- are), so a call routed by the id alone runs on the worker that holds it.
 CREATE TABLE pending_transfers (
-    pending_transfer_id uuid NOT NULL PRIMARY KEY,
+    pending_transfer_id text NOT NULL PRIMARY KEY,
     from_user_id        text NOT NULL,
     to_user_id          text NOT NULL CHECK (to_user_id <> from_user_id),
     amount              bigint NOT NULL CHECK (amount > 0),

@@ -144,9 +144,9 @@ BEGIN
 END
 $$;
 
--- Name: append_ledger_row(text, public.token_kind, bigint, bigint, bigint, bigint, uuid, text, text, text, text, uuid, timestamp with time zone); Type: FUNCTION; Schema: public
+-- Name: append_ledger_row(text, public.token_kind, bigint, bigint, bigint, bigint, uuid, text, text, text, text, text, timestamp with time zone); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.append_ledger_row(p_user_id text, p_kind public.token_kind, p_amount bigint, p_balance_delta bigint, p_pending_in_delta bigint, p_pending_out_delta bigint, p_transaction_id uuid, p_reason text, p_reference_id text, p_counterparty text, p_request_id text, p_pending_transfer_id uuid, p_moved_at timestamp with time zone) RETURNS TABLE(transaction_id uuid, user_id text, kind public.token_kind, amount bigint, balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint, overdraft_limit bigint, closed boolean, reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint, create_time timestamp with time zone, pending_transfer_id uuid)
+CREATE FUNCTION public.append_ledger_row(p_user_id text, p_kind public.token_kind, p_amount bigint, p_balance_delta bigint, p_pending_in_delta bigint, p_pending_out_delta bigint, p_transaction_id uuid, p_reason text, p_reference_id text, p_counterparty text, p_request_id text, p_pending_transfer_id text, p_moved_at timestamp with time zone) RETURNS TABLE(transaction_id uuid, user_id text, kind public.token_kind, amount bigint, balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint, overdraft_limit bigint, closed boolean, reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint, create_time timestamp with time zone, pending_transfer_id text)
     LANGUAGE plpgsql
     AS $$
 #variable_conflict use_column
@@ -280,7 +280,7 @@ END $$;
 -- Name: pending_transfers; Type: TABLE; Schema: public
 
 CREATE TABLE public.pending_transfers (
-    pending_transfer_id uuid NOT NULL,
+    pending_transfer_id text NOT NULL,
     from_user_id text NOT NULL,
     to_user_id text NOT NULL,
     amount bigint NOT NULL,
@@ -298,9 +298,9 @@ CREATE TABLE public.pending_transfers (
     CONSTRAINT pending_transfers_check2 CHECK (((status = 'pending'::public.pending_transfer_status) = (resolve_time IS NULL)))
 );
 
--- Name: apply_token_operations(text, text[], text[], text[], bigint[], text[], text[], text[], uuid[], integer[]); Type: FUNCTION; Schema: public
+-- Name: apply_token_operations(text, text[], text[], text[], bigint[], text[], text[], text[], text[], integer[]); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.apply_token_operations(p_route_user_id text, p_user_ids text[], p_ops text[], p_counterparties text[], p_amounts bigint[], p_reasons text[], p_reference_ids text[], p_request_ids text[], p_pending_ids uuid[], p_timeouts integer[]) RETURNS TABLE(item integer, transaction_id uuid, user_id text, kind public.token_kind, amount bigint, balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint, overdraft_limit bigint, closed boolean, reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint, create_time timestamp with time zone, pending_transfer_id uuid, pending public.pending_transfers, error_code text, error_message text, error_detail text)
+CREATE FUNCTION public.apply_token_operations(p_route_user_id text, p_user_ids text[], p_ops text[], p_counterparties text[], p_amounts bigint[], p_reasons text[], p_reference_ids text[], p_request_ids text[], p_pending_ids text[], p_timeouts integer[]) RETURNS TABLE(item integer, transaction_id uuid, user_id text, kind public.token_kind, amount bigint, balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint, overdraft_limit bigint, closed boolean, reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint, create_time timestamp with time zone, pending_transfer_id text, pending public.pending_transfers, error_code text, error_message text, error_detail text)
     LANGUAGE plpgsql
     AS $$
 #variable_conflict use_column
@@ -463,7 +463,7 @@ BEGIN
         IF op = 'create_pending' THEN
             INSERT INTO pending_transfers AS p (pending_transfer_id, from_user_id, to_user_id, amount, reason,
                                                 reference_id, request_id, expire_time, create_time)
-            VALUES (gen_random_uuid(), payer, payee, moved, p_reasons[i], p_reference_ids[i], p_request_ids[i],
+            VALUES (gen_random_uuid()::text, payer, payee, moved, p_reasons[i], p_reference_ids[i], p_request_ids[i],
                     CASE WHEN p_timeouts[i] > 0 THEN moved_at + make_interval(secs => p_timeouts[i]) END, moved_at)
             RETURNING p.* INTO pend;
         ELSIF pend.pending_transfer_id IS NOT NULL THEN
@@ -1061,7 +1061,7 @@ CREATE FUNCTION public.expire_pending_transfers(p_limit integer) RETURNS integer
     AS $$
 DECLARE
     sweep_time timestamptz := clock_timestamp();
-    due        uuid[];
+    due        text[];
     expired    integer;
 BEGIN
     SELECT array_agg(d.pending_transfer_id ORDER BY d.expire_time) INTO due
@@ -1428,7 +1428,7 @@ CREATE TABLE public.token_transactions (
     create_time timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
     pending_in_after bigint DEFAULT 0 NOT NULL,
     pending_out_after bigint DEFAULT 0 NOT NULL,
-    pending_transfer_id uuid,
+    pending_transfer_id text,
     CONSTRAINT token_transactions_amount_check CHECK ((amount > 0)),
     CONSTRAINT token_transactions_counterparty_check CHECK (((kind <> ALL (ARRAY['credit'::public.token_kind, 'debit'::public.token_kind])) = (counterparty_user_id IS NOT NULL)))
 );
@@ -2327,11 +2327,11 @@ END $$;
 
 -- Name: token_operation_failure(integer, text[]); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.token_operation_failure(p_item integer, p_failure text[]) RETURNS TABLE(item integer, transaction_id uuid, user_id text, kind public.token_kind, amount bigint, balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint, overdraft_limit bigint, closed boolean, reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint, create_time timestamp with time zone, pending_transfer_id uuid, pending public.pending_transfers, error_code text, error_message text, error_detail text)
+CREATE FUNCTION public.token_operation_failure(p_item integer, p_failure text[]) RETURNS TABLE(item integer, transaction_id uuid, user_id text, kind public.token_kind, amount bigint, balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint, overdraft_limit bigint, closed boolean, reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint, create_time timestamp with time zone, pending_transfer_id text, pending public.pending_transfers, error_code text, error_message text, error_detail text)
     LANGUAGE sql IMMUTABLE
     AS $$
     SELECT p_item, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
-           NULL::bigint, NULL::bigint, NULL::boolean, NULL, NULL, NULL, NULL, NULL::bigint, NULL::timestamptz, NULL::uuid,
+           NULL::bigint, NULL::bigint, NULL::boolean, NULL, NULL, NULL, NULL, NULL::bigint, NULL::timestamptz, NULL::text,
            NULL::pending_transfers, p_failure[1], p_failure[2], p_failure[3]
 $$;
 

@@ -26,12 +26,12 @@ FOR EACH STATEMENT EXECUTE FUNCTION forbid_ledger_changes();
 CREATE OR REPLACE FUNCTION append_ledger_row(
     p_user_id text, p_kind token_kind, p_amount bigint, p_balance_delta bigint, p_pending_in_delta bigint,
     p_pending_out_delta bigint, p_transaction_id uuid, p_reason text, p_reference_id text, p_counterparty text,
-    p_request_id text, p_pending_transfer_id uuid, p_moved_at timestamptz)
+    p_request_id text, p_pending_transfer_id text, p_moved_at timestamptz)
 RETURNS TABLE (transaction_id uuid, user_id text, kind token_kind, amount bigint, balance_after bigint,
                pending_in_after bigint, pending_out_after bigint, available_after bigint,
                overdraft_limit bigint, closed boolean, reason text,
                reference_id text, counterparty_user_id text, request_id text, sequence bigint,
-               create_time timestamptz, pending_transfer_id uuid)
+               create_time timestamptz, pending_transfer_id text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -59,11 +59,11 @@ RETURNS TABLE (item integer, transaction_id uuid, user_id text, kind token_kind,
                balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint,
                overdraft_limit bigint, closed boolean,
                reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint,
-               create_time timestamptz, pending_transfer_id uuid, pending pending_transfers,
+               create_time timestamptz, pending_transfer_id text, pending pending_transfers,
                error_code text, error_message text, error_detail text)
 LANGUAGE sql IMMUTABLE AS $$
     SELECT p_item, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
-           NULL::bigint, NULL::bigint, NULL::boolean, NULL, NULL, NULL, NULL, NULL::bigint, NULL::timestamptz, NULL::uuid,
+           NULL::bigint, NULL::bigint, NULL::boolean, NULL, NULL, NULL, NULL, NULL::bigint, NULL::timestamptz, NULL::text,
            NULL::pending_transfers, p_failure[1], p_failure[2], p_failure[3]
 $$;
 
@@ -113,12 +113,12 @@ $$;
 -- batches lock in one global order on one node and across workers alike.
 CREATE OR REPLACE FUNCTION apply_token_operations(
     p_route_user_id text, p_user_ids text[], p_ops text[], p_counterparties text[], p_amounts bigint[],
-    p_reasons text[], p_reference_ids text[], p_request_ids text[], p_pending_ids uuid[], p_timeouts integer[])
+    p_reasons text[], p_reference_ids text[], p_request_ids text[], p_pending_ids text[], p_timeouts integer[])
 RETURNS TABLE (item integer, transaction_id uuid, user_id text, kind token_kind, amount bigint,
                balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint,
                overdraft_limit bigint, closed boolean,
                reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint,
-               create_time timestamptz, pending_transfer_id uuid, pending pending_transfers,
+               create_time timestamptz, pending_transfer_id text, pending pending_transfers,
                error_code text, error_message text, error_detail text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -281,7 +281,7 @@ BEGIN
         IF op = 'create_pending' THEN
             INSERT INTO pending_transfers AS p (pending_transfer_id, from_user_id, to_user_id, amount, reason,
                                                 reference_id, request_id, expire_time, create_time)
-            VALUES (gen_random_uuid(), payer, payee, moved, p_reasons[i], p_reference_ids[i], p_request_ids[i],
+            VALUES (gen_random_uuid()::text, payer, payee, moved, p_reasons[i], p_reference_ids[i], p_request_ids[i],
                     CASE WHEN p_timeouts[i] > 0 THEN moved_at + make_interval(secs => p_timeouts[i]) END, moved_at)
             RETURNING p.* INTO pend;
         ELSIF pend.pending_transfer_id IS NOT NULL THEN
@@ -345,7 +345,7 @@ RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     sweep_time timestamptz := clock_timestamp();
-    due        uuid[];
+    due        text[];
     expired    integer;
 BEGIN
     SELECT array_agg(d.pending_transfer_id ORDER BY d.expire_time) INTO due

@@ -52,12 +52,12 @@ TABLES: tuple[tuple[str, str, str], ...] = (
     ("follow_counter_shards", "user_id", BY_USER),
     ("shares", "user_id", BY_USER),
     ("entry_requests", "author_id", BY_USER),
+    # By its own id, hashed as a user id is: PostPendingTransfer names only the
+    # id, and a call routed by it runs on the worker that holds the transfer.
+    ("pending_transfers", "pending_transfer_id", BY_USER),
     (BY_ENTRY, "entry_id", "none"),
     ("reactions", "entry_id", BY_ENTRY),
     ("entry_counter_shards", "entry_id", BY_ENTRY),
-    # Resolved by its id alone (PostPendingTransfer names nothing else): a group
-    # of its own, its payer's and payee's balances reached from there.
-    ("pending_transfers", "pending_transfer_id", "none"),
 )
 
 # Touched only by coordinator-side code (migrations, the maintenance election).

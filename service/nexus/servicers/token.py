@@ -57,7 +57,7 @@ def transaction_message(row: Mapping[str, Any]) -> pb.Transaction:
         counterparty_user_id=row["counterparty_user_id"] or "",
         request_id=row["request_id"],
         sequence=row["sequence"],
-        pending_transfer_id=str(row["pending_transfer_id"] or ""),
+        pending_transfer_id=row["pending_transfer_id"] or "",
         pending_in_after=row["pending_in_after"],
         pending_out_after=row["pending_out_after"],
     )
@@ -88,7 +88,7 @@ def balance_message(row: Mapping[str, Any]) -> pb.Balance:
 
 def pending_transfer_message(row: Mapping[str, Any]) -> pb.PendingTransfer:
     message = pb.PendingTransfer(
-        pending_transfer_id=str(row["pending_transfer_id"]),
+        pending_transfer_id=row["pending_transfer_id"],
         from_user_id=row["from_user_id"],
         to_user_id=row["to_user_id"],
         amount=row["amount"],
@@ -134,11 +134,11 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
     async def _resolve(self, op: str, request: Any, amount: int) -> list[asyncpg.Record]:
         """Posts or voids a pending transfer (the database checks that the caller is its payer or a
         service, and finds its users); returns its ledger rows."""
-        pending_id = validation.entry_id(request.pending_transfer_id, "pending_transfer_id")
+        pending_id = str(validation.entry_id(request.pending_transfer_id, "pending_transfer_id"))
         request_id = validation.request_id(request.request_id, required=True)
         acting = current_principal.get().viewer
-        # Keyed by the pending transfer: its users are known only to the database.
-        keys = (str(pending_id),)
+        # Keyed and routed by the pending transfer: its users are known only to the database.
+        keys = (pending_id,)
         return await self._ledger.submit(
             keys, keys, acting, op, None, amount, None, None, request_id, pending_id, None
         )
