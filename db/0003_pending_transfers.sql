@@ -64,5 +64,31 @@ CREATE INDEX pending_transfers_due_idx ON pending_transfers (expire_time)
 CREATE INDEX pending_transfers_from_user_id_idx ON pending_transfers (from_user_id) WHERE status = 'pending';
 CREATE INDEX pending_transfers_to_user_id_idx ON pending_transfers (to_user_id) WHERE status = 'pending';
 
+-- What apply_token_operations returns per ledger row (or per failed item).
+CREATE TYPE token_operation_result AS (
+    item                 integer,
+    transaction_id       uuid,
+    user_id              text,
+    kind                 token_kind,
+    amount               bigint,
+    balance_after        bigint,
+    pending_in_after     bigint,
+    pending_out_after    bigint,
+    available_after      bigint,
+    overdraft_limit      bigint,
+    closed               boolean,
+    reason               text,
+    reference_id         text,
+    counterparty_user_id text,
+    request_id           text,
+    sequence             bigint,
+    create_time          timestamptz,
+    pending_transfer_id  text,
+    pending              pending_transfers,
+    error_code           text,
+    error_message        text,
+    error_detail         text
+);
+
 DROP FUNCTION IF EXISTS apply_token_operations(text, text[], text[], text[], bigint[], text[], text[], text[]);
 DROP FUNCTION IF EXISTS get_balances(text[]);

@@ -55,17 +55,205 @@ END $$;
 
 -- The result row of an item that failed: no ledger row, the error columns.
 CREATE OR REPLACE FUNCTION token_operation_failure(p_item integer, p_failure text[])
-RETURNS TABLE (item integer, transaction_id uuid, user_id text, kind token_kind, amount bigint,
-               balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint,
-               overdraft_limit bigint, closed boolean,
-               reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint,
-               create_time timestamptz, pending_transfer_id text, pending pending_transfers,
-               error_code text, error_message text, error_detail text)
+RETURNS token_operation_result
 LANGUAGE sql IMMUTABLE AS $$
     SELECT p_item, NULL::uuid, NULL, NULL::token_kind, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
            NULL::bigint, NULL::bigint, NULL::boolean, NULL, NULL, NULL, NULL, NULL::bigint, NULL::timestamptz, NULL::text,
            NULL::pending_transfers, p_failure[1], p_failure[2], p_failure[3]
 $$;
+
+-- One operation of apply_token_operations (see there), item p_item of its
+-- batch: its result rows. The caller holds the balance row locks of the
+-- users it touches.
+CREATE OR REPLACE FUNCTION apply_token_operation(
+    p_item integer, p_user_id text, p_op text, p_counterparty text, p_amount bigint, p_reason text,
+    p_reference_id text, p_request_id text, p_pending_id text, p_timeout integer)
+RETURNS SETOF token_operation_result
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    ids          uuid[];
+    earlier      token_requests;
+    fingerprint  text;
+    initiator    text;
+    payer        text;
+    payee        text;
+    payer_row    balances;
+    payee_row    balances;
+    pend         pending_transfers;
+    moved        bigint;
+    -- Citus refuses a volatile function in an UPDATE of a distributed table:
+    -- the time is taken into a variable instead.
+    moved_at     timestamptz;
+    -- The failure: SQLSTATE, message, detail.
+    failure      text[];
+    failure_code    text;
+    failure_message text;
+    failure_detail  text;
+BEGIN
+        pend := NULL;
+    IF p_op IN ('post_pending', 'void_pending', 'expire_pending') THEN
+        SELECT * INTO pend FROM pending_transfers p WHERE p.pending_transfer_id = p_pending_id FOR UPDATE;
+        IF NOT FOUND OR (p_user_id IS NOT NULL AND p_user_id <> pend.from_user_id) THEN
+            failure := CASE WHEN pend.pending_transfer_id IS NULL
+                THEN ARRAY['NX404', format('pending transfer %s not found', p_pending_id), 'pending_transfer_id']
+                ELSE ARRAY['NX403', format('only %s or a service may resolve pending transfer %s',
+                                           pend.from_user_id, p_pending_id), 'pending_transfer_id'] END;
+            RETURN QUERY SELECT * FROM token_operation_failure(p_item, failure);
+            RETURN;
+        END IF;
+        IF p_op = 'expire_pending' AND (pend.status <> 'pending' OR pend.expire_time > clock_timestamp()) THEN
+            RETURN;  -- resolved meanwhile, or not due: nothing to expire
+        END IF;
+        initiator := pend.from_user_id;
+        payer := pend.from_user_id;
+        payee := pend.to_user_id;
+    ELSE
+        initiator := p_user_id;
+        payer := CASE WHEN p_op = 'credit' THEN NULL ELSE initiator END;
+        payee := CASE WHEN p_op = 'deduct' THEN NULL WHEN p_op = 'credit' THEN initiator ELSE p_counterparty END;
+    END IF;
+    ids := CASE WHEN payer IS NULL OR payee IS NULL THEN ARRAY[gen_random_uuid()]
+                ELSE ARRAY[gen_random_uuid(), gen_random_uuid()] END;
+
+    IF p_op <> 'expire_pending' THEN
+        fingerprint := md5((jsonb_build_array(p_op, p_counterparty, p_amount, p_reason,
+                                              p_reference_id)
+                            || CASE WHEN p_op IN ('credit', 'deduct', 'transfer') THEN '[]'::jsonb
+                                    ELSE jsonb_build_array(p_pending_id, p_timeout) END)::text);
+        INSERT INTO token_requests AS r (user_id, request_id, fingerprint, transaction_ids)
+        VALUES (initiator, p_request_id, fingerprint, ids)
+        ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
+            SELECT * INTO earlier FROM token_requests r
+            WHERE r.user_id = initiator AND r.request_id = p_request_id;
+            IF earlier.fingerprint <> fingerprint OR earlier.error_code IS NOT NULL THEN
+                failure := CASE WHEN earlier.fingerprint <> fingerprint
+                    THEN ARRAY['NX409', format('request_id %s was already used with different arguments',
+                                               p_request_id), 'request_id']
+                    ELSE ARRAY[earlier.error_code, earlier.error_message, earlier.error_detail] END;
+                RETURN QUERY SELECT * FROM token_operation_failure(p_item, failure);
+            ELSE
+                -- A pending transfer is shown as it is now. (Read on its
+                -- own: Citus joins only tables distributed alike.)
+                IF pend.pending_transfer_id IS NULL THEN
+                    SELECT p.* INTO pend FROM pending_transfers p
+                    WHERE p.pending_transfer_id = (SELECT t.pending_transfer_id FROM token_transactions t
+                                                   WHERE t.user_id = initiator
+                                                     AND t.transaction_id = earlier.transaction_ids[1]);
+                END IF;
+                -- The rows sit under the payer's and the payee's keys (the
+                -- first under the initiator's).
+                RETURN QUERY SELECT p_item, t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after,
+                                    t.pending_in_after, t.pending_out_after,
+                                    t.balance_after - t.pending_out_after + b.overdraft_limit,
+                                    b.overdraft_limit, b.closed,
+                                    t.reason, t.reference_id, t.counterparty_user_id, t.request_id, t.sequence,
+                                    t.create_time, t.pending_transfer_id, pend, NULL, NULL, NULL
+                             FROM token_transactions t
+                             JOIN balances b ON b.user_id = t.user_id
+                             WHERE t.user_id IN (payer, payee)
+                               AND t.transaction_id = ANY (earlier.transaction_ids)
+                             ORDER BY array_position(earlier.transaction_ids, t.transaction_id);
+            END IF;
+            RETURN;
+        END IF;
+    END IF;
+
+    SELECT * INTO payer_row FROM balances b WHERE b.user_id = payer;
+    SELECT * INTO payee_row FROM balances b WHERE b.user_id = payee;
+    moved := CASE WHEN p_op IN ('void_pending', 'expire_pending') OR (p_op = 'post_pending' AND p_amount = 0)
+                  THEN pend.amount ELSE p_amount END;
+    failure := CASE
+        WHEN pend.status = 'expired'
+             OR (p_op <> 'expire_pending' AND pend.status = 'pending' AND pend.expire_time <= clock_timestamp()) THEN
+            ARRAY['NX412', format('pending transfer %s has expired', pend.pending_transfer_id),
+                  'PENDING_TRANSFER_EXPIRED']
+        WHEN pend.status <> 'pending' THEN
+            ARRAY['NX412', format('pending transfer %s is already %s', pend.pending_transfer_id, pend.status),
+                  'PENDING_TRANSFER_RESOLVED']
+        WHEN p_op = 'post_pending' AND moved > pend.amount THEN
+            ARRAY['NX400', format('cannot post %s of the %s reserved', moved, pend.amount), 'amount']
+        WHEN pend.pending_transfer_id IS NOT NULL THEN NULL  -- resolving needs no funds: they are reserved
+        WHEN payer_row.closed OR payee_row.closed THEN
+            ARRAY['NX412', format('the account of %s is closed',
+                                  CASE WHEN payer_row.closed THEN payer ELSE payee END), 'ACCOUNT_CLOSED']
+        WHEN payer IS NOT NULL
+             AND payer_row.balance::numeric - payer_row.pending_out + payer_row.overdraft_limit < moved THEN
+            ARRAY['NX412', format('%s has fewer than %s tokens available', payer, moved), 'INSUFFICIENT_FUNDS']
+        WHEN payer IS NOT NULL AND payer_row.pending_out::numeric + moved > 9223372036854775807 THEN
+            ARRAY['NX412', format('the reservations of %s would overflow', payer), 'BALANCE_OVERFLOW']
+        WHEN payee IS NOT NULL
+             AND payee_row.balance::numeric + payee_row.pending_in + moved > 9223372036854775807 THEN
+            ARRAY['NX412', format('the balance of %s would overflow', payee), 'BALANCE_OVERFLOW']
+    END;
+    IF failure IS NOT NULL THEN
+        IF p_op <> 'expire_pending' THEN
+            -- Through scalars: an array element in the SET list of an
+            -- UPDATE of a distributed table crashes the Citus 14.0.1
+            -- backend that runs it (signal 11).
+            failure_code := failure[1];
+            failure_message := failure[2];
+            failure_detail := failure[3];
+            UPDATE token_requests r SET transaction_ids = '{}', error_code = failure_code,
+                                        error_message = failure_message, error_detail = failure_detail
+            WHERE r.user_id = initiator AND r.request_id = p_request_id;
+        END IF;
+        RETURN QUERY SELECT * FROM token_operation_failure(p_item, failure);
+        RETURN;
+    END IF;
+
+    moved_at := clock_timestamp();
+    IF p_op = 'create_pending' THEN
+        INSERT INTO pending_transfers AS p (pending_transfer_id, from_user_id, to_user_id, amount, reason,
+                                            reference_id, request_id, expire_time, create_time)
+        VALUES (gen_random_uuid()::text, payer, payee, moved, p_reason, p_reference_id, p_request_id,
+                CASE WHEN p_timeout > 0 THEN moved_at + make_interval(secs => p_timeout) END, moved_at)
+        RETURNING p.* INTO pend;
+    ELSIF pend.pending_transfer_id IS NOT NULL THEN
+        UPDATE pending_transfers p
+        SET status = CASE p_op WHEN 'post_pending' THEN 'posted' WHEN 'void_pending' THEN 'voided'
+                             ELSE 'expired' END::pending_transfer_status,
+            posted_amount = CASE WHEN p_op = 'post_pending' THEN moved ELSE 0 END,
+            resolve_time = moved_at
+        WHERE p.pending_transfer_id = pend.pending_transfer_id
+        RETURNING p.* INTO pend;
+    END IF;
+
+    IF payer IS NOT NULL THEN
+        RETURN QUERY
+        SELECT p_item, l.*, pend, NULL, NULL, NULL
+        FROM append_ledger_row(
+            payer,
+            CASE p_op WHEN 'deduct' THEN 'debit' WHEN 'transfer' THEN 'transfer_out' WHEN 'post_pending' THEN 'transfer_out'
+                    WHEN 'create_pending' THEN 'pending_out' WHEN 'void_pending' THEN 'pending_voided'
+                    ELSE 'pending_expired' END::token_kind,
+            moved,
+            CASE WHEN p_op IN ('deduct', 'transfer', 'post_pending') THEN -moved ELSE 0 END,
+            0,
+            CASE p_op WHEN 'create_pending' THEN moved WHEN 'deduct' THEN 0 WHEN 'transfer' THEN 0
+                    ELSE -pend.amount END,
+            ids[1], coalesce(p_reason, pend.reason), coalesce(p_reference_id, pend.reference_id), payee,
+            coalesce(p_request_id, pend.request_id), pend.pending_transfer_id, moved_at) l;
+    END IF;
+    IF payee IS NOT NULL THEN
+        RETURN QUERY
+        SELECT p_item, l.*, pend, NULL, NULL, NULL
+        FROM append_ledger_row(
+            payee,
+            CASE p_op WHEN 'credit' THEN 'credit' WHEN 'transfer' THEN 'transfer_in' WHEN 'post_pending' THEN 'transfer_in'
+                    WHEN 'create_pending' THEN 'pending_in' WHEN 'void_pending' THEN 'pending_voided'
+                    ELSE 'pending_expired' END::token_kind,
+            moved,
+            CASE WHEN p_op IN ('credit', 'transfer', 'post_pending') THEN moved ELSE 0 END,
+            CASE p_op WHEN 'create_pending' THEN moved WHEN 'credit' THEN 0 WHEN 'transfer' THEN 0
+                    ELSE -pend.amount END,
+            0,
+            ids[cardinality(ids)], coalesce(p_reason, pend.reason),
+            coalesce(p_reference_id, pend.reference_id), payer,
+            coalesce(p_request_id, pend.request_id), pend.pending_transfer_id, moved_at) l;
+    END IF;
+END $$;
 
 -- Applies ledger operations in order. Item i is p_ops[i]:
 --   'credit'          p_user_ids[i] is credited;
@@ -78,12 +266,18 @@ $$;
 --                     (0: all of it) and releases the rest;
 --   'void_pending'    pending transfer p_pending_ids[i] is released;
 --   'expire_pending'  the same, by the expiry sweep, if it is due.
+-- (p_pending_ids and p_timeouts may be left out of a batch that has none.)
 -- For post and void, p_user_ids[i] is the acting user (NULL for a service):
 -- only the payer and services resolve a pending transfer. The service
 -- coalesces concurrent calls into one batch (group commit): on one node a
 -- batch of many users, on Citus a batch of one route key, p_route_user_id,
 -- delegated to the worker that owns it (on one node p_route_user_id means
--- nothing). A batch of one is the plain call.
+-- nothing). A batch of one is the plain call. SubmitOperations sends its
+-- operations as one batch, with p_linked: a chain (an item whose p_linked is
+-- true, and those after it up to the first that is not) applies all or none;
+-- when one of its items fails, it reports its own failure and every other
+-- item of the chain NX412 LINKED_OPERATION_FAILED, and nothing of the chain
+-- is written (not even a refusal to keep for a retry).
 --
 -- One or more rows per item, tagged with its position: its ledger rows (the
 -- payer's, then the payee's), each with the resulting balances and the
@@ -113,13 +307,9 @@ $$;
 -- batches lock in one global order on one node and across workers alike.
 CREATE OR REPLACE FUNCTION apply_token_operations(
     p_route_user_id text, p_user_ids text[], p_ops text[], p_counterparties text[], p_amounts bigint[],
-    p_reasons text[], p_reference_ids text[], p_request_ids text[], p_pending_ids text[], p_timeouts integer[])
-RETURNS TABLE (item integer, transaction_id uuid, user_id text, kind token_kind, amount bigint,
-               balance_after bigint, pending_in_after bigint, pending_out_after bigint, available_after bigint,
-               overdraft_limit bigint, closed boolean,
-               reason text, reference_id text, counterparty_user_id text, request_id text, sequence bigint,
-               create_time timestamptz, pending_transfer_id text, pending pending_transfers,
-               error_code text, error_message text, error_detail text)
+    p_reasons text[], p_reference_ids text[], p_request_ids text[], p_pending_ids text[] DEFAULT NULL,
+    p_timeouts integer[] DEFAULT NULL, p_linked boolean[] DEFAULT NULL)
+RETURNS SETOF token_operation_result
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -127,25 +317,11 @@ DECLARE
     holders      text[];
     created      boolean;
     created_rows text[] := '{}';
-    ids          uuid[];
-    earlier      token_requests;
-    fingerprint  text;
-    op           text;
-    initiator    text;
-    payer        text;
-    payee        text;
-    payer_row    balances;
-    payee_row    balances;
-    pend         pending_transfers;
-    moved        bigint;
-    -- Citus refuses a volatile function in an UPDATE of a distributed table:
-    -- the time is taken per item into a variable instead.
-    moved_at     timestamptz;
-    -- An item's failure: SQLSTATE, message, detail.
-    failure      text[];
-    failure_code    text;
-    failure_message text;
-    failure_detail  text;
+    first        integer := 1;
+    last         integer;
+    chain_rows   token_operation_result[];
+    item_rows    token_operation_result[];
+    broken       token_operation_result;
 BEGIN
     holders := p_user_ids || p_counterparties;
     -- Only when the batch resolves pending transfers: on Citus a lookup of no
@@ -163,170 +339,47 @@ BEGIN
         END IF;
     END LOOP;
 
-    FOR i IN 1 .. cardinality(p_ops) LOOP
-        op := p_ops[i];
-        pend := NULL;
-        IF op IN ('post_pending', 'void_pending', 'expire_pending') THEN
-            SELECT * INTO pend FROM pending_transfers p WHERE p.pending_transfer_id = p_pending_ids[i] FOR UPDATE;
-            IF NOT FOUND OR (p_user_ids[i] IS NOT NULL AND p_user_ids[i] <> pend.from_user_id) THEN
-                failure := CASE WHEN pend.pending_transfer_id IS NULL
-                    THEN ARRAY['NX404', format('pending transfer %s not found', p_pending_ids[i]), 'pending_transfer_id']
-                    ELSE ARRAY['NX403', format('only %s or a service may resolve pending transfer %s',
-                                               pend.from_user_id, p_pending_ids[i]), 'pending_transfer_id'] END;
-                RETURN QUERY SELECT * FROM token_operation_failure(i, failure);
-                CONTINUE;
-            END IF;
-            IF op = 'expire_pending' AND (pend.status <> 'pending' OR pend.expire_time > clock_timestamp()) THEN
-                CONTINUE;  -- resolved meanwhile, or not due: nothing to expire
-            END IF;
-            initiator := pend.from_user_id;
-            payer := pend.from_user_id;
-            payee := pend.to_user_id;
+    WHILE first <= cardinality(p_ops) LOOP
+        -- An operation alone, or a chain: it and those after it up to the first not linked.
+        last := first;
+        WHILE coalesce(p_linked[last], false) AND last < cardinality(p_ops) LOOP
+            last := last + 1;
+        END LOOP;
+        IF last = first THEN
+            RETURN QUERY SELECT * FROM apply_token_operation(
+                first, p_user_ids[first], p_ops[first], p_counterparties[first], p_amounts[first], p_reasons[first],
+                p_reference_ids[first], p_request_ids[first], p_pending_ids[first], p_timeouts[first]);
         ELSE
-            initiator := p_user_ids[i];
-            payer := CASE WHEN op = 'credit' THEN NULL ELSE initiator END;
-            payee := CASE WHEN op = 'deduct' THEN NULL WHEN op = 'credit' THEN initiator ELSE p_counterparties[i] END;
-        END IF;
-        ids := CASE WHEN payer IS NULL OR payee IS NULL THEN ARRAY[gen_random_uuid()]
-                    ELSE ARRAY[gen_random_uuid(), gen_random_uuid()] END;
-
-        IF op <> 'expire_pending' THEN
-            fingerprint := md5((jsonb_build_array(op, p_counterparties[i], p_amounts[i], p_reasons[i],
-                                                  p_reference_ids[i])
-                                || CASE WHEN op IN ('credit', 'deduct', 'transfer') THEN '[]'::jsonb
-                                        ELSE jsonb_build_array(p_pending_ids[i], p_timeouts[i]) END)::text);
-            INSERT INTO token_requests AS r (user_id, request_id, fingerprint, transaction_ids)
-            VALUES (initiator, p_request_ids[i], fingerprint, ids)
-            ON CONFLICT DO NOTHING;
-            IF NOT FOUND THEN
-                SELECT * INTO earlier FROM token_requests r
-                WHERE r.user_id = initiator AND r.request_id = p_request_ids[i];
-                IF earlier.fingerprint <> fingerprint OR earlier.error_code IS NOT NULL THEN
-                    failure := CASE WHEN earlier.fingerprint <> fingerprint
-                        THEN ARRAY['NX409', format('request_id %s was already used with different arguments',
-                                                   p_request_ids[i]), 'request_id']
-                        ELSE ARRAY[earlier.error_code, earlier.error_message, earlier.error_detail] END;
-                    RETURN QUERY SELECT * FROM token_operation_failure(i, failure);
-                ELSE
-                    -- A pending transfer is shown as it is now. (Read on its
-                    -- own: Citus joins only tables distributed alike.)
-                    IF pend.pending_transfer_id IS NULL THEN
-                        SELECT p.* INTO pend FROM pending_transfers p
-                        WHERE p.pending_transfer_id = (SELECT t.pending_transfer_id FROM token_transactions t
-                                                       WHERE t.user_id = initiator
-                                                         AND t.transaction_id = earlier.transaction_ids[1]);
+            -- All or none: the chain runs in a subtransaction that its first
+            -- failure rolls back (its claims and stored failures too).
+            chain_rows := '{}';
+            broken := NULL;
+            BEGIN
+                FOR k IN first .. last LOOP
+                    item_rows := ARRAY(SELECT r FROM apply_token_operation(
+                        k, p_user_ids[k], p_ops[k], p_counterparties[k], p_amounts[k], p_reasons[k],
+                        p_reference_ids[k], p_request_ids[k], p_pending_ids[k], p_timeouts[k]) r);
+                    IF item_rows[1].error_code IS NOT NULL THEN
+                        broken := item_rows[1];
+                        RAISE EXCEPTION 'operation % of a chain failed', k USING ERRCODE = 'NXCHN';
                     END IF;
-                    -- The rows sit under the payer's and the payee's keys (the
-                    -- first under the initiator's).
-                    RETURN QUERY SELECT i, t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after,
-                                        t.pending_in_after, t.pending_out_after,
-                                        t.balance_after - t.pending_out_after + b.overdraft_limit,
-                                        b.overdraft_limit, b.closed,
-                                        t.reason, t.reference_id, t.counterparty_user_id, t.request_id, t.sequence,
-                                        t.create_time, t.pending_transfer_id, pend, NULL, NULL, NULL
-                                 FROM token_transactions t
-                                 JOIN balances b ON b.user_id = t.user_id
-                                 WHERE t.user_id IN (payer, payee)
-                                   AND t.transaction_id = ANY (earlier.transaction_ids)
-                                 ORDER BY array_position(earlier.transaction_ids, t.transaction_id);
-                END IF;
-                CONTINUE;
+                    chain_rows := chain_rows || item_rows;
+                END LOOP;
+            EXCEPTION WHEN SQLSTATE 'NXCHN' THEN
+                NULL;  -- rolled back; broken says why
+            END;
+            IF broken.item IS NULL THEN
+                RETURN QUERY SELECT * FROM unnest(chain_rows);
+            ELSE
+                RETURN QUERY
+                SELECT f.* FROM generate_series(first, last) k
+                CROSS JOIN LATERAL token_operation_failure(k, CASE WHEN k = broken.item
+                    THEN ARRAY[broken.error_code, broken.error_message, broken.error_detail]
+                    ELSE ARRAY['NX412', format('operation %s of the chain failed: %s', broken.item,
+                                               broken.error_message), 'LINKED_OPERATION_FAILED'] END) f;
             END IF;
         END IF;
-
-        SELECT * INTO payer_row FROM balances b WHERE b.user_id = payer;
-        SELECT * INTO payee_row FROM balances b WHERE b.user_id = payee;
-        moved := CASE WHEN op IN ('void_pending', 'expire_pending') OR (op = 'post_pending' AND p_amounts[i] = 0)
-                      THEN pend.amount ELSE p_amounts[i] END;
-        failure := CASE
-            WHEN pend.status = 'expired'
-                 OR (op <> 'expire_pending' AND pend.status = 'pending' AND pend.expire_time <= clock_timestamp()) THEN
-                ARRAY['NX412', format('pending transfer %s has expired', pend.pending_transfer_id),
-                      'PENDING_TRANSFER_EXPIRED']
-            WHEN pend.status <> 'pending' THEN
-                ARRAY['NX412', format('pending transfer %s is already %s', pend.pending_transfer_id, pend.status),
-                      'PENDING_TRANSFER_RESOLVED']
-            WHEN op = 'post_pending' AND moved > pend.amount THEN
-                ARRAY['NX400', format('cannot post %s of the %s reserved', moved, pend.amount), 'amount']
-            WHEN pend.pending_transfer_id IS NOT NULL THEN NULL  -- resolving needs no funds: they are reserved
-            WHEN payer_row.closed OR payee_row.closed THEN
-                ARRAY['NX412', format('the account of %s is closed',
-                                      CASE WHEN payer_row.closed THEN payer ELSE payee END), 'ACCOUNT_CLOSED']
-            WHEN payer IS NOT NULL
-                 AND payer_row.balance::numeric - payer_row.pending_out + payer_row.overdraft_limit < moved THEN
-                ARRAY['NX412', format('%s has fewer than %s tokens available', payer, moved), 'INSUFFICIENT_FUNDS']
-            WHEN payer IS NOT NULL AND payer_row.pending_out::numeric + moved > 9223372036854775807 THEN
-                ARRAY['NX412', format('the reservations of %s would overflow', payer), 'BALANCE_OVERFLOW']
-            WHEN payee IS NOT NULL
-                 AND payee_row.balance::numeric + payee_row.pending_in + moved > 9223372036854775807 THEN
-                ARRAY['NX412', format('the balance of %s would overflow', payee), 'BALANCE_OVERFLOW']
-        END;
-        IF failure IS NOT NULL THEN
-            IF op <> 'expire_pending' THEN
-                -- Through scalars: an array element in the SET list of an
-                -- UPDATE of a distributed table crashes the Citus 14.0.1
-                -- backend that runs it (signal 11).
-                failure_code := failure[1];
-                failure_message := failure[2];
-                failure_detail := failure[3];
-                UPDATE token_requests r SET transaction_ids = '{}', error_code = failure_code,
-                                            error_message = failure_message, error_detail = failure_detail
-                WHERE r.user_id = initiator AND r.request_id = p_request_ids[i];
-            END IF;
-            RETURN QUERY SELECT * FROM token_operation_failure(i, failure);
-            CONTINUE;
-        END IF;
-
-        moved_at := clock_timestamp();
-        IF op = 'create_pending' THEN
-            INSERT INTO pending_transfers AS p (pending_transfer_id, from_user_id, to_user_id, amount, reason,
-                                                reference_id, request_id, expire_time, create_time)
-            VALUES (gen_random_uuid()::text, payer, payee, moved, p_reasons[i], p_reference_ids[i], p_request_ids[i],
-                    CASE WHEN p_timeouts[i] > 0 THEN moved_at + make_interval(secs => p_timeouts[i]) END, moved_at)
-            RETURNING p.* INTO pend;
-        ELSIF pend.pending_transfer_id IS NOT NULL THEN
-            UPDATE pending_transfers p
-            SET status = CASE op WHEN 'post_pending' THEN 'posted' WHEN 'void_pending' THEN 'voided'
-                                 ELSE 'expired' END::pending_transfer_status,
-                posted_amount = CASE WHEN op = 'post_pending' THEN moved ELSE 0 END,
-                resolve_time = moved_at
-            WHERE p.pending_transfer_id = pend.pending_transfer_id
-            RETURNING p.* INTO pend;
-        END IF;
-
-        IF payer IS NOT NULL THEN
-            RETURN QUERY
-            SELECT i, l.*, pend, NULL, NULL, NULL
-            FROM append_ledger_row(
-                payer,
-                CASE op WHEN 'deduct' THEN 'debit' WHEN 'transfer' THEN 'transfer_out' WHEN 'post_pending' THEN 'transfer_out'
-                        WHEN 'create_pending' THEN 'pending_out' WHEN 'void_pending' THEN 'pending_voided'
-                        ELSE 'pending_expired' END::token_kind,
-                moved,
-                CASE WHEN op IN ('deduct', 'transfer', 'post_pending') THEN -moved ELSE 0 END,
-                0,
-                CASE op WHEN 'create_pending' THEN moved WHEN 'deduct' THEN 0 WHEN 'transfer' THEN 0
-                        ELSE -pend.amount END,
-                ids[1], coalesce(p_reasons[i], pend.reason), coalesce(p_reference_ids[i], pend.reference_id), payee,
-                coalesce(p_request_ids[i], pend.request_id), pend.pending_transfer_id, moved_at) l;
-        END IF;
-        IF payee IS NOT NULL THEN
-            RETURN QUERY
-            SELECT i, l.*, pend, NULL, NULL, NULL
-            FROM append_ledger_row(
-                payee,
-                CASE op WHEN 'credit' THEN 'credit' WHEN 'transfer' THEN 'transfer_in' WHEN 'post_pending' THEN 'transfer_in'
-                        WHEN 'create_pending' THEN 'pending_in' WHEN 'void_pending' THEN 'pending_voided'
-                        ELSE 'pending_expired' END::token_kind,
-                moved,
-                CASE WHEN op IN ('credit', 'transfer', 'post_pending') THEN moved ELSE 0 END,
-                CASE op WHEN 'create_pending' THEN moved WHEN 'credit' THEN 0 WHEN 'transfer' THEN 0
-                        ELSE -pend.amount END,
-                0,
-                ids[cardinality(ids)], coalesce(p_reasons[i], pend.reason),
-                coalesce(p_reference_ids[i], pend.reference_id), payer,
-                coalesce(p_request_ids[i], pend.request_id), pend.pending_transfer_id, moved_at) l;
-        END IF;
+        first := last + 1;
     END LOOP;
 
     -- One statement per row, by its key: Citus routes each to the row's shard

@@ -270,12 +270,16 @@ def from_database(exc: BaseException, *, sent: bool, distributed: bool = False) 
     return NexusError()
 
 
+def status_message(error: NexusError) -> status_pb2.Status:
+    """The google.rpc.Status of an error: its code, message and rich details."""
+    return status_pb2.Status(code=_CODE_NUMBERS[error.code], message=error.message, details=error.details())
+
+
 def to_status(error: NexusError) -> grpc.Status:
     """The google.rpc.Status of an error, ready for ``context.abort_with_status``."""
     from grpc_status import rpc_status
 
-    status = status_pb2.Status(code=_CODE_NUMBERS[error.code], message=error.message, details=error.details())
-    return rpc_status.to_status(status)
+    return rpc_status.to_status(status_message(error))
 
 
 _CODE_NUMBERS = {code: getattr(code_pb2, code.name) for code in grpc.StatusCode}

@@ -243,7 +243,8 @@ async def test_a_statement_ends_in_the_server_at_its_deadline_even_when_no_cance
 #
 # Each call of a storm writes a key no other call touches, so the final state
 # tells whether it was applied: a toggle of its own (user, entry) pair, a
-# credit or a memory with its own request_id. Every reply is then checked
+# credit or a memory with its own request_id, a pending transfer of its own
+# created and then posted (applied: posted). Every reply is then checked
 # against that state: OK means applied once; an error must be UNAVAILABLE or
 # DEADLINE_EXCEEDED, and one whose ErrorInfo says NOTHING_WRITTEN must not
 # have been applied (a client that trusted it and toggled again would flip
@@ -258,7 +259,8 @@ FAULT_AFTER_REPLIES = 60
 
 
 class Storm:
-    """One storm of ToggleResonance, Credit and CreateMemory calls, tagged ``tag``."""
+    """One storm of ToggleResonance, Credit, CreateMemory and CreatePendingTransfer + PostPendingTransfer
+    calls, tagged ``tag``."""
 
     def __init__(self, clients: Clients, tag: str) -> None:
         self.clients = clients
@@ -271,13 +273,29 @@ class Storm:
             request = pb.CreateEntryRequest(author_id=author, type="post", title=f"t{n}", content="c")
             reply = await self.clients.interactions.CreateEntry(request, metadata=auth(author), timeout=10)
             self.entries.append(reply.entry.entry_id)
+        for n in range(5):
+            credit = token_pb2.CreditRequest(user_id=f"buyer-{self.tag}-{n}", amount=10**15, request_id="fund")
+            await self.clients.tokens.Credit(credit, metadata=SERVICE, timeout=10)
+
+    async def reserve_and_post(self, n: int) -> token_pb2.PostPendingTransferResponse:
+        buyer = f"buyer-{self.tag}-{n % 5}"
+        hold = token_pb2.CreatePendingTransferRequest(
+            from_user_id=buyer, to_user_id=f"seller-{self.tag}", amount=n, request_id=f"{self.tag}-h{n}"
+        )
+        created = await self.clients.tokens.CreatePendingTransfer(hold, metadata=auth(buyer), timeout=15)
+        post = token_pb2.PostPendingTransferRequest(
+            pending_transfer_id=created.pending_transfer.pending_transfer_id, request_id=f"{self.tag}-p{n}"
+        )
+        return await self.clients.tokens.PostPendingTransfer(post, metadata=auth(buyer), timeout=15)
 
     def call(self, n: int) -> Awaitable[Any]:
-        if n % 3 == 0:
+        if n % 4 == 3:
+            return self.reserve_and_post(n)
+        if n % 4 == 0:
             user = f"fan-{self.tag}-{n}"
             toggle = pb.ToggleResonanceRequest(user_id=user, entry_id=self.entries[n % 10])
             return self.clients.interactions.ToggleResonance(toggle, metadata=auth(user), timeout=15)
-        if n % 3 == 1:
+        if n % 4 == 1:
             credit = token_pb2.CreditRequest(
                 user_id=f"payee-{self.tag}-{n % 5}", amount=n, reason="storm", request_id=f"{self.tag}-r{n}"
             )
@@ -289,12 +307,17 @@ class Storm:
         return self.clients.memories.CreateMemory(memory, metadata=auth(user), timeout=15)
 
     async def applied(self, conn: asyncpg.Connection, n: int) -> bool:
-        if n % 3 == 0:
+        if n % 4 == 3:
+            return await conn.fetchval(
+                "SELECT EXISTS (SELECT FROM pending_transfers WHERE request_id = $1 AND status = 'posted')",
+                f"{self.tag}-h{n}",
+            )
+        if n % 4 == 0:
             return await conn.fetchval(
                 "SELECT EXISTS (SELECT FROM reactions WHERE user_id = $1 AND entry_id = $2 AND kind = 'resonance')",
                 f"fan-{self.tag}-{n}", uuid.UUID(self.entries[n % 10]),
             )
-        if n % 3 == 1:
+        if n % 4 == 1:
             return await conn.fetchval(
                 "SELECT EXISTS (SELECT FROM token_transactions WHERE user_id = $1 AND request_id = $2)",
                 f"payee-{self.tag}-{n % 5}", f"{self.tag}-r{n}",

@@ -23,61 +23,70 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14nexus/v1/token.proto\x12\x08nexus.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x02\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.nexus.v1.TransactionKind\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\x15\n\rbalance_after\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x14\n\x0creference_id\x18\x07 \x01(\t\x12\x1c\n\x14\x63ounterparty_user_id\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x0b \x01(\x03\x12\x1b\n\x13pending_transfer_id\x18\x0c \x01(\t\x12\x18\n\x10pending_in_after\x18\r \x01(\x03\x12\x19\n\x11pending_out_after\x18\x0e \x01(\x03\"j\n\rCreditRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0creference_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"M\n\x0e\x43reditResponse\x12*\n\x0btransaction\x18\x01 \x01(\x0b\x32\x15.nexus.v1.Transaction\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\"j\n\rDeductRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0creference_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"M\n\x0e\x44\x65\x64uctResponse\x12*\n\x0btransaction\x18\x01 \x01(\x0b\x32\x15.nexus.v1.Transaction\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\"\x85\x01\n\x0fTransferRequest\x12\x14\n\x0c\x66rom_user_id\x18\x01 \x01(\t\x12\x12\n\nto_user_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0creference_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"i\n\x10TransferResponse\x12+\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x15.nexus.v1.Transaction\x12\x14\n\x0c\x66rom_balance\x18\x02 \x01(\x03\x12\x12\n\nto_balance\x18\x03 \x01(\x03\"\xc1\x01\n\x07\x42\x61lance\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\npending_in\x18\x04 \x01(\x03\x12\x13\n\x0bpending_out\x18\x05 \x01(\x03\x12\x11\n\tavailable\x18\x06 \x01(\x03\x12\x17\n\x0foverdraft_limit\x18\x07 \x01(\x03\x12\x0e\n\x06\x63losed\x18\x08 \x01(\x08\"Q\n\x12GetBalancesRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\t\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\x13GetBalancesResponse\x12#\n\x08\x62\x61lances\x18\x01 \x03(\x0b\x32\x11.nexus.v1.Balance\"Q\n\x17ListTransactionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x18ListTransactionsResponse\x12+\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x15.nexus.v1.Transaction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xfe\x02\n\x0fPendingTransfer\x12\x1b\n\x13pending_transfer_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_user_id\x18\x02 \x01(\t\x12\x12\n\nto_user_id\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\x15\n\rposted_amount\x18\x05 \x01(\x03\x12/\n\x06status\x18\x06 \x01(\x0e\x32\x1f.nexus.v1.PendingTransferStatus\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x14\n\x0creference_id\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12/\n\x0b\x65xpire_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cresolve_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xab\x01\n\x1c\x43reatePendingTransferRequest\x12\x14\n\x0c\x66rom_user_id\x18\x01 \x01(\t\x12\x12\n\nto_user_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x14\n\x0creference_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\xa4\x01\n\x1d\x43reatePendingTransferResponse\x12\x33\n\x10pending_transfer\x18\x01 \x01(\x0b\x32\x19.nexus.v1.PendingTransfer\x12\'\n\x0c\x66rom_balance\x18\x02 \x01(\x0b\x32\x11.nexus.v1.Balance\x12%\n\nto_balance\x18\x03 \x01(\x0b\x32\x11.nexus.v1.Balance\"]\n\x1aPostPendingTransferRequest\x12\x1b\n\x13pending_transfer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xcf\x01\n\x1bPostPendingTransferResponse\x12\x33\n\x10pending_transfer\x18\x01 \x01(\x0b\x32\x19.nexus.v1.PendingTransfer\x12+\n\x0ctransactions\x18\x02 \x03(\x0b\x32\x15.nexus.v1.Transaction\x12\'\n\x0c\x66rom_balance\x18\x03 \x01(\x0b\x32\x11.nexus.v1.Balance\x12%\n\nto_balance\x18\x04 \x01(\x0b\x32\x11.nexus.v1.Balance\"M\n\x1aVoidPendingTransferRequest\x12\x1b\n\x13pending_transfer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"{\n\x1bVoidPendingTransferResponse\x12\x33\n\x10pending_transfer\x18\x01 \x01(\x0b\x32\x19.nexus.v1.PendingTransfer\x12\'\n\x0c\x66rom_balance\x18\x02 \x01(\x0b\x32\x11.nexus.v1.Balance\"S\n\x17SetAccountPolicyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0foverdraft_limit\x18\x02 \x01(\x03\x12\x0e\n\x06\x63losed\x18\x03 \x01(\x08\">\n\x18SetAccountPolicyResponse\x12\"\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x11.nexus.v1.Balance*\xbf\x02\n\x0fTransactionKind\x12 \n\x1cTRANSACTION_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRANSACTION_KIND_CREDIT\x10\x01\x12\x1a\n\x16TRANSACTION_KIND_DEBIT\x10\x02\x12 \n\x1cTRANSACTION_KIND_TRANSFER_IN\x10\x03\x12!\n\x1dTRANSACTION_KIND_TRANSFER_OUT\x10\x04\x12 \n\x1cTRANSACTION_KIND_PENDING_OUT\x10\x05\x12\x1f\n\x1bTRANSACTION_KIND_PENDING_IN\x10\x06\x12#\n\x1fTRANSACTION_KIND_PENDING_VOIDED\x10\x07\x12$\n TRANSACTION_KIND_PENDING_EXPIRED\x10\x08*\xd2\x01\n\x15PendingTransferStatus\x12\'\n#PENDING_TRANSFER_STATUS_UNSPECIFIED\x10\x00\x12#\n\x1fPENDING_TRANSFER_STATUS_PENDING\x10\x01\x12\"\n\x1ePENDING_TRANSFER_STATUS_POSTED\x10\x02\x12\"\n\x1ePENDING_TRANSFER_STATUS_VOIDED\x10\x03\x12#\n\x1fPENDING_TRANSFER_STATUS_EXPIRED\x10\x04\x32\xff\x05\n\x0cTokenService\x12;\n\x06\x43redit\x12\x17.nexus.v1.CreditRequest\x1a\x18.nexus.v1.CreditResponse\x12;\n\x06\x44\x65\x64uct\x12\x17.nexus.v1.DeductRequest\x1a\x18.nexus.v1.DeductResponse\x12\x41\n\x08Transfer\x12\x19.nexus.v1.TransferRequest\x1a\x1a.nexus.v1.TransferResponse\x12J\n\x0bGetBalances\x12\x1c.nexus.v1.GetBalancesRequest\x1a\x1d.nexus.v1.GetBalancesResponse\x12Y\n\x10ListTransactions\x12!.nexus.v1.ListTransactionsRequest\x1a\".nexus.v1.ListTransactionsResponse\x12h\n\x15\x43reatePendingTransfer\x12&.nexus.v1.CreatePendingTransferRequest\x1a\'.nexus.v1.CreatePendingTransferResponse\x12\x62\n\x13PostPendingTransfer\x12$.nexus.v1.PostPendingTransferRequest\x1a%.nexus.v1.PostPendingTransferResponse\x12\x62\n\x13VoidPendingTransfer\x12$.nexus.v1.VoidPendingTransferRequest\x1a%.nexus.v1.VoidPendingTransferResponse\x12Y\n\x10SetAccountPolicy\x12!.nexus.v1.SetAccountPolicyRequest\x1a\".nexus.v1.SetAccountPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14nexus/v1/token.proto\x12\x08nexus.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xf3\x02\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.nexus.v1.TransactionKind\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\x15\n\rbalance_after\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x14\n\x0creference_id\x18\x07 \x01(\t\x12\x1c\n\x14\x63ounterparty_user_id\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x0b \x01(\x03\x12\x1b\n\x13pending_transfer_id\x18\x0c \x01(\t\x12\x18\n\x10pending_in_after\x18\r \x01(\x03\x12\x19\n\x11pending_out_after\x18\x0e \x01(\x03\"j\n\rCreditRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0creference_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"M\n\x0e\x43reditResponse\x12*\n\x0btransaction\x18\x01 \x01(\x0b\x32\x15.nexus.v1.Transaction\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\"j\n\rDeductRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0creference_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"M\n\x0e\x44\x65\x64uctResponse\x12*\n\x0btransaction\x18\x01 \x01(\x0b\x32\x15.nexus.v1.Transaction\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\"\x85\x01\n\x0fTransferRequest\x12\x14\n\x0c\x66rom_user_id\x18\x01 \x01(\t\x12\x12\n\nto_user_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0creference_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"i\n\x10TransferResponse\x12+\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x15.nexus.v1.Transaction\x12\x14\n\x0c\x66rom_balance\x18\x02 \x01(\x03\x12\x12\n\nto_balance\x18\x03 \x01(\x03\"\xc1\x01\n\x07\x42\x61lance\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\npending_in\x18\x04 \x01(\x03\x12\x13\n\x0bpending_out\x18\x05 \x01(\x03\x12\x11\n\tavailable\x18\x06 \x01(\x03\x12\x17\n\x0foverdraft_limit\x18\x07 \x01(\x03\x12\x0e\n\x06\x63losed\x18\x08 \x01(\x08\"Q\n\x12GetBalancesRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\t\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\x13GetBalancesResponse\x12#\n\x08\x62\x61lances\x18\x01 \x03(\x0b\x32\x11.nexus.v1.Balance\"Q\n\x17ListTransactionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x18ListTransactionsResponse\x12+\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x15.nexus.v1.Transaction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xfe\x02\n\x0fPendingTransfer\x12\x1b\n\x13pending_transfer_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_user_id\x18\x02 \x01(\t\x12\x12\n\nto_user_id\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\x15\n\rposted_amount\x18\x05 \x01(\x03\x12/\n\x06status\x18\x06 \x01(\x0e\x32\x1f.nexus.v1.PendingTransferStatus\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x14\n\x0creference_id\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12/\n\x0b\x65xpire_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cresolve_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xab\x01\n\x1c\x43reatePendingTransferRequest\x12\x14\n\x0c\x66rom_user_id\x18\x01 \x01(\t\x12\x12\n\nto_user_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x14\n\x0creference_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\xa4\x01\n\x1d\x43reatePendingTransferResponse\x12\x33\n\x10pending_transfer\x18\x01 \x01(\x0b\x32\x19.nexus.v1.PendingTransfer\x12\'\n\x0c\x66rom_balance\x18\x02 \x01(\x0b\x32\x11.nexus.v1.Balance\x12%\n\nto_balance\x18\x03 \x01(\x0b\x32\x11.nexus.v1.Balance\"]\n\x1aPostPendingTransferRequest\x12\x1b\n\x13pending_transfer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xcf\x01\n\x1bPostPendingTransferResponse\x12\x33\n\x10pending_transfer\x18\x01 \x01(\x0b\x32\x19.nexus.v1.PendingTransfer\x12+\n\x0ctransactions\x18\x02 \x03(\x0b\x32\x15.nexus.v1.Transaction\x12\'\n\x0c\x66rom_balance\x18\x03 \x01(\x0b\x32\x11.nexus.v1.Balance\x12%\n\nto_balance\x18\x04 \x01(\x0b\x32\x11.nexus.v1.Balance\"M\n\x1aVoidPendingTransferRequest\x12\x1b\n\x13pending_transfer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"{\n\x1bVoidPendingTransferResponse\x12\x33\n\x10pending_transfer\x18\x01 \x01(\x0b\x32\x19.nexus.v1.PendingTransfer\x12\'\n\x0c\x66rom_balance\x18\x02 \x01(\x0b\x32\x11.nexus.v1.Balance\"S\n\x17SetAccountPolicyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0foverdraft_limit\x18\x02 \x01(\x03\x12\x0e\n\x06\x63losed\x18\x03 \x01(\x08\">\n\x18SetAccountPolicyResponse\x12\"\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x11.nexus.v1.Balance\"\xff\x02\n\tOperation\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06linked\x18\x02 \x01(\x08\x12)\n\x06\x63redit\x18\x03 \x01(\x0b\x32\x17.nexus.v1.CreditRequestH\x00\x12)\n\x06\x64\x65\x64uct\x18\x04 \x01(\x0b\x32\x17.nexus.v1.DeductRequestH\x00\x12-\n\x08transfer\x18\x05 \x01(\x0b\x32\x19.nexus.v1.TransferRequestH\x00\x12@\n\x0e\x63reate_pending\x18\x06 \x01(\x0b\x32&.nexus.v1.CreatePendingTransferRequestH\x00\x12<\n\x0cpost_pending\x18\x07 \x01(\x0b\x32$.nexus.v1.PostPendingTransferRequestH\x00\x12<\n\x0cvoid_pending\x18\x08 \x01(\x0b\x32$.nexus.v1.VoidPendingTransferRequestH\x00\x42\x0b\n\toperation\"B\n\x17SubmitOperationsRequest\x12\'\n\noperations\x18\x01 \x03(\x0b\x32\x13.nexus.v1.Operation\"\x95\x03\n\x0fOperationResult\x12\n\n\x02ok\x18\x01 \x01(\x08\x12*\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x18.nexus.v1.CreditResponseH\x00\x12*\n\x06\x64\x65\x64uct\x18\x03 \x01(\x0b\x32\x18.nexus.v1.DeductResponseH\x00\x12.\n\x08transfer\x18\x04 \x01(\x0b\x32\x1a.nexus.v1.TransferResponseH\x00\x12\x41\n\x0e\x63reate_pending\x18\x05 \x01(\x0b\x32\'.nexus.v1.CreatePendingTransferResponseH\x00\x12=\n\x0cpost_pending\x18\x06 \x01(\x0b\x32%.nexus.v1.PostPendingTransferResponseH\x00\x12=\n\x0cvoid_pending\x18\x07 \x01(\x0b\x32%.nexus.v1.VoidPendingTransferResponseH\x00\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.StatusB\n\n\x08response\"F\n\x18SubmitOperationsResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.nexus.v1.OperationResult*\xbf\x02\n\x0fTransactionKind\x12 \n\x1cTRANSACTION_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRANSACTION_KIND_CREDIT\x10\x01\x12\x1a\n\x16TRANSACTION_KIND_DEBIT\x10\x02\x12 \n\x1cTRANSACTION_KIND_TRANSFER_IN\x10\x03\x12!\n\x1dTRANSACTION_KIND_TRANSFER_OUT\x10\x04\x12 \n\x1cTRANSACTION_KIND_PENDING_OUT\x10\x05\x12\x1f\n\x1bTRANSACTION_KIND_PENDING_IN\x10\x06\x12#\n\x1fTRANSACTION_KIND_PENDING_VOIDED\x10\x07\x12$\n TRANSACTION_KIND_PENDING_EXPIRED\x10\x08*\xd2\x01\n\x15PendingTransferStatus\x12\'\n#PENDING_TRANSFER_STATUS_UNSPECIFIED\x10\x00\x12#\n\x1fPENDING_TRANSFER_STATUS_PENDING\x10\x01\x12\"\n\x1ePENDING_TRANSFER_STATUS_POSTED\x10\x02\x12\"\n\x1ePENDING_TRANSFER_STATUS_VOIDED\x10\x03\x12#\n\x1fPENDING_TRANSFER_STATUS_EXPIRED\x10\x04\x32\xda\x06\n\x0cTokenService\x12;\n\x06\x43redit\x12\x17.nexus.v1.CreditRequest\x1a\x18.nexus.v1.CreditResponse\x12;\n\x06\x44\x65\x64uct\x12\x17.nexus.v1.DeductRequest\x1a\x18.nexus.v1.DeductResponse\x12\x41\n\x08Transfer\x12\x19.nexus.v1.TransferRequest\x1a\x1a.nexus.v1.TransferResponse\x12J\n\x0bGetBalances\x12\x1c.nexus.v1.GetBalancesRequest\x1a\x1d.nexus.v1.GetBalancesResponse\x12Y\n\x10ListTransactions\x12!.nexus.v1.ListTransactionsRequest\x1a\".nexus.v1.ListTransactionsResponse\x12h\n\x15\x43reatePendingTransfer\x12&.nexus.v1.CreatePendingTransferRequest\x1a\'.nexus.v1.CreatePendingTransferResponse\x12\x62\n\x13PostPendingTransfer\x12$.nexus.v1.PostPendingTransferRequest\x1a%.nexus.v1.PostPendingTransferResponse\x12\x62\n\x13VoidPendingTransfer\x12$.nexus.v1.VoidPendingTransferRequest\x1a%.nexus.v1.VoidPendingTransferResponse\x12Y\n\x10SetAccountPolicy\x12!.nexus.v1.SetAccountPolicyRequest\x1a\".nexus.v1.SetAccountPolicyResponse\x12Y\n\x10SubmitOperations\x12!.nexus.v1.SubmitOperationsRequest\x1a\".nexus.v1.SubmitOperationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nexus.v1.token_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSACTIONKIND']._serialized_start=2963
-  _globals['_TRANSACTIONKIND']._serialized_end=3282
-  _globals['_PENDINGTRANSFERSTATUS']._serialized_start=3285
-  _globals['_PENDINGTRANSFERSTATUS']._serialized_end=3495
-  _globals['_TRANSACTION']._serialized_start=68
-  _globals['_TRANSACTION']._serialized_end=439
-  _globals['_CREDITREQUEST']._serialized_start=441
-  _globals['_CREDITREQUEST']._serialized_end=547
-  _globals['_CREDITRESPONSE']._serialized_start=549
-  _globals['_CREDITRESPONSE']._serialized_end=626
-  _globals['_DEDUCTREQUEST']._serialized_start=628
-  _globals['_DEDUCTREQUEST']._serialized_end=734
-  _globals['_DEDUCTRESPONSE']._serialized_start=736
-  _globals['_DEDUCTRESPONSE']._serialized_end=813
-  _globals['_TRANSFERREQUEST']._serialized_start=816
-  _globals['_TRANSFERREQUEST']._serialized_end=949
-  _globals['_TRANSFERRESPONSE']._serialized_start=951
-  _globals['_TRANSFERRESPONSE']._serialized_end=1056
-  _globals['_BALANCE']._serialized_start=1059
-  _globals['_BALANCE']._serialized_end=1252
-  _globals['_GETBALANCESREQUEST']._serialized_start=1254
-  _globals['_GETBALANCESREQUEST']._serialized_end=1335
-  _globals['_GETBALANCESRESPONSE']._serialized_start=1337
-  _globals['_GETBALANCESRESPONSE']._serialized_end=1395
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=1397
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=1478
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=1480
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=1576
-  _globals['_PENDINGTRANSFER']._serialized_start=1579
-  _globals['_PENDINGTRANSFER']._serialized_end=1961
-  _globals['_CREATEPENDINGTRANSFERREQUEST']._serialized_start=1964
-  _globals['_CREATEPENDINGTRANSFERREQUEST']._serialized_end=2135
-  _globals['_CREATEPENDINGTRANSFERRESPONSE']._serialized_start=2138
-  _globals['_CREATEPENDINGTRANSFERRESPONSE']._serialized_end=2302
-  _globals['_POSTPENDINGTRANSFERREQUEST']._serialized_start=2304
-  _globals['_POSTPENDINGTRANSFERREQUEST']._serialized_end=2397
-  _globals['_POSTPENDINGTRANSFERRESPONSE']._serialized_start=2400
-  _globals['_POSTPENDINGTRANSFERRESPONSE']._serialized_end=2607
-  _globals['_VOIDPENDINGTRANSFERREQUEST']._serialized_start=2609
-  _globals['_VOIDPENDINGTRANSFERREQUEST']._serialized_end=2686
-  _globals['_VOIDPENDINGTRANSFERRESPONSE']._serialized_start=2688
-  _globals['_VOIDPENDINGTRANSFERRESPONSE']._serialized_end=2811
-  _globals['_SETACCOUNTPOLICYREQUEST']._serialized_start=2813
-  _globals['_SETACCOUNTPOLICYREQUEST']._serialized_end=2896
-  _globals['_SETACCOUNTPOLICYRESPONSE']._serialized_start=2898
-  _globals['_SETACCOUNTPOLICYRESPONSE']._serialized_end=2960
-  _globals['_TOKENSERVICE']._serialized_start=3498
-  _globals['_TOKENSERVICE']._serialized_end=4265
+  _globals['_TRANSACTIONKIND']._serialized_start=3922
+  _globals['_TRANSACTIONKIND']._serialized_end=4241
+  _globals['_PENDINGTRANSFERSTATUS']._serialized_start=4244
+  _globals['_PENDINGTRANSFERSTATUS']._serialized_end=4454
+  _globals['_TRANSACTION']._serialized_start=93
+  _globals['_TRANSACTION']._serialized_end=464
+  _globals['_CREDITREQUEST']._serialized_start=466
+  _globals['_CREDITREQUEST']._serialized_end=572
+  _globals['_CREDITRESPONSE']._serialized_start=574
+  _globals['_CREDITRESPONSE']._serialized_end=651
+  _globals['_DEDUCTREQUEST']._serialized_start=653
+  _globals['_DEDUCTREQUEST']._serialized_end=759
+  _globals['_DEDUCTRESPONSE']._serialized_start=761
+  _globals['_DEDUCTRESPONSE']._serialized_end=838
+  _globals['_TRANSFERREQUEST']._serialized_start=841
+  _globals['_TRANSFERREQUEST']._serialized_end=974
+  _globals['_TRANSFERRESPONSE']._serialized_start=976
+  _globals['_TRANSFERRESPONSE']._serialized_end=1081
+  _globals['_BALANCE']._serialized_start=1084
+  _globals['_BALANCE']._serialized_end=1277
+  _globals['_GETBALANCESREQUEST']._serialized_start=1279
+  _globals['_GETBALANCESREQUEST']._serialized_end=1360
+  _globals['_GETBALANCESRESPONSE']._serialized_start=1362
+  _globals['_GETBALANCESRESPONSE']._serialized_end=1420
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=1422
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=1503
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=1505
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=1601
+  _globals['_PENDINGTRANSFER']._serialized_start=1604
+  _globals['_PENDINGTRANSFER']._serialized_end=1986
+  _globals['_CREATEPENDINGTRANSFERREQUEST']._serialized_start=1989
+  _globals['_CREATEPENDINGTRANSFERREQUEST']._serialized_end=2160
+  _globals['_CREATEPENDINGTRANSFERRESPONSE']._serialized_start=2163
+  _globals['_CREATEPENDINGTRANSFERRESPONSE']._serialized_end=2327
+  _globals['_POSTPENDINGTRANSFERREQUEST']._serialized_start=2329
+  _globals['_POSTPENDINGTRANSFERREQUEST']._serialized_end=2422
+  _globals['_POSTPENDINGTRANSFERRESPONSE']._serialized_start=2425
+  _globals['_POSTPENDINGTRANSFERRESPONSE']._serialized_end=2632
+  _globals['_VOIDPENDINGTRANSFERREQUEST']._serialized_start=2634
+  _globals['_VOIDPENDINGTRANSFERREQUEST']._serialized_end=2711
+  _globals['_VOIDPENDINGTRANSFERRESPONSE']._serialized_start=2713
+  _globals['_VOIDPENDINGTRANSFERRESPONSE']._serialized_end=2836
+  _globals['_SETACCOUNTPOLICYREQUEST']._serialized_start=2838
+  _globals['_SETACCOUNTPOLICYREQUEST']._serialized_end=2921
+  _globals['_SETACCOUNTPOLICYRESPONSE']._serialized_start=2923
+  _globals['_SETACCOUNTPOLICYRESPONSE']._serialized_end=2985
+  _globals['_OPERATION']._serialized_start=2988
+  _globals['_OPERATION']._serialized_end=3371
+  _globals['_SUBMITOPERATIONSREQUEST']._serialized_start=3373
+  _globals['_SUBMITOPERATIONSREQUEST']._serialized_end=3439
+  _globals['_OPERATIONRESULT']._serialized_start=3442
+  _globals['_OPERATIONRESULT']._serialized_end=3847
+  _globals['_SUBMITOPERATIONSRESPONSE']._serialized_start=3849
+  _globals['_SUBMITOPERATIONSRESPONSE']._serialized_end=3919
+  _globals['_TOKENSERVICE']._serialized_start=4457
+  _globals['_TOKENSERVICE']._serialized_end=5315
 # @@protoc_insertion_point(module_scope)

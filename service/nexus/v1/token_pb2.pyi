@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -772,3 +773,162 @@ class SetAccountPolicyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetAccountPolicyResponse: _TypeAlias = SetAccountPolicyResponse  # noqa: Y015
+
+@_typing.final
+class Operation(_message.Message):
+    """One operation of SubmitOperations: exactly one of the requests, as its own
+    RPC takes it (its request_id field left empty: the operation's counts), with
+    the same rules and the same acting user.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LINKED_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    DEDUCT_FIELD_NUMBER: _builtins.int
+    TRANSFER_FIELD_NUMBER: _builtins.int
+    CREATE_PENDING_FIELD_NUMBER: _builtins.int
+    POST_PENDING_FIELD_NUMBER: _builtins.int
+    VOID_PENDING_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required; scoped as in the operation's own RPC."""
+    linked: _builtins.bool
+    """True: this operation and the next succeed or fail together (a chain is
+    every operation up to and including the first with linked false; the
+    last operation of a call cannot be linked).
+    """
+    @_builtins.property
+    def credit(self) -> Global___CreditRequest: ...
+    @_builtins.property
+    def deduct(self) -> Global___DeductRequest: ...
+    @_builtins.property
+    def transfer(self) -> Global___TransferRequest: ...
+    @_builtins.property
+    def create_pending(self) -> Global___CreatePendingTransferRequest: ...
+    @_builtins.property
+    def post_pending(self) -> Global___PostPendingTransferRequest: ...
+    @_builtins.property
+    def void_pending(self) -> Global___VoidPendingTransferRequest: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        linked: _builtins.bool = ...,
+        credit: Global___CreditRequest | None = ...,
+        deduct: Global___DeductRequest | None = ...,
+        transfer: Global___TransferRequest | None = ...,
+        create_pending: Global___CreatePendingTransferRequest | None = ...,
+        post_pending: Global___PostPendingTransferRequest | None = ...,
+        void_pending: Global___VoidPendingTransferRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_pending", b"create_pending", "credit", b"credit", "deduct", b"deduct", "operation", b"operation", "post_pending", b"post_pending", "transfer", b"transfer", "void_pending", b"void_pending"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_pending", b"create_pending", "credit", b"credit", "deduct", b"deduct", "linked", b"linked", "operation", b"operation", "post_pending", b"post_pending", "request_id", b"request_id", "transfer", b"transfer", "void_pending", b"void_pending"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_operation: _TypeAlias = _typing.Literal["credit", "deduct", "transfer", "create_pending", "post_pending", "void_pending"]  # noqa: Y015
+    _WhichOneofArgType_operation: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_operation) -> _WhichOneofReturnType_operation | None: ...
+
+Global___Operation: _TypeAlias = Operation  # noqa: Y015
+
+@_typing.final
+class SubmitOperationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Operation]:
+        """1 to 8190 operations, applied in this order."""
+
+    def __init__(
+        self,
+        *,
+        operations: _abc.Iterable[Global___Operation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operations", b"operations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitOperationsRequest: _TypeAlias = SubmitOperationsRequest  # noqa: Y015
+
+@_typing.final
+class OperationResult(_message.Message):
+    """The result of one operation: its RPC's response, or its error."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    DEDUCT_FIELD_NUMBER: _builtins.int
+    TRANSFER_FIELD_NUMBER: _builtins.int
+    CREATE_PENDING_FIELD_NUMBER: _builtins.int
+    POST_PENDING_FIELD_NUMBER: _builtins.int
+    VOID_PENDING_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    @_builtins.property
+    def credit(self) -> Global___CreditResponse: ...
+    @_builtins.property
+    def deduct(self) -> Global___DeductResponse: ...
+    @_builtins.property
+    def transfer(self) -> Global___TransferResponse: ...
+    @_builtins.property
+    def create_pending(self) -> Global___CreatePendingTransferResponse: ...
+    @_builtins.property
+    def post_pending(self) -> Global___PostPendingTransferResponse: ...
+    @_builtins.property
+    def void_pending(self) -> Global___VoidPendingTransferResponse: ...
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """When not ok: the error the operation's own RPC would have answered
+        (code, message, rich details). An operation of a chain that failed
+        because another one did is FAILED_PRECONDITION with a PreconditionFailure
+        of type LINKED_OPERATION_FAILED naming that operation.
+        """
+
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        credit: Global___CreditResponse | None = ...,
+        deduct: Global___DeductResponse | None = ...,
+        transfer: Global___TransferResponse | None = ...,
+        create_pending: Global___CreatePendingTransferResponse | None = ...,
+        post_pending: Global___PostPendingTransferResponse | None = ...,
+        void_pending: Global___VoidPendingTransferResponse | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_pending", b"create_pending", "credit", b"credit", "deduct", b"deduct", "error", b"error", "post_pending", b"post_pending", "response", b"response", "transfer", b"transfer", "void_pending", b"void_pending"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_pending", b"create_pending", "credit", b"credit", "deduct", b"deduct", "error", b"error", "ok", b"ok", "post_pending", b"post_pending", "response", b"response", "transfer", b"transfer", "void_pending", b"void_pending"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["credit", "deduct", "transfer", "create_pending", "post_pending", "void_pending"]  # noqa: Y015
+    _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
+
+Global___OperationResult: _TypeAlias = OperationResult  # noqa: Y015
+
+@_typing.final
+class SubmitOperationsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___OperationResult]:
+        """One per operation, in order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___OperationResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitOperationsResponse: _TypeAlias = SubmitOperationsResponse  # noqa: Y015

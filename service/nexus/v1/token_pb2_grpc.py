@@ -82,6 +82,11 @@ class TokenServiceStub:
                 request_serializer=nexus_dot_v1_dot_token__pb2.SetAccountPolicyRequest.SerializeToString,
                 response_deserializer=nexus_dot_v1_dot_token__pb2.SetAccountPolicyResponse.FromString,
                 _registered_method=True)
+        self.SubmitOperations = channel.unary_unary(
+                '/nexus.v1.TokenService/SubmitOperations',
+                request_serializer=nexus_dot_v1_dot_token__pb2.SubmitOperationsRequest.SerializeToString,
+                response_deserializer=nexus_dot_v1_dot_token__pb2.SubmitOperationsResponse.FromString,
+                _registered_method=True)
 
 
 class TokenServiceServicer:
@@ -157,6 +162,14 @@ class TokenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitOperations(self, request, context):
+        """Up to 8190 operations applied in order in one database call, each with
+        its own result; a chain of linked operations applies all or none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -204,6 +217,11 @@ def add_TokenServiceServicer_to_server(servicer, server):
                     servicer.SetAccountPolicy,
                     request_deserializer=nexus_dot_v1_dot_token__pb2.SetAccountPolicyRequest.FromString,
                     response_serializer=nexus_dot_v1_dot_token__pb2.SetAccountPolicyResponse.SerializeToString,
+            ),
+            'SubmitOperations': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitOperations,
+                    request_deserializer=nexus_dot_v1_dot_token__pb2.SubmitOperationsRequest.FromString,
+                    response_serializer=nexus_dot_v1_dot_token__pb2.SubmitOperationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -452,6 +470,33 @@ class TokenService:
             '/nexus.v1.TokenService/SetAccountPolicy',
             nexus_dot_v1_dot_token__pb2.SetAccountPolicyRequest.SerializeToString,
             nexus_dot_v1_dot_token__pb2.SetAccountPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.v1.TokenService/SubmitOperations',
+            nexus_dot_v1_dot_token__pb2.SubmitOperationsRequest.SerializeToString,
+            nexus_dot_v1_dot_token__pb2.SubmitOperationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

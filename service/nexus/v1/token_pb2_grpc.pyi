@@ -61,6 +61,10 @@ class TokenServiceStub:
     """Returns the whole reservation to the payer."""
     SetAccountPolicy: _grpc.UnaryUnaryMultiCallable[_token_pb2.SetAccountPolicyRequest, _token_pb2.SetAccountPolicyResponse]
     """A user's overdraft limit and whether the account is closed (services only)."""
+    SubmitOperations: _grpc.UnaryUnaryMultiCallable[_token_pb2.SubmitOperationsRequest, _token_pb2.SubmitOperationsResponse]
+    """Up to 8190 operations applied in order in one database call, each with
+    its own result; a chain of linked operations applies all or none.
+    """
 
 @_typing.type_check_only
 class TokenServiceAsyncStub(TokenServiceStub):
@@ -95,6 +99,10 @@ class TokenServiceAsyncStub(TokenServiceStub):
     """Returns the whole reservation to the payer."""
     SetAccountPolicy: _aio.UnaryUnaryMultiCallable[_token_pb2.SetAccountPolicyRequest, _token_pb2.SetAccountPolicyResponse]  # type: ignore[assignment]
     """A user's overdraft limit and whether the account is closed (services only)."""
+    SubmitOperations: _aio.UnaryUnaryMultiCallable[_token_pb2.SubmitOperationsRequest, _token_pb2.SubmitOperationsResponse]  # type: ignore[assignment]
+    """Up to 8190 operations applied in order in one database call, each with
+    its own result; a chain of linked operations applies all or none.
+    """
 
 class TokenServiceServicer(metaclass=_abc_1.ABCMeta):
     """TokenService: a ledger of tokens. Balances never go below zero and always
@@ -180,5 +188,15 @@ class TokenServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_token_pb2.SetAccountPolicyResponse, _abc.Awaitable[_token_pb2.SetAccountPolicyResponse]]:
         """A user's overdraft limit and whether the account is closed (services only)."""
+
+    @_abc_1.abstractmethod
+    def SubmitOperations(
+        self,
+        request: _token_pb2.SubmitOperationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_token_pb2.SubmitOperationsResponse, _abc.Awaitable[_token_pb2.SubmitOperationsResponse]]:
+        """Up to 8190 operations applied in order in one database call, each with
+        its own result; a chain of linked operations applies all or none.
+        """
 
 def add_TokenServiceServicer_to_server(servicer: TokenServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
