@@ -29,6 +29,7 @@ import grpc
 from bench.cluster import run_cluster
 from bench.core import BenchFailed, Report
 from bench.interactions import run_interactions
+from bench.ledger import run_ledger
 from bench.memory import run_memory
 from bench.targets import configured_target, single_node
 from bench.workload import Workload
@@ -44,8 +45,10 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("interactions", "memory", "search", "all", "cluster"), default="all",
-                        help="Which figures: all = interactions then memory; search = the memory suite's search "
+    parser.add_argument("--suite", choices=("interactions", "ledger", "memory", "search", "all", "cluster"),
+                        default="all",
+                        help="Which figures: all = interactions, ledger, then memory; ledger = batches, pending "
+                        "transfers and their expiry; search = the memory suite's search "
                         "figures only; cluster = single node vs a 3-node Citus cluster (needs NEXUS_CITUS_SOURCE, "
                         "see docs/citus.md).")
     parser.add_argument("--duration", type=float, default=10.0, help="Seconds per timed scenario.")
@@ -81,6 +84,10 @@ async def run(config: Config, args: argparse.Namespace) -> None:
             try:
                 if args.suite in ("interactions", "all"):
                     await run_interactions(target, config, workload, args.duration, args.concurrency, report)
+                if args.suite in ("ledger", "all"):
+                    if report.lines:
+                        report.add()
+                    await run_ledger(target, workload, args.duration, args.concurrency, args.scale, report)
                 if args.suite in ("memory", "search", "all"):
                     if report.lines:
                         report.add()

@@ -219,7 +219,7 @@ class Config:
         default=60.0, metadata={"help": "How often maintenance runs (on one replica at a time)."}
     )
     pending_expiry_interval_s: float = field(
-        default=0.5,
+        default=0.25,
         metadata={"help": "How often each replica voids the pending transfers whose timeout has passed "
                           "(soonest first, each once across replicas)."},
     )

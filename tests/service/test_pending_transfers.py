@@ -271,7 +271,7 @@ async def test_an_expired_reservation_is_voided_by_maintenance_and_shows_in_the_
         )
         return row
 
-    # The service sweeps every half second; a generous bound keeps a busy machine from failing it.
+    # The service sweeps every quarter second; a generous bound keeps a busy machine from failing it.
     row = await eventually(expired, "the reservation to expire", timeout=10)
     assert row["resolve_time"] >= row["expire_time"]
     assert await balances(clients, "alice", "bob") == {"alice": (100, 0, 0, 100), "bob": (0, 0, 0, 0)}
