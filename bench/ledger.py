@@ -114,7 +114,7 @@ def _pgbench_batch(workload: Workload) -> str:
 
 
 async def _expiry_lag(
-    target: Target, tokens: token_pb2_grpc.TokenServiceStub, workload: Workload, scale: float
+    target: Target, tokens: token_pb2_grpc.TokenServiceAsyncStub, workload: Workload, scale: float
 ) -> tuple[float, float, float]:
     """p50, p99 and max of resolve_time - expire_time (ms) over SHORT_LIVED reservations expiring
     while OUTSTANDING others stay pending (loaded in batches through the ledger function)."""
