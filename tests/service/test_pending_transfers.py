@@ -296,18 +296,19 @@ async def test_replicas_sweeping_at_once_expire_each_reservation_once(db_url: st
     """Four sweeps race over 300 due reservations (in batches of 50): each is expired exactly once."""
     users = [f"u{i}" for i in range(10)]
     await db.execute(
-        "SELECT count(*) FROM apply_token_operations(($1::text[])[1], $1, array_fill('credit'::text, ARRAY[10]), array_fill(NULL::text, ARRAY[10]),"
-        " array_fill(1000::bigint, ARRAY[10]), array_fill(''::text, ARRAY[10]), array_fill(''::text, ARRAY[10]), $1,"
-        " array_fill(NULL::text, ARRAY[10]), array_fill(NULL::integer, ARRAY[10]))",
+        "SELECT count(*) FROM apply_token_operations(($1::text[])[1], $1, array_fill('credit'::text, ARRAY[10]),"
+        " array_fill(NULL::text, ARRAY[10]), array_fill(1000::bigint, ARRAY[10]), array_fill(''::text, ARRAY[10]),"
+        " array_fill(''::text, ARRAY[10]), $1)",
         users,
     )
     rng = random.Random(7)
     payers = [rng.choice(users) for _ in range(300)]
     payees = [rng.choice([u for u in users if u != p]) for p in payers]
     await db.execute(
-        "SELECT count(*) FROM apply_token_operations(($1::text[])[1], $1, array_fill('create_pending'::text, ARRAY[300]), $2,"
-        " array_fill(1::bigint, ARRAY[300]), array_fill(''::text, ARRAY[300]), array_fill(''::text, ARRAY[300]), $3,"
-        " array_fill(NULL::text, ARRAY[300]), array_fill(3600, ARRAY[300]))",
+        "SELECT count(*) FROM apply_token_operations(($1::text[])[1], $1,"
+        " array_fill('create_pending'::text, ARRAY[300]), $2, array_fill(1::bigint, ARRAY[300]),"
+        " array_fill(''::text, ARRAY[300]), array_fill(''::text, ARRAY[300]), $3, array_fill(NULL::text, ARRAY[300]),"
+        " array_fill(3600, ARRAY[300]))",
         payers, payees, [f"r{i}" for i in range(300)],
     )
     await db.execute("UPDATE pending_transfers SET expire_time = now() - interval '1 second'")
