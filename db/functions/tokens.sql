@@ -62,6 +62,110 @@ LANGUAGE sql IMMUTABLE AS $$
            NULL::pending_transfers, p_failure[1], p_failure[2], p_failure[3]
 $$;
 
+-- What a request_id stands for: a retry must carry the same arguments.
+CREATE OR REPLACE FUNCTION token_request_fingerprint(
+    p_op text, p_counterparty text, p_amount bigint, p_reason text, p_reference_id text, p_pending_id text,
+    p_timeout integer)
+RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT md5((jsonb_build_array(p_op, p_counterparty, p_amount, p_reason, p_reference_id)
+                || CASE WHEN p_op IN ('credit', 'deduct', 'transfer') THEN '[]'::jsonb
+                        ELSE jsonb_build_array(p_pending_id, p_timeout) END)::text)
+$$;
+
+-- The fast path of apply_token_operations on one node: a batch of credits,
+-- deducts and transfers of which none fails and none is a retry applies in a
+-- few statements over the whole batch instead of several per item: each
+-- user's movements in item order give its running balance (a window over the
+-- batch), the overdraft and overflow rules are checked on it, and then the
+-- ledger rows, the balances and the claims are written at once. The rows are
+-- those apply_token_operation would return, item by item. A batch that does
+-- not qualify (a failure, a retry, a duplicate request_id, a closed account)
+-- returns no row and writes nothing: the caller applies it item by item. The
+-- caller holds the lock of every balance row the batch touches.
+CREATE OR REPLACE FUNCTION apply_token_movements(
+    p_user_ids text[], p_ops text[], p_counterparties text[], p_amounts bigint[], p_reasons text[],
+    p_reference_ids text[], p_request_ids text[])
+RETURNS SETOF token_operation_result
+LANGUAGE plpgsql AS $$
+DECLARE
+    moved_at timestamptz := clock_timestamp();
+BEGIN
+    IF to_regclass('pg_temp.token_movement_legs') IS NULL THEN
+    CREATE TEMP TABLE token_movement_legs (
+        item integer, leg integer, user_id text, kind token_kind, amount bigint, delta bigint,
+        counterparty_user_id text, reason text, reference_id text, request_id text, initiator text,
+        -- numeric: a sum past int64 is a violation, found below, not an error here.
+        fingerprint text, transaction_id uuid, balance_after numeric, pending_in_after bigint,
+        pending_out_after bigint, overdraft_limit bigint, closed boolean, sequence bigint, violates boolean
+    ) ON COMMIT DELETE ROWS;
+    END IF;
+    DELETE FROM token_movement_legs;  -- left by an earlier call in this transaction
+    INSERT INTO token_movement_legs
+    WITH items AS (
+        SELECT i.item, i.initiator, i.op, i.counterparty, i.amount, i.reason, i.reference_id, i.request_id
+        FROM unnest(p_user_ids, p_ops, p_counterparties, p_amounts, p_reasons, p_reference_ids, p_request_ids)
+             WITH ORDINALITY AS i (initiator, op, counterparty, amount, reason, reference_id, request_id, item)
+    ), legs AS (
+        SELECT it.*, l.leg, l.user_id, l.kind, l.delta, l.other
+        FROM items it
+        CROSS JOIN LATERAL (VALUES
+            (1, it.initiator, CASE it.op WHEN 'credit' THEN 'credit' WHEN 'deduct' THEN 'debit'
+                                         ELSE 'transfer_out' END::token_kind,
+             CASE WHEN it.op = 'credit' THEN it.amount ELSE -it.amount END, it.counterparty),
+            (2, it.counterparty, 'transfer_in'::token_kind, it.amount, it.initiator)
+        ) AS l (leg, user_id, kind, delta, other)
+        WHERE l.leg = 1 OR it.op = 'transfer'
+    )
+    SELECT r.item, r.leg, r.user_id, r.kind, r.amount, r.delta, r.other, r.reason, r.reference_id, r.request_id,
+           r.initiator,
+           CASE WHEN r.leg = 1
+                THEN token_request_fingerprint(r.op, r.counterparty, r.amount, r.reason, r.reference_id, NULL, NULL)
+           END,
+           gen_random_uuid(), r.balance_after, r.pending_in, r.pending_out, r.overdraft_limit, r.closed, r.sequence,
+           r.closed OR (r.delta < 0 AND r.balance_after - r.pending_out + r.overdraft_limit < 0)
+                    OR (r.delta > 0 AND r.balance_after + r.pending_in > 9223372036854775807)
+    FROM (SELECT l.*, b.pending_in, b.pending_out, b.overdraft_limit, b.closed,
+                 b.balance + sum(l.delta) OVER w AS balance_after, b.last_sequence + row_number() OVER w AS sequence
+          FROM legs l JOIN balances b ON b.user_id = l.user_id
+          WINDOW w AS (PARTITION BY l.user_id ORDER BY l.item, l.leg)) r;
+
+    IF (SELECT count(*) FROM token_movement_legs WHERE leg = 1) <> cardinality(p_ops)
+       OR EXISTS (SELECT FROM token_movement_legs WHERE violates)
+       OR EXISTS (SELECT FROM token_movement_legs WHERE leg = 1 GROUP BY initiator, request_id HAVING count(*) > 1)
+       OR EXISTS (SELECT FROM token_requests r JOIN token_movement_legs l
+                  ON l.leg = 1 AND r.user_id = l.initiator AND r.request_id = l.request_id) THEN
+        RETURN;
+    END IF;
+
+    INSERT INTO token_requests (user_id, request_id, fingerprint, transaction_ids)
+    SELECT first_leg.initiator, first_leg.request_id, first_leg.fingerprint,
+           array_agg(l.transaction_id ORDER BY l.leg)
+    FROM token_movement_legs first_leg JOIN token_movement_legs l ON l.item = first_leg.item
+    WHERE first_leg.leg = 1
+    GROUP BY first_leg.item, first_leg.initiator, first_leg.request_id, first_leg.fingerprint;
+    UPDATE balances b SET balance = m.balance_after, last_sequence = m.sequence, update_time = moved_at
+    FROM (SELECT DISTINCT ON (l.user_id) l.user_id, l.balance_after, l.sequence FROM token_movement_legs l
+          ORDER BY l.user_id, l.item DESC, l.leg DESC) m
+    WHERE b.user_id = m.user_id;
+    RETURN QUERY
+    WITH inserted AS (
+        INSERT INTO token_transactions AS t (transaction_id, user_id, kind, amount, balance_after, pending_in_after,
+                                             pending_out_after, reason, reference_id, counterparty_user_id,
+                                             request_id, sequence)
+        SELECT l.transaction_id, l.user_id, l.kind, l.amount, l.balance_after, l.pending_in_after,
+               l.pending_out_after, l.reason, l.reference_id, l.counterparty_user_id, l.request_id, l.sequence
+        FROM token_movement_legs l
+        RETURNING t.transaction_id, t.create_time
+    )
+    SELECT l.item, l.transaction_id, l.user_id, l.kind, l.amount, l.balance_after::bigint, l.pending_in_after,
+           l.pending_out_after, (l.balance_after - l.pending_out_after + l.overdraft_limit)::bigint, l.overdraft_limit,
+           l.closed, l.reason, l.reference_id, l.counterparty_user_id, l.request_id, l.sequence, i.create_time,
+           NULL::text, NULL::pending_transfers, NULL, NULL, NULL
+    FROM token_movement_legs l JOIN inserted i ON i.transaction_id = l.transaction_id
+    ORDER BY l.item, l.leg;
+END $$;
+
 -- One operation of apply_token_operations (see there), item p_item of its
 -- batch: its result rows. The caller holds the balance row locks of the
 -- users it touches.
@@ -117,10 +221,8 @@ BEGIN
                 ELSE ARRAY[gen_random_uuid(), gen_random_uuid()] END;
 
     IF p_op <> 'expire_pending' THEN
-        fingerprint := md5((jsonb_build_array(p_op, p_counterparty, p_amount, p_reason,
-                                              p_reference_id)
-                            || CASE WHEN p_op IN ('credit', 'deduct', 'transfer') THEN '[]'::jsonb
-                                    ELSE jsonb_build_array(p_pending_id, p_timeout) END)::text);
+        fingerprint := token_request_fingerprint(p_op, p_counterparty, p_amount, p_reason, p_reference_id,
+                                                 p_pending_id, p_timeout);
         INSERT INTO token_requests AS r (user_id, request_id, fingerprint, transaction_ids)
         VALUES (initiator, p_request_id, fingerprint, ids)
         ON CONFLICT DO NOTHING;
@@ -322,6 +424,7 @@ DECLARE
     chain_rows   token_operation_result[];
     item_rows    token_operation_result[];
     broken       token_operation_result;
+    on_citus     boolean := EXISTS (SELECT FROM pg_extension WHERE extname = 'citus');
 BEGIN
     holders := p_user_ids || p_counterparties;
     -- Only when the batch resolves pending transfers: on Citus a lookup of no
@@ -330,14 +433,37 @@ BEGIN
         holders := holders || (SELECT array_agg(p.from_user_id) || array_agg(p.to_user_id) FROM pending_transfers p
                                WHERE p.pending_transfer_id = ANY (array_remove(p_pending_ids, NULL)));
     END IF;
-    FOR holder IN SELECT DISTINCT u FROM unnest(holders) AS u WHERE u IS NOT NULL ORDER BY u LOOP
-        INSERT INTO balances AS b (user_id, balance) VALUES (holder, 0)
-        ON CONFLICT (user_id) DO UPDATE SET balance = b.balance
-        RETURNING b.xmax = 0 INTO created;
-        IF created THEN
-            created_rows := created_rows || holder;
+    IF on_citus THEN
+        -- One statement per row, by its key: Citus routes each to the row's shard.
+        FOR holder IN SELECT DISTINCT u FROM unnest(holders) AS u WHERE u IS NOT NULL ORDER BY u LOOP
+            INSERT INTO balances AS b (user_id, balance) VALUES (holder, 0)
+            ON CONFLICT (user_id) DO UPDATE SET balance = b.balance
+            RETURNING b.xmax = 0 INTO created;
+            IF created THEN
+                created_rows := created_rows || holder;
+            END IF;
+        END LOOP;
+    ELSE
+        -- One statement, which takes the row locks in the order of its rows.
+        WITH locked AS (
+            INSERT INTO balances AS b (user_id, balance)
+            SELECT u, 0 FROM (SELECT DISTINCT u FROM unnest(holders) AS u WHERE u IS NOT NULL ORDER BY u) AS ordered
+            ON CONFLICT (user_id) DO UPDATE SET balance = b.balance
+            RETURNING b.user_id, b.xmax = 0 AS created
+        )
+        SELECT coalesce(array_agg(locked.user_id) FILTER (WHERE locked.created), '{}') INTO created_rows FROM locked;
+    END IF;
+
+    -- On one node (Citus routes statement by statement: item by item there), a
+    -- batch of movements only, no chain, goes the fast path if it qualifies.
+    IF NOT on_citus
+       AND p_ops <@ ARRAY['credit', 'deduct', 'transfer'] AND NOT coalesce(true = ANY (p_linked), false) THEN
+        RETURN QUERY SELECT * FROM apply_token_movements(
+            p_user_ids, p_ops, p_counterparties, p_amounts, p_reasons, p_reference_ids, p_request_ids);
+        IF FOUND THEN
+            RETURN;
         END IF;
-    END LOOP;
+    END IF;
 
     WHILE first <= cardinality(p_ops) LOOP
         -- An operation alone, or a chain: it and those after it up to the first not linked.
