@@ -55,7 +55,7 @@ REACH: dict[str, str] = {
     "PublishBroadcast": "none", "SubscribeBroadcasts": "none",
     "Credit": "keys", "Deduct": "keys", "GetBalances": "keys", "ListTransactions": "keys",
     "Transfer": "keys", "CreatePendingTransfer": "keys", "PostPendingTransfer": "keys",
-    "VoidPendingTransfer": "keys", "SetAccountPolicy": "keys", "Follow": "keys", "Unfollow": "keys",
+    "VoidPendingTransfer": "keys", "SetAccountPolicy": "keys", "SubmitOperations": "keys", "Follow": "keys", "Unfollow": "keys",
     "GetFollowCounts": "keys", "GetFollowStates": "keys", "ListFollowing": "keys", "ListFollowers": "every",
     "CreateEntry": "keys", "CreateBranch": "keys", "GetEntries": "keys", "DeleteEntry": "keys",
     "ToggleResonance": "keys", "SetResonance": "keys", "ToggleAmplification": "keys", "SetAmplification": "keys",
@@ -134,7 +134,8 @@ async def cluster(citus_url: str) -> AsyncIterator[Cluster]:
 
 async def test_every_rpc_reaches_only_the_workers_of_its_keys(cluster: Cluster) -> None:
     conn = await database.connect(cluster.url)
-    nexus = NexusServer(server_config(cluster.url, maintenance_interval_s=3600))
+    # No maintenance nor expiry sweep (which reads every worker) inside a call's window.
+    nexus = NexusServer(server_config(cluster.url, maintenance_interval_s=3600, pending_expiry_interval_s=3600))
     await nexus.start()
     # Per RPC: the workers its call reached, and those owning its keys.
     checked: dict[str, tuple[set[int], set[int]]] = {}
@@ -228,6 +229,13 @@ async def test_every_rpc_reaches_only_the_workers_of_its_keys(cluster: Cluster) 
             ]:
                 await call(rpc, getattr(tokens, rpc)(request, metadata=SERVICE),
                            {cluster.a, cluster.b} if rpc == "Transfer" else None)
+            # A batch reaches the workers of the users in it: here a credit and a transfer of one user to B.
+            await call("SubmitOperations", tokens.SubmitOperations(token_pb2.SubmitOperationsRequest(operations=[
+                token_pb2.Operation(request_id="b1", credit=token_pb2.CreditRequest(user_id=user, amount=5)),
+                token_pb2.Operation(request_id="b2", linked=True, transfer=token_pb2.TransferRequest(
+                    from_user_id=user, to_user_id=stranger, amount=1)),
+                token_pb2.Operation(request_id="b3", deduct=token_pb2.DeductRequest(user_id=user, amount=1)),
+            ]), metadata=SERVICE), {cluster.a, cluster.b})
             await call("SetAccountPolicy", tokens.SetAccountPolicy(
                 token_pb2.SetAccountPolicyRequest(user_id=user, overdraft_limit=5), metadata=SERVICE))
             # A pending transfer lives on the worker its random id hashes to; posts and voids run there.
