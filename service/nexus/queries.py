@@ -64,13 +64,6 @@ APPLY_TOKEN_OPERATIONS = Query(
     "apply_token_operations",
     "SELECT * FROM apply_token_operations(p_route_user_id => $1, p_user_ids => $2, p_ops => $3,"
     " p_counterparties => $4, p_amounts => $5, p_reasons => $6, p_reference_ids => $7, p_request_ids => $8,"
-    " p_pending_ids => $9, p_timeouts => $10)"
-)
-# SubmitOperations: one batch of its own, chains marked by p_linked.
-SUBMIT_TOKEN_OPERATIONS = Query(
-    "apply_token_operations",
-    "SELECT * FROM apply_token_operations(p_route_user_id => $1, p_user_ids => $2, p_ops => $3,"
-    " p_counterparties => $4, p_amounts => $5, p_reasons => $6, p_reference_ids => $7, p_request_ids => $8,"
     " p_pending_ids => $9, p_timeouts => $10, p_linked => $11)"
 )
 GET_BALANCES = Query("get_balances", "SELECT * FROM get_balances($1, $2)")

@@ -194,6 +194,9 @@ def valid_value(field: descriptor.FieldDescriptor, seed: Seed) -> st.SearchStrat
         return st.just(seed.memory_id)
     if name == "pending_transfer_id":
         return st.just(seed.pending_transfer_id)
+    if name == "operations":  # SubmitOperations: one operation of each kind that needs no seed
+        return st.just([{"request_id": "op1", "credit": {"user_id": USER, "amount": 1}},
+                        {"request_id": "op2", "transfer": {"from_user_id": USER, "to_user_id": OTHER_USER, "amount": 1}}])
     if name == "embedding":
         return st.just(GOOD_EMBEDDING)
     if name in ("page_token", "resume_token"):

@@ -136,9 +136,10 @@ class Operation:
         assert self.user_id is not None
         return (self.user_id,) if self.counterparty is None else (self.user_id, self.counterparty)
 
-    def arguments(self) -> tuple[Any, ...]:
+    def arguments(self, linked: bool = False) -> tuple[Any, ...]:
+        """Its item of apply_token_operations' arrays; ``linked``: the next item is of its chain."""
         return (self.user_id, self.op, self.counterparty, self.amount, self.reason, self.reference_id,
-                self.request_id, self.pending_id, self.timeout_seconds)
+                self.request_id, self.pending_id, self.timeout_seconds, linked)
 
 
 def _movement(op: str, user_id: str, counterparty: str | None, request: Any, request_id: str,
@@ -348,10 +349,10 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         unsent = {i for chain in chains if any(isinstance(outcomes[j], NexusError) for j in chain) for i in chain}
         sent = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, Operation) and i not in unsent]
         if sent:
-            columns = [list(column) for column in zip(*(o.arguments() for _, o in sent), strict=True)]
-            linked = [operations[i].linked for i, _ in sent]
+            items = (o.arguments(operations[i].linked) for i, o in sent)
+            columns = [list(column) for column in zip(*items, strict=True)]
             rows_of: defaultdict[int, list[asyncpg.Record]] = defaultdict(list)
-            for row in await self._db.fetch(queries.SUBMIT_TOKEN_OPERATIONS, sent[0][1].keys[0], *columns, linked):
+            for row in await self._db.fetch(queries.APPLY_TOKEN_OPERATIONS, sent[0][1].keys[0], *columns):
                 rows_of[sent[row["item"] - 1][0]].append(row)
             for i, _ in sent:
                 rows = rows_of[i]
