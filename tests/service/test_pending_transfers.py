@@ -252,6 +252,20 @@ async def test_unknown_and_malformed_pending_transfers(clients: Clients, db: asy
     assert await snapshot(db) == []
 
 
+@pytest.mark.cluster
+async def test_reconcile_finds_and_repairs_reservation_drift(clients: Clients, db: asyncpg.Connection) -> None:
+    await credit(clients, "alice", 100)
+    await reserve(clients, "alice", "bob", 60, "hold")
+    await reserve(clients, "alice", "bob", 15, "hold-2")
+    await db.execute("UPDATE balances SET pending_out = 10 WHERE user_id = 'alice'")
+    await db.execute("UPDATE balances SET pending_in = 0 WHERE user_id = 'bob'")
+
+    found = {tuple(r) for r in await db.fetch("SELECT * FROM reconcile_balances(true)")}
+    assert found == {("alice", None, "pending_out", 10, 75), ("bob", None, "pending_in", 0, 75)}
+    await assert_reconciled(db)
+    assert await balances(clients, "alice", "bob") == {"alice": (100, 0, 75, 25), "bob": (0, 75, 0, 0)}
+
+
 # ---------------------------------------------------------------- expiry
 
 
