@@ -51,13 +51,15 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from nexus.v1 import token_pb2 as pb
 
+from support.databases import ON_CITUS
 from support.rpc import SERVICE, Clients, auth, bad_request_fields, precondition_types
 
 INT64_MAX = 2**63 - 1
 _EXAMPLES = os.environ.get("NEXUS_LEDGER_MODEL_EXAMPLES")
 SETTINGS = settings(
-    max_examples=int(_EXAMPLES or 40),
-    stateful_step_count=20,
+    # Citus is untimed here: fewer examples, a guess (each movement is a distributed transaction).
+    max_examples=int(_EXAMPLES or (8 if ON_CITUS else 25)),
+    stateful_step_count=25,
     derandomize=not _EXAMPLES,  # reproducible in CI; random when exploring
     database=None,
     deadline=None,
@@ -65,23 +67,34 @@ SETTINGS = settings(
 )
 USER_NAMES = ("ann", "bob", "cy", "dee")
 _EXAMPLE_NUMBERS = itertools.count(1)
-import collections
-STATS = collections.Counter()
 
-# Where the service departs from the promises the model checks (each pinned by
-# an xfail test at the end of this file), the machine expects what the service
-# does today, or stays away:
+# Known departures of the service from the ledger's promises (each pinned by an
+# xfail test at the end of this file). While one is True the model expects what
+# the service does today; set it to False once the service is fixed.
 #
+# Deduct and Transfer are refused with BALANCE_OVERFLOW ("the reservations of
+# ... would overflow") when the payer's pending_out plus the amount passes
+# int64, though they reserve nothing: apply_token_operation checks the payer's
+# pending_out for every debit, not only for a reservation. On one node a
+# movement that succeeds goes apply_token_movements' fast path, which does not:
+# there the refusal comes only when the movement shares its batch with one that
+# fails (or is a retry). On Citus every operation goes item by item.
+DEBITS_CHECK_RESERVATIONS_OVERFLOW = ON_CITUS
+# A request that would leave a user's available (balance - pending_out +
+# overdraft_limit) past int64 fails with INTERNAL ("database error 22003":
+# available is computed in bigint) and writes nothing: a credit, a transfer or
+# post into such a user, a SetAccountPolicy, a void or post releasing a
+# reservation (then the pending transfer can never be voided or expire: the
+# expiry sweep fails on it, with every transfer due in the same sweep), and a
+# retry whose first reply, with today's overdraft limit, would show such an
+# available. With False the machine does not send them (the fix decides what they answer).
+AVAILABLE_PAST_INT64_IS_INTERNAL = True
 # A retried CreatePendingTransfer, PostPendingTransfer or VoidPendingTransfer
 # shows its Balance messages with today's overdraft_limit and closed, and
 # available computed from the first balance and pending_out with today's
-# overdraft limit: not the first reply when the policy changed in between.
+# limit: not the first reply when the policy changed in between. (That the
+# pending transfer is shown as it is now is documented, and modelled.)
 REPLAY_SHOWS_TODAYS_POLICY = True
-# A movement, policy or retry that would make a user's available
-# (balance - pending_out + overdraft_limit) pass int64 fails with INTERNAL
-# ("database error 22003": the database computes available in bigint) and
-# writes nothing. The machine does not send such requests.
-AVOID_AVAILABLE_PAST_INT64 = True
 
 T = TypeVar("T")
 
@@ -137,7 +150,7 @@ class Plan:
     deducted: int = 0
 
 
-SKIP = Plan()  # a request the machine does not send (AVOID_AVAILABLE_PAST_INT64)
+SKIP = Plan()  # a request the machine does not send (AVAILABLE_PAST_INT64_IS_INTERNAL = False)
 
 
 @dataclass
@@ -193,16 +206,76 @@ def moved(account: Account, balance: int = 0, pending_in: int = 0, pending_out: 
     )
 
 
-def too_much_available(*accounts: Account) -> bool:
-    return AVOID_AVAILABLE_PAST_INT64 and any(a.available > INT64_MAX for a in accounts)
+def past_int64(*accounts: Account) -> bool:
+    return any(a.available > INT64_MAX for a in accounts)
 
 
-AMOUNTS = st.one_of(
-    *[st.integers(1, 200)] * 6, st.integers(INT64_MAX - 300, INT64_MAX), st.integers(2**62, INT64_MAX)
+def available_past_int64() -> Plan:
+    """What the service does with a request that would take a user's available past int64."""
+    return Plan(refusal=Refusal(grpc.StatusCode.INTERNAL)) if AVAILABLE_PAST_INT64_IS_INTERNAL else SKIP
+
+
+@dataclass(frozen=True)
+class Share:
+    """An amount: this percentage of the payer's available (at least 1)."""
+
+    percent: int
+
+
+@dataclass(frozen=True)
+class Edge:
+    """An amount: the payer's available plus this (at least 1): all of it, or one too many."""
+
+    plus: int
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """An amount: what the user's balance can still take (int64's maximum less balance and
+    pending_in) plus this (at least 1): just enough to fill it, or one too many."""
+
+    plus: int
+
+
+Size = int | Share | Edge | Headroom
+
+
+def amount_of(size: Size, account: Account) -> int:
+    if isinstance(size, int):
+        return size
+    if isinstance(size, Share):
+        wanted = account.available * size.percent // 100
+    elif isinstance(size, Edge):
+        wanted = account.available + size.plus
+    else:
+        wanted = INT64_MAX - account.balance - account.pending_in + size.plus
+    return min(max(1, wanted), INT64_MAX)
+
+
+# Mostly small amounts; now and then ones near int64's maximum, to reach the overflow checks.
+SMALL = st.integers(1, 200)
+HUGE = st.one_of(st.integers(INT64_MAX - 300, INT64_MAX), st.integers(2**62, INT64_MAX))
+CREDITS: st.SearchStrategy[Size] = st.one_of(SMALL, SMALL, SMALL, HUGE, st.builds(Headroom, st.integers(-1, 1)))
+DEBITS: st.SearchStrategy[Size] = st.one_of(
+    SMALL, SMALL, HUGE, st.builds(Share, st.integers(1, 100)), st.builds(Share, st.integers(1, 100)),
+    st.builds(Edge, st.integers(-1, 1)),
 )
-LIMITS = st.one_of(
+@dataclass(frozen=True)
+class Ceiling:
+    """An overdraft limit: the one that takes the user's available to int64's maximum plus this."""
+
+    plus: int
+
+
+def limit_of(size: int | Ceiling, account: Account) -> int:
+    if isinstance(size, int):
+        return size
+    return max(0, INT64_MAX - account.balance + account.pending_out + size.plus)
+
+
+LIMITS: st.SearchStrategy[int | Ceiling] = st.one_of(
     st.just(0), st.integers(1, 300), st.integers(1, 300), st.integers(2**62, 2**62 + 300),
-    st.integers(INT64_MAX - 300, INT64_MAX),
+    st.integers(INT64_MAX - 300, INT64_MAX), st.builds(Ceiling, st.integers(-300, 0)),
 )
 USERS = st.integers(0, len(USER_NAMES) - 1)
 # Another user mostly; now and then the same one (INVALID_ARGUMENT).
@@ -251,11 +324,11 @@ class LedgerMachine(RuleBasedStateMachine):
         if claim.refusal is not None:
             return Plan(refusal=claim.refusal)
         # The retry re-reads the rows and computes available with today's limit.
-        if AVOID_AVAILABLE_PAST_INT64 and any(
+        if any(
             balance - pending_out + self.accounts[user].overdraft_limit > INT64_MAX
             for user, balance, pending_out in claim.rows
         ):
-            return SKIP
+            return available_past_int64()
         assert claim.reply is not None
         reply = type(claim.reply)()
         reply.CopyFrom(claim.reply)
@@ -264,7 +337,7 @@ class LedgerMachine(RuleBasedStateMachine):
             reply.pending_transfer.CopyFrom(self.pending[reply.pending_transfer.pending_transfer_id])
             if REPLAY_SHOWS_TODAYS_POLICY:
                 for name in ("from_balance", "to_balance"):
-                    if reply.HasField(name):
+                    if name in reply.DESCRIPTOR.fields_by_name:
                         shown = getattr(reply, name)
                         today = self.accounts[shown.user_id]
                         shown.overdraft_limit, shown.closed = today.overdraft_limit, today.closed
@@ -286,8 +359,8 @@ class LedgerMachine(RuleBasedStateMachine):
             plan.refusal = Refusal(grpc.StatusCode.FAILED_PRECONDITION, "BALANCE_OVERFLOW")
         else:
             after = moved(account, balance=amount)
-            if too_much_available(after):
-                return SKIP
+            if past_int64(after):
+                return available_past_int64()
             plan.accounts = {user: after}
             plan.rows = [row(user, after)]
             plan.credited = amount
@@ -306,6 +379,8 @@ class LedgerMachine(RuleBasedStateMachine):
             plan.refusal = Refusal(grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_CLOSED")
         elif account.available < amount:
             plan.refusal = Refusal(grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS")
+        elif DEBITS_CHECK_RESERVATIONS_OVERFLOW and account.pending_out + amount > INT64_MAX:
+            plan.refusal = Refusal(grpc.StatusCode.FAILED_PRECONDITION, "BALANCE_OVERFLOW")
         else:
             after = moved(account, balance=-amount)
             plan.accounts = {user: after}
@@ -329,7 +404,7 @@ class LedgerMachine(RuleBasedStateMachine):
             plan.refusal = Refusal(grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_CLOSED")
         elif source.available < amount:
             plan.refusal = Refusal(grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS")
-        elif op == "create_pending" and source.pending_out + amount > INT64_MAX:
+        elif (op == "create_pending" or DEBITS_CHECK_RESERVATIONS_OVERFLOW) and source.pending_out + amount > INT64_MAX:
             plan.refusal = Refusal(grpc.StatusCode.FAILED_PRECONDITION, "BALANCE_OVERFLOW")
         elif target.balance + target.pending_in + amount > INT64_MAX:
             plan.refusal = Refusal(grpc.StatusCode.FAILED_PRECONDITION, "BALANCE_OVERFLOW")
@@ -345,8 +420,8 @@ class LedgerMachine(RuleBasedStateMachine):
             return checked
         plan, source, target = checked
         source, target = moved(source, balance=-amount), moved(target, balance=amount)
-        if too_much_available(target):
-            return SKIP
+        if past_int64(target):
+            return available_past_int64()
         plan.accounts = {payer: source, payee: target}
         plan.rows = [row(payer, source), row(payee, target)]
         out_leg = transaction(
@@ -404,8 +479,8 @@ class LedgerMachine(RuleBasedStateMachine):
         # Closed accounts still resolve; the reservation needs no funds.
         source = moved(self.accounts[payer], balance=-posted, pending_out=-pending.amount)
         target = moved(self.accounts[payee], balance=posted, pending_in=-pending.amount)
-        if too_much_available(source, target):
-            return SKIP
+        if past_int64(source, target):
+            return available_past_int64()
         plan.accounts = {payer: source, payee: target}
         plan.rows = [row(payer, source), row(payee, target)]
         resolved = pb.PendingTransfer()
@@ -443,8 +518,8 @@ class LedgerMachine(RuleBasedStateMachine):
     def plan_SetAccountPolicy(self, request: pb.SetAccountPolicyRequest, actor: str | None) -> Plan:
         user = request.user_id
         after = replace(self.accounts[user], overdraft_limit=request.overdraft_limit, closed=request.closed)
-        if too_much_available(after):
-            return SKIP
+        if past_int64(after):
+            return available_past_int64()
         return Plan(accounts={user: after}, reply=pb.SetAccountPolicyResponse(balance=balance_message(user, after)))
 
     # ------------------------------------------------------------ sending and checking
@@ -455,11 +530,9 @@ class LedgerMachine(RuleBasedStateMachine):
         retry rule may send it again."""
         plan: Plan = getattr(self, f"plan_{method}")(request, actor)
         if plan is SKIP:
-            STATS[(method, "SKIP")] += 1
             return
         if retried_later:
             self.sent.append((method, request, actor))
-        STATS[(method, "replay" if plan.replay else "fresh", plan.refusal.code.name + ":" + plan.refusal.detail if plan.refusal else "ok")] += 1
         metadata = SERVICE if actor is None else auth(actor)
         call = getattr(self.io.clients.tokens, method)
         try:
@@ -556,32 +629,36 @@ class LedgerMachine(RuleBasedStateMachine):
                 request = pb.CreditRequest(user_id=user, amount=amount, request_id=self.request_id(None))
                 self.perform("Credit", request, None, retried_later=False)
 
-    @rule(user=USERS, amount=AMOUNTS, reason=REASONS, pick=REQUEST_IDS)
-    def credit(self, user: int, amount: int, reason: str, pick: int | None) -> None:
+    @rule(user=USERS, size=CREDITS, reason=REASONS, pick=REQUEST_IDS)
+    def credit(self, user: int, size: Size, reason: str, pick: int | None) -> None:
+        amount = amount_of(size, self.accounts[self.users[user]])
         request = pb.CreditRequest(user_id=self.users[user], amount=amount, reason=reason, request_id=self.request_id(pick))
         self.perform("Credit", request, None)
 
-    @rule(user=USERS, amount=AMOUNTS, reason=REASONS, pick=REQUEST_IDS, as_service=st.booleans())
-    def deduct(self, user: int, amount: int, reason: str, pick: int | None, as_service: bool) -> None:
+    @rule(user=USERS, size=DEBITS, reason=REASONS, pick=REQUEST_IDS, as_service=st.booleans())
+    def deduct(self, user: int, size: Size, reason: str, pick: int | None, as_service: bool) -> None:
+        amount = amount_of(size, self.accounts[self.users[user]])
         request = pb.DeductRequest(user_id=self.users[user], amount=amount, reason=reason, request_id=self.request_id(pick))
         self.perform("Deduct", request, None if as_service else self.users[user])
 
-    @rule(payer=USERS, offset=OFFSETS, amount=AMOUNTS, reason=REASONS, pick=REQUEST_IDS, as_service=st.booleans())
-    def transfer(self, payer: int, offset: int, amount: int, reason: str, pick: int | None, as_service: bool) -> None:
+    @rule(payer=USERS, offset=OFFSETS, size=DEBITS, reason=REASONS, pick=REQUEST_IDS, as_service=st.booleans())
+    def transfer(self, payer: int, offset: int, size: Size, reason: str, pick: int | None, as_service: bool) -> None:
         source, target = self.pair(payer, offset)
+        amount = amount_of(size, self.accounts[source])
         request = pb.TransferRequest(
             from_user_id=source, to_user_id=target, amount=amount, reason=reason, request_id=self.request_id(pick)
         )
         self.perform("Transfer", request, None if as_service else source)
 
     @rule(
-        payer=USERS, offset=OFFSETS, amount=AMOUNTS, timeout=TIMEOUTS, reason=REASONS, pick=REQUEST_IDS,
+        payer=USERS, offset=OFFSETS, size=DEBITS, timeout=TIMEOUTS, reason=REASONS, pick=REQUEST_IDS,
         as_service=st.booleans(),
     )
     def create_pending(
-        self, payer: int, offset: int, amount: int, timeout: int, reason: str, pick: int | None, as_service: bool
+        self, payer: int, offset: int, size: Size, timeout: int, reason: str, pick: int | None, as_service: bool
     ) -> None:
         source, target = self.pair(payer, offset)
+        amount = amount_of(size, self.accounts[source])
         request = pb.CreatePendingTransferRequest(
             from_user_id=source, to_user_id=target, amount=amount, timeout_seconds=timeout, reason=reason,
             request_id=self.request_id(pick),
@@ -640,8 +717,9 @@ class LedgerMachine(RuleBasedStateMachine):
         )
         self.perform("VoidPendingTransfer", request, self.resolver(pending, actor))
 
-    @rule(user=USERS, limit=LIMITS, closed=st.sampled_from([False, False, False, True]))
-    def set_policy(self, user: int, limit: int, closed: bool) -> None:
+    @rule(user=USERS, size=LIMITS, closed=st.sampled_from([False, False, False, True]))
+    def set_policy(self, user: int, size: int | Ceiling, closed: bool) -> None:
+        limit = min(limit_of(size, self.accounts[self.users[user]]), INT64_MAX)
         request = pb.SetAccountPolicyRequest(user_id=self.users[user], overdraft_limit=limit, closed=closed)
         self.perform("SetAccountPolicy", request, None)
 
@@ -699,7 +777,73 @@ class LedgerMachine(RuleBasedStateMachine):
 @pytest.mark.cluster
 async def test_the_ledger_agrees_with_a_model_of_it(clients: Clients, db: asyncpg.Connection) -> None:
     machine = type("BoundLedgerMachine", (LedgerMachine,), {"io": Harness(asyncio.get_running_loop(), clients, db)})
+    await asyncio.to_thread(run_state_machine_as_test, machine, settings=SETTINGS)
+
+
+# ---------------------------------------------------------------- the known departures, pinned
+
+
+async def _balance_of(clients: Clients, user: str) -> pb.Balance:
+    reply = await clients.tokens.GetBalances(pb.GetBalancesRequest(user_ids=[user]), metadata=SERVICE)
+    return reply.balances[0]
+
+
+@pytest.mark.xfail(strict=True, reason="DEBITS_CHECK_RESERVATIONS_OVERFLOW: a debit is refused for its payer's reservations")
+async def test_a_debit_is_not_refused_for_reservations_it_does_not_make(clients: Clients) -> None:
+    tokens = clients.tokens
+    await tokens.SetAccountPolicy(pb.SetAccountPolicyRequest(user_id="ann", overdraft_limit=INT64_MAX), metadata=SERVICE)
+    await tokens.CreatePendingTransfer(
+        pb.CreatePendingTransferRequest(from_user_id="ann", to_user_id="bob", amount=INT64_MAX - 5, request_id="p"),
+        metadata=SERVICE,
+    )
+    await tokens.Credit(pb.CreditRequest(user_id="ann", amount=10, request_id="c"), metadata=SERVICE)
+    assert (await _balance_of(clients, "ann")).available == 15
+
+    # pending_out + 7 passes int64, but a debit reserves nothing. The first operation
+    # fails, so the batch goes item by item (as everything does on Citus).
+    submitted = await tokens.SubmitOperations(
+        pb.SubmitOperationsRequest(
+            operations=[
+                pb.Operation(request_id="x", deduct=pb.DeductRequest(user_id="penniless", amount=1)),
+                pb.Operation(request_id="d", deduct=pb.DeductRequest(user_id="ann", amount=7)),
+            ]
+        ),
+        metadata=SERVICE,
+    )
+
+    assert [r.ok for r in submitted.results] == [False, True], submitted.results[1].error.message
+    assert submitted.results[1].deduct.balance == 3
+
+
+@pytest.mark.xfail(strict=True, reason="AVAILABLE_PAST_INT64_IS_INTERNAL: available is computed in bigint")
+async def test_releasing_a_reservation_past_an_int64_available_is_not_internal(clients: Clients) -> None:
+    """available = balance - pending_out + overdraft_limit can pass int64 when a reservation
+    is released; the void fails with INTERNAL, and so does the expiry sweep on it (and on
+    every pending transfer due in the same sweep), so the reservation never ends."""
+    tokens = clients.tokens
+    await tokens.SetAccountPolicy(pb.SetAccountPolicyRequest(user_id="ann", overdraft_limit=INT64_MAX - 100), metadata=SERVICE)
+    reserved = await tokens.CreatePendingTransfer(
+        pb.CreatePendingTransferRequest(from_user_id="ann", to_user_id="bob", amount=1000, request_id="p"),
+        metadata=SERVICE,
+    )
+    await tokens.Credit(pb.CreditRequest(user_id="ann", amount=500, request_id="c"), metadata=SERVICE)
+    assert (await _balance_of(clients, "ann")).available == INT64_MAX - 600
+
+    void = pb.VoidPendingTransferRequest(pending_transfer_id=reserved.pending_transfer.pending_transfer_id, request_id="v")
     try:
-        await asyncio.to_thread(run_state_machine_as_test, machine, settings=SETTINGS)
-    finally:
-        for k, v in sorted(STATS.items()): print(k, v)
+        await tokens.VoidPendingTransfer(void, metadata=SERVICE)
+    except grpc.aio.AioRpcError as error:
+        assert error.code() != grpc.StatusCode.INTERNAL, error.details()
+
+
+@pytest.mark.xfail(strict=True, reason="REPLAY_SHOWS_TODAYS_POLICY: a retry shows today's overdraft limit and closed")
+async def test_a_retried_reservation_shows_the_first_balances(clients: Clients) -> None:
+    tokens = clients.tokens
+    await tokens.Credit(pb.CreditRequest(user_id="ann", amount=100, request_id="c"), metadata=SERVICE)
+    request = pb.CreatePendingTransferRequest(from_user_id="ann", to_user_id="bob", amount=10, request_id="p")
+    first = await tokens.CreatePendingTransfer(request, metadata=SERVICE)
+    await tokens.SetAccountPolicy(pb.SetAccountPolicyRequest(user_id="ann", overdraft_limit=7, closed=True), metadata=SERVICE)
+
+    retried = await tokens.CreatePendingTransfer(request, metadata=SERVICE)
+
+    assert retried.from_balance == first.from_balance  # available 90, overdraft_limit 0, open

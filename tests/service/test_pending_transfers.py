@@ -453,11 +453,11 @@ async def test_reservations_storm_on_a_hot_payer_and_a_hot_payee(clients: Client
             except grpc.aio.AioRpcError as error:
                 return error
 
-    created = await asyncio.gather(*(create(i) for i in range(300)))
+    created = await asyncio.gather(*(create(i) for i in range(200)))
     held = [c.pending_transfer for c in created if isinstance(c, pb.CreatePendingTransferResponse)]
     refused = [c for c in created if not isinstance(c, pb.CreatePendingTransferResponse)]
     assert all(precondition_types(e) == ["INSUFFICIENT_FUNDS"] for e in refused), refused[:3]
-    assert len(held) >= 100
+    assert len(held) >= 80
 
     async def resolve(pending: pb.PendingTransfer, attempt: int) -> tuple[str, Any]:
         choice = rng.choice(["post", "post-part", "void"])

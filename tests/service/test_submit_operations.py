@@ -198,7 +198,7 @@ async def test_batches_racing_each_other_and_single_calls_keep_the_bank_exact(
 
     def batch(n: int) -> list[pb.Operation]:
         operations = []
-        for k in range(60):
+        for k in range(40):
             payer, payee = rng.sample(users, 2)
             operations.append(transfer(payer, payee, rng.randint(1, 80), f"b{n}-{k}", linked=k % 4 < 2))
         return operations
@@ -212,13 +212,13 @@ async def test_batches_racing_each_other_and_single_calls_keep_the_bank_exact(
         except grpc.aio.AioRpcError as error:
             return error
 
-    batches = [batch(n) for n in range(8)]
-    outcomes = await asyncio.gather(*(submit(clients, b) for b in batches), *(single(n) for n in range(100)))
-    results = [r for batch_results in outcomes[:8] for r in batch_results]
+    batches = [batch(n) for n in range(6)]
+    outcomes = await asyncio.gather(*(submit(clients, b) for b in batches), *(single(n) for n in range(60)))
+    results = [r for batch_results in outcomes[:6] for r in batch_results]
     acknowledged = {t.transaction_id for r in results if r.ok for t in r.transfer.transactions}
     for failed in (r for r in results if not r.ok):
         assert violation(failed.error)[1][0] in ("INSUFFICIENT_FUNDS", "LINKED_OPERATION_FAILED"), failed
-    for reply in outcomes[8:]:
+    for reply in outcomes[6:]:
         if isinstance(reply, grpc.aio.AioRpcError):
             assert reply.code() == grpc.StatusCode.FAILED_PRECONDITION, reply
         else:
