@@ -212,7 +212,7 @@ BEGIN
     VALUES (p_transaction_id, p_user_id, p_kind, p_amount, moved.balance, moved.pending_in, moved.pending_out,
             p_reason, p_reference_id, p_counterparty, p_request_id, moved.last_sequence, p_pending_transfer_id)
     RETURNING t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after, t.pending_in_after,
-              t.pending_out_after, t.balance_after - t.pending_out_after + moved.overdraft_limit,
+              t.pending_out_after, token_available(t.balance_after, t.pending_out_after, moved.overdraft_limit),
               moved.overdraft_limit, moved.closed, t.reason,
               t.reference_id, t.counterparty_user_id, t.request_id, t.sequence, t.create_time, t.pending_transfer_id;
 END $$;
@@ -401,7 +401,8 @@ BEGIN
         RETURNING t.transaction_id, t.create_time
     )
     SELECT l.item, l.transaction_id, l.user_id, l.kind, l.amount, l.balance_after::bigint, l.pending_in_after,
-           l.pending_out_after, (l.balance_after - l.pending_out_after + l.overdraft_limit)::bigint, l.overdraft_limit,
+           l.pending_out_after, token_available(l.balance_after::bigint, l.pending_out_after, l.overdraft_limit),
+           l.overdraft_limit,
            l.closed, l.reason, l.reference_id, l.counterparty_user_id, l.request_id, l.sequence, i.create_time,
            NULL::text, NULL::pending_transfers, NULL, NULL, NULL
     FROM token_movement_legs l JOIN inserted i ON i.transaction_id = l.transaction_id
@@ -487,7 +488,7 @@ BEGIN
                 -- first under the initiator's).
                 RETURN QUERY SELECT p_item, t.transaction_id, t.user_id, t.kind, t.amount, t.balance_after,
                                     t.pending_in_after, t.pending_out_after,
-                                    t.balance_after - t.pending_out_after + b.overdraft_limit,
+                                    token_available(t.balance_after, t.pending_out_after, b.overdraft_limit),
                                     b.overdraft_limit, b.closed,
                                     t.reason, t.reference_id, t.counterparty_user_id, t.request_id, t.sequence,
                                     t.create_time, t.pending_transfer_id, pend, NULL, NULL, NULL
@@ -522,7 +523,7 @@ BEGIN
         WHEN payer IS NOT NULL
              AND payer_row.balance::numeric - payer_row.pending_out + payer_row.overdraft_limit < moved THEN
             ARRAY['NX412', format('%s has fewer than %s tokens available', payer, moved), 'INSUFFICIENT_FUNDS']
-        WHEN payer IS NOT NULL AND payer_row.pending_out::numeric + moved > 9223372036854775807 THEN
+        WHEN p_op = 'create_pending' AND payer_row.pending_out::numeric + moved > 9223372036854775807 THEN
             ARRAY['NX412', format('the reservations of %s would overflow', payer), 'BALANCE_OVERFLOW']
         WHEN payee IS NOT NULL
              AND payee_row.balance::numeric + payee_row.pending_in + moved > 9223372036854775807 THEN
@@ -643,8 +644,11 @@ BEGIN
     END IF;
 
     -- On one node (Citus routes statement by statement: item by item there), a
-    -- batch of movements only, no chain, goes the fast path if it qualifies.
-    IF NOT on_citus
+    -- large batch of movements only, no chain, goes the fast path if it
+    -- qualifies. Its fixed cost (a temporary table, several statements over
+    -- the batch) is about that of a few dozen items; a small batch (group
+    -- commit's under most loads) goes item by item.
+    IF NOT on_citus AND cardinality(p_ops) >= 100
        AND p_ops <@ ARRAY['credit', 'deduct', 'transfer'] AND NOT coalesce(true = ANY (p_linked), false) THEN
         RETURN QUERY SELECT * FROM apply_token_movements(
             p_user_ids, p_ops, p_counterparties, p_amounts, p_reasons, p_reference_ids, p_request_ids);
@@ -1349,7 +1353,8 @@ BEGIN
     IF p_as_of IS NULL THEN
         RETURN QUERY
         SELECT asked.user_id, coalesce(b.balance, 0), coalesce(b.pending_in, 0), coalesce(b.pending_out, 0),
-               coalesce(b.balance - b.pending_out + b.overdraft_limit, 0), coalesce(b.overdraft_limit, 0),
+               coalesce(token_available(b.balance, b.pending_out, b.overdraft_limit), 0),
+               coalesce(b.overdraft_limit, 0),
                coalesce(b.closed, false), CASE WHEN b.last_sequence > 0 THEN b.update_time END
         FROM unnest(p_user_ids) WITH ORDINALITY AS asked (user_id, position)
         -- Filtered by key first: on Citus that reads only the asked users' shards.
@@ -1361,7 +1366,8 @@ BEGIN
     FOREACH asked IN ARRAY p_user_ids LOOP
         RETURN QUERY
         SELECT asked, coalesce(t.balance_after, 0), coalesce(t.pending_in_after, 0), coalesce(t.pending_out_after, 0),
-               coalesce(t.balance_after, 0) - coalesce(t.pending_out_after, 0) + coalesce(b.overdraft_limit, 0),
+               token_available(coalesce(t.balance_after, 0), coalesce(t.pending_out_after, 0),
+                               coalesce(b.overdraft_limit, 0)),
                coalesce(b.overdraft_limit, 0), coalesce(b.closed, false), t.create_time
         FROM (SELECT 1) one
         LEFT JOIN LATERAL (SELECT * FROM token_transactions tt WHERE tt.user_id = asked AND tt.create_time <= p_as_of
@@ -2509,6 +2515,14 @@ BEGIN
     RETURNING identity_entities INTO entities;
     RETURN entities;
 END $$;
+
+-- Name: token_available(bigint, bigint, bigint); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.token_available(p_balance bigint, p_pending_out bigint, p_overdraft_limit bigint) RETURNS bigint
+    LANGUAGE sql IMMUTABLE STRICT
+    AS $$
+    SELECT least(p_balance::numeric - p_pending_out + p_overdraft_limit, 9223372036854775807)::bigint
+$$;
 
 -- Name: token_operation_failure(integer, text[]); Type: FUNCTION; Schema: public
 

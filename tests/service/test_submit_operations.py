@@ -174,6 +174,29 @@ async def test_malformed_calls_are_invalid_naming_the_field(clients: Clients, db
     assert await balance_rows(db) == {}
 
 
+async def test_a_large_call_applies_in_order_whichever_way_it_goes(clients: Clients, db: asyncpg.Connection) -> None:
+    """A call of 100 or more movements applies set-based when nothing in it fails (its running
+    balances decide, in order), and item by item otherwise: the results are the same either way."""
+    # Each hop passes alice's 10 tokens on and back: valid only in this order.
+    relay = [credit("alice", 10, "fund")]
+    for hop in range(60):
+        relay += [transfer("alice", "bob", 10, f"out{hop}"), transfer("bob", "alice", 10, f"back{hop}")]
+    results = await submit(clients, relay)
+    assert all(r.ok for r in results)
+    assert [r.transfer.from_balance for r in results[1::2]] == [0] * 60
+    assert await balance_rows(db) == {"alice": 10, "bob": 0}
+
+    # The same call again: every result the first, nothing applied again.
+    assert await submit(clients, relay) == results
+    # A call in which one item fails: that one is refused, the others apply around it.
+    mixed = [transfer("alice", "carol", 1, f"c{n}") for n in range(120)]
+    results = await submit(clients, mixed)
+    assert [r.ok for r in results] == [True] * 10 + [False] * 110
+    assert {violation(r.error)[1][0] for r in results[10:]} == {"INSUFFICIENT_FUNDS"}
+    assert await balance_rows(db) == {"alice": 0, "bob": 0, "carol": 10}
+    await assert_reconciled(db)
+
+
 async def test_a_full_call_of_8190_transfers_applies_every_one(clients: Clients, db: asyncpg.Connection) -> None:
     payers = [f"payer{i}" for i in range(90)]
     await submit(clients, [credit(p, 1000, "fund") for p in payers])
