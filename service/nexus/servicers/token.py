@@ -18,7 +18,7 @@ import asyncpg
 import grpc
 
 from nexus import errors, queries, validation
-from nexus.auth import Principal, acting_user, current_principal
+from nexus.auth import acting_user, current_principal
 from nexus.database import Database
 from nexus.errors import FailedPrecondition, InvalidArgument, NexusError, PermissionDenied
 from nexus.group_commit import GroupCommit
@@ -107,8 +107,8 @@ def pending_transfer_message(row: Mapping[str, Any]) -> pb.PendingTransfer:
     return message
 
 
-def _require_service(principal: Principal, what: str) -> None:
-    if not principal.is_service:
+def _require_service(what: str) -> None:
+    if not current_principal.get().is_service:
         raise PermissionDenied(f"{what} needs a service token")
 
 
@@ -169,7 +169,7 @@ def _two_users(request: Any, what: str) -> tuple[str, str]:
 
 def credit_operation(request: pb.CreditRequest, request_id: str) -> Operation:
     user_id = acting_user(request.user_id)
-    _require_service(current_principal.get(), "Credit mints tokens and")
+    _require_service("Credit mints tokens and")
     return _movement("credit", user_id, None, request, request_id)
 
 
@@ -382,7 +382,7 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         self, request: pb.SetAccountPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetAccountPolicyResponse:
         user_id = validation.user_id(request.user_id, "user_id")
-        _require_service(current_principal.get(), "SetAccountPolicy")
+        _require_service("SetAccountPolicy")
         if request.overdraft_limit < 0:
             raise InvalidArgument("overdraft_limit", "must be 0 or greater")
         (row,) = await self._db.fetch(queries.SET_ACCOUNT_POLICY, user_id, request.overdraft_limit, request.closed)
