@@ -16,6 +16,22 @@ CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA public;
 
 COMMENT ON EXTENSION vector IS 'vector data type and ivfflat and hnsw access methods';
 
+-- Name: feed_reason; Type: TYPE; Schema: public
+
+CREATE TYPE public.feed_reason AS ENUM (
+    'authored',
+    'amplified'
+);
+
+-- Name: feed_row; Type: TYPE; Schema: public
+
+CREATE TYPE public.feed_row AS (
+	entry_id uuid,
+	actor_id text,
+	reason public.feed_reason,
+	item_time timestamp with time zone
+);
+
 -- Name: memory_create; Type: TYPE; Schema: public
 
 CREATE TYPE public.memory_create AS (
@@ -262,6 +278,9 @@ DECLARE
     -- Whether the entry exists and each item's user may see it, decided once
     -- per entry: the shards locked below are exactly those the loop will write.
     allowed     boolean[];
+    amplified   feed_row[] := '{}';  -- the amplifications the batch changed
+    change      record;
+    amplified_at timestamptz;
 BEGIN
     FOR entry_items IN SELECT asked.entry_id, array_agg(asked.position ORDER BY asked.position) AS items
                        FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
@@ -319,9 +338,25 @@ BEGIN
             ELSE
                 amplifies := amplifies + delta;
             END IF;
+            IF changed AND p_kinds[i] = 'amplification' THEN
+                amplified := amplified || ROW(e.entry_id, p_user_ids[i], 'amplified', NULL)::feed_row;
+            END IF;
             outcome := ROW(true, state, changed, resonances, amplifies, e.branch_count, totals.share_count);
             RETURN NEXT;
         END LOOP;
+    END LOOP;
+
+    -- The feed follows the amplifications the batch changed, last (after
+    -- every other lock) and in user order: one activity per amplification
+    -- that stands.
+    FOR change IN SELECT DISTINCT a.actor_id, a.entry_id FROM unnest(amplified) a ORDER BY 1, 2 LOOP
+        SELECT r.create_time INTO amplified_at FROM reactions r
+        WHERE r.user_id = change.actor_id AND r.entry_id = change.entry_id AND r.kind = 'amplification';
+        IF FOUND THEN
+            PERFORM feed_publish(change.actor_id, change.entry_id, 'amplified', amplified_at);
+        ELSE
+            PERFORM feed_retract(change.actor_id, change.entry_id, 'amplified');
+        END IF;
     END LOOP;
 END $$;
 
@@ -1007,6 +1042,7 @@ BEGIN
         VALUES (new_id, p_author_id, new_id, 0, 0, '{}', p_type, p_title, p_content, p_privacy, p_tags,
                 p_metadata, p_request_id, fingerprint)
         RETURNING * INTO created;
+        PERFORM feed_publish(p_author_id, new_id, 'authored', created.create_time);
     ELSE
         -- Lock the parent: children of one parent are numbered one at a time.
         SELECT * INTO parent FROM entries
@@ -1130,6 +1166,9 @@ BEGIN
     UPDATE entries
     SET title = '', content = '', tags = '{}', metadata = '{}', delete_time = now(), update_time = now()
     WHERE entry_id = p_entry_id;
+    IF e.depth = 0 THEN
+        PERFORM feed_retract(e.author_id, p_entry_id, 'authored');
+    END IF;
 END $$;
 
 -- Name: delete_memory(text, uuid); Type: FUNCTION; Schema: public
@@ -1271,6 +1310,99 @@ BEGIN
     RETURN expired;
 END $$;
 
+-- Name: feed_activities_window(text, boolean, timestamp with time zone, uuid, integer); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.feed_activities_window(p_actor text, p_authored_only boolean, p_before_time timestamp with time zone, p_before_entry uuid, p_limit integer) RETURNS public.feed_row[]
+    LANGUAGE plpgsql STABLE
+    AS $$
+DECLARE
+    rows feed_row[];
+BEGIN
+    SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row
+                              ORDER BY a.item_time DESC, a.entry_id DESC), '{}') INTO rows
+    FROM (SELECT * FROM feed_activities a
+          WHERE a.actor_id = p_actor AND (NOT p_authored_only OR a.reason = 'authored')
+            AND (p_before_time IS NULL OR (a.item_time, a.entry_id) < (p_before_time, p_before_entry))
+          ORDER BY a.item_time DESC, a.entry_id DESC LIMIT p_limit) a;
+    RETURN rows;
+END $$;
+
+-- Name: feed_broadcast_followers(); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.feed_broadcast_followers() RETURNS integer
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN 1000;
+
+-- Name: feed_follow(text, text); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.feed_follow(p_follower_id text, p_followed_id text) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF lock_feed_actor(p_followed_id, false) THEN
+        UPDATE follows SET broadcast = true WHERE follower_id = p_follower_id AND followed_id = p_followed_id;
+    ELSE
+        INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
+        SELECT p_follower_id, a.entry_id, a.actor_id, a.reason, a.item_time
+        FROM feed_activities a WHERE a.actor_id = p_followed_id
+        ON CONFLICT DO NOTHING;
+    END IF;
+END $$;
+
+-- Name: feed_publish(text, uuid, public.feed_reason, timestamp with time zone); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.feed_publish(p_actor text, p_entry_id uuid, p_reason public.feed_reason, p_time timestamp with time zone) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    broadcasts boolean := lock_feed_actor(p_actor, true);
+BEGIN
+    IF NOT broadcasts
+       AND (SELECT count(*) FROM (SELECT FROM follows f WHERE f.followed_id = p_actor
+                                  LIMIT feed_broadcast_followers()) AS enough) >= feed_broadcast_followers() THEN
+        UPDATE feed_actors SET broadcast = true WHERE user_id = p_actor;
+        UPDATE follows SET broadcast = true WHERE followed_id = p_actor;
+        broadcasts := true;
+    END IF;
+    INSERT INTO feed_activities (actor_id, entry_id, reason, item_time, fanned_out)
+    VALUES (p_actor, p_entry_id, p_reason, p_time, NOT broadcasts)
+    ON CONFLICT DO NOTHING;
+    IF FOUND AND NOT broadcasts THEN
+        INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
+        SELECT f.follower_id, p_entry_id, p_actor, p_reason, p_time FROM follows f WHERE f.followed_id = p_actor
+        ON CONFLICT DO NOTHING;
+    END IF;
+END $$;
+
+-- Name: feed_retract(text, uuid, public.feed_reason); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.feed_retract(p_actor text, p_entry_id uuid, p_reason public.feed_reason) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    fanned boolean;
+BEGIN
+    PERFORM lock_feed_actor(p_actor, true);
+    DELETE FROM feed_activities a
+    WHERE a.actor_id = p_actor AND a.entry_id = p_entry_id AND a.reason = p_reason
+    RETURNING a.fanned_out INTO fanned;
+    IF fanned THEN
+        DELETE FROM home_feed h USING follows f
+        WHERE f.followed_id = p_actor AND h.reader_id = f.follower_id
+          AND h.entry_id = p_entry_id AND h.actor_id = p_actor AND h.reason = p_reason;
+    END IF;
+END $$;
+
+-- Name: feed_unfollow(text, text); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.feed_unfollow(p_follower_id text, p_followed_id text) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM lock_feed_actor(p_followed_id, false);
+    DELETE FROM home_feed WHERE reader_id = p_follower_id AND actor_id = p_followed_id;
+END $$;
+
 -- Name: follow(text, text); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.follow(p_follower_id text, p_followed_id text) RETURNS boolean
@@ -1282,6 +1414,7 @@ BEGIN
         RETURN false;
     END IF;
     PERFORM count_follow_edge(p_follower_id, p_followed_id, 1);
+    PERFORM feed_follow(p_follower_id, p_followed_id);
     RETURN true;
 END $$;
 
@@ -1413,6 +1546,23 @@ BEGIN
     END IF;
 END $$;
 
+-- Name: home_feed_window(text, timestamp with time zone, uuid, integer); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.home_feed_window(p_reader text, p_before_time timestamp with time zone, p_before_entry uuid, p_limit integer) RETURNS public.feed_row[]
+    LANGUAGE plpgsql STABLE
+    AS $$
+DECLARE
+    rows feed_row[];
+BEGIN
+    SELECT coalesce(array_agg(ROW(h.entry_id, h.actor_id, h.reason, h.item_time)::feed_row
+                              ORDER BY h.item_time DESC, h.entry_id DESC), '{}') INTO rows
+    FROM (SELECT * FROM home_feed h
+          WHERE h.reader_id = p_reader
+            AND (p_before_time IS NULL OR (h.item_time, h.entry_id) < (p_before_time, p_before_entry))
+          ORDER BY h.item_time DESC, h.entry_id DESC LIMIT p_limit) h;
+    RETURN rows;
+END $$;
+
 -- Name: score_factor(double precision); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.score_factor(x double precision) RETURNS double precision
@@ -1484,6 +1634,113 @@ BEGIN
       AND (p_after_time IS NULL OR (f.create_time, f.followed_id) < (p_after_time, p_after_user))
     ORDER BY f.create_time DESC, f.followed_id DESC
     LIMIT p_limit;
+END $$;
+
+-- Name: list_home_feed(text, timestamp with time zone, uuid, integer); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.list_home_feed(p_viewer text, p_after_time timestamp with time zone, p_after_entry uuid, p_limit integer) RETURNS TABLE(entry_id uuid, author_id text, parent_entry_id uuid, root_entry_id uuid, depth integer, branch_order integer, type text, title text, content text, privacy public.privacy, tags text[], metadata jsonb, create_time timestamp with time zone, update_time timestamp with time zone, branch_count bigint, resonance_count bigint, amplification_count bigint, share_count bigint, has_resonated boolean, has_amplified boolean, feed_time timestamp with time zone, authored boolean, amplified_by text[])
+    LANGUAGE plpgsql STABLE
+    AS $$
+#variable_conflict use_column
+DECLARE
+    broadcasters text[];
+    window_size  integer := p_limit + 1;
+    scan_time    timestamptz := p_after_time;  -- the windows read below (scan_time, scan_entry)
+    scan_entry   uuid := p_after_entry;
+    front_time   timestamptz;                  -- what every source has read past
+    front_entry  uuid;
+    source       integer;                      -- -1: home_feed, 0: own entries, i: broadcasters[i]
+    got          feed_row[];
+    merged       feed_row[];
+    listed       uuid[] := '{}';
+    candidates   uuid[];
+    times        timestamptz[];
+    above        uuid[];
+    page_ids     uuid[] := '{}';
+    page_times   timestamptz[] := '{}';
+    amplifiers   feed_row[];
+    authors      text[];
+    followed     text[];
+BEGIN
+    SELECT coalesce(array_agg(f.followed_id ORDER BY f.followed_id), '{}') INTO broadcasters
+    FROM follows f WHERE f.follower_id = p_viewer AND f.broadcast;
+    LOOP
+        merged := '{}';
+        front_time := NULL;
+        front_entry := NULL;
+        FOR source IN -1 .. cardinality(broadcasters) LOOP
+            got := CASE WHEN source = -1 THEN home_feed_window(p_viewer, scan_time, scan_entry, window_size)
+                        ELSE feed_activities_window(CASE WHEN source = 0 THEN p_viewer ELSE broadcasters[source] END,
+                                                    source = 0, scan_time, scan_entry, window_size) END;
+            IF cardinality(got) = window_size
+               AND (front_time IS NULL OR ((got[window_size]).item_time, (got[window_size]).entry_id)
+                                          > (front_time, front_entry)) THEN
+                front_time := (got[window_size]).item_time;
+                front_entry := (got[window_size]).entry_id;
+            END IF;
+            merged := merged || got;
+        END LOOP;
+
+        -- The window's entries not listed yet, newest first, down to the frontier.
+        SELECT coalesce(array_agg(w.entry_id ORDER BY w.newest DESC, w.entry_id DESC), '{}'),
+               coalesce(array_agg(w.newest ORDER BY w.newest DESC, w.entry_id DESC), '{}')
+        INTO candidates, times
+        FROM (SELECT m.entry_id, max(m.item_time) AS newest FROM unnest(merged) m
+              WHERE (front_time IS NULL OR (m.item_time, m.entry_id) >= (front_time, front_entry))
+                AND m.entry_id <> ALL (listed)
+              GROUP BY m.entry_id) w;
+        listed := listed || candidates;
+
+        IF p_after_time IS NOT NULL AND cardinality(candidates) > 0 THEN
+            -- An entry with an activity at or above the token was listed before (or is new).
+            SELECT coalesce(array_agg(h.entry_id), '{}') INTO above FROM home_feed h
+            WHERE h.reader_id = p_viewer AND h.entry_id = ANY (candidates)
+              AND (h.item_time, h.entry_id) >= (p_after_time, p_after_entry);
+            IF cardinality(broadcasters) > 0 THEN
+                SELECT above || coalesce(array_agg(a.entry_id), '{}') INTO above FROM feed_activities a
+                WHERE a.actor_id = ANY (broadcasters) AND a.entry_id = ANY (candidates)
+                  AND (a.item_time, a.entry_id) >= (p_after_time, p_after_entry);
+            END IF;
+            SELECT coalesce(array_agg(c.entry_id ORDER BY c.position), '{}'),
+                   coalesce(array_agg(times[c.position] ORDER BY c.position), '{}')
+            INTO candidates, times
+            FROM unnest(candidates) WITH ORDINALITY AS c (entry_id, position)
+            WHERE c.entry_id <> ALL (above);
+        END IF;
+
+        IF cardinality(candidates) > 0 THEN
+            -- Those the viewer may see, in order, as many as the page still takes.
+            SELECT page_ids || coalesce(array_agg(v.entry_id ORDER BY v.position), '{}'),
+                   page_times || coalesce(array_agg(times[v.position] ORDER BY v.position), '{}')
+            INTO page_ids, page_times
+            FROM (SELECT s.entry_id, array_position(candidates, s.entry_id) AS position
+                  FROM entry_counts(candidates, p_viewer) s
+                  LIMIT p_limit - cardinality(page_ids)) v;
+        END IF;
+        EXIT WHEN cardinality(page_ids) >= p_limit OR front_time IS NULL;
+        scan_time := front_time;
+        scan_entry := front_entry;
+    END LOOP;
+
+    -- Who of the viewer's follows amplified each entry, and which authors the viewer follows.
+    SELECT coalesce(array_agg(ROW(h.entry_id, h.actor_id, h.reason, h.item_time)::feed_row), '{}') INTO amplifiers
+    FROM home_feed h WHERE h.reader_id = p_viewer AND h.entry_id = ANY (page_ids) AND h.reason = 'amplified';
+    IF cardinality(broadcasters) > 0 THEN
+        SELECT amplifiers || coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}')
+        INTO amplifiers FROM feed_activities a
+        WHERE a.actor_id = ANY (broadcasters) AND a.entry_id = ANY (page_ids) AND a.reason = 'amplified';
+    END IF;
+    SELECT coalesce(array_agg(DISTINCT e.author_id), '{}') INTO authors FROM entries e WHERE e.entry_id = ANY (page_ids);
+    SELECT coalesce(array_agg(f.followed_id), '{}') INTO followed
+    FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = ANY (authors);
+
+    RETURN QUERY
+    SELECT g.*, page_times[p.position],
+           g.depth = 0 AND (g.author_id = p_viewer OR g.author_id = ANY (followed)),
+           (SELECT coalesce(array_agg(DISTINCT m.actor_id), '{}') FROM unnest(amplifiers) m WHERE m.entry_id = g.entry_id)
+    FROM get_entries(page_ids, p_viewer, p_viewer) g
+    JOIN unnest(page_ids) WITH ORDINALITY AS p (entry_id, position) ON p.entry_id = g.entry_id
+    ORDER BY p.position;
 END $$;
 
 -- Name: user_interactions; Type: TABLE; Schema: public
@@ -1635,6 +1892,25 @@ BEGIN
     WHERE t.user_id = p_user_id AND (p_after_sequence IS NULL OR t.sequence < p_after_sequence)
     ORDER BY t.sequence DESC
     LIMIT p_limit;
+END $$;
+
+-- Name: lock_feed_actor(text, boolean); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.lock_feed_actor(p_actor text, p_exclusive boolean) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    broadcasts boolean;
+BEGIN
+    IF p_exclusive THEN
+        INSERT INTO feed_actors AS a (user_id) VALUES (p_actor)
+        ON CONFLICT (user_id) DO UPDATE SET broadcast = a.broadcast
+        RETURNING a.broadcast INTO broadcasts;
+    ELSE
+        INSERT INTO feed_actors (user_id) VALUES (p_actor) ON CONFLICT DO NOTHING;
+        SELECT a.broadcast INTO broadcasts FROM feed_actors a WHERE a.user_id = p_actor FOR SHARE;
+    END IF;
+    RETURN broadcasts;
 END $$;
 
 -- Name: memory_users; Type: TABLE; Schema: public
@@ -2572,6 +2848,7 @@ BEGIN
         RETURN false;
     END IF;
     PERFORM count_follow_edge(p_follower_id, p_followed_id, -1);
+    PERFORM feed_unfollow(p_follower_id, p_followed_id);
     RETURN true;
 END $$;
 
@@ -2753,6 +3030,23 @@ CREATE TABLE public.entry_requests (
     create_time timestamp with time zone DEFAULT now() NOT NULL
 );
 
+-- Name: feed_activities; Type: TABLE; Schema: public
+
+CREATE TABLE public.feed_activities (
+    actor_id text NOT NULL,
+    entry_id uuid NOT NULL,
+    reason public.feed_reason NOT NULL,
+    item_time timestamp with time zone NOT NULL,
+    fanned_out boolean NOT NULL
+);
+
+-- Name: feed_actors; Type: TABLE; Schema: public
+
+CREATE TABLE public.feed_actors (
+    user_id text NOT NULL,
+    broadcast boolean DEFAULT false NOT NULL
+);
+
 -- Name: follow_counter_shards; Type: TABLE; Schema: public
 
 CREATE TABLE public.follow_counter_shards (
@@ -2772,7 +3066,18 @@ CREATE TABLE public.follows (
     follower_id text NOT NULL,
     followed_id text NOT NULL,
     create_time timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    broadcast boolean DEFAULT false NOT NULL,
     CONSTRAINT follows_check CHECK ((follower_id <> followed_id))
+);
+
+-- Name: home_feed; Type: TABLE; Schema: public
+
+CREATE TABLE public.home_feed (
+    reader_id text NOT NULL,
+    entry_id uuid NOT NULL,
+    actor_id text NOT NULL,
+    reason public.feed_reason NOT NULL,
+    item_time timestamp with time zone NOT NULL
 );
 
 -- Name: maintenance_runs; Type: TABLE; Schema: public
@@ -2896,6 +3201,16 @@ ALTER TABLE ONLY public.entry_counter_shards
 ALTER TABLE ONLY public.entry_requests
     ADD CONSTRAINT entry_requests_pkey PRIMARY KEY (author_id, request_id);
 
+-- Name: feed_activities feed_activities_pkey; Type: CONSTRAINT; Schema: public
+
+ALTER TABLE ONLY public.feed_activities
+    ADD CONSTRAINT feed_activities_pkey PRIMARY KEY (actor_id, entry_id, reason);
+
+-- Name: feed_actors feed_actors_pkey; Type: CONSTRAINT; Schema: public
+
+ALTER TABLE ONLY public.feed_actors
+    ADD CONSTRAINT feed_actors_pkey PRIMARY KEY (user_id);
+
 -- Name: follow_counter_shards follow_counter_shards_pkey; Type: CONSTRAINT; Schema: public
 
 ALTER TABLE ONLY public.follow_counter_shards
@@ -2905,6 +3220,11 @@ ALTER TABLE ONLY public.follow_counter_shards
 
 ALTER TABLE ONLY public.follows
     ADD CONSTRAINT follows_pkey PRIMARY KEY (follower_id, followed_id);
+
+-- Name: home_feed home_feed_pkey; Type: CONSTRAINT; Schema: public
+
+ALTER TABLE ONLY public.home_feed
+    ADD CONSTRAINT home_feed_pkey PRIMARY KEY (reader_id, entry_id, actor_id, reason);
 
 -- Name: maintenance_runs maintenance_runs_pkey; Type: CONSTRAINT; Schema: public
 
@@ -3009,6 +3329,14 @@ CREATE INDEX consciousness_cache_time ON public.consciousness_cache USING btree 
 
 CREATE INDEX entries_tree_order ON public.entries USING btree (root_entry_id, tree_path);
 
+-- Name: feed_activities_newest; Type: INDEX; Schema: public
+
+CREATE INDEX feed_activities_newest ON public.feed_activities USING btree (actor_id, item_time, entry_id);
+
+-- Name: follows_broadcasters; Type: INDEX; Schema: public
+
+CREATE INDEX follows_broadcasters ON public.follows USING btree (follower_id) WHERE broadcast;
+
 -- Name: follows_followers; Type: INDEX; Schema: public
 
 CREATE INDEX follows_followers ON public.follows USING btree (followed_id, create_time, follower_id);
@@ -3016,6 +3344,10 @@ CREATE INDEX follows_followers ON public.follows USING btree (followed_id, creat
 -- Name: follows_following; Type: INDEX; Schema: public
 
 CREATE INDEX follows_following ON public.follows USING btree (follower_id, create_time, followed_id);
+
+-- Name: home_feed_newest; Type: INDEX; Schema: public
+
+CREATE INDEX home_feed_newest ON public.home_feed USING btree (reader_id, item_time, entry_id);
 
 -- Name: memories_emotion; Type: INDEX; Schema: public
 

@@ -56,3 +56,12 @@ RETURN 7160813371206;
 CREATE OR REPLACE FUNCTION arc_gravity_threshold() RETURNS double precision
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN 0.8;
+
+-- An account with this many followers broadcasts (db/functions/feed.sql):
+-- its followers' pages read its activities instead of each follower getting a
+-- copy. At this size a copy to every follower is about a millisecond of
+-- inserts per post; each broadcaster a reader follows costs that reader's
+-- page one index probe (docs/feed.md).
+CREATE OR REPLACE FUNCTION feed_broadcast_followers() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN 1000;

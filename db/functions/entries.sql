@@ -249,6 +249,7 @@ BEGIN
         VALUES (new_id, p_author_id, new_id, 0, 0, '{}', p_type, p_title, p_content, p_privacy, p_tags,
                 p_metadata, p_request_id, fingerprint)
         RETURNING * INTO created;
+        PERFORM feed_publish(p_author_id, new_id, 'authored', created.create_time);
     ELSE
         -- Lock the parent: children of one parent are numbered one at a time.
         SELECT * INTO parent FROM entries
@@ -291,6 +292,9 @@ BEGIN
     UPDATE entries
     SET title = '', content = '', tags = '{}', metadata = '{}', delete_time = now(), update_time = now()
     WHERE entry_id = p_entry_id;
+    IF e.depth = 0 THEN
+        PERFORM feed_retract(e.author_id, p_entry_id, 'authored');
+    END IF;
 END $$;
 
 -- Entries with counts and, when p_states_for is set, that user's states; in

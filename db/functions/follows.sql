@@ -43,6 +43,7 @@ BEGIN
         RETURN false;
     END IF;
     PERFORM count_follow_edge(p_follower_id, p_followed_id, 1);
+    PERFORM feed_follow(p_follower_id, p_followed_id);
     RETURN true;
 END $$;
 
@@ -55,6 +56,7 @@ BEGIN
         RETURN false;
     END IF;
     PERFORM count_follow_edge(p_follower_id, p_followed_id, -1);
+    PERFORM feed_unfollow(p_follower_id, p_followed_id);
     RETURN true;
 END $$;
 

@@ -115,6 +115,9 @@ DECLARE
     -- Whether the entry exists and each item's user may see it, decided once
     -- per entry: the shards locked below are exactly those the loop will write.
     allowed     boolean[];
+    amplified   feed_row[] := '{}';  -- the amplifications the batch changed
+    change      record;
+    amplified_at timestamptz;
 BEGIN
     FOR entry_items IN SELECT asked.entry_id, array_agg(asked.position ORDER BY asked.position) AS items
                        FROM unnest(p_entry_ids) WITH ORDINALITY AS asked (entry_id, position)
@@ -172,9 +175,25 @@ BEGIN
             ELSE
                 amplifies := amplifies + delta;
             END IF;
+            IF changed AND p_kinds[i] = 'amplification' THEN
+                amplified := amplified || ROW(e.entry_id, p_user_ids[i], 'amplified', NULL)::feed_row;
+            END IF;
             outcome := ROW(true, state, changed, resonances, amplifies, e.branch_count, totals.share_count);
             RETURN NEXT;
         END LOOP;
+    END LOOP;
+
+    -- The feed follows the amplifications the batch changed, last (after
+    -- every other lock) and in user order: one activity per amplification
+    -- that stands.
+    FOR change IN SELECT DISTINCT a.actor_id, a.entry_id FROM unnest(amplified) a ORDER BY 1, 2 LOOP
+        SELECT r.create_time INTO amplified_at FROM reactions r
+        WHERE r.user_id = change.actor_id AND r.entry_id = change.entry_id AND r.kind = 'amplification';
+        IF FOUND THEN
+            PERFORM feed_publish(change.actor_id, change.entry_id, 'amplified', amplified_at);
+        ELSE
+            PERFORM feed_retract(change.actor_id, change.entry_id, 'amplified');
+        END IF;
     END LOOP;
 END $$;
 

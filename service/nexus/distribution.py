@@ -52,6 +52,9 @@ TABLES: tuple[tuple[str, str, str], ...] = (
     ("follow_counter_shards", "user_id", BY_USER),
     ("shares", "user_id", BY_USER),
     ("entry_requests", "author_id", BY_USER),
+    ("feed_actors", "user_id", BY_USER),
+    ("feed_activities", "actor_id", BY_USER),
+    ("home_feed", "reader_id", BY_USER),
     # By its own id, hashed as a user id is: PostPendingTransfer names only the
     # id, and a call routed by it runs on the worker that holds the transfer.
     ("pending_transfers", "pending_transfer_id", BY_USER),

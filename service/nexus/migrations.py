@@ -49,6 +49,7 @@ FUNCTION_FILES = (
     "follows.sql",
     "entries.sql",
     "interactions.sql",
+    "feed.sql",
     "tokens.sql",
     "streams.sql",
     "memories.sql",

@@ -38,6 +38,7 @@ BRANCH_TREE = Query(
     "SELECT * FROM branch_tree(p_entry_id => $1, p_viewer => $2, p_max_depth => $3, p_after => $4, p_limit => $5)"
 )
 ENTRY_COUNTS = Query("entry_counts", "SELECT * FROM entry_counts($1, $2)")
+LIST_HOME_FEED = Query("list_home_feed", "SELECT * FROM list_home_feed($1, $2, $3, $4)")
 USER_INTERACTION_STATES = Query("user_interaction_states", "SELECT * FROM user_interaction_states($1, $2)")
 LIST_REACTORS = Query(
     "list_reactors",

@@ -24,6 +24,10 @@ PRIVACY_VALUES = {name: value for value, name in PRIVACY_NAMES.items()}
 MAX_TITLE_CHARS = 300
 MAX_CONTENT_CHARS = 40_000
 MAX_NOTES_CHARS = 2000
+# A home feed page: 20 items unless asked, at most 100 (each is hydrated).
+DEFAULT_FEED_PAGE_SIZE = 20
+MAX_FEED_PAGE_SIZE = 100
+FEED_REASONS = {True: pb.FEED_REASON_AUTHORED, False: pb.FEED_REASON_AMPLIFIED}
 
 
 def counts_message(row: Mapping[str, Any], entry_id: str) -> pb.InteractionCounts:
@@ -57,6 +61,27 @@ def entry_message(entry: Mapping[str, Any], counts: pb.InteractionCounts | None 
     message.create_time.FromDatetime(entry["create_time"])
     message.update_time.FromDatetime(entry["update_time"])
     return message
+
+
+def hydrated_entry_message(row: Mapping[str, Any]) -> pb.Entry:
+    """An entry of get_entries (or a function that hydrates as it does), with its counts."""
+    return entry_message(row, counts_message(row, str(row["entry_id"])))
+
+
+def state_message(row: Mapping[str, Any]) -> pb.UserInteractionState:
+    return pb.UserInteractionState(
+        entry_id=str(row["entry_id"]), has_resonated=row["has_resonated"], has_amplified=row["has_amplified"]
+    )
+
+
+def feed_item_message(row: Mapping[str, Any]) -> pb.FeedItem:
+    item = pb.FeedItem(
+        entry=hydrated_entry_message(row),
+        reason=FEED_REASONS[row["authored"]],
+        amplified_by_user_ids=row["amplified_by"],
+    )
+    item.feed_time.FromDatetime(row["feed_time"])
+    return item
 
 
 def interaction_message(row: Mapping[str, Any]) -> pb.Interaction:
@@ -103,14 +128,9 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         )
         response = pb.GetEntriesResponse()
         for row in rows:
-            entry_id = str(row["entry_id"])
-            response.entries.append(entry_message(row, counts_message(row, entry_id)))
+            response.entries.append(hydrated_entry_message(row))
             if viewer is not None:
-                response.states.append(
-                    pb.UserInteractionState(
-                        entry_id=entry_id, has_resonated=row["has_resonated"], has_amplified=row["has_amplified"]
-                    )
-                )
+                response.states.append(state_message(row))
         return response
 
     async def DeleteEntry(self, request: pb.DeleteEntryRequest, context: grpc.aio.ServicerContext) -> pb.DeleteEntryResponse:
@@ -229,6 +249,25 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
             scope, rows, limit, lambda row: time_key(row["create_time"], row["user_id"])
         )
         return pb.ListResonatorsResponse(user_ids=[r["user_id"] for r in page], next_page_token=next_page_token)
+
+    async def ListHomeFeed(self, request: pb.ListHomeFeedRequest, context: grpc.aio.ServicerContext) -> pb.ListHomeFeedResponse:
+        viewer = acting_user(request.viewer_id, "viewer_id")
+        if request.page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        limit = min(request.page_size or DEFAULT_FEED_PAGE_SIZE, MAX_FEED_PAGE_SIZE)
+        scope = ("home_feed", viewer)
+        after_time, after_entry = self._tokens.decode_time_key(scope, request.page_token)
+        rows = await self._db.fetch(
+            queries.LIST_HOME_FEED, viewer, after_time, after_entry and validation.entry_id(after_entry, "page_token"), limit + 1
+        )
+        page, next_page_token = self._tokens.page(
+            scope, rows, limit, lambda row: time_key(row["feed_time"], str(row["entry_id"]))
+        )
+        return pb.ListHomeFeedResponse(
+            items=[feed_item_message(row) for row in page],
+            states=[state_message(row) for row in page],
+            next_page_token=next_page_token,
+        )
 
     async def RecordInteraction(
         self, request: pb.RecordInteractionRequest, context: grpc.aio.ServicerContext

@@ -47,6 +47,28 @@ PRIVACY_PRIVATE: Privacy.ValueType  # 3
 """The author only."""
 Global___Privacy: _TypeAlias = Privacy  # noqa: Y015
 
+class _FeedReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FeedReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FeedReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEED_REASON_UNSPECIFIED: _FeedReason.ValueType  # 0
+    FEED_REASON_AUTHORED: _FeedReason.ValueType  # 1
+    """Written by the viewer or by an account the viewer follows."""
+    FEED_REASON_AMPLIFIED: _FeedReason.ValueType  # 2
+    """Amplified by accounts the viewer follows (and not written by one)."""
+
+class FeedReason(_FeedReason, metaclass=_FeedReasonEnumTypeWrapper):
+    """Why an entry is in the feed."""
+
+FEED_REASON_UNSPECIFIED: FeedReason.ValueType  # 0
+FEED_REASON_AUTHORED: FeedReason.ValueType  # 1
+"""Written by the viewer or by an account the viewer follows."""
+FEED_REASON_AMPLIFIED: FeedReason.ValueType  # 2
+"""Amplified by accounts the viewer follows (and not written by one)."""
+Global___FeedReason: _TypeAlias = FeedReason  # noqa: Y015
+
 @_typing.final
 class InteractionCounts(_message.Message):
     """Counters of one entry. Each equals the rows it counts."""
@@ -1030,3 +1052,98 @@ class ListInteractionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListInteractionsResponse: _TypeAlias = ListInteractionsResponse  # noqa: Y015
+
+@_typing.final
+class ListHomeFeedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIEWER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    viewer_id: _builtins.str
+    """The reader; only the reader (or a service) may read its feed."""
+    page_size: _builtins.int
+    """0 means 20; above 100 is read as 100."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        viewer_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "viewer_id", b"viewer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListHomeFeedRequest: _TypeAlias = ListHomeFeedRequest  # noqa: Y015
+
+@_typing.final
+class FeedItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AMPLIFIED_BY_USER_IDS_FIELD_NUMBER: _builtins.int
+    FEED_TIME_FIELD_NUMBER: _builtins.int
+    reason: Global___FeedReason.ValueType
+    @_builtins.property
+    def entry(self) -> Global___Entry:
+        """With its counts, as GetEntries returns it for the viewer."""
+
+    @_builtins.property
+    def amplified_by_user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The accounts the viewer follows that amplified the entry, latest first."""
+
+    @_builtins.property
+    def feed_time(self) -> _timestamp_pb2.Timestamp:
+        """The item's place in the feed: the entry's create_time (AUTHORED) or its
+        latest amplification by an account the viewer follows.
+        """
+
+    def __init__(
+        self,
+        *,
+        entry: Global___Entry | None = ...,
+        reason: Global___FeedReason.ValueType = ...,
+        amplified_by_user_ids: _abc.Iterable[_builtins.str] | None = ...,
+        feed_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "feed_time", b"feed_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amplified_by_user_ids", b"amplified_by_user_ids", "entry", b"entry", "feed_time", b"feed_time", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedItem: _TypeAlias = FeedItem  # noqa: Y015
+
+@_typing.final
+class ListHomeFeedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedItem]: ...
+    @_builtins.property
+    def states(self) -> _containers.RepeatedCompositeFieldContainer[Global___UserInteractionState]:
+        """The viewer's states, one per item, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___FeedItem] | None = ...,
+        states: _abc.Iterable[Global___UserInteractionState] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "next_page_token", b"next_page_token", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListHomeFeedResponse: _TypeAlias = ListHomeFeedResponse  # noqa: Y015

@@ -113,6 +113,11 @@ class InteractionServiceStub:
                 request_serializer=nexus_dot_v1_dot_interaction__pb2.ListInteractionsRequest.SerializeToString,
                 response_deserializer=nexus_dot_v1_dot_interaction__pb2.ListInteractionsResponse.FromString,
                 _registered_method=True)
+        self.ListHomeFeed = channel.unary_unary(
+                '/nexus.v1.InteractionService/ListHomeFeed',
+                request_serializer=nexus_dot_v1_dot_interaction__pb2.ListHomeFeedRequest.SerializeToString,
+                response_deserializer=nexus_dot_v1_dot_interaction__pb2.ListHomeFeedResponse.FromString,
+                _registered_method=True)
 
 
 class InteractionServiceServicer:
@@ -237,6 +242,15 @@ class InteractionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListHomeFeed(self, request, context):
+        """The viewer's home feed, newest first: root entries by the accounts the
+        viewer follows and by the viewer, and entries those accounts amplified,
+        one item per entry, hydrated as GetEntries hydrates them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InteractionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -314,6 +328,11 @@ def add_InteractionServiceServicer_to_server(servicer, server):
                     servicer.ListInteractions,
                     request_deserializer=nexus_dot_v1_dot_interaction__pb2.ListInteractionsRequest.FromString,
                     response_serializer=nexus_dot_v1_dot_interaction__pb2.ListInteractionsResponse.SerializeToString,
+            ),
+            'ListHomeFeed': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHomeFeed,
+                    request_deserializer=nexus_dot_v1_dot_interaction__pb2.ListHomeFeedRequest.FromString,
+                    response_serializer=nexus_dot_v1_dot_interaction__pb2.ListHomeFeedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -725,6 +744,33 @@ class InteractionService:
             '/nexus.v1.InteractionService/ListInteractions',
             nexus_dot_v1_dot_interaction__pb2.ListInteractionsRequest.SerializeToString,
             nexus_dot_v1_dot_interaction__pb2.ListInteractionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHomeFeed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.v1.InteractionService/ListHomeFeed',
+            nexus_dot_v1_dot_interaction__pb2.ListHomeFeedRequest.SerializeToString,
+            nexus_dot_v1_dot_interaction__pb2.ListHomeFeedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,11 @@ class InteractionServiceStub:
     """Atomic upsert of the one (user_id, target_id) interaction; last write wins."""
     ListInteractions: _grpc.UnaryUnaryMultiCallable[_interaction_pb2.ListInteractionsRequest, _interaction_pb2.ListInteractionsResponse]
     """A user's interactions, most recently updated first."""
+    ListHomeFeed: _grpc.UnaryUnaryMultiCallable[_interaction_pb2.ListHomeFeedRequest, _interaction_pb2.ListHomeFeedResponse]
+    """The viewer's home feed, newest first: root entries by the accounts the
+    viewer follows and by the viewer, and entries those accounts amplified,
+    one item per entry, hydrated as GetEntries hydrates them.
+    """
 
 @_typing.type_check_only
 class InteractionServiceAsyncStub(InteractionServiceStub):
@@ -137,6 +142,11 @@ class InteractionServiceAsyncStub(InteractionServiceStub):
     """Atomic upsert of the one (user_id, target_id) interaction; last write wins."""
     ListInteractions: _aio.UnaryUnaryMultiCallable[_interaction_pb2.ListInteractionsRequest, _interaction_pb2.ListInteractionsResponse]  # type: ignore[assignment]
     """A user's interactions, most recently updated first."""
+    ListHomeFeed: _aio.UnaryUnaryMultiCallable[_interaction_pb2.ListHomeFeedRequest, _interaction_pb2.ListHomeFeedResponse]  # type: ignore[assignment]
+    """The viewer's home feed, newest first: root entries by the accounts the
+    viewer follows and by the viewer, and entries those accounts amplified,
+    one item per entry, hydrated as GetEntries hydrates them.
+    """
 
 class InteractionServiceServicer(metaclass=_abc_1.ABCMeta):
     """InteractionService: entries, their reply trees ("branches"), likes
@@ -279,5 +289,16 @@ class InteractionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_interaction_pb2.ListInteractionsResponse, _abc.Awaitable[_interaction_pb2.ListInteractionsResponse]]:
         """A user's interactions, most recently updated first."""
+
+    @_abc_1.abstractmethod
+    def ListHomeFeed(
+        self,
+        request: _interaction_pb2.ListHomeFeedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_interaction_pb2.ListHomeFeedResponse, _abc.Awaitable[_interaction_pb2.ListHomeFeedResponse]]:
+        """The viewer's home feed, newest first: root entries by the accounts the
+        viewer follows and by the viewer, and entries those accounts amplified,
+        one item per entry, hydrated as GetEntries hydrates them.
+        """
 
 def add_InteractionServiceServicer_to_server(servicer: InteractionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

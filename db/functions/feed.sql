@@ -1,0 +1,264 @@
+-- The home feed (docs/feed.md): fan-out on write for most accounts, on read
+-- for broadcasters.
+--
+-- An account's activities (feed_activities) are the root entries it wrote
+-- and the entries it amplified. While the account has fewer than
+-- feed_broadcast_followers() followers, each new activity is copied into
+-- every follower's home_feed in the writing transaction, and a new follower
+-- gets the account's activities copied in its follow. An account that has
+-- that many followers when it writes becomes a broadcaster for good: its
+-- follows are marked (follows.broadcast) and its later activities stay in
+-- feed_activities, where each follower's page reads them.
+--
+-- Exactness rests on one lock per account, its feed_actors row: a new or
+-- removed activity takes it exclusively (FOR NO KEY UPDATE), a follow or an
+-- unfollow of the account takes it shared. So an activity and a follow of its
+-- account never pass each other unseen: whichever locks second sees the
+-- other's rows, and the item is copied exactly once (by the fan-out or by the
+-- follow's backfill). Every writer takes feed_actors rows last, in user_id
+-- order, after its other locks.
+
+-- Locks p_actor's feed_actors row, creating it: exclusively for a change of
+-- its activities, shared for a follow or unfollow of it. Returns whether the
+-- account broadcasts.
+CREATE OR REPLACE FUNCTION lock_feed_actor(p_actor text, p_exclusive boolean) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    broadcasts boolean;
+BEGIN
+    IF p_exclusive THEN
+        INSERT INTO feed_actors AS a (user_id) VALUES (p_actor)
+        ON CONFLICT (user_id) DO UPDATE SET broadcast = a.broadcast
+        RETURNING a.broadcast INTO broadcasts;
+    ELSE
+        INSERT INTO feed_actors (user_id) VALUES (p_actor) ON CONFLICT DO NOTHING;
+        SELECT a.broadcast INTO broadcasts FROM feed_actors a WHERE a.user_id = p_actor FOR SHARE;
+    END IF;
+    RETURN broadcasts;
+END $$;
+
+-- Adds an activity of p_actor and copies it into its followers' feeds, unless
+-- the account broadcasts. An account with feed_broadcast_followers()
+-- followers becomes a broadcaster here. Adding an activity twice does nothing.
+CREATE OR REPLACE FUNCTION feed_publish(p_actor text, p_entry_id uuid, p_reason feed_reason, p_time timestamptz)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    broadcasts boolean := lock_feed_actor(p_actor, true);
+BEGIN
+    IF NOT broadcasts
+       AND (SELECT count(*) FROM (SELECT FROM follows f WHERE f.followed_id = p_actor
+                                  LIMIT feed_broadcast_followers()) AS enough) >= feed_broadcast_followers() THEN
+        UPDATE feed_actors SET broadcast = true WHERE user_id = p_actor;
+        UPDATE follows SET broadcast = true WHERE followed_id = p_actor;
+        broadcasts := true;
+    END IF;
+    INSERT INTO feed_activities (actor_id, entry_id, reason, item_time, fanned_out)
+    VALUES (p_actor, p_entry_id, p_reason, p_time, NOT broadcasts)
+    ON CONFLICT DO NOTHING;
+    IF FOUND AND NOT broadcasts THEN
+        INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
+        SELECT f.follower_id, p_entry_id, p_actor, p_reason, p_time FROM follows f WHERE f.followed_id = p_actor
+        ON CONFLICT DO NOTHING;
+    END IF;
+END $$;
+
+-- Removes an activity of p_actor, and its copies if it was fanned out.
+CREATE OR REPLACE FUNCTION feed_retract(p_actor text, p_entry_id uuid, p_reason feed_reason) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    fanned boolean;
+BEGIN
+    PERFORM lock_feed_actor(p_actor, true);
+    DELETE FROM feed_activities a
+    WHERE a.actor_id = p_actor AND a.entry_id = p_entry_id AND a.reason = p_reason
+    RETURNING a.fanned_out INTO fanned;
+    IF fanned THEN
+        DELETE FROM home_feed h USING follows f
+        WHERE f.followed_id = p_actor AND h.reader_id = f.follower_id
+          AND h.entry_id = p_entry_id AND h.actor_id = p_actor AND h.reason = p_reason;
+    END IF;
+END $$;
+
+-- The feed side of a new follow: a broadcaster's follow is marked, any other
+-- account's activities are copied into the follower's feed.
+CREATE OR REPLACE FUNCTION feed_follow(p_follower_id text, p_followed_id text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF lock_feed_actor(p_followed_id, false) THEN
+        UPDATE follows SET broadcast = true WHERE follower_id = p_follower_id AND followed_id = p_followed_id;
+    ELSE
+        INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
+        SELECT p_follower_id, a.entry_id, a.actor_id, a.reason, a.item_time
+        FROM feed_activities a WHERE a.actor_id = p_followed_id
+        ON CONFLICT DO NOTHING;
+    END IF;
+END $$;
+
+-- The feed side of an unfollow: the account's items leave the follower's feed.
+CREATE OR REPLACE FUNCTION feed_unfollow(p_follower_id text, p_followed_id text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM lock_feed_actor(p_followed_id, false);
+    DELETE FROM home_feed WHERE reader_id = p_follower_id AND actor_id = p_followed_id;
+END $$;
+
+-- The newest p_limit rows of p_reader's home_feed below (p_before_time, p_before_entry) (NULL: from the top).
+CREATE OR REPLACE FUNCTION home_feed_window(p_reader text, p_before_time timestamptz, p_before_entry uuid,
+                                           p_limit integer)
+RETURNS feed_row[]
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    rows feed_row[];
+BEGIN
+    SELECT coalesce(array_agg(ROW(h.entry_id, h.actor_id, h.reason, h.item_time)::feed_row
+                              ORDER BY h.item_time DESC, h.entry_id DESC), '{}') INTO rows
+    FROM (SELECT * FROM home_feed h
+          WHERE h.reader_id = p_reader
+            AND (p_before_time IS NULL OR (h.item_time, h.entry_id) < (p_before_time, p_before_entry))
+          ORDER BY h.item_time DESC, h.entry_id DESC LIMIT p_limit) h;
+    RETURN rows;
+END $$;
+
+-- The newest p_limit activities of p_actor (only its root entries if
+-- p_authored_only) below (p_before_time, p_before_entry) (NULL: from the top).
+CREATE OR REPLACE FUNCTION feed_activities_window(p_actor text, p_authored_only boolean, p_before_time timestamptz,
+                                                  p_before_entry uuid, p_limit integer)
+RETURNS feed_row[]
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    rows feed_row[];
+BEGIN
+    SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row
+                              ORDER BY a.item_time DESC, a.entry_id DESC), '{}') INTO rows
+    FROM (SELECT * FROM feed_activities a
+          WHERE a.actor_id = p_actor AND (NOT p_authored_only OR a.reason = 'authored')
+            AND (p_before_time IS NULL OR (a.item_time, a.entry_id) < (p_before_time, p_before_entry))
+          ORDER BY a.item_time DESC, a.entry_id DESC LIMIT p_limit) a;
+    RETURN rows;
+END $$;
+
+-- A page of p_viewer's home feed: at most p_limit entries after the item at
+-- (p_after_time, p_after_entry) (NULL: from the top), newest first, each
+-- hydrated as get_entries hydrates it for p_viewer.
+--
+-- An item is an entry; its feed_time is its newest activity among the
+-- viewer's: an authored root entry by its creation, an amplification by the
+-- amplification. The rows come from three sources, each read newest first in
+-- windows: the viewer's home_feed, the viewer's own root entries, and the
+-- activities of each broadcaster the viewer follows. A window of every
+-- source is merged up to the frontier that every source has read past, its
+-- rows grouped by entry; an entry already listed (in this call, or above the
+-- page token: a newer activity of it is at or above the token) is not listed
+-- again. Entries the viewer may not see, and deleted ones, drop out at
+-- hydration, and the next windows fill the page.
+CREATE OR REPLACE FUNCTION list_home_feed(p_viewer text, p_after_time timestamptz, p_after_entry uuid,
+                                          p_limit integer)
+RETURNS TABLE (entry_id uuid, author_id text, parent_entry_id uuid, root_entry_id uuid, depth integer,
+               branch_order integer, type text, title text, content text, privacy privacy, tags text[],
+               metadata jsonb, create_time timestamptz, update_time timestamptz, branch_count bigint,
+               resonance_count bigint, amplification_count bigint, share_count bigint,
+               has_resonated boolean, has_amplified boolean,
+               feed_time timestamptz, authored boolean, amplified_by text[])
+LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+    broadcasters text[];
+    window_size  integer := p_limit + 1;
+    scan_time    timestamptz := p_after_time;  -- the windows read below (scan_time, scan_entry)
+    scan_entry   uuid := p_after_entry;
+    front_time   timestamptz;                  -- what every source has read past
+    front_entry  uuid;
+    source       integer;                      -- -1: home_feed, 0: own entries, i: broadcasters[i]
+    got          feed_row[];
+    merged       feed_row[];
+    listed       uuid[] := '{}';
+    candidates   uuid[];
+    times        timestamptz[];
+    above        uuid[];
+    page_ids     uuid[] := '{}';
+    page_times   timestamptz[] := '{}';
+    amplifiers   feed_row[];
+    authors      text[];
+    followed     text[];
+BEGIN
+    SELECT coalesce(array_agg(f.followed_id ORDER BY f.followed_id), '{}') INTO broadcasters
+    FROM follows f WHERE f.follower_id = p_viewer AND f.broadcast;
+    LOOP
+        merged := '{}';
+        front_time := NULL;
+        front_entry := NULL;
+        FOR source IN -1 .. cardinality(broadcasters) LOOP
+            got := CASE WHEN source = -1 THEN home_feed_window(p_viewer, scan_time, scan_entry, window_size)
+                        ELSE feed_activities_window(CASE WHEN source = 0 THEN p_viewer ELSE broadcasters[source] END,
+                                                    source = 0, scan_time, scan_entry, window_size) END;
+            IF cardinality(got) = window_size
+               AND (front_time IS NULL OR ((got[window_size]).item_time, (got[window_size]).entry_id)
+                                          > (front_time, front_entry)) THEN
+                front_time := (got[window_size]).item_time;
+                front_entry := (got[window_size]).entry_id;
+            END IF;
+            merged := merged || got;
+        END LOOP;
+
+        -- The window's entries not listed yet, newest first, down to the frontier.
+        SELECT coalesce(array_agg(w.entry_id ORDER BY w.newest DESC, w.entry_id DESC), '{}'),
+               coalesce(array_agg(w.newest ORDER BY w.newest DESC, w.entry_id DESC), '{}')
+        INTO candidates, times
+        FROM (SELECT m.entry_id, max(m.item_time) AS newest FROM unnest(merged) m
+              WHERE (front_time IS NULL OR (m.item_time, m.entry_id) >= (front_time, front_entry))
+                AND m.entry_id <> ALL (listed)
+              GROUP BY m.entry_id) w;
+        listed := listed || candidates;
+
+        IF p_after_time IS NOT NULL AND cardinality(candidates) > 0 THEN
+            -- An entry with an activity at or above the token was listed before (or is new).
+            SELECT coalesce(array_agg(h.entry_id), '{}') INTO above FROM home_feed h
+            WHERE h.reader_id = p_viewer AND h.entry_id = ANY (candidates)
+              AND (h.item_time, h.entry_id) >= (p_after_time, p_after_entry);
+            IF cardinality(broadcasters) > 0 THEN
+                SELECT above || coalesce(array_agg(a.entry_id), '{}') INTO above FROM feed_activities a
+                WHERE a.actor_id = ANY (broadcasters) AND a.entry_id = ANY (candidates)
+                  AND (a.item_time, a.entry_id) >= (p_after_time, p_after_entry);
+            END IF;
+            SELECT coalesce(array_agg(c.entry_id ORDER BY c.position), '{}'),
+                   coalesce(array_agg(times[c.position] ORDER BY c.position), '{}')
+            INTO candidates, times
+            FROM unnest(candidates) WITH ORDINALITY AS c (entry_id, position)
+            WHERE c.entry_id <> ALL (above);
+        END IF;
+
+        IF cardinality(candidates) > 0 THEN
+            -- Those the viewer may see, in order, as many as the page still takes.
+            SELECT page_ids || coalesce(array_agg(v.entry_id ORDER BY v.position), '{}'),
+                   page_times || coalesce(array_agg(times[v.position] ORDER BY v.position), '{}')
+            INTO page_ids, page_times
+            FROM (SELECT s.entry_id, array_position(candidates, s.entry_id) AS position
+                  FROM entry_counts(candidates, p_viewer) s
+                  LIMIT p_limit - cardinality(page_ids)) v;
+        END IF;
+        EXIT WHEN cardinality(page_ids) >= p_limit OR front_time IS NULL;
+        scan_time := front_time;
+        scan_entry := front_entry;
+    END LOOP;
+
+    -- Who of the viewer's follows amplified each entry, and which authors the viewer follows.
+    SELECT coalesce(array_agg(ROW(h.entry_id, h.actor_id, h.reason, h.item_time)::feed_row), '{}') INTO amplifiers
+    FROM home_feed h WHERE h.reader_id = p_viewer AND h.entry_id = ANY (page_ids) AND h.reason = 'amplified';
+    IF cardinality(broadcasters) > 0 THEN
+        SELECT amplifiers || coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}')
+        INTO amplifiers FROM feed_activities a
+        WHERE a.actor_id = ANY (broadcasters) AND a.entry_id = ANY (page_ids) AND a.reason = 'amplified';
+    END IF;
+    SELECT coalesce(array_agg(DISTINCT e.author_id), '{}') INTO authors FROM entries e WHERE e.entry_id = ANY (page_ids);
+    SELECT coalesce(array_agg(f.followed_id), '{}') INTO followed
+    FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = ANY (authors);
+
+    RETURN QUERY
+    SELECT g.*, page_times[p.position],
+           g.depth = 0 AND (g.author_id = p_viewer OR g.author_id = ANY (followed)),
+           (SELECT coalesce(array_agg(DISTINCT m.actor_id), '{}') FROM unnest(amplifiers) m WHERE m.entry_id = g.entry_id)
+    FROM get_entries(page_ids, p_viewer, p_viewer) g
+    JOIN unnest(page_ids) WITH ORDINALITY AS p (entry_id, position) ON p.entry_id = g.entry_id
+    ORDER BY p.position;
+END $$;
