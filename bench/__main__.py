@@ -28,6 +28,7 @@ import grpc
 
 from bench.cluster import run_cluster
 from bench.core import BenchFailed, Report
+from bench.feed import run_feed
 from bench.interactions import run_interactions
 from bench.ledger import run_ledger
 from bench.memory import run_memory
@@ -45,10 +46,10 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("interactions", "ledger", "memory", "search", "all", "cluster"),
+    parser.add_argument("--suite", choices=("interactions", "ledger", "feed", "memory", "search", "all", "cluster"),
                         default="all",
-                        help="Which figures: all = interactions, ledger, then memory; ledger = batches, pending "
-                        "transfers and their expiry; search = the memory suite's search "
+                        help="Which figures: all = interactions, ledger, feed, then memory; ledger = batches, pending "
+                        "transfers and their expiry; feed = home feed pages, delivery and fan-out; search = the memory suite's search "
                         "figures only; cluster = single node vs a 3-node Citus cluster (needs NEXUS_CITUS_SOURCE, "
                         "see docs/citus.md).")
     parser.add_argument("--duration", type=float, default=10.0, help="Seconds per timed scenario.")
@@ -88,6 +89,10 @@ async def run(config: Config, args: argparse.Namespace) -> None:
                     if report.lines:
                         report.add()
                     await run_ledger(target, workload, args.duration, args.concurrency, args.scale, report)
+                if args.suite in ("feed", "all"):
+                    if report.lines:
+                        report.add()
+                    await run_feed(target, args.duration, args.concurrency, args.scale, report)
                 if args.suite in ("memory", "search", "all"):
                     if report.lines:
                         report.add()

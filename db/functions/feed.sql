@@ -47,7 +47,7 @@ DECLARE
     broadcasts boolean := lock_feed_actor(p_actor, true);
 BEGIN
     IF NOT broadcasts
-       AND (SELECT count(*) FROM (SELECT FROM follows f WHERE f.followed_id = p_actor
+       AND (SELECT count(*) FROM (SELECT 1 FROM follows f WHERE f.followed_id = p_actor
                                   LIMIT feed_broadcast_followers()) AS enough) >= feed_broadcast_followers() THEN
         UPDATE feed_actors SET broadcast = true WHERE user_id = p_actor;
         UPDATE follows SET broadcast = true WHERE followed_id = p_actor;
