@@ -37,6 +37,14 @@ BEGIN
     RETURN broadcasts;
 END $$;
 
+-- The account's followers, from its counter shards (its own key: on Citus,
+-- its worker only; the follows themselves are placed by follower).
+CREATE OR REPLACE FUNCTION follower_count(p_user_id text) RETURNS bigint
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT coalesce(sum(s.follower_count), 0) FROM follow_counter_shards s WHERE s.user_id = p_user_id);
+END $$;
+
 -- Adds an activity of p_actor and copies it into its followers' feeds, unless
 -- the account broadcasts. An account with feed_broadcast_followers()
 -- followers becomes a broadcaster here. Adding an activity twice does nothing.
@@ -45,10 +53,10 @@ RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     broadcasts boolean := lock_feed_actor(p_actor, true);
+    -- Read under the lock: a follow of the account waits for it, so the count is exact.
+    followers bigint := follower_count(p_actor);
 BEGIN
-    IF NOT broadcasts
-       AND (SELECT count(*) FROM (SELECT 1 FROM follows f WHERE f.followed_id = p_actor
-                                  LIMIT feed_broadcast_followers()) AS enough) >= feed_broadcast_followers() THEN
+    IF NOT broadcasts AND followers >= feed_broadcast_followers() THEN
         UPDATE feed_actors SET broadcast = true WHERE user_id = p_actor;
         UPDATE follows SET broadcast = true WHERE followed_id = p_actor;
         broadcasts := true;
@@ -56,10 +64,10 @@ BEGIN
     INSERT INTO feed_activities (actor_id, entry_id, reason, item_time, fanned_out)
     VALUES (p_actor, p_entry_id, p_reason, p_time, NOT broadcasts)
     ON CONFLICT DO NOTHING;
-    IF FOUND AND NOT broadcasts THEN
+    -- A new activity has no copies yet (a follow copies only those it sees, under the lock).
+    IF FOUND AND NOT broadcasts AND followers > 0 THEN
         INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
-        SELECT f.follower_id, p_entry_id, p_actor, p_reason, p_time FROM follows f WHERE f.followed_id = p_actor
-        ON CONFLICT DO NOTHING;
+        SELECT f.follower_id, p_entry_id, p_actor, p_reason, p_time FROM follows f WHERE f.followed_id = p_actor;
     END IF;
 END $$;
 
@@ -73,7 +81,8 @@ BEGIN
     DELETE FROM feed_activities a
     WHERE a.actor_id = p_actor AND a.entry_id = p_entry_id AND a.reason = p_reason
     RETURNING a.fanned_out INTO fanned;
-    IF fanned THEN
+    -- Copies exist only in current followers' feeds (an unfollow removes them).
+    IF fanned AND follower_count(p_actor) > 0 THEN
         DELETE FROM home_feed h USING follows f
         WHERE f.followed_id = p_actor AND h.reader_id = f.follower_id
           AND h.entry_id = p_entry_id AND h.actor_id = p_actor AND h.reason = p_reason;
@@ -147,11 +156,11 @@ END $$;
 -- amplification. The rows come from three sources, each read newest first in
 -- windows: the viewer's home_feed, the viewer's own root entries, and the
 -- activities of each broadcaster the viewer follows. A window of every
--- source is merged up to the frontier that every source has read past, its
--- rows grouped by entry; an entry already listed (in this call, or above the
--- page token: a newer activity of it is at or above the token) is not listed
--- again. Entries the viewer may not see, and deleted ones, drop out at
--- hydration, and the next windows fill the page.
+-- source is merged down to the frontier that every source has read past, its
+-- rows grouped by entry. An entry already listed (in this call, or above the
+-- page token: it has an activity at or above the token) is not listed again.
+-- Entries the viewer may not see, and deleted ones, drop out at hydration,
+-- and the next windows fill the page.
 CREATE OR REPLACE FUNCTION list_home_feed(p_viewer text, p_after_time timestamptz, p_after_entry uuid,
                                           p_limit integer)
 RETURNS TABLE (entry_id uuid, author_id text, parent_entry_id uuid, root_entry_id uuid, depth integer,
@@ -169,18 +178,15 @@ DECLARE
     scan_entry   uuid := p_after_entry;
     front_time   timestamptz;                  -- what every source has read past
     front_entry  uuid;
-    source       integer;                      -- -1: home_feed, 0: own entries, i: broadcasters[i]
+    source       integer;                      -- 0: home_feed, 1: own entries, i > 1: broadcasters[i - 1]
     got          feed_row[];
     merged       feed_row[];
     listed       uuid[] := '{}';
     candidates   uuid[];
     times        timestamptz[];
-    above        uuid[];
-    page_ids     uuid[] := '{}';
-    page_times   timestamptz[] := '{}';
-    amplifiers   feed_row[];
-    authors      text[];
-    followed     text[];
+    related      feed_row[];                   -- every activity of the candidates that counts for the viewer
+    shown        integer := 0;
+    added        integer;
 BEGIN
     SELECT coalesce(array_agg(f.followed_id ORDER BY f.followed_id), '{}') INTO broadcasters
     FROM follows f WHERE f.follower_id = p_viewer AND f.broadcast;
@@ -188,10 +194,10 @@ BEGIN
         merged := '{}';
         front_time := NULL;
         front_entry := NULL;
-        FOR source IN -1 .. cardinality(broadcasters) LOOP
-            got := CASE WHEN source = -1 THEN home_feed_window(p_viewer, scan_time, scan_entry, window_size)
-                        ELSE feed_activities_window(CASE WHEN source = 0 THEN p_viewer ELSE broadcasters[source] END,
-                                                    source = 0, scan_time, scan_entry, window_size) END;
+        FOR source IN 0 .. cardinality(broadcasters) + 1 LOOP
+            got := CASE WHEN source = 0 THEN home_feed_window(p_viewer, scan_time, scan_entry, window_size)
+                        ELSE feed_activities_window(CASE WHEN source = 1 THEN p_viewer ELSE broadcasters[source - 1] END,
+                                                    source = 1, scan_time, scan_entry, window_size) END;
             IF cardinality(got) = window_size
                AND (front_time IS NULL OR ((got[window_size]).item_time, (got[window_size]).entry_id)
                                           > (front_time, front_entry)) THEN
@@ -209,56 +215,43 @@ BEGIN
               WHERE (front_time IS NULL OR (m.item_time, m.entry_id) >= (front_time, front_entry))
                 AND m.entry_id <> ALL (listed)
               GROUP BY m.entry_id) w;
+        -- Only as many as the page still takes are hydrated; the rest are read again below the last taken.
+        IF cardinality(candidates) > p_limit - shown THEN
+            candidates := candidates[1:p_limit - shown];
+            front_time := times[p_limit - shown];
+            front_entry := candidates[p_limit - shown];
+        END IF;
         listed := listed || candidates;
 
-        IF p_after_time IS NOT NULL AND cardinality(candidates) > 0 THEN
-            -- An entry with an activity at or above the token was listed before (or is new).
-            SELECT coalesce(array_agg(h.entry_id), '{}') INTO above FROM home_feed h
-            WHERE h.reader_id = p_viewer AND h.entry_id = ANY (candidates)
-              AND (h.item_time, h.entry_id) >= (p_after_time, p_after_entry);
-            IF cardinality(broadcasters) > 0 THEN
-                SELECT above || coalesce(array_agg(a.entry_id), '{}') INTO above FROM feed_activities a
-                WHERE a.actor_id = ANY (broadcasters) AND a.entry_id = ANY (candidates)
-                  AND (a.item_time, a.entry_id) >= (p_after_time, p_after_entry);
-            END IF;
-            SELECT coalesce(array_agg(c.entry_id ORDER BY c.position), '{}'),
-                   coalesce(array_agg(times[c.position] ORDER BY c.position), '{}')
-            INTO candidates, times
-            FROM unnest(candidates) WITH ORDINALITY AS c (entry_id, position)
-            WHERE c.entry_id <> ALL (above);
-        END IF;
-
         IF cardinality(candidates) > 0 THEN
-            -- Those the viewer may see, in order, as many as the page still takes.
-            SELECT page_ids || coalesce(array_agg(v.entry_id ORDER BY v.position), '{}'),
-                   page_times || coalesce(array_agg(times[v.position] ORDER BY v.position), '{}')
-            INTO page_ids, page_times
-            FROM (SELECT s.entry_id, array_position(candidates, s.entry_id) AS position
-                  FROM entry_counts(candidates, p_viewer) s
-                  LIMIT p_limit - cardinality(page_ids)) v;
+            SELECT coalesce(array_agg(ROW(h.entry_id, h.actor_id, h.reason, h.item_time)::feed_row), '{}')
+            INTO related FROM home_feed h WHERE h.reader_id = p_viewer AND h.entry_id = ANY (candidates);
+            IF cardinality(broadcasters) > 0 THEN
+                SELECT related || coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}')
+                INTO related FROM feed_activities a
+                WHERE a.actor_id = ANY (broadcasters) AND a.entry_id = ANY (candidates);
+            END IF;
+            RETURN QUERY
+            SELECT g.*, times[c.position],
+                   g.depth = 0 AND (g.author_id = p_viewer
+                                    OR EXISTS (SELECT FROM unnest(related) r
+                                               WHERE r.entry_id = g.entry_id AND r.reason = 'authored')),
+                   (SELECT coalesce(array_agg(r.actor_id ORDER BY r.item_time DESC, r.actor_id), '{}')
+                    FROM unnest(related) r WHERE r.entry_id = g.entry_id AND r.reason = 'amplified')
+            FROM get_entries(candidates, p_viewer, p_viewer) g
+            JOIN unnest(candidates) WITH ORDINALITY AS c (entry_id, position) ON c.entry_id = g.entry_id
+            -- Above the token: listed on an earlier page, or moved up since.
+            WHERE p_after_time IS NULL
+               OR NOT EXISTS (SELECT FROM unnest(related) r
+                              WHERE r.entry_id = g.entry_id
+                                AND (r.item_time, r.entry_id) >= (p_after_time, p_after_entry))
+            ORDER BY c.position
+            LIMIT p_limit - shown;
+            GET DIAGNOSTICS added = ROW_COUNT;
+            shown := shown + added;
         END IF;
-        EXIT WHEN cardinality(page_ids) >= p_limit OR front_time IS NULL;
+        EXIT WHEN shown >= p_limit OR front_time IS NULL;
         scan_time := front_time;
         scan_entry := front_entry;
     END LOOP;
-
-    -- Who of the viewer's follows amplified each entry, and which authors the viewer follows.
-    SELECT coalesce(array_agg(ROW(h.entry_id, h.actor_id, h.reason, h.item_time)::feed_row), '{}') INTO amplifiers
-    FROM home_feed h WHERE h.reader_id = p_viewer AND h.entry_id = ANY (page_ids) AND h.reason = 'amplified';
-    IF cardinality(broadcasters) > 0 THEN
-        SELECT amplifiers || coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}')
-        INTO amplifiers FROM feed_activities a
-        WHERE a.actor_id = ANY (broadcasters) AND a.entry_id = ANY (page_ids) AND a.reason = 'amplified';
-    END IF;
-    SELECT coalesce(array_agg(DISTINCT e.author_id), '{}') INTO authors FROM entries e WHERE e.entry_id = ANY (page_ids);
-    SELECT coalesce(array_agg(f.followed_id), '{}') INTO followed
-    FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = ANY (authors);
-
-    RETURN QUERY
-    SELECT g.*, page_times[p.position],
-           g.depth = 0 AND (g.author_id = p_viewer OR g.author_id = ANY (followed)),
-           (SELECT coalesce(array_agg(DISTINCT m.actor_id), '{}') FROM unnest(amplifiers) m WHERE m.entry_id = g.entry_id)
-    FROM get_entries(page_ids, p_viewer, p_viewer) g
-    JOIN unnest(page_ids) WITH ORDINALITY AS p (entry_id, position) ON p.entry_id = g.entry_id
-    ORDER BY p.position;
 END $$;

@@ -61,7 +61,7 @@ REACH: dict[str, str] = {
     "ToggleResonance": "keys", "SetResonance": "keys", "ToggleAmplification": "keys", "SetAmplification": "keys",
     "RecordShare": "keys", "GetBranchTree": "every", "GetInteractionCounts": "keys",
     "GetUserInteractionStates": "keys", "ListResonators": "keys", "RecordInteraction": "keys",
-    "ListInteractions": "keys",
+    "ListInteractions": "keys", "ListHomeFeed": "keys",
     "CreateMemory": "keys", "GetMemory": "keys", "UpdateMemory": "keys", "DeleteMemory": "keys",
     "ListMemories": "keys", "SearchMemories": "keys", "ListArcs": "keys", "SetIdentityEntities": "keys",
     "SubscribeMemories": "keys", "SubscribeArcs": "keys", "TouchSession": "keys", "ListSessions": "keys",
@@ -176,7 +176,8 @@ async def test_every_rpc_reaches_only_the_workers_of_its_keys(cluster: Cluster) 
                     interaction_pb2.CreateEntryRequest(author_id=user, type="post", content="hello"), metadata=SERVICE))
                 entry = reply.entry.entry_id
                 placed = await worker_of(conn, entry, "entries")
-                checked["CreateEntry"] = (checked["CreateEntry"][0], {placed})
+                # The entry's worker, and the author's (its feed activity; no follower to copy it to).
+                checked["CreateEntry"] = (checked["CreateEntry"][0], {placed, cluster.a})
                 if placed == cluster.a:
                     entries.append(entry)
             entry, other = entries
@@ -202,6 +203,8 @@ async def test_every_rpc_reaches_only_the_workers_of_its_keys(cluster: Cluster) 
                 ("RecordInteraction",
                  interaction_pb2.RecordInteractionRequest(user_id=user, target_id="grant:1", action="saved")),
                 ("ListInteractions", interaction_pb2.ListInteractionsRequest(user_id=user)),
+                # The viewer's feed: its own post, on A.
+                ("ListHomeFeed", interaction_pb2.ListHomeFeedRequest(viewer_id=user)),
                 ("DeleteEntry", interaction_pb2.DeleteEntryRequest(user_id=user, entry_id=other)),
             ]:
                 await call(rpc, getattr(interactions, rpc)(request, metadata=SERVICE))
