@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=("interactions", "ledger", "feed", "memory", "search", "all", "cluster"),
                         default="all",
-                        help="Which figures: all = interactions, ledger, feed, then memory; ledger = batches, pending "
-                        "transfers and their expiry; feed = home feed pages, delivery and fan-out; search = the memory suite's search "
-                        "figures only; cluster = single node vs a 3-node Citus cluster (needs NEXUS_CITUS_SOURCE, "
-                        "see docs/citus.md).")
+                        help="Which figures: all = interactions, ledger, feed, then memory; ledger = batches, "
+                        "pending transfers and their expiry; feed = home feed pages, delivery and fan-out; search = "
+                        "the memory suite's search figures only; cluster = single node vs a 3-node Citus cluster "
+                        "(needs NEXUS_CITUS_SOURCE, see docs/citus.md).")
     parser.add_argument("--duration", type=float, default=10.0, help="Seconds per timed scenario.")
     parser.add_argument("--concurrency", type=int, default=64, help="Calls in flight per scenario.")
     parser.add_argument("--scale", type=float, default=1.0,

@@ -126,7 +126,7 @@ async def run_feed(target: Target, duration: float, concurrency: int, scale: flo
     for name in (f"ListHomeFeed, heavy reader, {PAGE} items", f"ListHomeFeed, ordinary reader, {PAGE} items"):
         report.add(f"{name + ', p99 (ms)':<58} {figures[name].p99_ms:7.2f}  (goal <= 15)  "
                    f"/ GetEntries p99 {figures[name].p99_ms / get_p99:5.2f}")
-    for author, (followers, create_ms, lags) in delivery.items():
+    for followers, create_ms, lags in delivery.values():
         p50, p99 = percentiles(lags)
         report.add(f"{'post by ' + str(followers) + '-follower account in next page (ms)':<58} p50 {p50:.0f}  "
                    f"p99 {p99:.0f}  (goal p99 <= 1000; CreateEntry p50 {create_ms:.1f} ms)")
@@ -206,7 +206,7 @@ async def _load(conn: asyncpg.Connection, accounts: int, scale: float) -> int:
 
 
 async def _check_first_page(
-    conn: asyncpg.Connection, interactions: interaction_pb2_grpc.InteractionServiceStub, target: Target, reader: str
+    conn: asyncpg.Connection, interactions: interaction_pb2_grpc.InteractionServiceAsyncStub, target: Target, reader: str
 ) -> None:
     """The reader's first page is the newest PAGE posts of the accounts it follows (the bench's
     only activities before the delivery posts)."""
@@ -221,7 +221,7 @@ async def _check_first_page(
 
 
 async def _delivery(
-    conn: asyncpg.Connection, interactions: interaction_pb2_grpc.InteractionServiceStub, target: Target, author: str
+    conn: asyncpg.Connection, interactions: interaction_pb2_grpc.InteractionServiceAsyncStub, target: Target, author: str
 ) -> tuple[int, float, list[float]]:
     """(followers, CreateEntry p50 ms, lags ms): for each of DELIVERY_POSTS posts by the author,
     the time from the CreateEntry call until each of DELIVERY_READERS sampled followers' next
@@ -231,21 +231,21 @@ async def _delivery(
     creates: list[float] = []
     lags: list[float] = []
     gate = asyncio.Semaphore(8)
+
+    async def seen_by(reader: str, entry_id: str, started: float) -> float:
+        async with gate:
+            while time.perf_counter() - started < DELIVERY_TIMEOUT_S:
+                page = await interactions.ListHomeFeed(pb.ListHomeFeedRequest(viewer_id=reader, page_size=PAGE),
+                                                       metadata=target.metadata)
+                if any(i.entry.entry_id == entry_id for i in page.items):
+                    return (time.perf_counter() - started) * 1000
+            raise BenchFailed(f"feed: a post by {author} was not in {reader}'s feed after {DELIVERY_TIMEOUT_S} s")
+
     for _ in range(DELIVERY_POSTS):
         started = time.perf_counter()
         created = await interactions.CreateEntry(pb.CreateEntryRequest(author_id=author, type="post", title="bench"),
                                                  metadata=target.metadata)
         creates.append((time.perf_counter() - started) * 1000)
-
-        async def seen_by(reader: str) -> float:
-            async with gate:
-                while time.perf_counter() - started < DELIVERY_TIMEOUT_S:
-                    page = await interactions.ListHomeFeed(pb.ListHomeFeedRequest(viewer_id=reader, page_size=PAGE),
-                                                           metadata=target.metadata)
-                    if any(i.entry.entry_id == created.entry.entry_id for i in page.items):
-                        return (time.perf_counter() - started) * 1000
-                raise BenchFailed(f"feed: a post by {author} was not in {reader}'s feed after {DELIVERY_TIMEOUT_S} s")
-
-        lags += await asyncio.gather(*(seen_by(r) for r in random.sample(followers, min(DELIVERY_READERS,
-                                                                                          len(followers)))))
+        readers = random.sample(followers, min(DELIVERY_READERS, len(followers)))
+        lags += await asyncio.gather(*(seen_by(r, created.entry.entry_id, started) for r in readers))
     return len(followers), percentiles(creates)[0], lags

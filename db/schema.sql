@@ -1310,9 +1310,9 @@ BEGIN
     RETURN expired;
 END $$;
 
--- Name: feed_activities_window(text, boolean, timestamp with time zone, uuid, integer); Type: FUNCTION; Schema: public
+-- Name: feed_activities_window(text, boolean, timestamp with time zone, uuid, timestamp with time zone, integer); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.feed_activities_window(p_actor text, p_authored_only boolean, p_before_time timestamp with time zone, p_before_entry uuid, p_limit integer) RETURNS public.feed_row[]
+CREATE FUNCTION public.feed_activities_window(p_actor text, p_authored_only boolean, p_before_time timestamp with time zone, p_before_entry uuid, p_since timestamp with time zone, p_limit integer) RETURNS public.feed_row[]
     LANGUAGE plpgsql STABLE
     AS $$
 DECLARE
@@ -1321,7 +1321,7 @@ BEGIN
     SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row
                               ORDER BY a.item_time DESC, a.entry_id DESC), '{}') INTO rows
     FROM (SELECT * FROM feed_activities a
-          WHERE a.actor_id = p_actor AND (NOT p_authored_only OR a.reason = 'authored')
+          WHERE a.actor_id = p_actor AND (NOT p_authored_only OR a.reason = 'authored') AND a.item_time >= p_since
             AND (p_before_time IS NULL OR (a.item_time, a.entry_id) < (p_before_time, p_before_entry))
           ORDER BY a.item_time DESC, a.entry_id DESC LIMIT p_limit) a;
     RETURN rows;
@@ -1556,9 +1556,9 @@ BEGIN
     END IF;
 END $$;
 
--- Name: home_feed_window(text, timestamp with time zone, uuid, integer); Type: FUNCTION; Schema: public
+-- Name: home_feed_window(text, timestamp with time zone, uuid, timestamp with time zone, integer); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.home_feed_window(p_reader text, p_before_time timestamp with time zone, p_before_entry uuid, p_limit integer) RETURNS public.feed_row[]
+CREATE FUNCTION public.home_feed_window(p_reader text, p_before_time timestamp with time zone, p_before_entry uuid, p_since timestamp with time zone, p_limit integer) RETURNS public.feed_row[]
     LANGUAGE plpgsql STABLE
     AS $$
 DECLARE
@@ -1567,7 +1567,7 @@ BEGIN
     SELECT coalesce(array_agg(ROW(h.entry_id, h.actor_id, h.reason, h.item_time)::feed_row
                               ORDER BY h.item_time DESC, h.entry_id DESC), '{}') INTO rows
     FROM (SELECT * FROM home_feed h
-          WHERE h.reader_id = p_reader
+          WHERE h.reader_id = p_reader AND h.item_time >= p_since
             AND (p_before_time IS NULL OR (h.item_time, h.entry_id) < (p_before_time, p_before_entry))
           ORDER BY h.item_time DESC, h.entry_id DESC LIMIT p_limit) h;
     RETURN rows;
@@ -1646,15 +1646,16 @@ BEGIN
     LIMIT p_limit;
 END $$;
 
--- Name: list_home_feed(text, timestamp with time zone, uuid, integer); Type: FUNCTION; Schema: public
+-- Name: list_home_feed(text, timestamp with time zone, uuid, integer, interval); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.list_home_feed(p_viewer text, p_after_time timestamp with time zone, p_after_entry uuid, p_limit integer) RETURNS TABLE(entry_id uuid, author_id text, parent_entry_id uuid, root_entry_id uuid, depth integer, branch_order integer, type text, title text, content text, privacy public.privacy, tags text[], metadata jsonb, create_time timestamp with time zone, update_time timestamp with time zone, branch_count bigint, resonance_count bigint, amplification_count bigint, share_count bigint, has_resonated boolean, has_amplified boolean, feed_time timestamp with time zone, authored boolean, amplified_by text[])
+CREATE FUNCTION public.list_home_feed(p_viewer text, p_after_time timestamp with time zone, p_after_entry uuid, p_limit integer, p_retention interval) RETURNS TABLE(entry_id uuid, author_id text, parent_entry_id uuid, root_entry_id uuid, depth integer, branch_order integer, type text, title text, content text, privacy public.privacy, tags text[], metadata jsonb, create_time timestamp with time zone, update_time timestamp with time zone, branch_count bigint, resonance_count bigint, amplification_count bigint, share_count bigint, has_resonated boolean, has_amplified boolean, feed_time timestamp with time zone, authored boolean, amplified_by text[])
     LANGUAGE plpgsql STABLE
     AS $$
 #variable_conflict use_column
 DECLARE
     broadcasters text[];
     window_size  integer := p_limit + 1;
+    since        timestamptz := now() - p_retention;
     scan_time    timestamptz := p_after_time;  -- the windows read below (scan_time, scan_entry)
     scan_entry   uuid := p_after_entry;
     front_time   timestamptz;                  -- what every source has read past
@@ -1676,9 +1677,9 @@ BEGIN
         front_time := NULL;
         front_entry := NULL;
         FOR source IN 0 .. cardinality(broadcasters) + 1 LOOP
-            got := CASE WHEN source = 0 THEN home_feed_window(p_viewer, scan_time, scan_entry, window_size)
+            got := CASE WHEN source = 0 THEN home_feed_window(p_viewer, scan_time, scan_entry, since, window_size)
                         ELSE feed_activities_window(CASE WHEN source = 1 THEN p_viewer ELSE broadcasters[source - 1] END,
-                                                    source = 1, scan_time, scan_entry, window_size) END;
+                                                    source = 1, scan_time, scan_entry, since, window_size) END;
             IF cardinality(got) = window_size
                AND (front_time IS NULL OR ((got[window_size]).item_time, (got[window_size]).entry_id)
                                           > (front_time, front_entry)) THEN
@@ -1706,11 +1707,12 @@ BEGIN
 
         IF cardinality(candidates) > 0 THEN
             SELECT coalesce(array_agg(ROW(h.entry_id, h.actor_id, h.reason, h.item_time)::feed_row), '{}')
-            INTO related FROM home_feed h WHERE h.reader_id = p_viewer AND h.entry_id = ANY (candidates);
+            INTO related FROM home_feed h
+            WHERE h.reader_id = p_viewer AND h.entry_id = ANY (candidates) AND h.item_time >= since;
             IF cardinality(broadcasters) > 0 THEN
                 SELECT related || coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}')
                 INTO related FROM feed_activities a
-                WHERE a.actor_id = ANY (broadcasters) AND a.entry_id = ANY (candidates);
+                WHERE a.actor_id = ANY (broadcasters) AND a.entry_id = ANY (candidates) AND a.item_time >= since;
             END IF;
             RETURN QUERY
             SELECT g.*, times[c.position],
@@ -2829,6 +2831,22 @@ BEGIN
     SET status = EXCLUDED.status, last_message_time = greatest(touched_at, s.last_message_time)
     RETURNING * INTO touched;
     RETURN touched;
+END $$;
+
+-- Name: trim_home_feed(interval, integer); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.trim_home_feed(p_retention interval, p_batch integer) RETURNS bigint
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    trimmed bigint;
+BEGIN
+    DELETE FROM home_feed
+    WHERE (reader_id, entry_id, actor_id, reason) IN (SELECT h.reader_id, h.entry_id, h.actor_id, h.reason
+                                                      FROM home_feed h WHERE h.item_time < now() - p_retention
+                                                      LIMIT p_batch);
+    GET DIAGNOSTICS trimmed = ROW_COUNT;
+    RETURN trimmed;
 END $$;
 
 -- Name: unfollow(text, text); Type: FUNCTION; Schema: public

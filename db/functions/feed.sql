@@ -112,9 +112,10 @@ BEGIN
     DELETE FROM home_feed WHERE reader_id = p_follower_id AND actor_id = p_followed_id;
 END $$;
 
--- The newest p_limit rows of p_reader's home_feed below (p_before_time, p_before_entry) (NULL: from the top).
+-- The newest p_limit rows of p_reader's home_feed below (p_before_time,
+-- p_before_entry) (NULL: from the top), from p_since on.
 CREATE OR REPLACE FUNCTION home_feed_window(p_reader text, p_before_time timestamptz, p_before_entry uuid,
-                                           p_limit integer)
+                                           p_since timestamptz, p_limit integer)
 RETURNS feed_row[]
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -123,16 +124,17 @@ BEGIN
     SELECT coalesce(array_agg(ROW(h.entry_id, h.actor_id, h.reason, h.item_time)::feed_row
                               ORDER BY h.item_time DESC, h.entry_id DESC), '{}') INTO rows
     FROM (SELECT * FROM home_feed h
-          WHERE h.reader_id = p_reader
+          WHERE h.reader_id = p_reader AND h.item_time >= p_since
             AND (p_before_time IS NULL OR (h.item_time, h.entry_id) < (p_before_time, p_before_entry))
           ORDER BY h.item_time DESC, h.entry_id DESC LIMIT p_limit) h;
     RETURN rows;
 END $$;
 
 -- The newest p_limit activities of p_actor (only its root entries if
--- p_authored_only) below (p_before_time, p_before_entry) (NULL: from the top).
+-- p_authored_only) below (p_before_time, p_before_entry) (NULL: from the
+-- top), from p_since on.
 CREATE OR REPLACE FUNCTION feed_activities_window(p_actor text, p_authored_only boolean, p_before_time timestamptz,
-                                                  p_before_entry uuid, p_limit integer)
+                                                  p_before_entry uuid, p_since timestamptz, p_limit integer)
 RETURNS feed_row[]
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -141,7 +143,7 @@ BEGIN
     SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row
                               ORDER BY a.item_time DESC, a.entry_id DESC), '{}') INTO rows
     FROM (SELECT * FROM feed_activities a
-          WHERE a.actor_id = p_actor AND (NOT p_authored_only OR a.reason = 'authored')
+          WHERE a.actor_id = p_actor AND (NOT p_authored_only OR a.reason = 'authored') AND a.item_time >= p_since
             AND (p_before_time IS NULL OR (a.item_time, a.entry_id) < (p_before_time, p_before_entry))
           ORDER BY a.item_time DESC, a.entry_id DESC LIMIT p_limit) a;
     RETURN rows;
@@ -149,7 +151,8 @@ END $$;
 
 -- A page of p_viewer's home feed: at most p_limit entries after the item at
 -- (p_after_time, p_after_entry) (NULL: from the top), newest first, each
--- hydrated as get_entries hydrates it for p_viewer.
+-- hydrated as get_entries hydrates it for p_viewer. The feed reaches back
+-- p_retention: an activity older than that does not count.
 --
 -- An item is an entry; its feed_time is its newest activity among the
 -- viewer's: an authored root entry by its creation, an amplification by the
@@ -162,7 +165,7 @@ END $$;
 -- Entries the viewer may not see, and deleted ones, drop out at hydration,
 -- and the next windows fill the page.
 CREATE OR REPLACE FUNCTION list_home_feed(p_viewer text, p_after_time timestamptz, p_after_entry uuid,
-                                          p_limit integer)
+                                          p_limit integer, p_retention interval)
 RETURNS TABLE (entry_id uuid, author_id text, parent_entry_id uuid, root_entry_id uuid, depth integer,
                branch_order integer, type text, title text, content text, privacy privacy, tags text[],
                metadata jsonb, create_time timestamptz, update_time timestamptz, branch_count bigint,
@@ -174,6 +177,7 @@ LANGUAGE plpgsql STABLE AS $$
 DECLARE
     broadcasters text[];
     window_size  integer := p_limit + 1;
+    since        timestamptz := now() - p_retention;
     scan_time    timestamptz := p_after_time;  -- the windows read below (scan_time, scan_entry)
     scan_entry   uuid := p_after_entry;
     front_time   timestamptz;                  -- what every source has read past
@@ -195,9 +199,9 @@ BEGIN
         front_time := NULL;
         front_entry := NULL;
         FOR source IN 0 .. cardinality(broadcasters) + 1 LOOP
-            got := CASE WHEN source = 0 THEN home_feed_window(p_viewer, scan_time, scan_entry, window_size)
+            got := CASE WHEN source = 0 THEN home_feed_window(p_viewer, scan_time, scan_entry, since, window_size)
                         ELSE feed_activities_window(CASE WHEN source = 1 THEN p_viewer ELSE broadcasters[source - 1] END,
-                                                    source = 1, scan_time, scan_entry, window_size) END;
+                                                    source = 1, scan_time, scan_entry, since, window_size) END;
             IF cardinality(got) = window_size
                AND (front_time IS NULL OR ((got[window_size]).item_time, (got[window_size]).entry_id)
                                           > (front_time, front_entry)) THEN
@@ -225,11 +229,12 @@ BEGIN
 
         IF cardinality(candidates) > 0 THEN
             SELECT coalesce(array_agg(ROW(h.entry_id, h.actor_id, h.reason, h.item_time)::feed_row), '{}')
-            INTO related FROM home_feed h WHERE h.reader_id = p_viewer AND h.entry_id = ANY (candidates);
+            INTO related FROM home_feed h
+            WHERE h.reader_id = p_viewer AND h.entry_id = ANY (candidates) AND h.item_time >= since;
             IF cardinality(broadcasters) > 0 THEN
                 SELECT related || coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}')
                 INTO related FROM feed_activities a
-                WHERE a.actor_id = ANY (broadcasters) AND a.entry_id = ANY (candidates);
+                WHERE a.actor_id = ANY (broadcasters) AND a.entry_id = ANY (candidates) AND a.item_time >= since;
             END IF;
             RETURN QUERY
             SELECT g.*, times[c.position],
@@ -254,4 +259,19 @@ BEGIN
         scan_time := front_time;
         scan_entry := front_entry;
     END LOOP;
+END $$;
+
+-- Deletes up to p_batch copies in readers' feeds older than p_retention (the
+-- feed's reach: list_home_feed no longer shows them); returns how many.
+CREATE OR REPLACE FUNCTION trim_home_feed(p_retention interval, p_batch integer) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    trimmed bigint;
+BEGIN
+    DELETE FROM home_feed
+    WHERE (reader_id, entry_id, actor_id, reason) IN (SELECT h.reader_id, h.entry_id, h.actor_id, h.reason
+                                                      FROM home_feed h WHERE h.item_time < now() - p_retention
+                                                      LIMIT p_batch);
+    GET DIAGNOSTICS trimmed = ROW_COUNT;
+    RETURN trimmed;
 END $$;

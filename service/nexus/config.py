@@ -215,6 +215,11 @@ class Config:
     idempotency_retention_hours: float = field(
         default=168.0, metadata={"help": "How long a CreateMemory request_id is remembered."}
     )
+    feed_retention_days: float = field(
+        default=30.0,
+        metadata={"help": "How far back a home feed reaches (at least 1); maintenance deletes older copies "
+                          "from the readers' feeds."},
+    )
     maintenance_interval_s: float = field(
         default=60.0, metadata={"help": "How often maintenance runs (on one replica at a time)."}
     )
@@ -273,6 +278,8 @@ class Config:
             raise ValueError("hybrid_vector_weight must be 0..1")
         if self.search_exact_max_memories < 0 or self.vector_index_max_users < 0:
             raise ValueError("search_exact_max_memories and vector_index_max_users must not be negative")
+        if self.feed_retention_days < 1:
+            raise ValueError("feed_retention_days must be at least 1")
         if self.event_retention_hours < 24:
             raise ValueError("event_retention_hours must be at least 24")
         if self.stream_buffer_events < 1:

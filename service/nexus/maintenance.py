@@ -59,6 +59,7 @@ class Maintenance:
         self._interval = datetime.timedelta(seconds=config.maintenance_interval_s)
         self._expiry_interval_s = config.pending_expiry_interval_s
         self._event_retention = datetime.timedelta(hours=config.event_retention_hours)
+        self._feed_retention = datetime.timedelta(days=config.feed_retention_days)
         self._request_retention = datetime.timedelta(hours=config.idempotency_retention_hours)
         self._exact_search_max = config.search_exact_max_memories
         self._vector_index_max_users = config.vector_index_max_users
@@ -120,6 +121,17 @@ class Maintenance:
                 await conn.execute("SELECT pg_advisory_unlock($1)", VECTOR_INDEX_LOCK_KEY)
         return built
 
+    async def trim_home_feeds(self) -> int:
+        """Deletes the copies in readers' feeds older than the feed's reach, in batches; returns how many."""
+        trimmed = 0
+        while True:
+            deleted = await self._db.fetchval(queries.TRIM_HOME_FEED, self._feed_retention, BATCH)
+            trimmed += deleted
+            if deleted < BATCH:
+                if trimmed:
+                    log.info("event=home_feeds_trimmed rows=%d", trimmed)
+                return trimmed
+
     async def expire_pending_transfers(self) -> int:
         """Voids the pending transfers whose timeout has passed, soonest first; returns how many."""
         expired = 0
@@ -150,6 +162,10 @@ class Maintenance:
                 await self.run_once()
             except NexusError as exc:
                 log.warning("event=maintenance_failed error=%r", exc)
+            try:
+                await self.trim_home_feeds()
+            except NexusError as exc:
+                log.warning("event=home_feed_trim_failed error=%r", exc)
             try:
                 await self.maintain_vector_indexes()
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:

@@ -38,7 +38,11 @@ BRANCH_TREE = Query(
     "SELECT * FROM branch_tree(p_entry_id => $1, p_viewer => $2, p_max_depth => $3, p_after => $4, p_limit => $5)"
 )
 ENTRY_COUNTS = Query("entry_counts", "SELECT * FROM entry_counts($1, $2)")
-LIST_HOME_FEED = Query("list_home_feed", "SELECT * FROM list_home_feed($1, $2, $3, $4)")
+LIST_HOME_FEED = Query(
+    "list_home_feed",
+    "SELECT * FROM list_home_feed(p_viewer => $1, p_after_time => $2, p_after_entry => $3, p_limit => $4,"
+    " p_retention => $5)"
+)
 USER_INTERACTION_STATES = Query("user_interaction_states", "SELECT * FROM user_interaction_states($1, $2)")
 LIST_REACTORS = Query(
     "list_reactors",
@@ -115,6 +119,7 @@ LIST_PATTERNS = Query(
     "SELECT * FROM list_patterns("
     "p_user_id => $1, p_pattern_type => $2, p_after_intensity => $3, p_after_type => $4, p_limit => $5)"
 )
+TRIM_HOME_FEED = Query("trim_home_feed", "SELECT trim_home_feed($1, $2)")
 RUN_MAINTENANCE = Query(
     "run_maintenance",
     "SELECT * FROM run_maintenance(p_interval => $1, p_event_retention => $2, p_request_retention => $3,"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import errno
 import logging
 import os
@@ -193,7 +194,10 @@ class NexusServer:
                 ("grpc.so_reuseport", int(config.reuse_port)),
             ],
         )
-        interaction_pb2_grpc.add_InteractionServiceServicer_to_server(InteractionServicer(self._db, page_tokens), server)
+        feed_retention = datetime.timedelta(days=config.feed_retention_days)
+        interaction_pb2_grpc.add_InteractionServiceServicer_to_server(
+            InteractionServicer(self._db, page_tokens, feed_retention), server
+        )
         follow_pb2_grpc.add_FollowServiceServicer_to_server(FollowServicer(self._db, page_tokens), server)
         token_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(self._db, page_tokens), server)
         memory_pb2_grpc.add_MemoryServiceServicer_to_server(

@@ -16,6 +16,7 @@ import asyncpg
 import grpc
 import pytest
 
+from nexus.server import NexusServer
 from nexus.v1 import follow_pb2 as fpb
 from nexus.v1 import interaction_pb2 as pb
 
@@ -281,6 +282,25 @@ async def test_only_the_viewer_or_a_service_reads_a_feed(clients: Clients) -> No
     error = await rpc_error(feed_page(clients, "viewer", metadata=auth("mallory")))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert [i.entry.entry_id for i in (await feed_page(clients, "viewer", metadata=SERVICE)).items] == [entry_id]
+
+
+async def test_the_feed_reaches_back_its_retention_and_maintenance_trims_older_copies(
+    clients: Clients, db: asyncpg.Connection, server: NexusServer
+) -> None:
+    await follow(clients, "viewer", "alice")
+    old = await post(clients, "alice")
+    recent = await post(clients, "alice")
+    for table, column in (("entries", "create_time"), ("feed_activities", "item_time"), ("home_feed", "item_time")):
+        # As if written 40 days ago, past the 30 days a feed reaches back.
+        await db.execute(f"UPDATE {table} SET {column} = {column} - interval '40 days' WHERE entry_id = $1", old)
+    assert await feed_ids(clients, "viewer") == [recent]
+
+    assert await server.maintenance.trim_home_feeds() == 1
+    assert await db.fetchval("SELECT count(*) FROM home_feed WHERE entry_id = $1", old) == 0
+    assert await feed_ids(clients, "viewer") == [recent]
+    # A follow still copies the account's history; the reach still applies.
+    await follow(clients, "newcomer", "alice")
+    assert await feed_ids(clients, "newcomer") == [recent]
 
 
 # --- broadcasters ---------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping
 from typing import Any
 
@@ -92,9 +93,10 @@ def interaction_message(row: Mapping[str, Any]) -> pb.Interaction:
 
 
 class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
-    def __init__(self, db: Database, page_tokens: PageTokens) -> None:
+    def __init__(self, db: Database, page_tokens: PageTokens, feed_retention: datetime.timedelta) -> None:
         self._db = db
         self._tokens = page_tokens
+        self._feed_retention = feed_retention
         self._reactions = GroupCommit(db, queries.APPLY_REACTIONS)
 
     async def _create_entry(self, request: pb.CreateEntryRequest | pb.CreateBranchRequest, parent: Any) -> pb.Entry:
@@ -258,7 +260,12 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
         scope = ("home_feed", viewer)
         after_time, after_entry = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(
-            queries.LIST_HOME_FEED, viewer, after_time, after_entry and validation.entry_id(after_entry, "page_token"), limit + 1
+            queries.LIST_HOME_FEED,
+            viewer,
+            after_time,
+            after_entry and validation.entry_id(after_entry, "page_token"),
+            limit + 1,
+            self._feed_retention,
         )
         page, next_page_token = self._tokens.page(
             scope, rows, limit, lambda row: time_key(row["feed_time"], str(row["entry_id"]))
