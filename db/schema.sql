@@ -1333,20 +1333,15 @@ CREATE FUNCTION public.feed_broadcast_followers() RETURNS integer
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN 1000;
 
--- Name: feed_follow(text, text); Type: FUNCTION; Schema: public
+-- Name: feed_copy_activities(text, text); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.feed_follow(p_follower_id text, p_followed_id text) RETURNS void
+CREATE FUNCTION public.feed_copy_activities(p_follower_id text, p_followed_id text) RETURNS void
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    IF lock_feed_actor(p_followed_id, false) THEN
-        UPDATE follows SET broadcast = true WHERE follower_id = p_follower_id AND followed_id = p_followed_id;
-    ELSE
-        INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
-        SELECT p_follower_id, a.entry_id, a.actor_id, a.reason, a.item_time
-        FROM feed_activities a WHERE a.actor_id = p_followed_id
-        ON CONFLICT DO NOTHING;
-    END IF;
+    INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
+    SELECT p_follower_id, a.entry_id, a.actor_id, a.reason, a.item_time
+    FROM feed_activities a WHERE a.actor_id = p_followed_id;
 END $$;
 
 -- Name: feed_publish(text, uuid, public.feed_reason, timestamp with time zone); Type: FUNCTION; Schema: public
@@ -1394,28 +1389,23 @@ BEGIN
     END IF;
 END $$;
 
--- Name: feed_unfollow(text, text); Type: FUNCTION; Schema: public
-
-CREATE FUNCTION public.feed_unfollow(p_follower_id text, p_followed_id text) RETURNS void
-    LANGUAGE plpgsql
-    AS $$
-BEGIN
-    PERFORM lock_feed_actor(p_followed_id, false);
-    DELETE FROM home_feed WHERE reader_id = p_follower_id AND actor_id = p_followed_id;
-END $$;
-
 -- Name: follow(text, text); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.follow(p_follower_id text, p_followed_id text) RETURNS boolean
     LANGUAGE plpgsql
     AS $$
+DECLARE
+    broadcasts boolean := lock_feed_actor(p_followed_id, false);
 BEGIN
-    INSERT INTO follows (follower_id, followed_id) VALUES (p_follower_id, p_followed_id) ON CONFLICT DO NOTHING;
+    INSERT INTO follows (follower_id, followed_id, broadcast) VALUES (p_follower_id, p_followed_id, broadcasts)
+    ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
     PERFORM count_follow_edge(p_follower_id, p_followed_id, 1);
-    PERFORM feed_follow(p_follower_id, p_followed_id);
+    IF NOT broadcasts THEN
+        PERFORM feed_copy_activities(p_follower_id, p_followed_id);
+    END IF;
     RETURN true;
 END $$;
 
@@ -2855,12 +2845,13 @@ CREATE FUNCTION public.unfollow(p_follower_id text, p_followed_id text) RETURNS 
     LANGUAGE plpgsql
     AS $$
 BEGIN
+    PERFORM lock_feed_actor(p_followed_id, false);
     DELETE FROM follows WHERE follower_id = p_follower_id AND followed_id = p_followed_id;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
     PERFORM count_follow_edge(p_follower_id, p_followed_id, -1);
-    PERFORM feed_unfollow(p_follower_id, p_followed_id);
+    DELETE FROM home_feed WHERE reader_id = p_follower_id AND actor_id = p_followed_id;
     RETURN true;
 END $$;
 

@@ -15,8 +15,10 @@
 -- unfollow of the account takes it shared. So an activity and a follow of its
 -- account never pass each other unseen: whichever locks second sees the
 -- other's rows, and the item is copied exactly once (by the fan-out or by the
--- follow's backfill). Every writer takes feed_actors rows last, in user_id
--- order, after its other locks.
+-- follow's copy). A follow or an unfollow takes the lock first, before the
+-- edge and its counters; a writer of activities takes it after its other
+-- locks (entries, reactions), several in user_id order, and then locks only
+-- the account's follows (when it becomes a broadcaster).
 
 -- Locks p_actor's feed_actors row, creating it: exclusively for a change of
 -- its activities, shared for a follow or unfollow of it. Returns whether the
@@ -89,27 +91,15 @@ BEGIN
     END IF;
 END $$;
 
--- The feed side of a new follow: a broadcaster's follow is marked, any other
--- account's activities are copied into the follower's feed.
-CREATE OR REPLACE FUNCTION feed_follow(p_follower_id text, p_followed_id text) RETURNS void
+-- Copies p_followed_id's activities into p_follower_id's feed (a new
+-- follow of an account that does not broadcast; the caller holds the
+-- account's feed lock).
+CREATE OR REPLACE FUNCTION feed_copy_activities(p_follower_id text, p_followed_id text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF lock_feed_actor(p_followed_id, false) THEN
-        UPDATE follows SET broadcast = true WHERE follower_id = p_follower_id AND followed_id = p_followed_id;
-    ELSE
-        INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
-        SELECT p_follower_id, a.entry_id, a.actor_id, a.reason, a.item_time
-        FROM feed_activities a WHERE a.actor_id = p_followed_id
-        ON CONFLICT DO NOTHING;
-    END IF;
-END $$;
-
--- The feed side of an unfollow: the account's items leave the follower's feed.
-CREATE OR REPLACE FUNCTION feed_unfollow(p_follower_id text, p_followed_id text) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM lock_feed_actor(p_followed_id, false);
-    DELETE FROM home_feed WHERE reader_id = p_follower_id AND actor_id = p_followed_id;
+    INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
+    SELECT p_follower_id, a.entry_id, a.actor_id, a.reason, a.item_time
+    FROM feed_activities a WHERE a.actor_id = p_followed_id;
 END $$;
 
 -- The newest p_limit rows of p_reader's home_feed below (p_before_time,

@@ -34,29 +34,39 @@ BEGIN
     WHERE user_id = p_follower_id AND shard = counter_shard(p_followed_id);
 END $$;
 
--- Idempotent: returns whether this call changed the edge.
+-- Idempotent: returns whether this call changed the edge. The followed
+-- account's feed lock comes first (db/functions/feed.sql): a new activity of
+-- it, which holds that lock while it marks its follows, never waits on an
+-- edge locked here.
 CREATE OR REPLACE FUNCTION follow(p_follower_id text, p_followed_id text) RETURNS boolean
 LANGUAGE plpgsql AS $$
+DECLARE
+    broadcasts boolean := lock_feed_actor(p_followed_id, false);
 BEGIN
-    INSERT INTO follows (follower_id, followed_id) VALUES (p_follower_id, p_followed_id) ON CONFLICT DO NOTHING;
+    INSERT INTO follows (follower_id, followed_id, broadcast) VALUES (p_follower_id, p_followed_id, broadcasts)
+    ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
     PERFORM count_follow_edge(p_follower_id, p_followed_id, 1);
-    PERFORM feed_follow(p_follower_id, p_followed_id);
+    IF NOT broadcasts THEN
+        PERFORM feed_copy_activities(p_follower_id, p_followed_id);
+    END IF;
     RETURN true;
 END $$;
 
--- Idempotent: returns whether this call removed the edge.
+-- Idempotent: returns whether this call removed the edge; the account's
+-- copies leave the follower's feed with it.
 CREATE OR REPLACE FUNCTION unfollow(p_follower_id text, p_followed_id text) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM lock_feed_actor(p_followed_id, false);
     DELETE FROM follows WHERE follower_id = p_follower_id AND followed_id = p_followed_id;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
     PERFORM count_follow_edge(p_follower_id, p_followed_id, -1);
-    PERFORM feed_unfollow(p_follower_id, p_followed_id);
+    DELETE FROM home_feed WHERE reader_id = p_follower_id AND actor_id = p_followed_id;
     RETURN true;
 END $$;
 

@@ -167,7 +167,7 @@ async def test_create_entry_request_id_with_other_content_is_already_exists(
 async def test_concurrent_create_entry_with_one_request_id_creates_one_entry(
     clients: Clients, db: asyncpg.Connection
 ) -> None:
-    entries = await asyncio.gather(*(create_entry(clients, content="race", request_id="same") for _ in range(20)))
+    entries = await asyncio.gather(*(create_entry(clients, content="race", request_id="same") for _ in range(10)))
 
     assert len({e.entry_id for e in entries}) == 1
     assert await db.fetchval("SELECT count(*) FROM entries") == 1
@@ -275,7 +275,7 @@ async def test_concurrent_retries_of_one_branch_create_it_once(clients: Clients,
     parent = await create_entry(clients)
 
     branches = await asyncio.gather(
-        *(create_branch(clients, parent.entry_id, content="reply", request_id="reply-1") for _ in range(20))
+        *(create_branch(clients, parent.entry_id, content="reply", request_id="reply-1") for _ in range(10))
     )
 
     assert len({b.entry_id for b in branches}) == 1
@@ -285,7 +285,7 @@ async def test_concurrent_retries_of_one_branch_create_it_once(clients: Clients,
 
 @pytest.mark.cluster
 async def test_concurrent_branches_get_every_order_exactly_once(clients: Clients, db: asyncpg.Connection) -> None:
-    children = 120
+    children = 60
     parent = await create_entry(clients)
 
     async def reply(i: int) -> pb.Entry:
