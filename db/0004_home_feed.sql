@@ -24,6 +24,8 @@ CREATE TABLE feed_activities (
     PRIMARY KEY (actor_id, entry_id, reason)
 );
 CREATE INDEX feed_activities_newest ON feed_activities (actor_id, item_time, entry_id);
+-- The oldest activities first, for trimming past the feed's reach.
+CREATE INDEX feed_activities_oldest ON feed_activities (item_time);
 
 CREATE TABLE home_feed (
     reader_id text NOT NULL,

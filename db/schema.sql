@@ -2823,19 +2823,22 @@ BEGIN
     RETURN touched;
 END $$;
 
--- Name: trim_home_feed(interval, integer); Type: FUNCTION; Schema: public
+-- Name: trim_feeds(interval, integer); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.trim_home_feed(p_retention interval, p_batch integer) RETURNS bigint
+CREATE FUNCTION public.trim_feeds(p_retention interval, p_batch integer) RETURNS integer
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    trimmed bigint;
+    old     record;
+    trimmed integer := 0;
 BEGIN
-    DELETE FROM home_feed
-    WHERE (reader_id, entry_id, actor_id, reason) IN (SELECT h.reader_id, h.entry_id, h.actor_id, h.reason
-                                                      FROM home_feed h WHERE h.item_time < now() - p_retention
-                                                      LIMIT p_batch);
-    GET DIAGNOSTICS trimmed = ROW_COUNT;
+    FOR old IN SELECT o.* FROM (SELECT a.actor_id, a.entry_id, a.reason FROM feed_activities a
+                                WHERE a.item_time < now() - p_retention
+                                ORDER BY a.item_time LIMIT p_batch) o
+               ORDER BY o.actor_id, o.entry_id, o.reason LOOP
+        PERFORM feed_retract(old.actor_id, old.entry_id, old.reason);
+        trimmed := trimmed + 1;
+    END LOOP;
     RETURN trimmed;
 END $$;
 
@@ -3335,6 +3338,10 @@ CREATE INDEX entries_tree_order ON public.entries USING btree (root_entry_id, tr
 -- Name: feed_activities_newest; Type: INDEX; Schema: public
 
 CREATE INDEX feed_activities_newest ON public.feed_activities USING btree (actor_id, item_time, entry_id);
+
+-- Name: feed_activities_oldest; Type: INDEX; Schema: public
+
+CREATE INDEX feed_activities_oldest ON public.feed_activities USING btree (item_time);
 
 -- Name: follows_broadcasters; Type: INDEX; Schema: public
 

@@ -251,17 +251,22 @@ BEGIN
     END LOOP;
 END $$;
 
--- Deletes up to p_batch copies in readers' feeds older than p_retention (the
--- feed's reach: list_home_feed no longer shows them); returns how many.
-CREATE OR REPLACE FUNCTION trim_home_feed(p_retention interval, p_batch integer) RETURNS bigint
+-- Removes up to p_batch activities older than p_retention (the feed's reach:
+-- list_home_feed no longer shows them), oldest first, with their copies in
+-- followers' feeds; returns how many. Each is retracted under its account's
+-- lock, taken in user_id order as writers of several accounts take them.
+CREATE OR REPLACE FUNCTION trim_feeds(p_retention interval, p_batch integer) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    trimmed bigint;
+    old     record;
+    trimmed integer := 0;
 BEGIN
-    DELETE FROM home_feed
-    WHERE (reader_id, entry_id, actor_id, reason) IN (SELECT h.reader_id, h.entry_id, h.actor_id, h.reason
-                                                      FROM home_feed h WHERE h.item_time < now() - p_retention
-                                                      LIMIT p_batch);
-    GET DIAGNOSTICS trimmed = ROW_COUNT;
+    FOR old IN SELECT o.* FROM (SELECT a.actor_id, a.entry_id, a.reason FROM feed_activities a
+                                WHERE a.item_time < now() - p_retention
+                                ORDER BY a.item_time LIMIT p_batch) o
+               ORDER BY o.actor_id, o.entry_id, o.reason LOOP
+        PERFORM feed_retract(old.actor_id, old.entry_id, old.reason);
+        trimmed := trimmed + 1;
+    END LOOP;
     RETURN trimmed;
 END $$;

@@ -51,6 +51,9 @@ EXPIRY_BATCH = 200
 # IVFFlat's k-means sample must fit in maintenance_work_mem (a 100k-memory
 # user of 384-dim halfvecs needs well under 100 MB).
 VECTOR_INDEX_BUILD_MEMORY = "512MB"
+# Feed activities one trim removes in one transaction, each with its copies in
+# up to feed_broadcast_followers() feeds: at most about 100k rows.
+FEED_TRIM_BATCH = 100
 
 
 class Maintenance:
@@ -121,15 +124,16 @@ class Maintenance:
                 await conn.execute("SELECT pg_advisory_unlock($1)", VECTOR_INDEX_LOCK_KEY)
         return built
 
-    async def trim_home_feeds(self) -> int:
-        """Deletes the copies in readers' feeds older than the feed's reach, in batches; returns how many."""
+    async def trim_feeds(self) -> int:
+        """Removes the feed activities older than the feed's reach, with their copies in readers' feeds,
+        oldest first in batches; returns how many activities."""
         trimmed = 0
         while True:
-            deleted = await self._db.fetchval(queries.TRIM_HOME_FEED, self._feed_retention, BATCH)
-            trimmed += deleted
-            if deleted < BATCH:
+            removed = await self._db.fetchval(queries.TRIM_FEEDS, self._feed_retention, FEED_TRIM_BATCH)
+            trimmed += removed
+            if removed < FEED_TRIM_BATCH:
                 if trimmed:
-                    log.info("event=home_feeds_trimmed rows=%d", trimmed)
+                    log.info("event=feeds_trimmed activities=%d", trimmed)
                 return trimmed
 
     async def expire_pending_transfers(self) -> int:
@@ -163,9 +167,9 @@ class Maintenance:
             except NexusError as exc:
                 log.warning("event=maintenance_failed error=%r", exc)
             try:
-                await self.trim_home_feeds()
+                await self.trim_feeds()
             except NexusError as exc:
-                log.warning("event=home_feed_trim_failed error=%r", exc)
+                log.warning("event=feed_trim_failed error=%r", exc)
             try:
                 await self.maintain_vector_indexes()
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:

@@ -119,7 +119,7 @@ LIST_PATTERNS = Query(
     "SELECT * FROM list_patterns("
     "p_user_id => $1, p_pattern_type => $2, p_after_intensity => $3, p_after_type => $4, p_limit => $5)"
 )
-TRIM_HOME_FEED = Query("trim_home_feed", "SELECT trim_home_feed($1, $2)")
+TRIM_FEEDS = Query("trim_feeds", "SELECT trim_feeds($1, $2)")
 RUN_MAINTENANCE = Query(
     "run_maintenance",
     "SELECT * FROM run_maintenance(p_interval => $1, p_event_retention => $2, p_request_retention => $3,"

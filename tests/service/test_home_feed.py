@@ -284,21 +284,29 @@ async def test_only_the_viewer_or_a_service_reads_a_feed(clients: Clients) -> No
     assert [i.entry.entry_id for i in (await feed_page(clients, "viewer", metadata=SERVICE)).items] == [entry_id]
 
 
-async def test_the_feed_reaches_back_its_retention_and_maintenance_trims_older_copies(
+async def test_the_feed_reaches_back_its_retention_and_maintenance_trims_older_activities(
     clients: Clients, db: asyncpg.Connection, server: NexusServer
 ) -> None:
     await follow(clients, "viewer", "alice")
+    await follow(clients, "viewer", "star")
     old = await post(clients, "alice")
     recent = await post(clients, "alice")
+    await make_broadcaster(db, "star")
+    old_broadcast = await post(clients, "star")
+    # As if written 40 days ago, past the 30 days a feed reaches back.
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=40)
     for table, column in (("entries", "create_time"), ("feed_activities", "item_time"), ("home_feed", "item_time")):
-        # As if written 40 days ago, past the 30 days a feed reaches back.
-        await db.execute(f"UPDATE {table} SET {column} = {column} - interval '40 days' WHERE entry_id = $1", old)
+        await db.execute(f"UPDATE {table} SET {column} = $2 WHERE entry_id = ANY($1)", [old, old_broadcast], long_ago)
     assert await feed_ids(clients, "viewer") == [recent]
 
-    assert await server.maintenance.trim_home_feeds() == 1
+    # The two old activities go, with the copy of alice's post; the recent one stays.
+    assert await server.maintenance.trim_feeds() == 2
+    assert await db.fetchval("SELECT count(*) FROM feed_activities WHERE entry_id = ANY($1)", [old, old_broadcast]) == 0
     assert await db.fetchval("SELECT count(*) FROM home_feed WHERE entry_id = $1", old) == 0
+    assert await db.fetchval("SELECT count(*) FROM home_feed WHERE entry_id = $1", recent) == 1
+    assert await server.maintenance.trim_feeds() == 0
     assert await feed_ids(clients, "viewer") == [recent]
-    # A follow still copies the account's history; the reach still applies.
+    # A follow copies what the account still has; the reach still applies.
     await follow(clients, "newcomer", "alice")
     assert await feed_ids(clients, "newcomer") == [recent]
 
