@@ -203,11 +203,16 @@ async def test_every_rpc_reaches_only_the_workers_of_its_keys(cluster: Cluster) 
                 ("RecordInteraction",
                  interaction_pb2.RecordInteractionRequest(user_id=user, target_id="grant:1", action="saved")),
                 ("ListInteractions", interaction_pb2.ListInteractionsRequest(user_id=user)),
-                # The viewer's feed: its own post, on A.
-                ("ListHomeFeed", interaction_pb2.ListHomeFeedRequest(viewer_id=user)),
-                ("DeleteEntry", interaction_pb2.DeleteEntryRequest(user_id=user, entry_id=other)),
             ]:
                 await call(rpc, getattr(interactions, rpc)(request, metadata=SERVICE))
+            # The viewer's feed (its own posts): the viewer's worker, and those of the entries it shows.
+            page = await call("ListHomeFeed", interactions.ListHomeFeed(
+                interaction_pb2.ListHomeFeedRequest(viewer_id=user), metadata=SERVICE))
+            shown = {await worker_of(conn, item.entry.entry_id, "entries") for item in page.items}
+            assert entry in {item.entry.entry_id for item in page.items}
+            checked["ListHomeFeed"] = (checked["ListHomeFeed"][0], {cluster.a} | shown)
+            await call("DeleteEntry", interactions.DeleteEntry(
+                interaction_pb2.DeleteEntryRequest(user_id=user, entry_id=other), metadata=SERVICE))
 
             for rpc, request in [
                 ("Follow", follow_pb2.FollowRequest(follower_id=user, followed_id=stranger)),
