@@ -59,16 +59,17 @@ READY_WAIT_S = 60.0  # how long start() waits for the database to accept connect
 STOP_WAIT_S = 60.0  # how long a fast shutdown may take (pg_ctl's default) before an immediate one
 _POLL_S = 0.05
 CGROUP_MEMORY_LIMIT = Path("/sys/fs/cgroup/memory.max")
-SHARED_BUFFERS_MIN_MB, SHARED_BUFFERS_MAX_MB = 128, 1024
+SHARED_BUFFERS_MIN_MB, SHARED_BUFFERS_MAX_MB = 128, 4096
 
 
 def _shared_buffers_mb() -> int:
     """A quarter of the memory PostgreSQL may use (the container's cgroup limit
-    when there is one, else the machine's), within 128 MB .. 1 GB. Measured on
+    when there is one, else the machine's), within 128 MB .. 4 GB. Measured on
     the memory bench: its memories' table and exact-search covering index are
     ~800 MB; with 512 MB of buffers an exact search after the load read its
     user's ~2.7k index leaf pages back from the OS (46 ms, against 14 ms with
-    them in the buffers)."""
+    them in the buffers). The feed bench's home_feed indexes at scale 1 are
+    ~3 GB, and fan-out inserts land all over them."""
     total = psutil.virtual_memory().total
     with contextlib.suppress(OSError, ValueError):
         total = min(total, int(CGROUP_MEMORY_LIMIT.read_text()))  # "max" when unlimited: ValueError
@@ -78,9 +79,13 @@ def _shared_buffers_mb() -> int:
 # Sized for the memory store (PostgreSQL's defaults are 128 MB / 4 MB / 64 MB):
 # exact search reads its user's whole covering index (ten users of 10k
 # 384-dim memories are ~200 MB of it), and vector-index builds want their
-# k-means sample in memory.
+# k-means sample in memory. max_wal_size (default 1 GB) for the feed's
+# fan-out: each row inserted into two indexes at random places, and the first
+# change to a page after a checkpoint writes the whole page to the WAL, so
+# checkpoints every 1 GB of WAL would make most fan-out inserts write pages.
 SERVER_SETTINGS = {
     "shared_buffers": f"{_shared_buffers_mb()}MB", "work_mem": "16MB", "maintenance_work_mem": "256MB",
+    "max_wal_size": "4GB",
 }
 SETTINGS_FILE = "nexus.conf"
 
