@@ -1341,7 +1341,8 @@ CREATE FUNCTION public.feed_copy_activities(p_follower_id text, p_followed_id te
 BEGIN
     INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
     SELECT p_follower_id, a.entry_id, a.actor_id, a.reason, a.item_time
-    FROM feed_activities a WHERE a.actor_id = p_followed_id;
+    FROM feed_activities a WHERE a.actor_id = p_followed_id
+    ON CONFLICT DO NOTHING;
 END $$;
 
 -- Name: feed_publish(text, uuid, public.feed_reason, timestamp with time zone); Type: FUNCTION; Schema: public
@@ -1354,6 +1355,11 @@ DECLARE
     -- Read under the lock: a follow of the account waits for it, so the count is exact.
     followers bigint := follower_count(p_actor);
 BEGIN
+    IF EXISTS (SELECT FROM feed_activities a
+               WHERE a.actor_id = p_actor AND a.entry_id = p_entry_id AND a.reason = p_reason
+                 AND a.item_time <> p_time) THEN
+        PERFORM feed_remove_activity(p_actor, p_entry_id, p_reason, 'infinity');
+    END IF;
     IF NOT broadcasts AND followers >= feed_broadcast_followers() THEN
         UPDATE feed_actors SET broadcast = true WHERE user_id = p_actor;
         UPDATE follows SET broadcast = true WHERE followed_id = p_actor;
@@ -1369,17 +1375,16 @@ BEGIN
     END IF;
 END $$;
 
--- Name: feed_retract(text, uuid, public.feed_reason); Type: FUNCTION; Schema: public
+-- Name: feed_remove_activity(text, uuid, public.feed_reason, timestamp with time zone); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.feed_retract(p_actor text, p_entry_id uuid, p_reason public.feed_reason) RETURNS void
+CREATE FUNCTION public.feed_remove_activity(p_actor text, p_entry_id uuid, p_reason public.feed_reason, p_before timestamp with time zone) RETURNS void
     LANGUAGE plpgsql
     AS $$
 DECLARE
     fanned boolean;
 BEGIN
-    PERFORM lock_feed_actor(p_actor, true);
     DELETE FROM feed_activities a
-    WHERE a.actor_id = p_actor AND a.entry_id = p_entry_id AND a.reason = p_reason
+    WHERE a.actor_id = p_actor AND a.entry_id = p_entry_id AND a.reason = p_reason AND a.item_time < p_before
     RETURNING a.fanned_out INTO fanned;
     -- Copies exist only in current followers' feeds (an unfollow removes them).
     IF fanned AND follower_count(p_actor) > 0 THEN
@@ -1387,6 +1392,16 @@ BEGIN
         WHERE f.followed_id = p_actor AND h.reader_id = f.follower_id
           AND h.entry_id = p_entry_id AND h.actor_id = p_actor AND h.reason = p_reason;
     END IF;
+END $$;
+
+-- Name: feed_retract(text, uuid, public.feed_reason); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.feed_retract(p_actor text, p_entry_id uuid, p_reason public.feed_reason) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM lock_feed_actor(p_actor, true);
+    PERFORM feed_remove_activity(p_actor, p_entry_id, p_reason, 'infinity');
 END $$;
 
 -- Name: follow(text, text); Type: FUNCTION; Schema: public
@@ -1559,6 +1574,11 @@ BEGIN
     FROM (SELECT * FROM home_feed h
           WHERE h.reader_id = p_reader AND h.item_time >= p_since
             AND (p_before_time IS NULL OR (h.item_time, h.entry_id) < (p_before_time, p_before_entry))
+            -- Only copies of accounts the reader follows: on Citus an unfollow may run
+            -- while a post's copy into the reader's feed is still committing on the
+            -- reader's worker (a two-phase commit ends on each worker on its own), and
+            -- leave it behind.
+            AND EXISTS (SELECT FROM follows f WHERE f.follower_id = p_reader AND f.followed_id = h.actor_id)
           ORDER BY h.item_time DESC, h.entry_id DESC LIMIT p_limit) h;
     RETURN rows;
 END $$;
@@ -1698,7 +1718,8 @@ BEGIN
         IF cardinality(candidates) > 0 THEN
             SELECT coalesce(array_agg(ROW(h.entry_id, h.actor_id, h.reason, h.item_time)::feed_row), '{}')
             INTO related FROM home_feed h
-            WHERE h.reader_id = p_viewer AND h.entry_id = ANY (candidates) AND h.item_time >= since;
+            WHERE h.reader_id = p_viewer AND h.entry_id = ANY (candidates) AND h.item_time >= since
+              AND EXISTS (SELECT FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = h.actor_id);
             IF cardinality(broadcasters) > 0 THEN
                 SELECT related || coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}')
                 INTO related FROM feed_activities a
@@ -1709,8 +1730,11 @@ BEGIN
                    g.depth = 0 AND (g.author_id = p_viewer
                                     OR EXISTS (SELECT FROM unnest(related) r
                                                WHERE r.entry_id = g.entry_id AND r.reason = 'authored')),
-                   (SELECT coalesce(array_agg(r.actor_id ORDER BY r.item_time DESC, r.actor_id), '{}')
-                    FROM unnest(related) r WHERE r.entry_id = g.entry_id AND r.reason = 'amplified')
+                   -- A broadcaster's amplification from before its promotion is there twice:
+                   -- its copy and its own activity.
+                   (SELECT coalesce(array_agg(a.actor_id ORDER BY a.item_time DESC, a.actor_id), '{}')
+                    FROM (SELECT DISTINCT r.actor_id, r.item_time FROM unnest(related) r
+                          WHERE r.entry_id = g.entry_id AND r.reason = 'amplified') a)
             FROM get_entries(candidates, p_viewer, p_viewer) g
             JOIN unnest(candidates) WITH ORDINALITY AS c (entry_id, position) ON c.entry_id = g.entry_id
             -- Above the token: listed on an earlier page, or moved up since.
@@ -2829,17 +2853,20 @@ CREATE FUNCTION public.trim_feeds(p_retention interval, p_batch integer) RETURNS
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    old     record;
-    trimmed integer := 0;
+    cutoff timestamptz := now() - p_retention;
+    picked feed_row[];
+    actor  text;
+    i      integer;
 BEGIN
-    FOR old IN SELECT o.* FROM (SELECT a.actor_id, a.entry_id, a.reason FROM feed_activities a
-                                WHERE a.item_time < now() - p_retention
-                                ORDER BY a.item_time LIMIT p_batch) o
-               ORDER BY o.actor_id, o.entry_id, o.reason LOOP
-        PERFORM feed_retract(old.actor_id, old.entry_id, old.reason);
-        trimmed := trimmed + 1;
+    SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}') INTO picked
+    FROM (SELECT * FROM feed_activities a WHERE a.item_time < cutoff ORDER BY a.item_time LIMIT p_batch) a;
+    FOR actor IN SELECT DISTINCT p.actor_id FROM unnest(picked) p ORDER BY 1 LOOP
+        PERFORM lock_feed_actor(actor, true);
     END LOOP;
-    RETURN trimmed;
+    FOR i IN 1 .. cardinality(picked) LOOP
+        PERFORM feed_remove_activity((picked[i]).actor_id, (picked[i]).entry_id, (picked[i]).reason, cutoff);
+    END LOOP;
+    RETURN cardinality(picked);
 END $$;
 
 -- Name: unfollow(text, text); Type: FUNCTION; Schema: public

@@ -214,6 +214,42 @@ async def test_a_deleted_entry_and_an_undone_amplification_leave_at_once(clients
     assert await feed_ids(clients, "viewer") == [kept]
 
 
+async def test_an_amplification_undone_and_done_again_in_one_batch_moves_up(
+    clients: Clients, db: asyncpg.Connection
+) -> None:
+    await follow(clients, "viewer", "alice")
+    amplified = await post(clients, "carol")
+    await amplify(clients, "alice", amplified)
+    later = await post(clients, "alice")
+    assert await feed_ids(clients, "viewer") == [later, amplified]
+    # One group-commit batch: alice's amplification off, then on again.
+    await db.execute(
+        "SELECT * FROM apply_reactions($1::uuid, ARRAY[$1::uuid, $1::uuid], '{toggle,toggle}',"
+        " '{amplification,amplification}', '{alice,alice}')",
+        amplified,
+    )
+    assert await feed_ids(clients, "viewer") == [amplified, later]
+    await assert_feed_matches_model(clients, db, "viewer", 1)
+
+
+async def test_a_copy_left_behind_by_an_unfollow_is_not_shown_and_a_new_follow_keeps_one(
+    clients: Clients, db: asyncpg.Connection
+) -> None:
+    await follow(clients, "viewer", "alice")
+    posted = await post(clients, "alice")
+    await follow(clients, "viewer", "alice", on=False)
+    # What an unfollow leaves on Citus when it runs while the post's copy still commits.
+    await db.execute(
+        "INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)"
+        " SELECT 'viewer', entry_id, actor_id, reason, item_time FROM feed_activities WHERE entry_id = $1",
+        posted,
+    )
+    assert await feed_ids(clients, "viewer") == []
+    await follow(clients, "viewer", "alice")
+    assert await feed_ids(clients, "viewer") == [posted]
+    await assert_feed_matches_model(clients, db, "viewer", 1)
+
+
 async def test_privacy_holds_in_the_feed(clients: Clients) -> None:
     await follow(clients, "viewer", "bob")
     await follow(clients, "bob", "carol")
@@ -319,6 +355,8 @@ async def test_a_broadcasters_items_are_read_at_read_time(clients: Clients, db: 
     await follow(clients, "viewer", "star")
     await follow(clients, "viewer", "alice")
     before = await post(clients, "star")  # copied: star is not a broadcaster yet
+    early = await post(clients, "carol")
+    await amplify(clients, "star", early)  # copied too, and kept as star's activity
     await make_broadcaster(db, "star")
     after = await post(clients, "star")
     assert await db.fetchval("SELECT broadcast FROM feed_actors WHERE user_id = 'star'")
@@ -332,6 +370,7 @@ async def test_a_broadcasters_items_are_read_at_read_time(clients: Clients, db: 
         (elsewhere, AMPLIFIED, ["alice", "star"]),
         (by_alice, AUTHORED, []),
         (after, AUTHORED, []),
+        (early, AMPLIFIED, ["star"]),
         (before, AUTHORED, []),
     ]
     await assert_feed_matches_model(clients, db, "viewer", 1)
@@ -340,7 +379,7 @@ async def test_a_broadcasters_items_are_read_at_read_time(clients: Clients, db: 
     # A new follower sees the broadcaster's items at once; an unfollow removes them.
     await follow(clients, "newcomer", "star")
     await assert_feed_matches_model(clients, db, "newcomer", 2)
-    assert len(await feed_ids(clients, "newcomer")) == 3
+    assert len(await feed_ids(clients, "newcomer")) == 4
     await amplify(clients, "star", elsewhere, on=False)
     await follow(clients, "viewer", "star", on=False)
     assert await feed(clients, "viewer") == [(elsewhere, AMPLIFIED, ["alice"]), (by_alice, AUTHORED, [])]
@@ -371,10 +410,12 @@ async def test_racing_posts_amplifications_follows_and_pages_match_the_model(
             elif action < 0.85:
                 await follow(clients, user, other, on=rng.random() < 0.7)
             else:
-                # Paging while everything changes: no entry twice, newest first.
-                items = [i for page in await feed_pages(clients, user, 4) for i in page]
-                assert len({i.entry.entry_id for i in items}) == len(items)
-                times = [i.feed_time.ToDatetime() for i in items]
+                # Paging while everything changes: newest first, no entry twice on a page. (An
+                # undone amplification or an unfollow between pages may list an entry again,
+                # further down: docs/feed.md, Paging; arrivals alone are the test above.)
+                pages = await feed_pages(clients, user, 4)
+                assert all(len({i.entry.entry_id for i in page}) == len(page) for page in pages)
+                times = [i.feed_time.ToDatetime() for page in pages for i in page]
                 assert times == sorted(times, reverse=True)
 
     await asyncio.gather(*(actor(u) for u in users))
