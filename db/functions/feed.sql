@@ -137,7 +137,8 @@ BEGIN
             -- while a post's copy into the reader's feed is still committing on the
             -- reader's worker (a two-phase commit ends on each worker on its own), and
             -- leave it behind.
-            AND EXISTS (SELECT FROM follows f WHERE f.follower_id = p_reader AND f.followed_id = h.actor_id)
+            -- (A subquery per row, one index probe: as EXISTS the planner may join the reader's follows whole.)
+            AND (SELECT true FROM follows f WHERE f.follower_id = p_reader AND f.followed_id = h.actor_id)
           ORDER BY h.item_time DESC, h.entry_id DESC LIMIT p_limit) h;
     RETURN rows;
 END $$;
@@ -243,7 +244,7 @@ BEGIN
             SELECT coalesce(array_agg(ROW(h.entry_id, h.actor_id, h.reason, h.item_time)::feed_row), '{}')
             INTO related FROM home_feed h
             WHERE h.reader_id = p_viewer AND h.entry_id = ANY (candidates) AND h.item_time >= since
-              AND EXISTS (SELECT FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = h.actor_id);
+              AND (SELECT true FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = h.actor_id);
             IF cardinality(broadcasters) > 0 THEN
                 SELECT related || coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}')
                 INTO related FROM feed_activities a
