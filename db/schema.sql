@@ -1913,12 +1913,10 @@ CREATE FUNCTION public.lock_feed_actor(p_actor text, p_exclusive boolean) RETURN
 DECLARE
     broadcasts boolean;
 BEGIN
+    INSERT INTO feed_actors (user_id) VALUES (p_actor) ON CONFLICT DO NOTHING;
     IF p_exclusive THEN
-        INSERT INTO feed_actors AS a (user_id) VALUES (p_actor)
-        ON CONFLICT (user_id) DO UPDATE SET broadcast = a.broadcast
-        RETURNING a.broadcast INTO broadcasts;
+        SELECT a.broadcast INTO broadcasts FROM feed_actors a WHERE a.user_id = p_actor FOR NO KEY UPDATE;
     ELSE
-        INSERT INTO feed_actors (user_id) VALUES (p_actor) ON CONFLICT DO NOTHING;
         SELECT a.broadcast INTO broadcasts FROM feed_actors a WHERE a.user_id = p_actor FOR SHARE;
     END IF;
     RETURN broadcasts;

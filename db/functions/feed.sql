@@ -28,12 +28,10 @@ LANGUAGE plpgsql AS $$
 DECLARE
     broadcasts boolean;
 BEGIN
+    INSERT INTO feed_actors (user_id) VALUES (p_actor) ON CONFLICT DO NOTHING;
     IF p_exclusive THEN
-        INSERT INTO feed_actors AS a (user_id) VALUES (p_actor)
-        ON CONFLICT (user_id) DO UPDATE SET broadcast = a.broadcast
-        RETURNING a.broadcast INTO broadcasts;
+        SELECT a.broadcast INTO broadcasts FROM feed_actors a WHERE a.user_id = p_actor FOR NO KEY UPDATE;
     ELSE
-        INSERT INTO feed_actors (user_id) VALUES (p_actor) ON CONFLICT DO NOTHING;
         SELECT a.broadcast INTO broadcasts FROM feed_actors a WHERE a.user_id = p_actor FOR SHARE;
     END IF;
     RETURN broadcasts;

@@ -217,8 +217,8 @@ class Config:
     )
     feed_retention_days: float = field(
         default=30.0,
-        metadata={"help": "How far back a home feed reaches (at least 1); maintenance deletes older copies "
-                          "from the readers' feeds."},
+        metadata={"help": "How far back a home feed reaches (at least 1); maintenance removes older feed "
+                          "activities and their copies in readers' feeds."},
     )
     maintenance_interval_s: float = field(
         default=60.0, metadata={"help": "How often maintenance runs (on one replica at a time)."}

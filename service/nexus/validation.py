@@ -184,11 +184,12 @@ def optional_enum_value(value: _Enum, field: str, allowed: Mapping[_Enum, str]) 
     return enum_value(value, field, allowed) if value else None
 
 
-def page_size(value: int, field: str = "page_size") -> int:
-    """0 means the default (50); above 1000 is coerced to 1000 (AIP-158)."""
+def page_size(value: int, field: str = "page_size", default: int = DEFAULT_PAGE_SIZE,
+              maximum: int = MAX_PAGE_SIZE) -> int:
+    """0 means the default (50); above the maximum (1000) is coerced to it (AIP-158)."""
     if value < 0:
         raise InvalidArgument(field, "must not be negative")
-    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    return min(value or default, maximum)
 
 
 def unit_interval(value: float, field: str) -> float:

@@ -254,9 +254,7 @@ class InteractionServicer(interaction_pb2_grpc.InteractionServiceServicer):
 
     async def ListHomeFeed(self, request: pb.ListHomeFeedRequest, context: grpc.aio.ServicerContext) -> pb.ListHomeFeedResponse:
         viewer = acting_user(request.viewer_id, "viewer_id")
-        if request.page_size < 0:
-            raise InvalidArgument("page_size", "must not be negative")
-        limit = min(request.page_size or DEFAULT_FEED_PAGE_SIZE, MAX_FEED_PAGE_SIZE)
+        limit = validation.page_size(request.page_size, default=DEFAULT_FEED_PAGE_SIZE, maximum=MAX_FEED_PAGE_SIZE)
         scope = ("home_feed", viewer)
         after_time, after_entry = self._tokens.decode_time_key(scope, request.page_token)
         rows = await self._db.fetch(
