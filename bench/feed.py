@@ -42,6 +42,12 @@ PAGE = 20
 DELIVERY_POSTS = 10  # posts timed per author kind
 DELIVERY_READERS = 50  # followers sampled per post
 DELIVERY_TIMEOUT_S = 10
+# Fan-out is timed for at least FAN_OUT_S seconds: it writes all over two large
+# indexes, and the first change to a page after a checkpoint writes the whole
+# page to the WAL, so a short window (the first FAN_OUT_FIRST_S seconds are
+# also reported) measures mostly those page images rather than the sustained rate.
+FAN_OUT_S = 60
+FAN_OUT_FIRST_S = 10
 
 
 async def run_feed(target: Target, duration: float, concurrency: int, scale: float, report: Report) -> None:
@@ -106,15 +112,21 @@ async def run_feed(target: Target, duration: float, concurrency: int, scale: flo
 
             async def fan_out_post() -> None:
                 author = random.choice(fan_out_authors)
-                posted.append(counts[author])
                 await interactions.CreateEntry(pb.CreateEntryRequest(author_id=author, type="post", title="bench"),
                                                metadata=target.metadata)
+                posted.append((time.perf_counter(), counts[author]))
 
-            posted: list[int] = []
+            posted: list[tuple[float, int]] = []
             name = f"CreateEntry by {len(fan_out_authors)} authors of 500-{threshold - 1} followers"
+            fan_out_s = max(duration, FAN_OUT_S)
+            wal_before = await conn.fetchval("SELECT pg_current_wal_lsn()")
             started = time.perf_counter()
-            figures[name] = await measure(name, fan_out_post, duration, concurrency, target.processes)
-            rows_per_s = sum(posted) / (time.perf_counter() - started)
+            figures[name] = await measure(name, fan_out_post, fan_out_s, concurrency, target.processes)
+            elapsed = time.perf_counter() - started
+            wal_bytes = await conn.fetchval("SELECT pg_current_wal_lsn() - $1::pg_lsn", wal_before)
+            rows = sum(n for _, n in posted)
+            rows_per_s = rows / elapsed
+            first_rows_per_s = sum(n for at, n in posted if at - started <= FAN_OUT_FIRST_S) / FAN_OUT_FIRST_S
             report.add(figures[name].line())
             row_bytes = await conn.fetchval(
                 "SELECT pg_total_relation_size('home_feed')::float8 / greatest(1, (SELECT count(*) FROM home_feed))")
@@ -131,7 +143,9 @@ async def run_feed(target: Target, duration: float, concurrency: int, scale: flo
         report.add(f"{'post by ' + str(followers) + '-follower account in next page (ms)':<58} p50 {p50:.0f}  "
                    f"p99 {p99:.0f}  (goal p99 <= 1000; CreateEntry p50 {create_ms:.1f} ms)")
     report.add(f"{'fan-out rows/s (posts by 500-' + str(threshold - 1) + ' follower accounts)':<58} "
-               f"{rows_per_s:7.0f}  (goal >= 50000)")
+               f"{rows_per_s:7.0f}  (goal >= 50000; over {elapsed:.0f} s, the first {FAN_OUT_FIRST_S} s "
+               f"{first_rows_per_s:.0f})")
+    report.add(f"{'WAL bytes per fan-out row':<58} {float(wal_bytes) / max(1, rows):7.0f}")
     report.add(f"{'bytes per home_feed row (table + indexes)':<58} {row_bytes:7.0f}")
 
 
