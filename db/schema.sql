@@ -973,12 +973,13 @@ END $$;
 CREATE FUNCTION public.counter_totals_of(p_entry_ids uuid[]) RETURNS TABLE(entry_id uuid, resonance_count bigint, amplification_count bigint, share_count bigint)
     LANGUAGE plpgsql STABLE
     AS $$
+#variable_conflict use_column
 BEGIN
-    RETURN QUERY EXECUTE format(
-        'SELECT s.entry_id, sum(s.resonance_count)::bigint, sum(s.amplification_count)::bigint,
-                sum(s.share_count)::bigint
-         FROM entry_counter_shards s WHERE s.entry_id = ANY (%L::uuid[])
-         GROUP BY s.entry_id', p_entry_ids);
+    RETURN QUERY
+    SELECT s.entry_id, sum(s.resonance_count)::bigint, sum(s.amplification_count)::bigint,
+           sum(s.share_count)::bigint
+    FROM entry_counter_shards s WHERE s.entry_id = ANY (p_entry_ids)
+    GROUP BY s.entry_id;
 END $$;
 
 -- Name: entries; Type: TABLE; Schema: public
@@ -1250,13 +1251,11 @@ END $$;
 CREATE FUNCTION public.entry_counts(p_entry_ids uuid[], p_viewer text) RETURNS TABLE(entry_id uuid, resonance_count bigint, amplification_count bigint, branch_count bigint, share_count bigint)
     LANGUAGE plpgsql STABLE
     AS $$
-DECLARE
-    seen record := viewer_context(p_viewer, p_entry_ids);
 BEGIN
     RETURN QUERY
     SELECT e.entry_id, coalesce(c.resonance_count, 0), coalesce(c.amplification_count, 0), e.branch_count::bigint,
            coalesce(c.share_count, 0)
-    FROM visible_entries(p_entry_ids, p_viewer, seen.followed) e
+    FROM visible_entries(p_entry_ids, p_viewer, followed_authors(p_viewer, p_entry_ids)) e
     LEFT JOIN counter_totals_of(p_entry_ids) c ON c.entry_id = e.entry_id
     ORDER BY array_position(p_entry_ids, e.entry_id);
 END $$;
@@ -1460,6 +1459,27 @@ BEGIN
     SELECT asked.user_id, asked.user_id = ANY (following), asked.user_id = ANY (followed_by)
     FROM unnest(p_other_user_ids) WITH ORDINALITY AS asked (user_id, position)
     ORDER BY asked.position;
+END $$;
+
+-- Name: followed_authors(text, uuid[]); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.followed_authors(p_viewer text, p_entry_ids uuid[]) RETURNS text[]
+    LANGUAGE plpgsql STABLE
+    AS $$
+DECLARE
+    authors  text[];
+    followed text[] := '{}';
+BEGIN
+    IF p_viewer IS NOT NULL THEN
+        SELECT coalesce(array_agg(DISTINCT e.author_id), '{}') INTO authors
+        FROM entries e
+        WHERE e.entry_id = ANY (p_entry_ids) AND e.privacy = 'followers' AND e.author_id <> p_viewer;
+        IF cardinality(authors) > 0 THEN
+            SELECT coalesce(array_agg(f.followed_id), '{}') INTO followed
+            FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = ANY (authors);
+        END IF;
+    END IF;
+    RETURN followed;
 END $$;
 
 -- Name: follower_count(text); Type: FUNCTION; Schema: public
@@ -2356,14 +2376,15 @@ END $$;
 CREATE FUNCTION public.reaction_states(p_user_id text, p_entry_ids uuid[]) RETURNS TABLE(entry_id uuid, has_resonated boolean, has_amplified boolean)
     LANGUAGE plpgsql STABLE
     AS $$
+#variable_conflict use_column
 BEGIN
     IF p_user_id IS NULL THEN
         RETURN;
     END IF;
-    RETURN QUERY EXECUTE format(
-        'SELECT r.entry_id, bool_or(r.kind = ''resonance''), bool_or(r.kind = ''amplification'')
-         FROM reactions r WHERE r.entry_id = ANY (%L::uuid[]) AND r.user_id = %L
-         GROUP BY r.entry_id', p_entry_ids, p_user_id);
+    RETURN QUERY
+    SELECT r.entry_id, bool_or(r.kind = 'resonance'), bool_or(r.kind = 'amplification')
+    FROM reactions r WHERE r.entry_id = ANY (p_entry_ids) AND r.user_id = p_user_id
+    GROUP BY r.entry_id;
 END $$;
 
 -- Name: recency(interval); Type: FUNCTION; Schema: public
@@ -2919,12 +2940,10 @@ $$;
 CREATE FUNCTION public.user_interaction_states(p_user_id text, p_entry_ids uuid[]) RETURNS TABLE(entry_id uuid, has_resonated boolean, has_amplified boolean)
     LANGUAGE plpgsql STABLE
     AS $$
-DECLARE
-    seen record := viewer_context(p_user_id, p_entry_ids);
 BEGIN
     RETURN QUERY
     SELECT e.entry_id, coalesce(r.has_resonated, false), coalesce(r.has_amplified, false)
-    FROM visible_entries(p_entry_ids, p_user_id, seen.followed) e
+    FROM visible_entries(p_entry_ids, p_user_id, followed_authors(p_user_id, p_entry_ids)) e
     LEFT JOIN reaction_states(p_user_id, p_entry_ids) r ON r.entry_id = e.entry_id
     ORDER BY array_position(p_entry_ids, e.entry_id);
 END $$;
@@ -2935,23 +2954,12 @@ CREATE FUNCTION public.viewer_context(p_viewer text, p_entry_ids uuid[], OUT fol
     LANGUAGE plpgsql STABLE
     AS $$
 DECLARE
-    linked  uuid[];
-    authors text[];
+    linked uuid[];
 BEGIN
     SELECT coalesce(array_agg(DISTINCT link), '{}') INTO linked
     FROM entries e CROSS JOIN LATERAL unnest(ARRAY[e.parent_entry_id, e.root_entry_id]) AS link
     WHERE e.entry_id = ANY (p_entry_ids) AND link IS NOT NULL AND link <> e.entry_id;
-    followed := '{}';
-    IF p_viewer IS NOT NULL THEN
-        SELECT coalesce(array_agg(DISTINCT e.author_id), '{}') INTO authors
-        FROM entries e
-        WHERE e.entry_id = ANY (p_entry_ids || linked)  -- one list: Citus reads only their shards
-          AND e.privacy = 'followers' AND e.author_id <> p_viewer;
-        IF cardinality(authors) > 0 THEN
-            SELECT coalesce(array_agg(f.followed_id), '{}') INTO followed
-            FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = ANY (authors);
-        END IF;
-    END IF;
+    followed := followed_authors(p_viewer, p_entry_ids || linked);  -- one list: one read of their shards
     visible_links := '{}';
     IF cardinality(linked) > 0 THEN  -- an empty list would make Citus read every shard
         SELECT coalesce(array_agg(e.entry_id), '{}') INTO visible_links
@@ -2965,11 +2973,10 @@ CREATE FUNCTION public.visible_entries(p_entry_ids uuid[], p_viewer text, p_foll
     LANGUAGE plpgsql STABLE
     AS $$
 BEGIN
-    RETURN QUERY EXECUTE format(
-        'SELECT * FROM entries e
-         WHERE e.entry_id = ANY (%L::uuid[])
-           AND e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, %L, %L::text[])',
-        p_entry_ids, p_viewer, p_followed);
+    RETURN QUERY
+    SELECT * FROM entries e
+    WHERE e.entry_id = ANY (p_entry_ids)
+      AND e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, p_viewer, p_followed);
 END $$;
 
 -- Name: visible_entry(uuid, text, text); Type: FUNCTION; Schema: public

@@ -42,29 +42,38 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN p_viewer IS NULL OR p_privacy = 'public' OR p_author_id = p_viewer
        OR (p_privacy = 'followers' AND p_author_id = ANY (p_followed));
 
+-- The authors of FOLLOWERS entries among p_entry_ids that p_viewer follows
+-- (none when p_viewer is NULL, who sees everything).
+CREATE OR REPLACE FUNCTION followed_authors(p_viewer text, p_entry_ids uuid[]) RETURNS text[]
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    authors  text[];
+    followed text[] := '{}';
+BEGIN
+    IF p_viewer IS NOT NULL THEN
+        SELECT coalesce(array_agg(DISTINCT e.author_id), '{}') INTO authors
+        FROM entries e
+        WHERE e.entry_id = ANY (p_entry_ids) AND e.privacy = 'followers' AND e.author_id <> p_viewer;
+        IF cardinality(authors) > 0 THEN
+            SELECT coalesce(array_agg(f.followed_id), '{}') INTO followed
+            FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = ANY (authors);
+        END IF;
+    END IF;
+    RETURN followed;
+END $$;
+
 -- What p_viewer may see around the entries asked for: the authors of
 -- FOLLOWERS entries among them (and their parents and roots) that p_viewer
 -- follows, and which of their parents and roots p_viewer may see.
 CREATE OR REPLACE FUNCTION viewer_context(p_viewer text, p_entry_ids uuid[], OUT followed text[], OUT visible_links uuid[])
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    linked  uuid[];
-    authors text[];
+    linked uuid[];
 BEGIN
     SELECT coalesce(array_agg(DISTINCT link), '{}') INTO linked
     FROM entries e CROSS JOIN LATERAL unnest(ARRAY[e.parent_entry_id, e.root_entry_id]) AS link
     WHERE e.entry_id = ANY (p_entry_ids) AND link IS NOT NULL AND link <> e.entry_id;
-    followed := '{}';
-    IF p_viewer IS NOT NULL THEN
-        SELECT coalesce(array_agg(DISTINCT e.author_id), '{}') INTO authors
-        FROM entries e
-        WHERE e.entry_id = ANY (p_entry_ids || linked)  -- one list: Citus reads only their shards
-          AND e.privacy = 'followers' AND e.author_id <> p_viewer;
-        IF cardinality(authors) > 0 THEN
-            SELECT coalesce(array_agg(f.followed_id), '{}') INTO followed
-            FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = ANY (authors);
-        END IF;
-    END IF;
+    followed := followed_authors(p_viewer, p_entry_ids || linked);  -- one list: one read of their shards
     visible_links := '{}';
     IF cardinality(linked) > 0 THEN  -- an empty list would make Citus read every shard
         SELECT coalesce(array_agg(e.entry_id), '{}') INTO visible_links
@@ -133,33 +142,34 @@ BEGIN
 END $$;
 
 -- Batch reads join the results of these three, each a read of one table
--- filtered by key, its arguments written into the statement as literals:
--- Citus then reads only the asked entries' shards, where a join of the tables,
--- or a statement with parameters, reads every shard.
+-- filtered by key: a join of the tables Citus runs on every shard. On Citus
+-- their statements (and those of followed_authors and viewer_context) are
+-- planned with each call's keys (nexus.distribution.KEYED_READS), so they read
+-- only the asked entries' shards.
 
 -- The live entries among p_entry_ids that p_viewer may see (p_followed: from
--- viewer_context), in no particular order.
+-- followed_authors), in no particular order.
 CREATE OR REPLACE FUNCTION visible_entries(p_entry_ids uuid[], p_viewer text, p_followed text[])
 RETURNS SETOF entries
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN QUERY EXECUTE format(
-        'SELECT * FROM entries e
-         WHERE e.entry_id = ANY (%L::uuid[])
-           AND e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, %L, %L::text[])',
-        p_entry_ids, p_viewer, p_followed);
+    RETURN QUERY
+    SELECT * FROM entries e
+    WHERE e.entry_id = ANY (p_entry_ids)
+      AND e.delete_time IS NULL AND entry_visible_given(e.privacy, e.author_id, p_viewer, p_followed);
 END $$;
 
 -- counter_totals of each of p_entry_ids that has counter shards.
 CREATE OR REPLACE FUNCTION counter_totals_of(p_entry_ids uuid[])
 RETURNS TABLE (entry_id uuid, resonance_count bigint, amplification_count bigint, share_count bigint)
 LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
 BEGIN
-    RETURN QUERY EXECUTE format(
-        'SELECT s.entry_id, sum(s.resonance_count)::bigint, sum(s.amplification_count)::bigint,
-                sum(s.share_count)::bigint
-         FROM entry_counter_shards s WHERE s.entry_id = ANY (%L::uuid[])
-         GROUP BY s.entry_id', p_entry_ids);
+    RETURN QUERY
+    SELECT s.entry_id, sum(s.resonance_count)::bigint, sum(s.amplification_count)::bigint,
+           sum(s.share_count)::bigint
+    FROM entry_counter_shards s WHERE s.entry_id = ANY (p_entry_ids)
+    GROUP BY s.entry_id;
 END $$;
 
 -- Whether p_user_id has resonated with / amplified each of p_entry_ids it has
@@ -167,14 +177,15 @@ END $$;
 CREATE OR REPLACE FUNCTION reaction_states(p_user_id text, p_entry_ids uuid[])
 RETURNS TABLE (entry_id uuid, has_resonated boolean, has_amplified boolean)
 LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
 BEGIN
     IF p_user_id IS NULL THEN
         RETURN;
     END IF;
-    RETURN QUERY EXECUTE format(
-        'SELECT r.entry_id, bool_or(r.kind = ''resonance''), bool_or(r.kind = ''amplification'')
-         FROM reactions r WHERE r.entry_id = ANY (%L::uuid[]) AND r.user_id = %L
-         GROUP BY r.entry_id', p_entry_ids, p_user_id);
+    RETURN QUERY
+    SELECT r.entry_id, bool_or(r.kind = 'resonance'), bool_or(r.kind = 'amplification')
+    FROM reactions r WHERE r.entry_id = ANY (p_entry_ids) AND r.user_id = p_user_id
+    GROUP BY r.entry_id;
 END $$;
 
 -- Counts of entries in the order asked for; entries p_viewer may not see,
@@ -183,13 +194,11 @@ CREATE OR REPLACE FUNCTION entry_counts(p_entry_ids uuid[], p_viewer text)
 RETURNS TABLE (entry_id uuid, resonance_count bigint, amplification_count bigint,
                branch_count bigint, share_count bigint)
 LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    seen record := viewer_context(p_viewer, p_entry_ids);
 BEGIN
     RETURN QUERY
     SELECT e.entry_id, coalesce(c.resonance_count, 0), coalesce(c.amplification_count, 0), e.branch_count::bigint,
            coalesce(c.share_count, 0)
-    FROM visible_entries(p_entry_ids, p_viewer, seen.followed) e
+    FROM visible_entries(p_entry_ids, p_viewer, followed_authors(p_viewer, p_entry_ids)) e
     LEFT JOIN counter_totals_of(p_entry_ids) c ON c.entry_id = e.entry_id
     ORDER BY array_position(p_entry_ids, e.entry_id);
 END $$;

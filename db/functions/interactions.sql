@@ -249,12 +249,10 @@ END $$;
 CREATE OR REPLACE FUNCTION user_interaction_states(p_user_id text, p_entry_ids uuid[])
 RETURNS TABLE (entry_id uuid, has_resonated boolean, has_amplified boolean)
 LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    seen record := viewer_context(p_user_id, p_entry_ids);
 BEGIN
     RETURN QUERY
     SELECT e.entry_id, coalesce(r.has_resonated, false), coalesce(r.has_amplified, false)
-    FROM visible_entries(p_entry_ids, p_user_id, seen.followed) e
+    FROM visible_entries(p_entry_ids, p_user_id, followed_authors(p_user_id, p_entry_ids)) e
     LEFT JOIN reaction_states(p_user_id, p_entry_ids) r ON r.entry_id = e.entry_id
     ORDER BY array_position(p_entry_ids, e.entry_id);
 END $$;

@@ -208,11 +208,18 @@ async def distribute(conn: asyncpg.Connection) -> list[str]:
     return done
 
 
+# The batch reads of entries (db/functions/entries.sql): each filters one table
+# by an array of keys, and only a plan made with the keys' values reads just
+# their shards; a generic plan reads every shard.
+KEYED_READS = ("followed_authors", "viewer_context", "visible_entries", "counter_totals_of", "reaction_states")
+
+
 async def _plan_per_call(conn: asyncpg.Connection) -> list[str]:
-    """Resets ``plan_cache_mode`` where a function forces generic plans (the search
-    functions, see db/functions/search.sql): Citus plans a statement on a distributed
-    table only with its parameters' values ("could not create distributed plan"). Runs
-    on every migration, since a re-applied function file sets it again."""
+    """Lets Citus plan statements with their parameters' values where it must: the
+    keyed reads above always, and the functions that force generic plans on one
+    node (the search functions, see db/functions/search.sql) whenever it needs to,
+    since Citus cannot plan those generically ("could not create distributed plan").
+    Runs on every migration, since a re-applied function file sets them again."""
     done: list[str] = []
     for signature in await conn.fetch(
         """SELECT p.oid::regprocedure::text FROM pg_proc p
@@ -221,6 +228,15 @@ async def _plan_per_call(conn: asyncpg.Connection) -> list[str]:
         await conn.execute(f"ALTER FUNCTION {signature[0]} RESET plan_cache_mode")
         log.info("event=function_plans_per_call function=%s", signature[0])
         done.append(f"plans per call {signature[0]}")
+    for signature in await conn.fetch(
+        """SELECT p.oid::regprocedure::text FROM pg_proc p
+           WHERE p.pronamespace = 'public'::regnamespace AND p.proname = ANY ($1::text[])
+             AND p.proconfig IS DISTINCT FROM '{plan_cache_mode=force_custom_plan}'""",
+        list(KEYED_READS),
+    ):
+        await conn.execute(f"ALTER FUNCTION {signature[0]} SET plan_cache_mode = force_custom_plan")
+        log.info("event=function_plans_with_keys function=%s", signature[0])
+        done.append(f"plans with its keys {signature[0]}")
     return done
 
 
