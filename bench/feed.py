@@ -208,13 +208,19 @@ async def _load(conn: asyncpg.Connection, accounts: int, scale: float) -> int:
            WHERE e.author_id LIKE 'feed-%'"""
     )
     await conn.execute(
+        """INSERT INTO broadcast_activities (actor_id, entry_id, reason, item_time)
+           SELECT actor_id, entry_id, reason, item_time FROM feed_activities
+           WHERE NOT fanned_out AND actor_id LIKE 'feed-%'"""
+    )
+    await conn.execute(
         """INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
            SELECT f.follower_id, a.entry_id, a.actor_id, a.reason, a.item_time
            FROM feed_activities a JOIN follows f ON f.followed_id = a.actor_id
            WHERE a.fanned_out AND a.actor_id LIKE 'feed-%'"""
     )
     progress("feed: VACUUM ANALYZE")
-    for table in ("follows", "follow_counter_shards", "feed_actors", "feed_activities", "home_feed", "entries"):
+    for table in ("follows", "follow_counter_shards", "feed_actors", "feed_activities", "broadcast_activities",
+                  "home_feed", "entries"):
         await conn.execute(f"VACUUM ANALYZE {table}")
     return int(await conn.fetchval("SELECT count(*) FROM follows WHERE follower_id LIKE 'feed-%'"))
 

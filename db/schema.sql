@@ -841,6 +841,26 @@ CREATE FUNCTION public.broadcasts_channel() RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN 'nexus_broadcasts'::text;
 
+-- Name: broadcasts_window(text[], timestamp with time zone, uuid, timestamp with time zone, integer); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.broadcasts_window(p_actors text[], p_before_time timestamp with time zone, p_before_entry uuid, p_since timestamp with time zone, p_limit integer) RETURNS public.feed_row[]
+    LANGUAGE plpgsql STABLE
+    AS $$
+DECLARE
+    rows feed_row[];
+BEGIN
+    SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row
+                              ORDER BY a.item_time DESC, a.entry_id DESC), '{}') INTO rows
+    FROM (SELECT b.* FROM unnest(p_actors) AS actor (actor_id)
+          CROSS JOIN LATERAL (SELECT * FROM broadcast_activities b
+                              WHERE b.actor_id = actor.actor_id AND b.item_time >= p_since
+                                AND (p_before_time IS NULL
+                                     OR (b.item_time, b.entry_id) < (p_before_time, p_before_entry))
+                              ORDER BY b.item_time DESC, b.entry_id DESC LIMIT p_limit) b
+          ORDER BY b.item_time DESC, b.entry_id DESC LIMIT p_limit) a;
+    RETURN rows;
+END $$;
+
 -- Name: build_arc(text, text); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.build_arc(p_user_id text, p_emotion text) RETURNS void
@@ -1309,23 +1329,6 @@ BEGIN
     RETURN expired;
 END $$;
 
--- Name: feed_activities_window(text, boolean, timestamp with time zone, uuid, timestamp with time zone, integer); Type: FUNCTION; Schema: public
-
-CREATE FUNCTION public.feed_activities_window(p_actor text, p_authored_only boolean, p_before_time timestamp with time zone, p_before_entry uuid, p_since timestamp with time zone, p_limit integer) RETURNS public.feed_row[]
-    LANGUAGE plpgsql STABLE
-    AS $$
-DECLARE
-    rows feed_row[];
-BEGIN
-    SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row
-                              ORDER BY a.item_time DESC, a.entry_id DESC), '{}') INTO rows
-    FROM (SELECT * FROM feed_activities a
-          WHERE a.actor_id = p_actor AND (NOT p_authored_only OR a.reason = 'authored') AND a.item_time >= p_since
-            AND (p_before_time IS NULL OR (a.item_time, a.entry_id) < (p_before_time, p_before_entry))
-          ORDER BY a.item_time DESC, a.entry_id DESC LIMIT p_limit) a;
-    RETURN rows;
-END $$;
-
 -- Name: feed_broadcast_followers(); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.feed_broadcast_followers() RETURNS integer
@@ -1357,26 +1360,34 @@ BEGIN
     IF EXISTS (SELECT FROM feed_activities a
                WHERE a.actor_id = p_actor AND a.entry_id = p_entry_id AND a.reason = p_reason
                  AND a.item_time <> p_time) THEN
-        PERFORM feed_remove_activity(p_actor, p_entry_id, p_reason, 'infinity');
+        PERFORM feed_remove_activity(p_actor, p_entry_id, p_reason, 'infinity', broadcasts);
     END IF;
     IF NOT broadcasts AND followers >= feed_broadcast_followers() THEN
         UPDATE feed_actors SET broadcast = true WHERE user_id = p_actor;
         UPDATE follows SET broadcast = true WHERE followed_id = p_actor;
+        INSERT INTO broadcast_activities (actor_id, entry_id, reason, item_time)
+        SELECT a.actor_id, a.entry_id, a.reason, a.item_time FROM feed_activities a WHERE a.actor_id = p_actor;
         broadcasts := true;
     END IF;
     INSERT INTO feed_activities (actor_id, entry_id, reason, item_time, fanned_out)
     VALUES (p_actor, p_entry_id, p_reason, p_time, NOT broadcasts)
     ON CONFLICT DO NOTHING;
-    -- A new activity has no copies yet (a follow copies only those it sees, under the lock).
-    IF FOUND AND NOT broadcasts AND followers > 0 THEN
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF broadcasts THEN
+        INSERT INTO broadcast_activities (actor_id, entry_id, reason, item_time)
+        VALUES (p_actor, p_entry_id, p_reason, p_time);
+    ELSIF followers > 0 THEN
+        -- A new activity has no copies yet (a follow copies only those it sees, under the lock).
         INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
         SELECT f.follower_id, p_entry_id, p_actor, p_reason, p_time FROM follows f WHERE f.followed_id = p_actor;
     END IF;
 END $$;
 
--- Name: feed_remove_activity(text, uuid, public.feed_reason, timestamp with time zone); Type: FUNCTION; Schema: public
+-- Name: feed_remove_activity(text, uuid, public.feed_reason, timestamp with time zone, boolean); Type: FUNCTION; Schema: public
 
-CREATE FUNCTION public.feed_remove_activity(p_actor text, p_entry_id uuid, p_reason public.feed_reason, p_before timestamp with time zone) RETURNS void
+CREATE FUNCTION public.feed_remove_activity(p_actor text, p_entry_id uuid, p_reason public.feed_reason, p_before timestamp with time zone, p_broadcasts boolean) RETURNS void
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -1385,6 +1396,9 @@ BEGIN
     DELETE FROM feed_activities a
     WHERE a.actor_id = p_actor AND a.entry_id = p_entry_id AND a.reason = p_reason AND a.item_time < p_before
     RETURNING a.fanned_out INTO fanned;
+    IF FOUND AND p_broadcasts THEN
+        DELETE FROM broadcast_activities b WHERE b.actor_id = p_actor AND b.entry_id = p_entry_id AND b.reason = p_reason;
+    END IF;
     -- Copies exist only in current followers' feeds (an unfollow removes them).
     IF fanned AND follower_count(p_actor) > 0 THEN
         DELETE FROM home_feed h USING follows f
@@ -1399,8 +1413,7 @@ CREATE FUNCTION public.feed_retract(p_actor text, p_entry_id uuid, p_reason publ
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    PERFORM lock_feed_actor(p_actor, true);
-    PERFORM feed_remove_activity(p_actor, p_entry_id, p_reason, 'infinity');
+    PERFORM feed_remove_activity(p_actor, p_entry_id, p_reason, 'infinity', lock_feed_actor(p_actor, true));
 END $$;
 
 -- Name: follow(text, text); Type: FUNCTION; Schema: public
@@ -1691,7 +1704,7 @@ DECLARE
     scan_entry   uuid := p_after_entry;
     front_time   timestamptz;                  -- what every source has read past
     front_entry  uuid;
-    source       integer;                      -- 0: home_feed, 1: own entries, i > 1: broadcasters[i - 1]
+    source       integer;                      -- 0: home_feed, 1: own entries, 2: broadcasters
     got          feed_row[];
     merged       feed_row[];
     listed       uuid[] := '{}';
@@ -1707,10 +1720,10 @@ BEGIN
         merged := '{}';
         front_time := NULL;
         front_entry := NULL;
-        FOR source IN 0 .. cardinality(broadcasters) + 1 LOOP
-            got := CASE WHEN source = 0 THEN home_feed_window(p_viewer, scan_time, scan_entry, since, window_size)
-                        ELSE feed_activities_window(CASE WHEN source = 1 THEN p_viewer ELSE broadcasters[source - 1] END,
-                                                    source = 1, scan_time, scan_entry, since, window_size) END;
+        FOR source IN 0 .. 2 LOOP
+            got := CASE source WHEN 0 THEN home_feed_window(p_viewer, scan_time, scan_entry, since, window_size)
+                               WHEN 1 THEN own_entries_window(p_viewer, scan_time, scan_entry, since, window_size)
+                               ELSE broadcasts_window(broadcasters, scan_time, scan_entry, since, window_size) END;
             IF cardinality(got) = window_size
                AND (front_time IS NULL OR ((got[window_size]).item_time, (got[window_size]).entry_id)
                                           > (front_time, front_entry)) THEN
@@ -1743,7 +1756,7 @@ BEGIN
               AND (SELECT true FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = h.actor_id);
             IF cardinality(broadcasters) > 0 THEN
                 SELECT related || coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}')
-                INTO related FROM feed_activities a
+                INTO related FROM broadcast_activities a
                 WHERE a.actor_id = ANY (broadcasters) AND a.entry_id = ANY (candidates) AND a.item_time >= since;
             END IF;
             RETURN QUERY
@@ -2358,6 +2371,23 @@ BEGIN
 END
 $_$;
 
+-- Name: own_entries_window(text, timestamp with time zone, uuid, timestamp with time zone, integer); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.own_entries_window(p_author text, p_before_time timestamp with time zone, p_before_entry uuid, p_since timestamp with time zone, p_limit integer) RETURNS public.feed_row[]
+    LANGUAGE plpgsql STABLE
+    AS $$
+DECLARE
+    rows feed_row[];
+BEGIN
+    SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row
+                              ORDER BY a.item_time DESC, a.entry_id DESC), '{}') INTO rows
+    FROM (SELECT * FROM feed_activities a
+          WHERE a.actor_id = p_author AND a.reason = 'authored' AND a.item_time >= p_since
+            AND (p_before_time IS NULL OR (a.item_time, a.entry_id) < (p_before_time, p_before_entry))
+          ORDER BY a.item_time DESC, a.entry_id DESC LIMIT p_limit) a;
+    RETURN rows;
+END $$;
+
 -- Name: reaction_outcome(public.entries, boolean, boolean); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.reaction_outcome(e public.entries, p_state boolean, p_changed boolean) RETURNS public.reaction_outcome
@@ -2876,15 +2906,19 @@ DECLARE
     cutoff timestamptz := now() - p_retention;
     picked feed_row[];
     actor  text;
+    broadcasting text[] := '{}';
     i      integer;
 BEGIN
     SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}') INTO picked
     FROM (SELECT * FROM feed_activities a WHERE a.item_time < cutoff ORDER BY a.item_time LIMIT p_batch) a;
     FOR actor IN SELECT DISTINCT p.actor_id FROM unnest(picked) p ORDER BY 1 LOOP
-        PERFORM lock_feed_actor(actor, true);
+        IF lock_feed_actor(actor, true) THEN
+            broadcasting := broadcasting || actor;
+        END IF;
     END LOOP;
     FOR i IN 1 .. cardinality(picked) LOOP
-        PERFORM feed_remove_activity((picked[i]).actor_id, (picked[i]).entry_id, (picked[i]).reason, cutoff);
+        PERFORM feed_remove_activity((picked[i]).actor_id, (picked[i]).entry_id, (picked[i]).reason, cutoff,
+                                     (picked[i]).actor_id = ANY (broadcasting));
     END LOOP;
     RETURN cardinality(picked);
 END $$;
@@ -3033,6 +3067,15 @@ CREATE TABLE public.balances (
     CONSTRAINT balances_overdraft_limit_check CHECK ((overdraft_limit >= 0)),
     CONSTRAINT balances_pending_in_check CHECK ((pending_in >= 0)),
     CONSTRAINT balances_pending_out_check CHECK ((pending_out >= 0))
+);
+
+-- Name: broadcast_activities; Type: TABLE; Schema: public
+
+CREATE TABLE public.broadcast_activities (
+    actor_id text NOT NULL,
+    entry_id uuid NOT NULL,
+    reason public.feed_reason NOT NULL,
+    item_time timestamp with time zone NOT NULL
 );
 
 -- Name: consciousness_cache; Type: TABLE; Schema: public
@@ -3220,6 +3263,11 @@ CREATE TABLE public.token_requests (
 ALTER TABLE ONLY public.balances
     ADD CONSTRAINT balances_pkey PRIMARY KEY (user_id);
 
+-- Name: broadcast_activities broadcast_activities_pkey; Type: CONSTRAINT; Schema: public
+
+ALTER TABLE ONLY public.broadcast_activities
+    ADD CONSTRAINT broadcast_activities_pkey PRIMARY KEY (actor_id, entry_id, reason);
+
 -- Name: consciousness_cache consciousness_cache_pkey; Type: CONSTRAINT; Schema: public
 
 ALTER TABLE ONLY public.consciousness_cache
@@ -3359,6 +3407,10 @@ ALTER TABLE ONLY public.token_transactions
 
 ALTER TABLE ONLY public.user_interactions
     ADD CONSTRAINT user_interactions_pkey PRIMARY KEY (user_id, target_id);
+
+-- Name: broadcast_activities_newest; Type: INDEX; Schema: public
+
+CREATE INDEX broadcast_activities_newest ON public.broadcast_activities USING btree (actor_id, item_time, entry_id);
 
 -- Name: consciousness_cache_time; Type: INDEX; Schema: public
 

@@ -7,8 +7,10 @@
 -- every follower's home_feed in the writing transaction, and a new follower
 -- gets the account's activities copied in its follow. An account that has
 -- that many followers when it writes becomes a broadcaster for good: its
--- follows are marked (follows.broadcast) and its later activities stay in
--- feed_activities, where each follower's page reads them.
+-- follows are marked (follows.broadcast), and its activities (those so far,
+-- and its later ones, which are not copied) are also kept in
+-- broadcast_activities, where each follower's page reads them: on Citus a
+-- reference table, so a page reads only its viewer's worker.
 --
 -- Exactness rests on one lock per account, its feed_actors row: a new or
 -- removed activity takes it exclusively (FOR NO KEY UPDATE), a follow or an
@@ -61,27 +63,37 @@ BEGIN
     IF EXISTS (SELECT FROM feed_activities a
                WHERE a.actor_id = p_actor AND a.entry_id = p_entry_id AND a.reason = p_reason
                  AND a.item_time <> p_time) THEN
-        PERFORM feed_remove_activity(p_actor, p_entry_id, p_reason, 'infinity');
+        PERFORM feed_remove_activity(p_actor, p_entry_id, p_reason, 'infinity', broadcasts);
     END IF;
     IF NOT broadcasts AND followers >= feed_broadcast_followers() THEN
         UPDATE feed_actors SET broadcast = true WHERE user_id = p_actor;
         UPDATE follows SET broadcast = true WHERE followed_id = p_actor;
+        INSERT INTO broadcast_activities (actor_id, entry_id, reason, item_time)
+        SELECT a.actor_id, a.entry_id, a.reason, a.item_time FROM feed_activities a WHERE a.actor_id = p_actor;
         broadcasts := true;
     END IF;
     INSERT INTO feed_activities (actor_id, entry_id, reason, item_time, fanned_out)
     VALUES (p_actor, p_entry_id, p_reason, p_time, NOT broadcasts)
     ON CONFLICT DO NOTHING;
-    -- A new activity has no copies yet (a follow copies only those it sees, under the lock).
-    IF FOUND AND NOT broadcasts AND followers > 0 THEN
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF broadcasts THEN
+        INSERT INTO broadcast_activities (actor_id, entry_id, reason, item_time)
+        VALUES (p_actor, p_entry_id, p_reason, p_time);
+    ELSIF followers > 0 THEN
+        -- A new activity has no copies yet (a follow copies only those it sees, under the lock).
         INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
         SELECT f.follower_id, p_entry_id, p_actor, p_reason, p_time FROM follows f WHERE f.followed_id = p_actor;
     END IF;
 END $$;
 
--- Removes an activity of p_actor older than p_before, and its copies if it
--- was fanned out; the caller holds the account's feed lock.
+-- Removes an activity of p_actor older than p_before, and its copies: in its
+-- followers' feeds if it was fanned out, in broadcast_activities if
+-- p_broadcasts (the account broadcasts). The caller holds the account's feed
+-- lock.
 CREATE OR REPLACE FUNCTION feed_remove_activity(p_actor text, p_entry_id uuid, p_reason feed_reason,
-                                                p_before timestamptz) RETURNS void
+                                                p_before timestamptz, p_broadcasts boolean) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     fanned boolean;
@@ -89,6 +101,9 @@ BEGIN
     DELETE FROM feed_activities a
     WHERE a.actor_id = p_actor AND a.entry_id = p_entry_id AND a.reason = p_reason AND a.item_time < p_before
     RETURNING a.fanned_out INTO fanned;
+    IF FOUND AND p_broadcasts THEN
+        DELETE FROM broadcast_activities b WHERE b.actor_id = p_actor AND b.entry_id = p_entry_id AND b.reason = p_reason;
+    END IF;
     -- Copies exist only in current followers' feeds (an unfollow removes them).
     IF fanned AND follower_count(p_actor) > 0 THEN
         DELETE FROM home_feed h USING follows f
@@ -101,8 +116,7 @@ END $$;
 CREATE OR REPLACE FUNCTION feed_retract(p_actor text, p_entry_id uuid, p_reason feed_reason) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM lock_feed_actor(p_actor, true);
-    PERFORM feed_remove_activity(p_actor, p_entry_id, p_reason, 'infinity');
+    PERFORM feed_remove_activity(p_actor, p_entry_id, p_reason, 'infinity', lock_feed_actor(p_actor, true));
 END $$;
 
 -- Copies p_followed_id's activities into p_follower_id's feed (a new
@@ -141,11 +155,10 @@ BEGIN
     RETURN rows;
 END $$;
 
--- The newest p_limit activities of p_actor (only its root entries if
--- p_authored_only) below (p_before_time, p_before_entry) (NULL: from the
--- top), from p_since on.
-CREATE OR REPLACE FUNCTION feed_activities_window(p_actor text, p_authored_only boolean, p_before_time timestamptz,
-                                                  p_before_entry uuid, p_since timestamptz, p_limit integer)
+-- The newest p_limit root entries of p_author's below (p_before_time,
+-- p_before_entry) (NULL: from the top), from p_since on.
+CREATE OR REPLACE FUNCTION own_entries_window(p_author text, p_before_time timestamptz, p_before_entry uuid,
+                                              p_since timestamptz, p_limit integer)
 RETURNS feed_row[]
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -154,9 +167,31 @@ BEGIN
     SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row
                               ORDER BY a.item_time DESC, a.entry_id DESC), '{}') INTO rows
     FROM (SELECT * FROM feed_activities a
-          WHERE a.actor_id = p_actor AND (NOT p_authored_only OR a.reason = 'authored') AND a.item_time >= p_since
+          WHERE a.actor_id = p_author AND a.reason = 'authored' AND a.item_time >= p_since
             AND (p_before_time IS NULL OR (a.item_time, a.entry_id) < (p_before_time, p_before_entry))
           ORDER BY a.item_time DESC, a.entry_id DESC LIMIT p_limit) a;
+    RETURN rows;
+END $$;
+
+-- The newest p_limit activities of the broadcasters p_actors below
+-- (p_before_time, p_before_entry) (NULL: from the top), from p_since on: the
+-- newest p_limit of each, merged.
+CREATE OR REPLACE FUNCTION broadcasts_window(p_actors text[], p_before_time timestamptz, p_before_entry uuid,
+                                             p_since timestamptz, p_limit integer)
+RETURNS feed_row[]
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    rows feed_row[];
+BEGIN
+    SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row
+                              ORDER BY a.item_time DESC, a.entry_id DESC), '{}') INTO rows
+    FROM (SELECT b.* FROM unnest(p_actors) AS actor (actor_id)
+          CROSS JOIN LATERAL (SELECT * FROM broadcast_activities b
+                              WHERE b.actor_id = actor.actor_id AND b.item_time >= p_since
+                                AND (p_before_time IS NULL
+                                     OR (b.item_time, b.entry_id) < (p_before_time, p_before_entry))
+                              ORDER BY b.item_time DESC, b.entry_id DESC LIMIT p_limit) b
+          ORDER BY b.item_time DESC, b.entry_id DESC LIMIT p_limit) a;
     RETURN rows;
 END $$;
 
@@ -169,7 +204,9 @@ END $$;
 -- viewer's: an authored root entry by its creation, an amplification by the
 -- amplification. The rows come from three sources, each read newest first in
 -- windows: the viewer's home_feed, the viewer's own root entries, and the
--- activities of each broadcaster the viewer follows. A window of every
+-- activities of the broadcasters the viewer follows (broadcast_activities).
+-- On Citus each is on the viewer's worker, where the call runs; only the
+-- hydration (get_entries) reads the workers of the entries shown. A window of every
 -- source is merged down to the frontier that every source has read past, its
 -- rows grouped by entry. An entry already listed (in this call, or above the
 -- page token: it has an activity at or above the token) is not listed again.
@@ -193,7 +230,7 @@ DECLARE
     scan_entry   uuid := p_after_entry;
     front_time   timestamptz;                  -- what every source has read past
     front_entry  uuid;
-    source       integer;                      -- 0: home_feed, 1: own entries, i > 1: broadcasters[i - 1]
+    source       integer;                      -- 0: home_feed, 1: own entries, 2: broadcasters
     got          feed_row[];
     merged       feed_row[];
     listed       uuid[] := '{}';
@@ -209,10 +246,10 @@ BEGIN
         merged := '{}';
         front_time := NULL;
         front_entry := NULL;
-        FOR source IN 0 .. cardinality(broadcasters) + 1 LOOP
-            got := CASE WHEN source = 0 THEN home_feed_window(p_viewer, scan_time, scan_entry, since, window_size)
-                        ELSE feed_activities_window(CASE WHEN source = 1 THEN p_viewer ELSE broadcasters[source - 1] END,
-                                                    source = 1, scan_time, scan_entry, since, window_size) END;
+        FOR source IN 0 .. 2 LOOP
+            got := CASE source WHEN 0 THEN home_feed_window(p_viewer, scan_time, scan_entry, since, window_size)
+                               WHEN 1 THEN own_entries_window(p_viewer, scan_time, scan_entry, since, window_size)
+                               ELSE broadcasts_window(broadcasters, scan_time, scan_entry, since, window_size) END;
             IF cardinality(got) = window_size
                AND (front_time IS NULL OR ((got[window_size]).item_time, (got[window_size]).entry_id)
                                           > (front_time, front_entry)) THEN
@@ -245,7 +282,7 @@ BEGIN
               AND (SELECT true FROM follows f WHERE f.follower_id = p_viewer AND f.followed_id = h.actor_id);
             IF cardinality(broadcasters) > 0 THEN
                 SELECT related || coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}')
-                INTO related FROM feed_activities a
+                INTO related FROM broadcast_activities a
                 WHERE a.actor_id = ANY (broadcasters) AND a.entry_id = ANY (candidates) AND a.item_time >= since;
             END IF;
             RETURN QUERY
@@ -290,15 +327,19 @@ DECLARE
     cutoff timestamptz := now() - p_retention;
     picked feed_row[];
     actor  text;
+    broadcasting text[] := '{}';
     i      integer;
 BEGIN
     SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}') INTO picked
     FROM (SELECT * FROM feed_activities a WHERE a.item_time < cutoff ORDER BY a.item_time LIMIT p_batch) a;
     FOR actor IN SELECT DISTINCT p.actor_id FROM unnest(picked) p ORDER BY 1 LOOP
-        PERFORM lock_feed_actor(actor, true);
+        IF lock_feed_actor(actor, true) THEN
+            broadcasting := broadcasting || actor;
+        END IF;
     END LOOP;
     FOR i IN 1 .. cardinality(picked) LOOP
-        PERFORM feed_remove_activity((picked[i]).actor_id, (picked[i]).entry_id, (picked[i]).reason, cutoff);
+        PERFORM feed_remove_activity((picked[i]).actor_id, (picked[i]).entry_id, (picked[i]).reason, cutoff,
+                                     (picked[i]).actor_id = ANY (broadcasting));
     END LOOP;
     RETURN cardinality(picked);
 END $$;

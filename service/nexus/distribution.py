@@ -10,7 +10,7 @@ is skipped when the catalog shows it done, so a second run does nothing and a
 run cut short is finished by the next.
 
 A table or function added by a later migration belongs in the plan below: a
-table that is neither in the plan nor in ``LOCAL_TABLES`` stops the migration
+table that is neither in the plan (``TABLES``, ``REFERENCE_TABLES``) nor in ``LOCAL_TABLES`` stops the migration
 rather than staying on the coordinator unnoticed.
 """
 
@@ -63,6 +63,10 @@ TABLES: tuple[tuple[str, str, str], ...] = (
     ("entry_counter_shards", "entry_id", BY_ENTRY),
 )
 
+# Held whole by every node (small, read by every worker): the broadcasters'
+# activities, which every follower's page reads on its own worker.
+REFERENCE_TABLES = ("broadcast_activities",)
+
 # Touched only by coordinator-side code (migrations, the maintenance election).
 LOCAL_TABLES = frozenset({"schema_migrations", "schema_repeatables", "maintenance_runs"})
 
@@ -95,6 +99,7 @@ FUNCTIONS: tuple[tuple[str, str, str], ...] = (
     ("follow_states", "p_user_id", BY_USER),
     ("list_following", "p_user_id", BY_USER),
     ("record_share", "p_user_id", BY_USER),
+    ("list_home_feed", "p_viewer", BY_USER),
     ("apply_reactions", "p_route_entry_id", BY_ENTRY),
     ("delete_entry", "p_entry_id", BY_ENTRY),
     ("list_reactors", "p_entry_id", BY_ENTRY),
@@ -163,7 +168,7 @@ async def distribute(conn: asyncpg.Connection) -> list[str]:
     if not await is_cluster(conn):
         return []
     tables = {r[0] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-    unplaced = tables - LOCAL_TABLES - {name for name, _, _ in TABLES}
+    unplaced = tables - LOCAL_TABLES - set(REFERENCE_TABLES) - {name for name, _, _ in TABLES}
     if unplaced:
         raise DistributionError(
             f"no distribution key for table(s) {', '.join(sorted(unplaced))}: add them to nexus.distribution"
@@ -182,6 +187,12 @@ async def distribute(conn: asyncpg.Connection) -> list[str]:
             )
             log.info("event=table_distributed table=%s column=%s colocate_with=%s", table, column, colocate_with)
             done.append(f"table {table}")
+        for table in REFERENCE_TABLES:
+            if await conn.fetchval("SELECT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = $1::regclass)", table):
+                continue
+            await conn.execute("SELECT create_reference_table($1)", table)
+            log.info("event=table_replicated table=%s", table)
+            done.append(f"reference table {table}")
     finally:
         await conn.execute("RESET citus.enable_unsafe_triggers")
     done += await _propagate_functions(conn)

@@ -64,7 +64,7 @@ async def test_every_growing_table_is_distributed_with_shards_on_both_workers(
     coordinator: asyncpg.Connection, cluster_db: str
 ) -> None:
     tables = {r[0] for r in await coordinator.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-    assert tables - distribution.LOCAL_TABLES == {t for t, _, _ in distribution.TABLES}
+    assert tables - distribution.LOCAL_TABLES == {t for t, _, _ in distribution.TABLES} | set(distribution.REFERENCE_TABLES)
 
     rows = await coordinator.fetch(
         """SELECT logicalrelid::text AS name, partmethod::text, colocationid,
@@ -78,13 +78,21 @@ async def test_every_growing_table_is_distributed_with_shards_on_both_workers(
         assert by_table[table]["column_name"] == column
         group = table if colocate_with == "none" else colocate_with
         assert by_table[table]["colocationid"] == by_table[group]["colocationid"], f"{table} is not co-located with {group}"
+    for table in distribution.REFERENCE_TABLES:
+        assert by_table[table]["partmethod"] == "n", f"{table} is not a reference table"
     assert not distribution.LOCAL_TABLES & set(by_table)
 
     placements = await coordinator.fetch(
         "SELECT table_name::text AS name, array_agg(DISTINCT nodeport) AS ports FROM citus_shards GROUP BY 1"
     )
     ports = await worker_ports(cluster_db)
-    assert {r["name"]: set(r["ports"]) for r in placements} == {t: ports for t, _, _ in distribution.TABLES}
+    # A reference table is on every worker, and on the coordinator when it is in the metadata.
+    coordinator_ports = {r[0] for r in await coordinator.fetch("SELECT nodeport FROM pg_dist_node WHERE groupid = 0")}
+    held = {r["name"]: set(r["ports"]) for r in placements}
+    for table in distribution.REFERENCE_TABLES:
+        held[table] -= coordinator_ports
+    expected = {t: ports for t, _, _ in distribution.TABLES} | dict.fromkeys(distribution.REFERENCE_TABLES, ports)
+    assert held == expected
 
 
 async def test_hot_write_functions_are_delegated_with_their_tables(coordinator: asyncpg.Connection) -> None:

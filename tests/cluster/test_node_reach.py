@@ -213,12 +213,29 @@ async def test_every_rpc_reaches_only_the_workers_of_its_keys(cluster: Cluster) 
                     for _ in range(6):
                         await getattr(interactions, rpc)(request, metadata=SERVICE)
                 await call(rpc, getattr(interactions, rpc)(request, metadata=SERVICE))
-            # The viewer's feed (its own posts): the viewer's worker, and those of the entries it shows.
+            # The viewer follows a broadcaster of the other worker, whose newest post landed on the viewer's.
+            star = by_worker[cluster.b][1]
+            await conn.execute("INSERT INTO feed_actors (user_id, broadcast) VALUES ($1, true)", star)
+            await follows.Follow(follow_pb2.FollowRequest(follower_id=user, followed_id=star), metadata=SERVICE)
+            while True:
+                reply = await interactions.CreateEntry(
+                    interaction_pb2.CreateEntryRequest(author_id=star, type="post", content="hi"), metadata=SERVICE)
+                starred = reply.entry.entry_id
+                if await worker_of(conn, starred, "entries") == cluster.a:
+                    break
+                await interactions.DeleteEntry(
+                    interaction_pb2.DeleteEntryRequest(user_id=star, entry_id=starred), metadata=SERVICE)
+            # The viewer's feed: the viewer's worker, and those of the entries it shows.
             page = await call("ListHomeFeed", interactions.ListHomeFeed(
                 interaction_pb2.ListHomeFeedRequest(viewer_id=user), metadata=SERVICE))
             shown = {await worker_of(conn, item.entry.entry_id, "entries") for item in page.items}
-            assert entry in {item.entry.entry_id for item in page.items}
+            assert {entry, starred} <= {item.entry.entry_id for item in page.items}
             checked["ListHomeFeed"] = (checked["ListHomeFeed"][0], {cluster.a} | shown)
+            # A page of the broadcaster's post alone reaches the viewer's worker only: the broadcasters'
+            # activities are read there (broadcast_activities, held by every node), not on their worker.
+            page = await call("ListHomeFeed (second)", interactions.ListHomeFeed(
+                interaction_pb2.ListHomeFeedRequest(viewer_id=user, page_size=1), metadata=SERVICE))
+            assert [item.entry.entry_id for item in page.items] == [starred]
             await call("DeleteEntry", interactions.DeleteEntry(
                 interaction_pb2.DeleteEntryRequest(user_id=user, entry_id=other), metadata=SERVICE))
 

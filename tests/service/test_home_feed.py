@@ -129,6 +129,15 @@ async def assert_feed_matches_model(clients: Clients, db: asyncpg.Connection, vi
     ] == [(m.entry_id, m.reason, m.amplified_by, m.feed_time) for m in expected], viewer
 
 
+async def assert_broadcast_copies_match(db: asyncpg.Connection) -> None:
+    """broadcast_activities holds exactly the activities of the accounts that broadcast."""
+    broadcasters = [r[0] for r in await db.fetch("SELECT user_id FROM feed_actors WHERE broadcast")]
+    query = "SELECT actor_id, entry_id, reason, item_time FROM {} WHERE actor_id = ANY($1) ORDER BY 1, 2, 3"
+    expected = [tuple(r) for r in await db.fetch(query.format("feed_activities"), broadcasters)]
+    assert [tuple(r) for r in await db.fetch(query.format("broadcast_activities"), broadcasters)] == expected
+    assert await db.fetchval("SELECT count(*) FROM broadcast_activities") == len(expected)
+
+
 async def make_broadcaster(db: asyncpg.Connection, user: str) -> None:
     """Gives the user feed_broadcast_followers() followers (through follow()),
     then a post: the account broadcasts from then on."""
@@ -331,13 +340,15 @@ async def test_the_feed_reaches_back_its_retention_and_maintenance_trims_older_a
     old_broadcast = await post(clients, "star")
     # As if written 40 days ago, past the 30 days a feed reaches back.
     long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=40)
-    for table, column in (("entries", "create_time"), ("feed_activities", "item_time"), ("home_feed", "item_time")):
+    for table, column in (("entries", "create_time"), ("feed_activities", "item_time"), ("home_feed", "item_time"),
+                          ("broadcast_activities", "item_time")):
         await db.execute(f"UPDATE {table} SET {column} = $2 WHERE entry_id = ANY($1)", [old, old_broadcast], long_ago)
     assert await feed_ids(clients, "viewer") == [recent]
 
     # The two old activities go, with the copy of alice's post; the recent one stays.
     assert await server.maintenance.trim_feeds() == 2
     assert await db.fetchval("SELECT count(*) FROM feed_activities WHERE entry_id = ANY($1)", [old, old_broadcast]) == 0
+    await assert_broadcast_copies_match(db)
     assert await db.fetchval("SELECT count(*) FROM home_feed WHERE entry_id = $1", old) == 0
     assert await db.fetchval("SELECT count(*) FROM home_feed WHERE entry_id = $1", recent) == 1
     assert await server.maintenance.trim_feeds() == 0
@@ -380,9 +391,11 @@ async def test_a_broadcasters_items_are_read_at_read_time(clients: Clients, db: 
     await follow(clients, "newcomer", "star")
     await assert_feed_matches_model(clients, db, "newcomer", 2)
     assert len(await feed_ids(clients, "newcomer")) == 4
+    await assert_broadcast_copies_match(db)
     await amplify(clients, "star", elsewhere, on=False)
     await follow(clients, "viewer", "star", on=False)
     assert await feed(clients, "viewer") == [(elsewhere, AMPLIFIED, ["alice"]), (by_alice, AUTHORED, [])]
+    await assert_broadcast_copies_match(db)
 
 
 # --- racing clients ---------------------------------------------------------------
