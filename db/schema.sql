@@ -2903,11 +2903,11 @@ CREATE FUNCTION public.trim_feeds(p_retention interval, p_batch integer) RETURNS
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    cutoff timestamptz := now() - p_retention;
-    picked feed_row[];
-    actor  text;
-    broadcasting text[] := '{}';
-    i      integer;
+    cutoff       timestamptz := now() - p_retention;
+    picked       feed_row[];
+    actor        text;
+    broadcasting text[] := '{}';  -- the batch's accounts that broadcast
+    i            integer;
 BEGIN
     SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}') INTO picked
     FROM (SELECT * FROM feed_activities a WHERE a.item_time < cutoff ORDER BY a.item_time LIMIT p_batch) a;

@@ -205,10 +205,10 @@ END $$;
 -- amplification. The rows come from three sources, each read newest first in
 -- windows: the viewer's home_feed, the viewer's own root entries, and the
 -- activities of the broadcasters the viewer follows (broadcast_activities).
--- On Citus each is on the viewer's worker, where the call runs; only the
--- hydration (get_entries) reads the workers of the entries shown. A window of every
--- source is merged down to the frontier that every source has read past, its
--- rows grouped by entry. An entry already listed (in this call, or above the
+-- On Citus all three are on the viewer's worker, where the call runs; only
+-- the hydration (get_entries) reads the workers of the entries shown. A
+-- window of every source is merged down to the frontier that every source has
+-- read past, its rows grouped by entry. An entry already listed (in this call, or above the
 -- page token: it has an activity at or above the token) is not listed again.
 -- Entries the viewer may not see, and deleted ones, drop out at hydration,
 -- and the next windows fill the page.
@@ -324,11 +324,11 @@ END $$;
 CREATE OR REPLACE FUNCTION trim_feeds(p_retention interval, p_batch integer) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    cutoff timestamptz := now() - p_retention;
-    picked feed_row[];
-    actor  text;
-    broadcasting text[] := '{}';
-    i      integer;
+    cutoff       timestamptz := now() - p_retention;
+    picked       feed_row[];
+    actor        text;
+    broadcasting text[] := '{}';  -- the batch's accounts that broadcast
+    i            integer;
 BEGIN
     SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}') INTO picked
     FROM (SELECT * FROM feed_activities a WHERE a.item_time < cutoff ORDER BY a.item_time LIMIT p_batch) a;
