@@ -835,6 +835,25 @@ BEGIN
     END LOOP;
 END $$;
 
+-- Name: broadcast_add(public.feed_row[]); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.broadcast_add(p_rows public.feed_row[]) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    INSERT INTO broadcast_activities (actor_id, entry_id, reason, item_time)
+    SELECT r.actor_id, r.entry_id, r.reason, r.item_time FROM unnest(p_rows) r;
+END $$;
+
+-- Name: broadcast_remove(text, uuid, public.feed_reason); Type: FUNCTION; Schema: public
+
+CREATE FUNCTION public.broadcast_remove(p_actor text, p_entry_id uuid, p_reason public.feed_reason) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    DELETE FROM broadcast_activities b WHERE b.actor_id = p_actor AND b.entry_id = p_entry_id AND b.reason = p_reason;
+END $$;
+
 -- Name: broadcasts_channel(); Type: FUNCTION; Schema: public
 
 CREATE FUNCTION public.broadcasts_channel() RETURNS text
@@ -993,7 +1012,6 @@ END $$;
 CREATE FUNCTION public.counter_totals_of(p_entry_ids uuid[]) RETURNS TABLE(entry_id uuid, resonance_count bigint, amplification_count bigint, share_count bigint)
     LANGUAGE plpgsql STABLE
     AS $$
-#variable_conflict use_column
 BEGIN
     RETURN QUERY
     SELECT s.entry_id, sum(s.resonance_count)::bigint, sum(s.amplification_count)::bigint,
@@ -1365,8 +1383,8 @@ BEGIN
     IF NOT broadcasts AND followers >= feed_broadcast_followers() THEN
         UPDATE feed_actors SET broadcast = true WHERE user_id = p_actor;
         UPDATE follows SET broadcast = true WHERE followed_id = p_actor;
-        INSERT INTO broadcast_activities (actor_id, entry_id, reason, item_time)
-        SELECT a.actor_id, a.entry_id, a.reason, a.item_time FROM feed_activities a WHERE a.actor_id = p_actor;
+        PERFORM broadcast_add(ARRAY(SELECT ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row
+                                    FROM feed_activities a WHERE a.actor_id = p_actor));
         broadcasts := true;
     END IF;
     INSERT INTO feed_activities (actor_id, entry_id, reason, item_time, fanned_out)
@@ -1376,8 +1394,7 @@ BEGIN
         RETURN;
     END IF;
     IF broadcasts THEN
-        INSERT INTO broadcast_activities (actor_id, entry_id, reason, item_time)
-        VALUES (p_actor, p_entry_id, p_reason, p_time);
+        PERFORM broadcast_add(ARRAY[ROW(p_entry_id, p_actor, p_reason, p_time)::feed_row]);
     ELSIF followers > 0 THEN
         -- A new activity has no copies yet (a follow copies only those it sees, under the lock).
         INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
@@ -1397,7 +1414,7 @@ BEGIN
     WHERE a.actor_id = p_actor AND a.entry_id = p_entry_id AND a.reason = p_reason AND a.item_time < p_before
     RETURNING a.fanned_out INTO fanned;
     IF FOUND AND p_broadcasts THEN
-        DELETE FROM broadcast_activities b WHERE b.actor_id = p_actor AND b.entry_id = p_entry_id AND b.reason = p_reason;
+        PERFORM broadcast_remove(p_actor, p_entry_id, p_reason);
     END IF;
     -- Copies exist only in current followers' feeds (an unfollow removes them).
     IF fanned AND follower_count(p_actor) > 0 THEN
@@ -2406,7 +2423,6 @@ END $$;
 CREATE FUNCTION public.reaction_states(p_user_id text, p_entry_ids uuid[]) RETURNS TABLE(entry_id uuid, has_resonated boolean, has_amplified boolean)
     LANGUAGE plpgsql STABLE
     AS $$
-#variable_conflict use_column
 BEGIN
     IF p_user_id IS NULL THEN
         RETURN;

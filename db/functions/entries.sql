@@ -144,8 +144,8 @@ END $$;
 -- Batch reads join the results of these three, each a read of one table
 -- filtered by key: a join of the tables Citus runs on every shard. On Citus
 -- their statements (and those of followed_authors and viewer_context) are
--- planned with each call's keys (nexus.distribution.KEYED_READS), so they read
--- only the asked entries' shards.
+-- planned with each call's keys (nexus.distribution.CITUS_FUNCTION_SETTINGS),
+-- so they read only the asked entries' shards.
 
 -- The live entries among p_entry_ids that p_viewer may see (p_followed: from
 -- followed_authors), in no particular order.
@@ -163,7 +163,6 @@ END $$;
 CREATE OR REPLACE FUNCTION counter_totals_of(p_entry_ids uuid[])
 RETURNS TABLE (entry_id uuid, resonance_count bigint, amplification_count bigint, share_count bigint)
 LANGUAGE plpgsql STABLE AS $$
-#variable_conflict use_column
 BEGIN
     RETURN QUERY
     SELECT s.entry_id, sum(s.resonance_count)::bigint, sum(s.amplification_count)::bigint,
@@ -177,7 +176,6 @@ END $$;
 CREATE OR REPLACE FUNCTION reaction_states(p_user_id text, p_entry_ids uuid[])
 RETURNS TABLE (entry_id uuid, has_resonated boolean, has_amplified boolean)
 LANGUAGE plpgsql STABLE AS $$
-#variable_conflict use_column
 BEGIN
     IF p_user_id IS NULL THEN
         RETURN;

@@ -20,7 +20,8 @@
 -- follow's copy). A follow or an unfollow takes the lock first, before the
 -- edge and its counters; a writer of activities takes it after its other
 -- locks (entries, reactions), several in user_id order, and then locks only
--- the account's follows (when it becomes a broadcaster).
+-- the account's follows (when it becomes a broadcaster) and its rows of
+-- broadcast_activities.
 
 -- Locks p_actor's feed_actors row, creating it: exclusively for a change of
 -- its activities, shared for a follow or unfollow of it. Returns whether the
@@ -47,6 +48,26 @@ BEGIN
     RETURN (SELECT coalesce(sum(s.follower_count), 0) FROM follow_counter_shards s WHERE s.user_id = p_user_id);
 END $$;
 
+-- The writes of broadcast_activities: p_rows added, or one activity removed.
+-- The caller holds the account's feed lock (exclusively), which orders every
+-- write of the account's rows. On Citus, where the table is a reference
+-- table, Citus would also order writes of different accounts against each
+-- other (a removal locks out every other write until it commits), and so wait
+-- across the account locks a batch takes in turn: these are marked
+-- commutative there (nexus.distribution.CITUS_FUNCTION_SETTINGS).
+CREATE OR REPLACE FUNCTION broadcast_add(p_rows feed_row[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO broadcast_activities (actor_id, entry_id, reason, item_time)
+    SELECT r.actor_id, r.entry_id, r.reason, r.item_time FROM unnest(p_rows) r;
+END $$;
+
+CREATE OR REPLACE FUNCTION broadcast_remove(p_actor text, p_entry_id uuid, p_reason feed_reason) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM broadcast_activities b WHERE b.actor_id = p_actor AND b.entry_id = p_entry_id AND b.reason = p_reason;
+END $$;
+
 -- Adds an activity of p_actor and copies it into its followers' feeds, unless
 -- the account broadcasts. An account with feed_broadcast_followers()
 -- followers becomes a broadcaster here. Adding an activity twice does nothing;
@@ -68,8 +89,8 @@ BEGIN
     IF NOT broadcasts AND followers >= feed_broadcast_followers() THEN
         UPDATE feed_actors SET broadcast = true WHERE user_id = p_actor;
         UPDATE follows SET broadcast = true WHERE followed_id = p_actor;
-        INSERT INTO broadcast_activities (actor_id, entry_id, reason, item_time)
-        SELECT a.actor_id, a.entry_id, a.reason, a.item_time FROM feed_activities a WHERE a.actor_id = p_actor;
+        PERFORM broadcast_add(ARRAY(SELECT ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row
+                                    FROM feed_activities a WHERE a.actor_id = p_actor));
         broadcasts := true;
     END IF;
     INSERT INTO feed_activities (actor_id, entry_id, reason, item_time, fanned_out)
@@ -79,8 +100,7 @@ BEGIN
         RETURN;
     END IF;
     IF broadcasts THEN
-        INSERT INTO broadcast_activities (actor_id, entry_id, reason, item_time)
-        VALUES (p_actor, p_entry_id, p_reason, p_time);
+        PERFORM broadcast_add(ARRAY[ROW(p_entry_id, p_actor, p_reason, p_time)::feed_row]);
     ELSIF followers > 0 THEN
         -- A new activity has no copies yet (a follow copies only those it sees, under the lock).
         INSERT INTO home_feed (reader_id, entry_id, actor_id, reason, item_time)
@@ -102,7 +122,7 @@ BEGIN
     WHERE a.actor_id = p_actor AND a.entry_id = p_entry_id AND a.reason = p_reason AND a.item_time < p_before
     RETURNING a.fanned_out INTO fanned;
     IF FOUND AND p_broadcasts THEN
-        DELETE FROM broadcast_activities b WHERE b.actor_id = p_actor AND b.entry_id = p_entry_id AND b.reason = p_reason;
+        PERFORM broadcast_remove(p_actor, p_entry_id, p_reason);
     END IF;
     -- Copies exist only in current followers' feeds (an unfollow removes them).
     IF fanned AND follower_count(p_actor) > 0 THEN

@@ -132,6 +132,10 @@ async def describe(conn: asyncpg.Connection) -> str:
     tables = await conn.fetchval(
         "SELECT count(*) FROM pg_dist_partition WHERE logicalrelid::text = ANY ($1)", [name for name, _, _ in TABLES]
     )
+    replicated = await conn.fetchval(
+        "SELECT count(*) FROM pg_dist_partition WHERE partmethod = 'n' AND logicalrelid::text = ANY ($1)",
+        list(REFERENCE_TABLES),
+    )
     functions = await conn.fetchval(
         """SELECT count(*) FROM pg_dist_object o JOIN pg_proc p ON p.oid = o.objid
            WHERE o.classid = 'pg_proc'::regclass AND o.distribution_argument_index IS NOT NULL
@@ -139,7 +143,8 @@ async def describe(conn: asyncpg.Connection) -> str:
         [name for name, _, _ in FUNCTIONS],
     )
     return (f"layout: Citus, {await _active_workers(conn)} active worker(s); "
-            f"{tables} of {len(TABLES)} tables distributed, {functions} of {len(FUNCTIONS)} functions delegated")
+            f"{tables} of {len(TABLES)} tables distributed and {replicated} of {len(REFERENCE_TABLES)} replicated, "
+            f"{functions} of {len(FUNCTIONS)} functions delegated")
 
 
 def node_url(url: str, host: str, port: int, database: str) -> str:
@@ -219,18 +224,25 @@ async def distribute(conn: asyncpg.Connection) -> list[str]:
     return done
 
 
-# The batch reads of entries (db/functions/entries.sql): each filters one table
-# by an array of keys, and only a plan made with the keys' values reads just
-# their shards; a generic plan reads every shard.
-KEYED_READS = ("followed_authors", "viewer_context", "visible_entries", "counter_totals_of", "reaction_states")
+# Function settings on Citus only (name: (setting, value)). The batch reads of
+# entries (db/functions/entries.sql) each filter one table by an array of keys,
+# and only a plan made with the keys' values reads just their shards (a generic
+# plan reads every shard). The writes of the broadcast_activities reference
+# table (db/functions/feed.sql) are commutative: each account's are ordered by
+# its feed lock, so Citus need not order different accounts' against each other.
+CITUS_FUNCTION_SETTINGS: dict[str, tuple[str, str]] = {
+    **dict.fromkeys(("followed_authors", "viewer_context", "visible_entries", "counter_totals_of", "reaction_states"),
+                    ("plan_cache_mode", "force_custom_plan")),
+    **dict.fromkeys(("broadcast_add", "broadcast_remove"), ("citus.all_modifications_commutative", "on")),
+}
 
 
 async def _plan_per_call(conn: asyncpg.Connection) -> list[str]:
-    """Lets Citus plan statements with their parameters' values where it must: the
-    keyed reads above always, and the functions that force generic plans on one
-    node (the search functions, see db/functions/search.sql) whenever it needs to,
-    since Citus cannot plan those generically ("could not create distributed plan").
-    Runs on every migration, since a re-applied function file sets them again."""
+    """Sets CITUS_FUNCTION_SETTINGS, and lets Citus plan the functions that force
+    generic plans on one node (the search functions, see db/functions/search.sql)
+    with their parameters' values whenever it needs to, since it cannot plan those
+    generically ("could not create distributed plan"). Runs on every migration,
+    since a re-applied function file resets a function's settings."""
     done: list[str] = []
     for signature in await conn.fetch(
         """SELECT p.oid::regprocedure::text FROM pg_proc p
@@ -239,15 +251,16 @@ async def _plan_per_call(conn: asyncpg.Connection) -> list[str]:
         await conn.execute(f"ALTER FUNCTION {signature[0]} RESET plan_cache_mode")
         log.info("event=function_plans_per_call function=%s", signature[0])
         done.append(f"plans per call {signature[0]}")
-    for signature in await conn.fetch(
-        """SELECT p.oid::regprocedure::text FROM pg_proc p
-           WHERE p.pronamespace = 'public'::regnamespace AND p.proname = ANY ($1::text[])
-             AND p.proconfig IS DISTINCT FROM '{plan_cache_mode=force_custom_plan}'""",
-        list(KEYED_READS),
-    ):
-        await conn.execute(f"ALTER FUNCTION {signature[0]} SET plan_cache_mode = force_custom_plan")
-        log.info("event=function_plans_with_keys function=%s", signature[0])
-        done.append(f"plans with its keys {signature[0]}")
+    for function, (setting, value) in CITUS_FUNCTION_SETTINGS.items():
+        for signature in await conn.fetch(
+            """SELECT p.oid::regprocedure::text FROM pg_proc p
+               WHERE p.pronamespace = 'public'::regnamespace AND p.proname = $1
+                 AND NOT coalesce($2 = ANY (p.proconfig), false)""",
+            function, f"{setting}={value}",
+        ):
+            await conn.execute(f"ALTER FUNCTION {signature[0]} SET {setting} = {value}")
+            log.info("event=function_setting function=%s setting=%s value=%s", signature[0], setting, value)
+            done.append(f"{setting} = {value} for {signature[0]}")
     return done
 
 

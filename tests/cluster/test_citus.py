@@ -227,7 +227,8 @@ async def test_migrate_refuses_citus_without_workers_and_says_what_it_sees(citus
     distributed = await run_nexus("migrate", env=nexus_env(NEXUS_DATABASE_URL=citus_db))
     assert distributed.code == 0, distributed.output
     tables, functions = len(distribution.TABLES), len(distribution.FUNCTIONS)
+    replicated = len(distribution.REFERENCE_TABLES)
     assert distributed.stdout.splitlines()[-1] == (
-        f"layout: Citus, 2 active worker(s); {tables} of {tables} tables distributed, "
-        f"{functions} of {functions} functions delegated"
+        f"layout: Citus, 2 active worker(s); {tables} of {tables} tables distributed and {replicated} of "
+        f"{replicated} replicated, {functions} of {functions} functions delegated"
     ), distributed.output
