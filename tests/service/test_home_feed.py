@@ -398,6 +398,32 @@ async def test_a_broadcasters_items_are_read_at_read_time(clients: Clients, db: 
     await assert_broadcast_copies_match(db)
 
 
+@pytest.mark.cluster
+async def test_broadcasters_racing_amplifications_keep_their_copy_exact(
+    clients: Clients, db: asyncpg.Connection
+) -> None:
+    # Broadcasters from the start (their account rows say so), amplifying and undoing on a few
+    # entries at once: a batch of one entry locks several accounts in turn, each writing or
+    # removing its broadcast copy while others do the same. On Citus, with broadcast_activities'
+    # writes not marked commutative, this failed with deadlocks (ABORTED) in 2 runs of 2.
+    stars = [f"star-{i}" for i in range(6)]
+    await db.executemany("INSERT INTO feed_actors (user_id, broadcast) VALUES ($1, true)", [(s,) for s in stars])
+    entries = [await post(clients, "author") for _ in range(3)]
+    rng = random.Random(20261208)
+
+    async def star(user: str) -> None:
+        for _ in range(20):
+            await amplify(clients, user, rng.choice(entries), on=rng.random() < 0.5)
+
+    await asyncio.gather(*(star(s) for s in stars for _ in range(3)))
+    await assert_broadcast_copies_match(db)
+    standing = {(r["user_id"], str(r["entry_id"])) for r in await db.fetch(
+        "SELECT user_id, entry_id FROM reactions WHERE kind = 'amplification' AND user_id = ANY($1)", stars)}
+    copied = {(r["actor_id"], str(r["entry_id"])) for r in await db.fetch(
+        "SELECT actor_id, entry_id FROM broadcast_activities WHERE reason = 'amplified'")}
+    assert copied == standing
+
+
 # --- racing clients ---------------------------------------------------------------
 
 
