@@ -1374,6 +1374,7 @@ DECLARE
     broadcasts boolean := lock_feed_actor(p_actor, true);
     -- Read under the lock: a follow of the account waits for it, so the count is exact.
     followers bigint := follower_count(p_actor);
+    existing  feed_row[];  -- the account's activities when it becomes a broadcaster
 BEGIN
     IF EXISTS (SELECT FROM feed_activities a
                WHERE a.actor_id = p_actor AND a.entry_id = p_entry_id AND a.reason = p_reason
@@ -1383,8 +1384,10 @@ BEGIN
     IF NOT broadcasts AND followers >= feed_broadcast_followers() THEN
         UPDATE feed_actors SET broadcast = true WHERE user_id = p_actor;
         UPDATE follows SET broadcast = true WHERE followed_id = p_actor;
-        PERFORM broadcast_add(ARRAY(SELECT ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row
-                                    FROM feed_activities a WHERE a.actor_id = p_actor));
+        -- Read first: as an argument, Citus would run broadcast_add inside the read, on the shard's worker.
+        SELECT coalesce(array_agg(ROW(a.entry_id, a.actor_id, a.reason, a.item_time)::feed_row), '{}') INTO existing
+        FROM feed_activities a WHERE a.actor_id = p_actor;
+        PERFORM broadcast_add(existing);
         broadcasts := true;
     END IF;
     INSERT INTO feed_activities (actor_id, entry_id, reason, item_time, fanned_out)
