@@ -10,8 +10,9 @@ is skipped when the catalog shows it done, so a second run does nothing and a
 run cut short is finished by the next.
 
 A table or function added by a later migration belongs in the plan below: a
-table that is neither in the plan (``TABLES``, ``REFERENCE_TABLES``) nor in ``LOCAL_TABLES`` stops the migration
-rather than staying on the coordinator unnoticed.
+table that is neither in the plan (``TABLES``, ``REFERENCE_TABLES``) nor in
+``LOCAL_TABLES`` stops the migration rather than staying on the coordinator
+unnoticed.
 """
 
 from __future__ import annotations
@@ -168,6 +169,12 @@ async def worker_urls(conn: asyncpg.Connection, url: str) -> list[str]:
     return [node_url(url, r["nodename"], r["nodeport"], database) for r in rows]
 
 
+async def _is_distributed(conn: asyncpg.Connection, table: str) -> bool:
+    """Whether Citus holds the table (hash-distributed or a reference table)."""
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = $1::regclass)",
+                                    table))
+
+
 async def distribute(conn: asyncpg.Connection) -> list[str]:
     """Distributes what is not distributed yet; returns what it did (empty: nothing to do)."""
     if not await is_cluster(conn):
@@ -185,7 +192,7 @@ async def distribute(conn: asyncpg.Connection) -> list[str]:
     await conn.execute("SET citus.enable_unsafe_triggers = on")
     try:
         for table, column, colocate_with in TABLES:
-            if await conn.fetchval("SELECT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = $1::regclass)", table):
+            if await _is_distributed(conn, table):
                 continue
             await conn.execute(
                 "SELECT create_distributed_table($1, $2, colocate_with => $3)", table, column, colocate_with
@@ -193,7 +200,7 @@ async def distribute(conn: asyncpg.Connection) -> list[str]:
             log.info("event=table_distributed table=%s column=%s colocate_with=%s", table, column, colocate_with)
             done.append(f"table {table}")
         for table in REFERENCE_TABLES:
-            if await conn.fetchval("SELECT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = $1::regclass)", table):
+            if await _is_distributed(conn, table):
                 continue
             await conn.execute("SELECT create_reference_table($1)", table)
             log.info("event=table_replicated table=%s", table)
@@ -220,7 +227,7 @@ async def distribute(conn: asyncpg.Connection) -> list[str]:
         )
         log.info("event=function_delegated function=%s argument=%s colocate_with=%s", signature, argument, colocate_with)
         done.append(f"function {function}")
-    done += await _plan_per_call(conn)
+    done += await _set_function_settings(conn)
     return done
 
 
@@ -237,7 +244,7 @@ CITUS_FUNCTION_SETTINGS: dict[str, tuple[str, str]] = {
 }
 
 
-async def _plan_per_call(conn: asyncpg.Connection) -> list[str]:
+async def _set_function_settings(conn: asyncpg.Connection) -> list[str]:
     """Sets CITUS_FUNCTION_SETTINGS, and lets Citus plan the functions that force
     generic plans on one node (the search functions, see db/functions/search.sql)
     with their parameters' values whenever it needs to, since it cannot plan those
